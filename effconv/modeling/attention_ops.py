@@ -1,0 +1,278 @@
+"""Plain-PyTorch attention ops of effconv models: feature maps, linear and window+linear hybrid attention.
+
+This file ships inside every exported model (it must import nothing but torch), so it is the reference path
+that runs anywhere. On CUDA the model dispatches to the Triton kernels of `effconv_kernels` when installed.
+
+Shapes: q (B, H, T, D) after RoPE, k (B, Hkv, T, D), v (B, Hkv, T, Dv); query head h reads kv head h // (H // Hkv).
+Feature-mapped fq (B, H, T, F), fk (B, Hkv, T, F). Sums accumulate in fp32; outputs come back in v's dtype.
+Linear state per kv head: S = sum_j fk_j v_j^T (B, Hkv, F, Dv), z = sum_j fk_j (B, Hkv, F).
+
+Hybrid (LoLCATs): for query i, Win(i) = {i-W < j <= i}, Lin(i) = {j <= i-W};
+    o_i = (a * sum_Win exp(s_ij - m_i) v_j + (1-a) * sum_Lin fq_i.fk_j v_j)
+          / (a * sum_Win exp(s_ij - m_i)   + (1-a) * sum_Lin fq_i.fk_j + eps),   a = sigmoid(mix_h),
+with s_ij = scale * q_i.k_j and m_i the row max over the window.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEATURE_MAPS = ("hedgehog", "t2r", "elu")
+
+
+class FeatureMap(nn.Module):
+    """Learned per-head feature map applied to queries or keys after RoPE.
+
+    hedgehog: [softmax(xW + b), softmax(-(xW + b))] over the feature dim (Zhang et al. 2024), W starts as identity.
+    t2r:      relu(xW + b) (Kasai et al. 2021), W starts as identity.
+    elu:      elu(x) + 1 (Katharopoulos et al. 2020), no parameters.
+    """
+
+    def __init__(self, kind: str, num_heads: int, head_dim: int, feature_dim: int | None = None):
+        super().__init__()
+        if kind not in FEATURE_MAPS:
+            raise ValueError(f"unknown feature map {kind!r}; choose one of {', '.join(FEATURE_MAPS)}")
+        self.kind = kind
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.proj_dim = feature_dim or head_dim
+        if kind != "elu":
+            self.weight = nn.Parameter(torch.empty(num_heads, head_dim, self.proj_dim))
+            self.bias = nn.Parameter(torch.empty(num_heads, self.proj_dim))
+            self.reset_parameters()
+
+    @property
+    def output_dim(self) -> int:
+        return {"hedgehog": 2 * self.proj_dim, "t2r": self.proj_dim, "elu": self.head_dim}[self.kind]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.kind == "elu":
+            return
+        eye = torch.eye(self.head_dim, self.proj_dim, dtype=self.weight.dtype, device=self.weight.device)
+        self.weight.copy_(eye.expand(self.num_heads, -1, -1))
+        self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, heads, T, head_dim); the map itself runs in fp32 (softmax over small dims is precision-sensitive).
+        x = x.float()
+        if self.kind == "elu":
+            return F.elu(x) + 1.0
+        z = torch.einsum("bhtd,hdf->bhtf", x, self.weight.float()) + self.bias.float()[None, :, None, :]
+        if self.kind == "t2r":
+            return F.relu(z)
+        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, heads={self.num_heads}, head_dim={self.head_dim}, out={self.output_dim}"
+
+
+def _group_queries(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(B, H, T, X) -> (B, Hkv, G, T, X): GQA without repeating keys or values."""
+    b, h, t, d = x.shape
+    return x.reshape(b, num_kv_heads, h // num_kv_heads, t, d)
+
+
+def _pad_time(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = (-x.shape[-2]) % multiple
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def linear_attention(
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+):
+    """Causal linear attention, chunked: O(T * chunk) memory. Returns (o, final_state or None)."""
+    b, h, t, _ = fq.shape
+    hkv = fk.shape[1]
+    out_dtype = v.dtype
+    c = min(chunk_size, max(t, 1))
+    fq32, fk32, v32 = (_pad_time(x.float(), c) for x in (fq, fk, v))
+    n = fq32.shape[-2] // c
+    qg = _group_queries(fq32, hkv).unflatten(3, (n, c))  # (B, Hkv, G, n, C, F)
+    kc = fk32.unflatten(2, (n, c))  # (B, Hkv, n, C, F)
+    vc = v32.unflatten(2, (n, c))  # (B, Hkv, n, C, Dv)
+
+    # State entering each chunk: exclusive prefix sum of the per-chunk states.
+    chunk_states = torch.einsum("bkncf,bkncd->bknfd", kc, vc)
+    chunk_norms = kc.sum(3)
+    prefix_s = torch.cumsum(chunk_states, 2) - chunk_states
+    prefix_z = torch.cumsum(chunk_norms, 2) - chunk_norms
+    if initial_state is not None:
+        s0, z0 = initial_state
+        prefix_s = prefix_s + s0.float()[:, :, None]
+        prefix_z = prefix_z + z0.float()[:, :, None]
+
+    causal = torch.ones(c, c, dtype=torch.bool, device=fq.device).tril()
+    scores = torch.einsum("bkgncf,bknjf->bkgncj", qg, kc) * causal
+    num = torch.einsum("bkgncj,bknjd->bkgncd", scores, vc) + torch.einsum("bkgncf,bknfd->bkgncd", qg, prefix_s)
+    if normalize:
+        den = scores.sum(-1) + torch.einsum("bkgncf,bknf->bkgnc", qg, prefix_z)
+        num = num / (den[..., None] + eps)
+    o = num.reshape(b, h, n * c, -1)[:, :, :t].to(out_dtype)
+
+    final_state = None
+    if output_final_state:
+        s = chunk_states.sum(2)
+        z = chunk_norms.sum(2)
+        if initial_state is not None:
+            s, z = s + initial_state[0].float(), z + initial_state[1].float()
+        final_state = (s, z)
+    return o, final_state
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    mix: torch.Tensor,
+    *,
+    window: int,
+    scale: float,
+    eps: float = 1e-6,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    chunk_size: int = 64,
+):
+    """Sliding-window softmax + linear attention under one normaliser, chunked: O(T * chunk) memory.
+
+    Chunks are at least `window` long, so a query's window lies in its own chunk and the one before, and every
+    chunk two or more back is entirely in its linear part. `key_padding_mask` (B, T), True for real tokens,
+    removes padded keys from both parts. Returns (o, final_state or None); final_state is the linear state of
+    all tokens that have left the window after the last one.
+    """
+    b, h, t, _ = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    out_dtype = v.dtype
+    c = min(max(chunk_size, window), max(t, 1))
+    q32, k32, v32, fq32, fk32 = (x.float() for x in (q, k, v, fq, fk))
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, :, None].to(torch.float32)
+        fk32, v32 = fk32 * keep, v32 * keep
+    q32, k32, v32, fq32, fk32 = (_pad_time(x, c) for x in (q32, k32, v32, fq32, fk32))
+    n = q32.shape[-2] // c
+
+    def chunks_with_previous(x):  # (B, Hkv, T, X) -> (B, Hkv, n, 2C, X): previous chunk then own chunk
+        xc = x.unflatten(2, (n, c))
+        prev = F.pad(xc, (0, 0, 0, 0, 1, 0))[:, :, :n]
+        return torch.cat([prev, xc], dim=3)
+
+    k_loc, v_loc, fk_loc = (chunks_with_previous(x) for x in (k32, v32, fk32))
+    qg = _group_queries(q32, hkv).unflatten(3, (n, c))  # (B, Hkv, G, n, C, D)
+    fqg = _group_queries(fq32, hkv).unflatten(3, (n, c))
+
+    r = torch.arange(c, device=q.device)[:, None]
+    jj = torch.arange(2 * c, device=q.device)[None, :]
+    dist = c + r - jj  # i - j for query row r of a chunk and local key jj
+    chunk_idx = torch.arange(n, device=q.device)[:, None, None]
+    real_key = (chunk_idx > 0) | (jj >= c)[None]  # the first chunk has no previous chunk
+    if key_padding_mask is not None:
+        kpm = F.pad(key_padding_mask.bool(), (0, n * c - t))
+        kpm_loc = chunks_with_previous(kpm[:, None, :, None].float())[..., 0] > 0  # (B, 1, n, 2C)
+        real_key = real_key[None, None] & kpm_loc[:, :, :, None, :]  # (B, 1, n, C, 2C)
+        real_key = real_key[:, :, None]  # broadcast over G
+    in_window = (dist >= 0) & (dist < window) & real_key
+    in_linear = (dist >= window) & real_key
+
+    scores = torch.einsum("bkgncd,bknjd->bkgncj", qg, k_loc) * scale
+    scores = scores.masked_fill(~in_window, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # padded rows: no window
+    win_w = torch.exp(scores - row_max)
+    lin_w = torch.einsum("bkgncf,bknjf->bkgncj", fqg, fk_loc) * in_linear
+
+    # Linear state of chunks two or more back.
+    kc, vc = fk32.unflatten(2, (n, c)), v32.unflatten(2, (n, c))
+    chunk_states = torch.einsum("bkncf,bkncd->bknfd", kc, vc)
+    chunk_norms = kc.sum(3)
+    old_s = F.pad(torch.cumsum(chunk_states, 2), (0, 0, 0, 0, 2, 0))[:, :, :n]
+    old_z = F.pad(torch.cumsum(chunk_norms, 2), (0, 0, 2, 0))[:, :, :n]
+    if initial_state is not None:
+        old_s = old_s + initial_state[0].float()[:, :, None]
+        old_z = old_z + initial_state[1].float()[:, :, None]
+
+    alpha = torch.sigmoid(mix.float()).view(1, hkv, g, 1, 1, 1)
+    num = alpha * torch.einsum("bkgncj,bknjd->bkgncd", win_w, v_loc) + (1 - alpha) * (
+        torch.einsum("bkgncj,bknjd->bkgncd", lin_w, v_loc) + torch.einsum("bkgncf,bknfd->bkgncd", fqg, old_s)
+    )
+    den = alpha * win_w.sum(-1, keepdim=True) + (1 - alpha) * (
+        lin_w.sum(-1, keepdim=True) + torch.einsum("bkgncf,bknf->bkgnc", fqg, old_z)[..., None]
+    )
+    o = (num / (den + eps)).reshape(b, h, n * c, -1)[:, :, :t].to(out_dtype)
+
+    final_state = None
+    if output_final_state:
+        old = max(t - window, 0)
+        s = torch.einsum("bktf,bktd->bkfd", fk32[:, :, :old], v32[:, :, :old])
+        z = fk32[:, :, :old].sum(2)
+        if initial_state is not None:
+            s, z = s + initial_state[0].float(), z + initial_state[1].float()
+        final_state = (s, z)
+    return o, final_state
+
+
+def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, eps: float = 1e-6):
+    """The (B, H, T, T) attention weights of the hybrid (or pure linear when window == 0), O(T^2).
+
+    Used for the optional attention-map cross-entropy of attention transfer, on short sequences only.
+    """
+    hkv = k.shape[1]
+    g = q.shape[1] // hkv
+    t = q.shape[2]
+    k_rep = k.float().repeat_interleave(g, 1)
+    fk_rep = fk.float().repeat_interleave(g, 1)
+    i = torch.arange(t, device=q.device)[:, None]
+    j = torch.arange(t, device=q.device)[None, :]
+    lin_w = (fq.float() @ fk_rep.transpose(-1, -2)) * (j <= i - window)
+    if window <= 0:
+        return lin_w / (lin_w.sum(-1, keepdim=True) + eps)
+    in_window = (j <= i) & (j > i - window)
+    scores = (q.float() @ k_rep.transpose(-1, -2) * scale).masked_fill(~in_window, float("-inf"))
+    win_w = torch.exp(scores - scores.amax(-1, keepdim=True))
+    alpha = torch.sigmoid(mix.float()).view(1, -1, 1, 1)
+    w = alpha * win_w + (1 - alpha) * lin_w
+    return w / (w.sum(-1, keepdim=True) + eps)
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    key_padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Exact causal softmax attention through SDPA; the last q.shape[2] keys are the queries' own positions."""
+    tq, tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if key_padding_mask is None and sliding_window is None and tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    i = torch.arange(tk - tq, tk, device=q.device)[:, None]
+    j = torch.arange(tk, device=q.device)[None, :]
+    allowed = j <= i
+    if sliding_window is not None:
+        allowed = allowed & (j > i - sliding_window)
+    mask = allowed[None, None]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask.bool()[:, None, None, :]
+        mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: attend anywhere, output is unused
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def attention_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

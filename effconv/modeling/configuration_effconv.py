@@ -1,0 +1,90 @@
+"""Configuration of effconv models: a Llama-family decoder whose layers each have their own attention type."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+# Attention types a layer can have. "softmax" is the teacher's exact attention (kept layers of a hybrid);
+# "linear" is learned-feature-map linear attention, with a sliding softmax window when window_size > 0.
+ATTENTION_TYPES = ("softmax", "linear")
+
+
+class EffconvConfig(PretrainedConfig):
+    model_type = "effconv"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 4096,
+        intermediate_size: int = 11008,
+        num_hidden_layers: int = 32,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
+        rms_norm_eps: float = 1e-6,
+        rope_parameters: dict | None = None,
+        attention_bias: bool = False,
+        o_proj_bias: bool = False,
+        mlp_bias: bool = False,
+        qk_norm: bool = False,
+        sliding_window: int | None = None,
+        teacher_sliding_layers: list[bool] | None = None,
+        tie_word_embeddings: bool = False,
+        base_model_type: str = "llama",
+        attention_types: list[str] | None = None,
+        feature_map: str = "hedgehog",
+        feature_dim: int | None = None,
+        window_size: int = 64,
+        linear_eps: float = 1e-6,
+        attention_backend: str = "auto",
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+        self.attention_bias = attention_bias  # q/k/v projections
+        self.o_proj_bias = o_proj_bias
+        self.mlp_bias = mlp_bias
+        self.qk_norm = qk_norm
+        self.sliding_window = sliding_window
+        self.teacher_sliding_layers = teacher_sliding_layers or [False] * num_hidden_layers
+        self.base_model_type = base_model_type
+        self.attention_types = attention_types or ["linear"] * num_hidden_layers
+        self.feature_map = feature_map
+        self.feature_dim = feature_dim
+        self.window_size = window_size
+        self.linear_eps = linear_eps
+        self.attention_backend = attention_backend
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        for name in ("attention_types", "teacher_sliding_layers"):
+            if len(getattr(self, name)) != num_hidden_layers:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {num_hidden_layers} layers")
+        unknown = sorted(set(self.attention_types) - set(ATTENTION_TYPES))
+        if unknown:
+            raise ValueError(f"unknown layer types {unknown}; known: {', '.join(ATTENTION_TYPES)}")
+        if window_size < 0:
+            raise ValueError(f"window_size must be >= 0, got {window_size}")
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )

@@ -1,0 +1,461 @@
+"""effconv models: a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3 weights load unchanged) whose layers
+each keep softmax attention or use learned-feature-map linear attention with an optional sliding window.
+
+This file ships inside every exported model, so it imports only torch, transformers and its two siblings.
+Triton kernels from the `effconv_kernels` package are used on CUDA when that package is installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from .attention_ops import (
+    FeatureMap,
+    attention_scale,
+    hybrid_attention,
+    hybrid_attention_weights,
+    linear_attention,
+    softmax_attention,
+)
+from .configuration_effconv import EffconvConfig
+
+try:  # optional Triton kernels; absent on machines that only have the exported model
+    import effconv_kernels as _kernels
+except Exception:  # noqa: BLE001 - any import failure means: use the PyTorch path
+    _kernels = None
+
+ATTENTION_MODES = ("student", "teacher", "transfer")
+
+
+def kernels_available() -> bool:
+    return _kernels is not None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, config: EffconvConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class LayerCache:
+    """Per-layer generation state. Softmax layers keep all keys/values; linear layers keep the linear state
+    (S, z) of tokens older than the window plus the last `window` keys, values and feature-mapped keys."""
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    key_features: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None  # (B, tokens held) True for real tokens; None when nothing is padded
+    state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def nbytes(self) -> int:
+        tensors = [self.keys, self.values, self.key_features, *(self.state or ())]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class EffconvCache(Cache):
+    """Cache for effconv models: KV for softmax layers, recurrent state + window KV for linear layers."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[])
+        self.layer_caches = [LayerCache() for _ in range(num_layers)]
+        self.seen_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.layer_caches)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.seen_tokens > 0
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layer_caches)
+
+    def _map(self, fn) -> None:
+        for c in self.layer_caches:
+            for name in ("keys", "values", "key_features", "key_mask"):
+                t = getattr(c, name)
+                if t is not None:
+                    setattr(c, name, fn(t))
+            if c.state is not None:
+                c.state = tuple(fn(t) for t in c.state)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a recurrent state cannot be cropped")
+
+
+def _append(old: torch.Tensor | None, new: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    return new if old is None else torch.cat([old, new], dim=dim)
+
+
+class EffconvAttention(nn.Module):
+    def __init__(self, config: EffconvConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.layer_type = config.attention_types[layer_idx]
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = attention_scale(self.head_dim)
+        self.teacher_window = config.sliding_window if config.teacher_sliding_layers[layer_idx] else None
+        h, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.window = config.window_size if self.layer_type == "linear" else 0
+        if self.layer_type == "linear":
+            fm, fd = config.feature_map, config.feature_dim
+            self.feature_map_q = FeatureMap(fm, self.num_heads, self.head_dim, fd)
+            self.feature_map_k = FeatureMap(fm, self.num_kv_heads, self.head_dim, fd)
+            if self.window > 0:
+                # sigmoid(0) = 0.5: window and linear terms start with equal weight
+                self.window_mix = nn.Parameter(torch.zeros(self.num_heads))
+        self.mode = "student"
+        self.transfer_loss: torch.Tensor | None = None
+        self.transfer_attn_ce_weight = 0.0
+
+    @property
+    def is_converted(self) -> bool:
+        return self.layer_type == "linear"
+
+    def _project(self, x: torch.Tensor, position_embeddings):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def _merge_heads(self, o: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def _softmax(self, q, k, v, cache: LayerCache | None, key_mask):
+        if cache is not None:
+            cache.keys, cache.values = _append(cache.keys, k), _append(cache.values, v)
+            k, v = cache.keys, cache.values
+        return softmax_attention(q, k, v, scale=self.scale, key_padding_mask=key_mask, sliding_window=self.teacher_window)
+
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        backend = self.config.attention_backend
+        if backend == "reference" or _kernels is None:
+            return False
+        return backend == "triton" or x.is_cuda
+
+    def _linear(self, q, k, v, cache: LayerCache | None, key_mask):
+        """Linear / hybrid attention over the new tokens, continuing from `cache` when it holds earlier ones."""
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        t_new = q.shape[2]
+        initial_state = None
+        if cache is not None and cache.state is not None:
+            initial_state = cache.state
+            if self.window > 0 and cache.keys is not None:
+                # Earlier tokens still inside the window are prepended; their query rows are computed and dropped.
+                held = cache.keys.shape[2]
+                q = torch.cat([q.new_zeros(*q.shape[:2], held, q.shape[3]), q], dim=2)
+                fq = torch.cat([fq.new_zeros(*fq.shape[:2], held, fq.shape[3]), fq], dim=2)
+                k, v, fk = (torch.cat([c, x], dim=2) for c, x in ((cache.keys, k), (cache.values, v), (cache.key_features, fk)))
+        keep_state = cache is not None
+        if key_mask is not None:
+            key_mask = key_mask[:, -k.shape[2]:]
+        if self.window > 0:
+            mix = self.window_mix
+            if self._use_kernels(q) and key_mask is None:
+                o, state = _kernels.hybrid_attention(
+                    q, k, v, fq, fk, mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
+                    initial_state=initial_state, output_final_state=keep_state, backend="triton",
+                )
+            else:
+                o, state = hybrid_attention(
+                    q, k, v, fq, fk, mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
+                    initial_state=initial_state, output_final_state=keep_state, key_padding_mask=key_mask,
+                )
+        else:
+            if key_mask is not None:
+                keep = key_mask[:, None, :, None].to(fk.dtype)
+                fk, v = fk * keep, v * keep
+            if self._use_kernels(q):
+                o, state = _kernels.linear_attention(
+                    fq, fk, v, eps=self.config.linear_eps, initial_state=initial_state,
+                    output_final_state=keep_state, backend="triton",
+                )
+            else:
+                o, state = linear_attention(
+                    fq, fk, v, eps=self.config.linear_eps, initial_state=initial_state, output_final_state=keep_state
+                )
+        if cache is not None:
+            cache.state = state
+            if self.window > 0:
+                cache.keys, cache.values, cache.key_features = (x[:, :, -self.window:] for x in (k, v, fk))
+                cache.key_mask = None if key_mask is None else key_mask[:, -self.window:]
+        return o[:, :, -t_new:]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not self.is_converted or self.mode == "teacher":
+            q, k, v = self._project(hidden_states, position_embeddings)
+            return self._merge_heads(self._softmax(q, k, v, cache, key_mask))
+        if self.mode == "student":
+            q, k, v = self._project(hidden_states, position_embeddings)
+            return self._merge_heads(self._linear(q, k, v, cache, key_mask))
+        return self._transfer(hidden_states, position_embeddings, key_mask)
+
+    def _transfer(self, hidden_states, position_embeddings, key_mask):
+        """Attention transfer: match this layer's softmax output on the same inputs; pass the softmax output on,
+        so every layer trains on the teacher's own hidden states and no gradient crosses layers."""
+        with torch.no_grad():
+            q, k, v = self._project(hidden_states, position_embeddings)
+            y_true = self._merge_heads(self._softmax(q, k, v, None, key_mask))
+        y_pred = self._merge_heads(self._linear(q, k, v, None, key_mask))
+        loss = F.mse_loss(y_pred.float(), y_true.float())
+        if self.transfer_attn_ce_weight > 0:
+            loss = loss + self.transfer_attn_ce_weight * self._attention_map_ce(q, k)
+        self.transfer_loss = loss
+        return y_true
+
+    def _attention_map_ce(self, q, k) -> torch.Tensor:
+        """Cross-entropy between the softmax and the converted attention maps (Hedgehog's loss); O(T^2)."""
+        t = q.shape[2]
+        k_rep = k.float().repeat_interleave(self.num_heads // self.num_kv_heads, 1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        teacher = torch.softmax((q.float() @ k_rep.transpose(-1, -2) * self.scale).masked_fill(~causal, float("-inf")), -1)
+        mix = getattr(self, "window_mix", torch.zeros(self.num_heads, device=q.device))
+        student = hybrid_attention_weights(
+            q, k, self.feature_map_q(q), self.feature_map_k(k), mix, window=self.window, scale=self.scale
+        )
+        return -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1).mean()
+
+
+class EffconvDecoderLayer(nn.Module):
+    def __init__(self, config: EffconvConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = EffconvAttention(config, layer_idx)
+        self.mlp = GatedMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, cache=None, key_mask=None):
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, cache, key_mask
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class EffconvPreTrainedModel(PreTrainedModel):
+    config_class = EffconvConfig
+    config: EffconvConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EffconvDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, FeatureMap):
+            module.reset_parameters()
+        elif isinstance(module, EffconvAttention) and hasattr(module, "window_mix"):
+            nn.init.zeros_(module.window_mix)
+
+
+class EffconvModel(EffconvPreTrainedModel):
+    def __init__(self, config: EffconvConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([EffconvDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: EffconvCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        num_layers: int | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """`num_layers` stops after that many layers (attention transfer needs nothing past the last one)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, t, _ = inputs_embeds.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = EffconvCache(self.config.num_hidden_layers)
+        past = past_key_values.seen_tokens if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None].expand(b, -1)
+        key_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            key_mask = attention_mask.bool()
+            if key_mask.shape[1] != past + t:
+                raise ValueError(f"attention_mask covers {key_mask.shape[1]} tokens, expected {past + t}")
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        layers = self.layers[: num_layers or len(self.layers)]
+        for i, layer in enumerate(layers):
+            cache = past_key_values.layer_caches[i] if past_key_values is not None else None
+            if self.gradient_checkpointing and self.training:
+                hidden_states = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, position_embeddings, cache, key_mask
+                )
+            else:
+                hidden_states = layer(hidden_states, position_embeddings, cache, key_mask)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += t
+        if num_layers is None or num_layers >= len(self.layers):
+            hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class EffconvForCausalLM(EffconvPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: EffconvConfig):
+        super().__init__(config)
+        self.model = EffconvModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # linear layers keep a recurrent state: the model makes its own EffconvCache
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def set_attention_mode(self, mode: str) -> None:
+        """student: converted attention; teacher: exact softmax everywhere (the original model); transfer: both,
+        with per-layer transfer losses (see EffconvAttention._transfer)."""
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention mode {mode!r}; choose one of {ATTENTION_MODES}")
+        for layer in self.model.layers:
+            layer.self_attn.mode = mode
+
+    def converted_attentions(self) -> list[EffconvAttention]:
+        return [layer.self_attn for layer in self.model.layers if layer.self_attn.is_converted]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: EffconvCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
