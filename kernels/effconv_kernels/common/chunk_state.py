@@ -1,0 +1,180 @@
+"""Chunk-boundary states shared by the linear and hybrid ops (flash-linear-attention style).
+
+Forward:  h[n] = S0 + sum_{j < min(nC, L)} fk_j v_j^T   (fp32, one (F, Dv) matrix per kv head and boundary)
+          zh[n] = z0 + sum_{j < min(nC, L)} fk_j        n = 0..NS, NS = cdiv(L, C); h[NS] is the final state.
+Backward: the gradient w.r.t. the state read by query chunk n is beta * fq_n^T dN_n (dN = do / den).
+          Query chunk n reads the state at boundary max(0, n - d) (d = 0 for plain linear attention,
+          d = ceil((W-1)/C) for the hybrid), so key chunk c receives the sum over query chunks n >= c + d + 1.
+          The reverse recurrence over n stores that sum as dh[c] and ends with the initial-state gradient.
+Each program owns one (BK, BV) tile of one kv head and walks the chunks sequentially; GQA query heads
+of a group are summed inside the program (no atomics, no repeated kv heads).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import next_pow2
+
+
+@triton.jit
+def chunk_state_fwd_kernel(
+    fk, v, S0, z0, h, zh,
+    T, L, NS,
+    F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_S0: tl.constexpr, PREC: tl.constexpr,
+):
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh64 = i_bh.to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < F, o_v < DV
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * DV + o_v[None, :]
+
+    if HAS_S0:
+        b_S = tl.load(S0 + i_bh64 * F * DV + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_z = tl.load(z0 + i_bh64 * F + o_k, mask=m_k, other=0.0).to(tl.float32)
+    else:
+        b_S = tl.zeros([BK, BV], dtype=tl.float32)
+        b_z = tl.zeros([BK], dtype=tl.float32)
+    p_fk = fk + i_bh64 * T * F
+    p_v = v + i_bh64 * T * DV
+    p_h = h + i_bh64 * (NS + 1) * F * DV
+    p_zh = zh + i_bh64 * (NS + 1) * F
+    m_z = m_k & ((o_k * 0 + i_v) == 0)  # only one V-tile program writes z
+    for n in range(NS):
+        tl.store(p_h + n * F * DV + o_kv, b_S, mask=m_kv)
+        tl.store(p_zh + n * F + o_k, b_z, mask=m_z)
+        o_t = n * BT + tl.arange(0, BT)
+        m_t = o_t < L
+        b_k = tl.load(p_fk + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_v = tl.load(p_v + o_t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_S += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
+        b_z += tl.sum(b_k.to(tl.float32), 0)
+    tl.store(p_h + NS * F * DV + o_kv, b_S, mask=m_kv)
+    tl.store(p_zh + NS * F + o_k, b_z, mask=m_z)
+
+
+@triton.jit
+def chunk_state_bwd_kernel(
+    fq, do, rden, dden, beta, dST, dzT, dh, dzh, dS0, dz0,
+    T, G, H, NT, D_OFF,
+    F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_BETA: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr,
+):
+    i_k, i_v, i_bk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    Hkv = H // G
+    i_b, i_hk = i_bk // Hkv, i_bk % Hkv
+    i_bk64 = i_bk.to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < F, o_v < DV
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * DV + o_v[None, :]
+    m_z = m_k & ((o_k * 0 + i_v) == 0)
+
+    if HAS_DFINAL:
+        b_dS = tl.load(dST + i_bk64 * F * DV + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_dz = tl.load(dzT + i_bk64 * F + o_k, mask=m_k, other=0.0).to(tl.float32)
+    else:
+        b_dS = tl.zeros([BK, BV], dtype=tl.float32)
+        b_dz = tl.zeros([BK], dtype=tl.float32)
+    p_dh = dh + i_bk64 * NT * F * DV
+    p_dzh = dzh + i_bk64 * NT * F
+    # the last d + 1 key chunks feed no state that any query reads: only the final-state gradient
+    for c in range(tl.maximum(NT - 1 - D_OFF, 0), NT):
+        tl.store(p_dh + c * F * DV + o_kv, b_dS, mask=m_kv)
+        tl.store(p_dzh + c * F + o_k, b_dz, mask=m_z)
+    for nn in range(NT):
+        n = NT - 1 - nn
+        o_t = n * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        for g in range(G):
+            i_h = i_hk * G + g
+            i_bh64 = (i_b * H + i_h).to(tl.int64)
+            b_q = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_k[None, :],
+                          mask=m_t[:, None] & m_k[None, :], other=0.0)
+            b_dn = tl.load(do + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :],
+                           mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            if NORMALIZE:
+                b_r = tl.load(rden + i_bh64 * T + o_t, mask=m_t, other=0.0)
+                b_dd = tl.load(dden + i_bh64 * T + o_t, mask=m_t, other=0.0)
+                b_dn = b_dn * b_r[:, None]
+            if HAS_BETA:
+                b_beta = tl.load(beta + i_h)
+                b_dn = b_dn * b_beta
+                if NORMALIZE:
+                    b_dd = b_dd * b_beta
+            b_dS += tl.dot(tl.trans(b_q), b_dn.to(b_q.dtype), input_precision=PREC)
+            if NORMALIZE:
+                b_dz += tl.sum(b_q.to(tl.float32) * b_dd[:, None], 0)
+        c = n - D_OFF - 1
+        if c >= 0:
+            tl.store(p_dh + c * F * DV + o_kv, b_dS, mask=m_kv)
+            tl.store(p_dzh + c * F + o_k, b_dz, mask=m_z)
+    tl.store(dS0 + i_bk64 * F * DV + o_kv, b_dS, mask=m_kv)
+    tl.store(dz0 + i_bk64 * F + o_k, b_dz, mask=m_z)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 inputs get full-precision dots; 16-bit inputs use the tensor cores (fp32 accumulate)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _state_tiles(F: int, DV: int, programs_per_tile: int) -> tuple[int, int]:
+    # the state recurrence is sequential over chunks: split (F, Dv) into tiles until the GPU is busy
+    BK = min(64, max(16, next_pow2(F)))
+    BV = min(64, max(16, next_pow2(DV)))
+    n_sm = 132
+    if torch.cuda.is_available():
+        n_sm = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    while programs_per_tile * triton.cdiv(F, BK) * triton.cdiv(DV, BV) < n_sm and (BK > 32 or BV > 32):
+        if BK >= BV:
+            BK //= 2
+        else:
+            BV //= 2
+    return BK, BV
+
+
+def chunk_state_fwd(fk, v, initial_state, L: int, chunk: int):
+    """h (B, Hkv, NS+1, F, Dv) and zh (B, Hkv, NS+1, F) in fp32; h[:, :, -1] is the state after L keys."""
+    B, Hkv, T, F = fk.shape
+    DV = v.shape[-1]
+    NS = triton.cdiv(L, chunk)
+    h = fk.new_empty(B, Hkv, NS + 1, F, DV, dtype=torch.float32)
+    zh = fk.new_empty(B, Hkv, NS + 1, F, dtype=torch.float32)
+    BK, BV = _state_tiles(F, DV, B * Hkv)
+    S0, z0 = (initial_state[0].float().contiguous(), initial_state[1].float().contiguous()) \
+        if initial_state is not None else (h, zh)
+    grid = (triton.cdiv(F, BK), triton.cdiv(DV, BV), B * Hkv)
+    chunk_state_fwd_kernel[grid](
+        fk, v, S0, z0, h, zh, T, L, NS,
+        F=F, DV=DV, BT=chunk, BK=BK, BV=BV, HAS_S0=initial_state is not None, PREC=_prec(fk.dtype),
+        num_warps=4, num_stages=2,
+    )
+    return h, zh
+
+
+def chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv: int, d: int, chunk: int, normalize: bool):
+    """dh, dzh (B, Hkv, NT, F, Dv)/(B, Hkv, NT, F) per key chunk, and the initial-state grads (dS0, dz0)."""
+    B, H, T, F = fq.shape
+    DV = do.shape[-1]
+    G = H // Hkv
+    NT = triton.cdiv(T, chunk)
+    dh = fq.new_empty(B, Hkv, NT, F, DV, dtype=torch.float32)
+    dzh = fq.new_empty(B, Hkv, NT, F, dtype=torch.float32)
+    dS0 = fq.new_empty(B, Hkv, F, DV, dtype=torch.float32)
+    dz0 = fq.new_empty(B, Hkv, F, dtype=torch.float32)
+    has_df = dfinal is not None
+    dST, dzT = (dfinal[0].float().contiguous(), dfinal[1].float().contiguous()) if has_df else (dS0, dz0)
+    BK, BV = _state_tiles(F, DV, B * Hkv)
+    grid = (triton.cdiv(F, BK), triton.cdiv(DV, BV), B * Hkv)
+    chunk_state_bwd_kernel[grid](
+        fq, do, rden if normalize else do, dden if normalize else do, beta if beta is not None else do,
+        dST, dzT, dh, dzh, dS0, dz0, T, G, H, NT, d,
+        F=F, DV=DV, BT=chunk, BK=BK, BV=BV, NORMALIZE=normalize, HAS_BETA=beta is not None,
+        HAS_DFINAL=has_df, PREC=_prec(fq.dtype), num_warps=4, num_stages=2,
+    )
+    return dh, dzh, dS0, dz0

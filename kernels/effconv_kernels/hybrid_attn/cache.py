@@ -1,0 +1,81 @@
+"""Decode-time cache for the sliding-window + linear hybrid attention."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class HybridDecodeCache:
+    """Everything one hybrid-attention layer needs to decode one token at a time.
+
+    S  (B, Hkv, F, Dv) fp32  linear state  sum_j fk_j v_j^T over tokens that have left the window
+    z  (B, Hkv, F)     fp32  linear normaliser state  sum_j fk_j
+    k  (B, Hkv, W, D)        ring buffer of the last W raw keys (after RoPE); token t sits in slot t % W
+    v  (B, Hkv, W, Dv)       ring buffer of the last W values
+    fk (B, Hkv, W, F)        ring buffer of the last W feature-mapped keys (moved into S, z on eviction)
+    seen: number of tokens appended so far (the same for every sequence of the batch: no ragged batches)
+
+    A decode step appends token t = seen: if t >= W it first adds slot t % W (token t - W) into (S, z),
+    then overwrites that slot. All tensors are updated IN PLACE (the object is reused across steps).
+    """
+
+    S: torch.Tensor
+    z: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    fk: torch.Tensor
+    seen: int = 0
+
+    @property
+    def window(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def empty(cls, batch: int, num_kv_heads: int, window: int, head_dim: int, feature_dim: int,
+              value_dim: int | None = None, *, dtype=torch.bfloat16, device=None,
+              initial_state=None) -> "HybridDecodeCache":
+        Dv = head_dim if value_dim is None else value_dim
+        if initial_state is not None:
+            S, z = (x.float().clone() for x in initial_state)
+        else:
+            S = torch.zeros(batch, num_kv_heads, feature_dim, Dv, dtype=torch.float32, device=device)
+            z = torch.zeros(batch, num_kv_heads, feature_dim, dtype=torch.float32, device=device)
+        kw = dict(dtype=dtype, device=device)
+        return cls(S=S, z=z,
+                   k=torch.zeros(batch, num_kv_heads, window, head_dim, **kw),
+                   v=torch.zeros(batch, num_kv_heads, window, Dv, **kw),
+                   fk=torch.zeros(batch, num_kv_heads, window, feature_dim, **kw),
+                   seen=0)
+
+    @classmethod
+    def from_prefill(cls, k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, *, window: int,
+                     initial_state=None, final_state=None) -> "HybridDecodeCache":
+        """Cache after a parallel prefill of k (B, Hkv, T, D), v, fk.
+
+        `final_state` is the (S, z) returned by `hybrid_attention(..., output_final_state=True)` on
+        the same prefill (it already includes `initial_state`); if not given it is recomputed here.
+        """
+        B, Hkv, T, D = k.shape
+        W = int(window)
+        if W < 1:
+            raise ValueError("window must be >= 1")
+        L = max(0, T - W)  # tokens 0..L-1 have left the window
+        if final_state is not None:
+            S, z = (x.float().clone() for x in final_state)
+        else:
+            S = torch.einsum("bhjf,bhjd->bhfd", fk[:, :, :L].float(), v[:, :, :L].float())
+            z = fk[:, :, :L].float().sum(2)
+            if initial_state is not None:
+                S, z = S + initial_state[0].float(), z + initial_state[1].float()
+        cache = cls.empty(B, Hkv, W, D, fk.shape[-1], v.shape[-1], dtype=k.dtype, device=k.device)
+        cache.S, cache.z = S.contiguous(), z.contiguous()
+        if T > 0:
+            tok = torch.arange(L, T, device=k.device)
+            slots = tok % W
+            cache.k[:, :, slots] = k[:, :, L:]
+            cache.v[:, :, slots] = v[:, :, L:]
+            cache.fk[:, :, slots] = fk[:, :, L:]
+        cache.seen = T
+        return cache

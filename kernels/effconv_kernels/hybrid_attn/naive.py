@@ -1,0 +1,99 @@
+"""Oracles for the LoLCATs sliding-window + linear hybrid attention.
+
+`naive_hybrid_attention` is the O(T^2) masked formulation in fp32 (autograd gives the backward,
+including the gradient through the window max m_i, exactly as the LoLCATs reference code does).
+`hybrid_decode_step_ref` / `recurrent_hybrid_attention_ref` are the token-by-token decode oracles.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cache import HybridDecodeCache
+
+
+def naive_hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, eps=1e-6,
+                           initial_state=None, output_final_state=False):
+    B, H, T, D = q.shape
+    Hkv, Dv, F = k.shape[1], v.shape[-1], fq.shape[-1]
+    G = H // Hkv
+    W = int(window)
+    qq = q.float().reshape(B, Hkv, G, T, D)
+    fqq = fq.float().reshape(B, Hkv, G, T, F)
+    kk, vv, ffk = k.float(), v.float(), fk.float()
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
+    win = (j <= i) & (j > i - W)
+    lin = j <= i - W
+
+    s = torch.einsum("bhgid,bhjd->bhgij", qq, kk) * scale
+    s = s.masked_fill(~win, float("-inf"))
+    m = s.amax(-1, keepdim=True)  # finite: j = i is always in the window
+    a = torch.exp(s - m)
+    b = torch.einsum("bhgif,bhjf->bhgij", fqq, ffk).masked_fill(~lin, 0.0)
+
+    alpha = torch.sigmoid(mix.float()).reshape(1, Hkv, G, 1)
+    beta = 1.0 - alpha
+    lin_num = torch.einsum("bhgij,bhjd->bhgid", b, vv)
+    lin_den = b.sum(-1)
+    if initial_state is not None:
+        S0, z0 = initial_state[0].float(), initial_state[1].float()
+        lin_num = lin_num + torch.einsum("bhgif,bhfd->bhgid", fqq, S0)
+        lin_den = lin_den + torch.einsum("bhgif,bhf->bhgi", fqq, z0)
+    num = alpha.unsqueeze(-1) * torch.einsum("bhgij,bhjd->bhgid", a, vv) + beta.unsqueeze(-1) * lin_num
+    den = alpha * a.sum(-1) + beta * lin_den + eps
+    o = (num / den.unsqueeze(-1)).reshape(B, H, T, Dv).to(q.dtype)
+
+    final = None
+    if output_final_state:
+        L = max(0, T - W)
+        S = torch.einsum("bhjf,bhjd->bhfd", ffk[:, :, :L], vv[:, :, :L])
+        z = ffk[:, :, :L].sum(2)
+        if initial_state is not None:
+            S, z = S + initial_state[0].float(), z + initial_state[1].float()
+        final = (S, z)
+    return o, final
+
+
+def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int,
+                           scale: float, eps=1e-6):
+    """Append one token per sequence to `cache` (in place) and return its output (B, H, Dv)."""
+    W = cache.window
+    if int(window) != W:
+        raise ValueError(f"window={window} but the cache holds {W} slots")
+    B, H, D = q_t.shape
+    Hkv = k_t.shape[1]
+    G = H // Hkv
+    t = cache.seen
+    slot = t % W
+    if t >= W:  # token t - W leaves the window: fold it into the linear state first
+        old_fk, old_v = cache.fk[:, :, slot].float(), cache.v[:, :, slot].float()
+        cache.S.add_(old_fk.unsqueeze(-1) * old_v.unsqueeze(-2))
+        cache.z.add_(old_fk)
+    cache.k[:, :, slot] = k_t
+    cache.v[:, :, slot] = v_t
+    cache.fk[:, :, slot] = fk_t
+    cache.seen = t + 1
+    n = min(t + 1, W)
+
+    qq = q_t.float().reshape(B, Hkv, G, D)
+    fqq = fq_t.float().reshape(B, Hkv, G, -1)
+    s = torch.einsum("bhgd,bhjd->bhgj", qq, cache.k[:, :, :n].float()) * scale
+    a = torch.exp(s - s.amax(-1, keepdim=True))
+    alpha = torch.sigmoid(mix.float()).reshape(1, Hkv, G, 1)
+    beta = 1.0 - alpha
+    num = alpha * torch.einsum("bhgj,bhjd->bhgd", a, cache.v[:, :, :n].float()) \
+        + beta * torch.einsum("bhgf,bhfd->bhgd", fqq, cache.S)
+    den = alpha[..., 0] * a.sum(-1) + beta[..., 0] * torch.einsum("bhgf,bhf->bhg", fqq, cache.z) + eps
+    return (num / den.unsqueeze(-1)).reshape(B, H, -1).to(q_t.dtype)
+
+
+def recurrent_hybrid_attention_ref(q, k, v, fq, fk, mix, *, window: int, scale: float, eps=1e-6,
+                                   initial_state=None):
+    """Token-by-token loop over `hybrid_decode_step_ref`. Returns (o, cache)."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    cache = HybridDecodeCache.empty(B, Hkv, window, D, fk.shape[-1], v.shape[-1], dtype=k.dtype,
+                                    device=k.device, initial_state=initial_state)
+    outs = [hybrid_decode_step_ref(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], mix, cache,
+                                   window=window, scale=scale, eps=eps) for t in range(T)]
+    return torch.stack(outs, 2), cache

@@ -1,0 +1,277 @@
+"""Chunked causal linear attention in Triton (forward and backward).
+
+Per chunk n of C = 64 tokens:  o_n = fq_n h[n] + tril(fq_n fk_n^T) v_n,  den_n = fq_n zh[n] + rowsum(tril(fq_n fk_n^T)),
+with h[n] the state before the chunk (common/chunk_state.py). The state pass is sequential over chunks but
+parallel over (kv head, F tile, Dv tile); everything else is parallel over (chunk, head).
+Backward with dN = do / den and dden = -(do . o) / den (the normaliser's gradient):
+    dA_ij = dN_i . v_j + dden_i   (j <= i, same chunk)
+    dfq = dA fk + dN h[n]^T + dden zh[n]^T
+    dfk = dA^T fq + v dh[n]^T + dzh[n]            (summed over the query heads of the GQA group)
+    dv  = A^T dN + fk dh[n]
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common.chunk_state import _prec, chunk_state_bwd, chunk_state_fwd
+from ..utils import check_gqa, next_pow2
+
+CHUNK = 64
+
+
+@triton.jit
+def linear_fwd_o_kernel(
+    fq, fk, v, h, zh, o, rden,
+    T, G, H, NS1, eps,
+    F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORMALIZE: tl.constexpr, PREC: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    Hkv = H // G
+    i_b, i_h = i_bh // H, i_bh % H
+    i_bk64 = (i_b * Hkv + i_h // G).to(tl.int64)
+    i_bh64 = i_bh.to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    p_h = h + (i_bk64 * NS1 + i_t) * F * DV
+    p_zh = zh + (i_bk64 * NS1 + i_t) * F
+
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_den = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(F, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < F
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_k[None, :], mask=m_tk, other=0.0)
+        b_k = tl.load(fk + i_bk64 * T * F + o_t[:, None] * F + o_k[None, :], mask=m_tk, other=0.0)
+        b_h = tl.load(p_h + o_k[:, None] * DV + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_o += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
+        b_A += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        if NORMALIZE:
+            b_z = tl.load(p_zh + o_k, mask=m_k, other=0.0)
+            b_den += tl.sum(b_q.to(tl.float32) * b_z[None, :], 1)
+    b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0.0)
+    b_v = tl.load(v + i_bk64 * T * DV + o_t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
+    if NORMALIZE:
+        b_r = 1.0 / (b_den + tl.sum(b_A, 1) + eps)
+        b_o = b_o * b_r[:, None]
+        tl.store(rden + i_bh64 * T + o_t, b_r, mask=m_t)
+    tl.store(o + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def normalizer_bwd_kernel(o, do, rden, dden, T, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    # dden_i = -(do_i . o_i) / den_i  (gradient w.r.t. the denominator; o already includes 1/den)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh64 = i_bh.to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_v = tl.arange(0, BV)
+    m = (o_t < T)[:, None] & (o_v < DV)[None, :]
+    off = i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :]
+    b_o = tl.load(o + off, mask=m, other=0.0).to(tl.float32)
+    b_do = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
+    b_r = tl.load(rden + i_bh64 * T + o_t, mask=o_t < T, other=0.0)
+    tl.store(dden + i_bh64 * T + o_t, -tl.sum(b_o * b_do, 1) * b_r, mask=o_t < T)
+
+
+@triton.jit
+def linear_bwd_dq_kernel(
+    fk, v, h, zh, do, rden, dden, dq,
+    T, G, H, NS1,
+    F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORMALIZE: tl.constexpr, PREC: tl.constexpr,
+):
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    Hkv = H // G
+    i_b, i_h = i_bh // H, i_bh % H
+    i_bk64 = (i_b * Hkv + i_h // G).to(tl.int64)
+    i_bh64 = i_bh.to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < F
+    m_tv = m_t[:, None] & m_v[None, :]
+
+    b_dn = tl.load(do + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    b_v = tl.load(v + i_bk64 * T * DV + o_t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)
+    if NORMALIZE:
+        b_dn = b_dn * tl.load(rden + i_bh64 * T + o_t, mask=m_t, other=0.0)[:, None]
+        b_dd = tl.load(dden + i_bh64 * T + o_t, mask=m_t, other=0.0)
+    b_dn = b_dn.to(b_v.dtype)
+    b_dA = tl.dot(b_dn, tl.trans(b_v), input_precision=PREC)
+    if NORMALIZE:
+        b_dA += b_dd[:, None]
+    b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA, 0.0)
+    b_k = tl.load(fk + i_bk64 * T * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    b_h = tl.load(h + (i_bk64 * NS1 + i_t) * F * DV + o_k[:, None] * DV + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.0)
+    b_dq = tl.dot(b_dA.to(b_k.dtype), b_k, input_precision=PREC)
+    b_dq += tl.dot(b_dn, tl.trans(b_h.to(b_dn.dtype)), input_precision=PREC)
+    if NORMALIZE:
+        b_z = tl.load(zh + (i_bk64 * NS1 + i_t) * F + o_k, mask=m_k, other=0.0)
+        b_dq += b_dd[:, None] * b_z[None, :]
+    tl.store(dq + i_bh64 * T * F + o_t[:, None] * F + o_k[None, :], b_dq.to(dq.dtype.element_ty),
+             mask=m_t[:, None] & m_k[None, :])
+
+
+@triton.jit
+def linear_bwd_dkv_kernel(
+    fq, fk, v, dh, dzh, do, rden, dden, dk, dv,
+    T, G, H, NT,
+    F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+    NORMALIZE: tl.constexpr, PREC: tl.constexpr,
+):
+    i_t, i_bk = tl.program_id(0), tl.program_id(1)
+    Hkv = H // G
+    i_b, i_hk = i_bk // Hkv, i_bk % Hkv
+    i_bk64 = i_bk.to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_f = tl.arange(0, BF)
+    m_f = o_f < F
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    m_tf = m_t[:, None] & m_f[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_k = tl.load(fk + i_bk64 * T * F + o_t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0)
+    b_v = tl.load(v + i_bk64 * T * DV + o_t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)
+    # rows are keys j, columns queries i: keep i >= j
+    causal = o_t[:, None] <= o_t[None, :]
+    b_dk = tl.zeros([BT, BF], dtype=tl.float32)
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    for g in range(G):
+        i_bh64 = (i_b * H + i_hk * G + g).to(tl.int64)
+        b_q = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0)
+        b_dn = tl.load(do + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            b_dn = b_dn * tl.load(rden + i_bh64 * T + o_t, mask=m_t, other=0.0)[:, None]
+            b_dd = tl.load(dden + i_bh64 * T + o_t, mask=m_t, other=0.0)
+        b_dn = b_dn.to(b_v.dtype)
+        b_At = tl.where(causal, tl.dot(b_k, tl.trans(b_q), input_precision=PREC), 0.0)
+        b_dAt = tl.dot(b_v, tl.trans(b_dn), input_precision=PREC)
+        if NORMALIZE:
+            b_dAt += b_dd[None, :]
+        b_dAt = tl.where(causal, b_dAt, 0.0)
+        b_dk += tl.dot(b_dAt.to(b_q.dtype), b_q, input_precision=PREC)
+        b_dv += tl.dot(b_At.to(b_dn.dtype), b_dn, input_precision=PREC)
+    # state path: queries of later chunks (plus the final-state gradient)
+    b_dh = tl.load(dh + (i_bk64 * NT + i_t) * F * DV + o_f[:, None] * DV + o_v[None, :],
+                   mask=m_f[:, None] & m_v[None, :], other=0.0)
+    b_dzh = tl.load(dzh + (i_bk64 * NT + i_t) * F + o_f, mask=m_f, other=0.0)
+    b_dk += tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)), input_precision=PREC) + b_dzh[None, :]
+    b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PREC)
+    tl.store(dk + i_bk64 * T * F + o_t[:, None] * F + o_f[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tf)
+    tl.store(dv + i_bk64 * T * DV + o_t[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+
+
+def _warps(*sizes: int) -> int:
+    return 8 if max(sizes) >= 128 * 128 else 4
+
+
+def normalizer_bwd(o, do, rden):
+    B, H, T, DV = o.shape
+    dden = torch.empty(B, H, T, dtype=torch.float32, device=o.device)
+    BV = max(16, next_pow2(DV))
+    BT = max(16, min(128, 8192 // BV))
+    normalizer_bwd_kernel[(triton.cdiv(T, BT), B * H)](o, do, rden, dden, T, DV=DV, BT=BT, BV=BV, num_warps=4)
+    return dden
+
+
+def linear_fwd(fq, fk, v, initial_state, normalize, eps, chunk=CHUNK):
+    B, H, T, F = fq.shape
+    Hkv, DV = fk.shape[1], v.shape[-1]
+    G = H // Hkv
+    h, zh = chunk_state_fwd(fk, v, initial_state, T, chunk)
+    NT = triton.cdiv(T, chunk)
+    o = torch.empty(B, H, T, DV, dtype=v.dtype, device=v.device)
+    rden = torch.empty(B, H, T, dtype=torch.float32, device=v.device) if normalize else None
+    BK = min(64, max(16, next_pow2(F)))
+    BV = max(16, next_pow2(DV))
+    linear_fwd_o_kernel[(NT, B * H)](
+        fq, fk, v, h, zh, o, rden if normalize else o, T, G, H, h.shape[2], eps,
+        F=F, DV=DV, BT=chunk, BK=BK, BV=BV, NORMALIZE=normalize, PREC=_prec(fq.dtype),
+        num_warps=_warps(chunk * BV), num_stages=2,
+    )
+    return o, rden, h, zh
+
+
+def linear_bwd(fq, fk, v, o, rden, do, initial_state, dfinal, normalize, chunk=CHUNK):
+    B, H, T, F = fq.shape
+    Hkv, DV = fk.shape[1], v.shape[-1]
+    G = H // Hkv
+    NT = triton.cdiv(T, chunk)
+    h, zh = chunk_state_fwd(fk, v, initial_state, T, chunk)  # recomputed: cheaper than keeping it alive
+    dden = normalizer_bwd(o, do, rden) if normalize else None
+    dh, dzh, dS0, dz0 = chunk_state_bwd(fq, do, rden, dden, None, dfinal, Hkv, 0, chunk, normalize)
+    prec = _prec(fq.dtype)
+    dfq = torch.empty_like(fq)
+    dfk = torch.empty_like(fk)
+    dv = torch.empty_like(v)
+    BK = min(64, max(16, next_pow2(F)))
+    BF = max(16, next_pow2(F))
+    BV = max(16, next_pow2(DV))
+    rd = rden if normalize else do
+    dd = dden if normalize else do
+    linear_bwd_dq_kernel[(triton.cdiv(F, BK), NT, B * H)](
+        fk, v, h, zh, do, rd, dd, dfq, T, G, H, h.shape[2],
+        F=F, DV=DV, BT=chunk, BK=BK, BV=BV, NORMALIZE=normalize, PREC=prec,
+        num_warps=_warps(chunk * BV, chunk * BK), num_stages=1,
+    )
+    linear_bwd_dkv_kernel[(NT, B * Hkv)](
+        fq, fk, v, dh, dzh, do, rd, dd, dfk, dv, T, G, H, NT,
+        F=F, DV=DV, BT=chunk, BF=BF, BV=BV, NORMALIZE=normalize, PREC=prec,
+        num_warps=_warps(chunk * BF, chunk * BV), num_stages=1,
+    )
+    return dfq, dfk, dv, dS0, dz0
+
+
+class LinearAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fq, fk, v, S0, z0, normalize, eps, output_final_state):
+        fq, fk, v = fq.contiguous(), fk.contiguous(), v.contiguous()
+        init = (S0, z0) if S0 is not None else None
+        o, rden, h, zh = linear_fwd(fq, fk, v, init, normalize, eps)
+        ST = zT = None
+        if output_final_state:
+            ST, zT = h[:, :, -1].clone(), zh[:, :, -1].clone()
+        del h, zh
+        ctx.save_for_backward(fq, fk, v, o, rden, S0, z0)
+        ctx.normalize = normalize
+        ctx.set_materialize_grads(False)
+        return o, ST, zT
+
+    @staticmethod
+    def backward(ctx, do, dST, dzT):
+        fq, fk, v, o, rden, S0, z0 = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        do = do.contiguous()
+        dfinal = None
+        if dST is not None or dzT is not None:
+            B, Hkv, _, F = fk.shape
+            dfinal = (dST if dST is not None else fk.new_zeros(B, Hkv, F, v.shape[-1], dtype=torch.float32),
+                      dzT if dzT is not None else fk.new_zeros(B, Hkv, F, dtype=torch.float32))
+        init = (S0, z0) if S0 is not None else None
+        dfq, dfk, dv, dS0, dz0 = linear_bwd(fq, fk, v, o, rden, do, init, dfinal, ctx.normalize)
+        if S0 is None:
+            dS0 = dz0 = None
+        else:
+            dS0, dz0 = dS0.to(S0.dtype), dz0.to(z0.dtype)
+        return dfq, dfk, dv, dS0, dz0, None, None, None
+
+
+def chunk_linear_attention(fq, fk, v, *, normalize=True, eps=1e-6, initial_state=None, output_final_state=False):
+    B, H, T, F = fq.shape
+    check_gqa(H, fk.shape[1])
+    S0, z0 = initial_state if initial_state is not None else (None, None)
+    o, ST, zT = LinearAttentionFunction.apply(fq, fk, v, S0, z0, bool(normalize), float(eps), bool(output_final_state))
+    return o, ((ST, zT) if output_final_state else None)

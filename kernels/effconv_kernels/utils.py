@@ -1,0 +1,48 @@
+"""Small helpers shared by the ops (no Triton import here: this module must load on any machine)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_BACKENDS = ("auto", "triton", "reference", "naive")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - platform without triton
+        return False
+    return True
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """'auto' -> 'triton' for CUDA tensors (when triton imports), 'reference' otherwise."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if all(t.is_cuda for t in tensors if t is not None) and triton_available():
+        return "triton"
+    return "reference"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def check_gqa(h: int, hkv: int) -> int:
+    if hkv <= 0 or h % hkv != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({hkv})")
+    return h // hkv
+
+
+def float_dtype_ok(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"expected fp32/fp16/bf16 tensors, got {t.dtype}")

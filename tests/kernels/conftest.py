@@ -1,0 +1,67 @@
+"""Kernel tests run the Triton kernels on CUDA when there is a GPU, else through the CPU interpreter.
+
+TRITON_INTERPRET must be set before any @triton.jit kernel is *defined* (Triton picks the interpreter
+at decoration time), so it is set here, before the test modules import effconv_kernels' Triton parts.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _patch_interpreter_bf16() -> None:
+    """Two bf16 bugs of Triton's interpreter (3.x, seen on 3.9), patched for the CPU tests only.
+
+    1. tl.dot multiplies the raw uint16 bits of bf16 operands: upcast them to fp32 (exact) first.
+    2. fp32 -> bf16 casts truncate, where the GPU rounds to nearest even: that doubles and biases the
+       rounding error, so do the cast through torch (RTNE) like the hardware.
+    The GPU run exercises the real bf16 tensor-core path.
+    """
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter as interp
+    except Exception:  # pragma: no cover
+        return
+    builder = interp.InterpreterBuilder
+    if getattr(builder, "_effconv_bf16_patch", False):
+        return
+    orig = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            def up(x):
+                if x.dtype.scalar != tl.bfloat16:
+                    return x
+                data = interp._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+                return interp.TensorHandle(data, tl.float32)
+            a, b = up(a), up(b)
+        return orig(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    orig_cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interp.TensorHandle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return orig_cast(self, src, dst_type)
+
+    builder.create_dot = create_dot
+    builder.cast_impl = cast_impl
+    builder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
+    builder._effconv_bf16_patch = True
+
+
+if not ON_GPU:
+    _patch_interpreter_bf16()
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return "cuda" if ON_GPU else "cpu"
