@@ -108,8 +108,10 @@ def _materialise_gguf(source: ModelSource) -> Path:
         raise EffconvError(f"loading GGUF needs the gguf package: pip install gguf ({e})") from e
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad model file for the user
         raise EffconvError(f"could not load GGUF model {gguf_path}: {type(e).__name__}: {e}") from e
+    # The weights are dequantised fp32 tensors now; drop the GGUF quantizer so they save as plain safetensors.
+    model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config  # weights are dequantised now
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:

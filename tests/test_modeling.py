@@ -1,0 +1,142 @@
+"""The effconv model against the teachers it replaces, and its attention paths against each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_teacher
+from effconv.loading import build_student, effconv_config_from_teacher
+from effconv.modeling.attention_ops import FeatureMap, hybrid_attention, hybrid_attention_weights, linear_attention
+
+
+def student_of(arch, window=4, attention_types=None, feature_map="hedgehog"):
+    teacher = tiny_teacher(arch)
+    config = effconv_config_from_teacher(
+        teacher.config, window_size=window, attention_types=attention_types, feature_map=feature_map
+    )
+    student = build_student(teacher, config)
+    # perturb the new parameters so that tests do not run only on the identity initialisation
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "feature_map" in name or "window_mix" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return teacher, student
+
+
+def test_teacher_mode_reproduces_hf_logits(arch):
+    teacher, student = student_of(arch)
+    student.set_attention_mode("teacher")
+    x = torch.randint(0, 400, (2, 40))  # longer than the Mistral/Qwen2 sliding window of 16
+    with torch.no_grad():
+        expected, got = teacher(x).logits, student(x, use_cache=False).logits
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 1, 4, 64])
+def test_decode_equals_parallel_forward(arch, window):
+    _, student = student_of(arch, window=window, attention_types=["linear", "softmax", "linear"])
+    x = torch.randint(0, 400, (2, 23))
+    with torch.no_grad():
+        full = student(x, use_cache=False).logits
+        out = student(x[:, :5], use_cache=True)
+        cache, pieces = out.past_key_values, [out.logits]
+        for i in range(5, 23, 3):  # chunks of 3, then the tail: multi-token steps continue the state too
+            step = student(x[:, i : i + 3], past_key_values=cache, use_cache=True)
+            pieces.append(step.logits)
+        incremental = torch.cat(pieces, 1)
+    torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-5)
+
+
+def _oracle(q, k, v, fq, fk, mix, window, scale):
+    g = q.shape[1] // k.shape[1]
+    w = hybrid_attention_weights(q, k, fq, fk, mix, window=window, scale=scale, eps=0.0)
+    return w @ v.float().repeat_interleave(g, 1)
+
+
+@pytest.mark.parametrize("t,window,chunk", [(1, 4, 64), (37, 4, 16), (100, 16, 16), (70, 64, 32), (50, 80, 64)])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (6, 2), (8, 1)])
+def test_chunked_hybrid_matches_quadratic_oracle(t, window, chunk, heads, kv_heads):
+    torch.manual_seed(t + window)
+    d = 16
+    q, k, v = torch.randn(2, heads, t, d), torch.randn(2, kv_heads, t, d), torch.randn(2, kv_heads, t, d)
+    fmq, fmk = FeatureMap("hedgehog", heads, d), FeatureMap("hedgehog", kv_heads, d)
+    fq, fk = fmq(q), fmk(k)
+    mix = torch.randn(heads)
+    got, _ = hybrid_attention(q, k, v, fq, fk, mix, window=window, scale=d**-0.5, eps=0.0, chunk_size=chunk)
+    torch.testing.assert_close(got, _oracle(q, k, v, fq, fk, mix, window, d**-0.5), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,chunk", [(1, 64), (37, 16), (100, 32)])
+def test_chunked_linear_matches_quadratic_oracle(t, chunk):
+    torch.manual_seed(t)
+    q, k, v = torch.randn(1, 6, t, 8), torch.randn(1, 3, t, 8), torch.randn(1, 3, t, 8)
+    fq, fk = FeatureMap("elu", 6, 8)(q), FeatureMap("elu", 3, 8)(k)
+    got, state = linear_attention(fq, fk, v, eps=0.0, chunk_size=chunk, output_final_state=True)
+    torch.testing.assert_close(got, _oracle(q, k, v, fq, fk, torch.zeros(6), 0, 1.0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state[0], torch.einsum("bktf,bktd->bkfd", fk, v), rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_reach_feature_maps_and_mix():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    fmq, fmk = FeatureMap("hedgehog", 4, 8), FeatureMap("hedgehog", 2, 8)
+    mix = torch.zeros(4, requires_grad=True)
+    o, _ = hybrid_attention(q, k, v, fmq(q), fmk(k), mix, window=4, scale=8**-0.5)
+    o.square().sum().backward()
+    for p in (fmq.weight, fmk.weight, fmq.bias, mix):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind,out_dim", [("hedgehog", 32), ("t2r", 16), ("elu", 16)])
+def test_feature_maps(kind, out_dim):
+    fm = FeatureMap(kind, 3, 16)
+    x = torch.randn(2, 3, 5, 16)
+    y = fm(x)
+    assert y.shape == (2, 3, 5, out_dim) and fm.output_dim == out_dim
+    assert (y >= 0).all()
+    if kind == "hedgehog":  # identity init: each half is a softmax of +-x
+        torch.testing.assert_close(y[..., :16], torch.softmax(x, -1))
+        torch.testing.assert_close(y[..., 16:], torch.softmax(-x, -1))
+    with pytest.raises(ValueError, match="unknown feature map"):
+        FeatureMap("cosformer", 3, 16)
+
+
+def test_generate_matches_manual_greedy_and_keeps_constant_memory():
+    _, student = student_of("llama", window=0)
+    x = torch.randint(3, 400, (1, 6))
+    with torch.no_grad():
+        generated = student.generate(x, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        seq = x
+        for _ in range(12):
+            seq = torch.cat([seq, student(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, seq)
+    sizes = []
+    with torch.no_grad():
+        for t in (8, 64, 200):
+            sizes.append(student(torch.randint(3, 400, (1, t)), use_cache=True).past_key_values.nbytes())
+    assert sizes[0] == sizes[1] == sizes[2] > 0  # pure linear: the state does not grow with context
+
+
+def test_hybrid_cache_is_bounded_by_the_window():
+    _, student = student_of("qwen3", window=8)
+    with torch.no_grad():
+        short = student(torch.randint(3, 400, (1, 8)), use_cache=True).past_key_values.nbytes()
+        long = student(torch.randint(3, 400, (1, 300)), use_cache=True).past_key_values.nbytes()
+    assert short == long
+
+
+def test_left_padded_batch_generation_matches_single_sequences():
+    _, student = student_of("mistral", window=4, attention_types=["linear", "softmax", "linear"])
+    a, b = torch.randint(3, 400, (1, 9)), torch.randint(3, 400, (1, 5))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        together = student.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        alone_a = student.generate(a, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        alone_b = student.generate(b, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert torch.equal(together[0, -6:], alone_a[0, -6:])
+    assert torch.equal(together[1, -6:], alone_b[0, -6:])
