@@ -1,0 +1,356 @@
+"""Fused sliding-window softmax + linear attention (LoLCATs hybrid) in Triton, forward and backward.
+
+Query chunk n (C = 64 rows) reads the raw keys of chunks n-d..n, d = ceil((W-1)/C), which hold its
+whole window, plus the linear state at boundary max(0, n-d)*C for everything older (common/chunk_state.py,
+summed over the first L = max(0, T-W) keys). Per key chunk it computes both the window scores
+s = scale q k^T (online softmax with running max m) and the linear scores b = fq fk^T, masked by
+i - j < W (window) or i - j >= W (linear). Memory is O(T): no T x T tensor; cost O(T (W + C)).
+
+The output is not invariant to the window max m_i (the linear terms are not scaled by exp(-m_i)), so
+the backward carries the gradient through m_i like autograd does on the reference:
+    dm_i = -sum_j a_ij da_ij   and   ds_{i, j*_i} += dm_i,  j*_i = argmax of the window scores.
+dmix_h = sum_i (-dm_i + alpha_h eps dden_i) follows from alpha dalpha + beta dbeta = (do.o) eps / den.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common.chunk_state import _prec, chunk_state_bwd, chunk_state_fwd
+from ..linear_attn.chunk import normalizer_bwd
+from ..utils import check_gqa, next_pow2
+
+CHUNK = 64
+
+
+@triton.jit
+def hybrid_fwd_kernel(
+    q, k, v, fq, fk, mix, h, zh, o, rden, mrow, jstar,
+    T, G, H, NS1, D_OFF, W, scale, eps,
+    D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    Hkv = H // G
+    i_b, i_h = i_bh // H, i_bh % H
+    i_bk64 = (i_b * Hkv + i_h // G).to(tl.int64)
+    i_bh64 = i_bh.to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_d = tl.arange(0, BD)
+    o_f = tl.arange(0, BF)
+    o_v = tl.arange(0, BV)
+    m_d, m_f, m_v = o_d < D, o_f < F, o_v < DV
+
+    b_mix = tl.load(mix + i_h).to(tl.float32)
+    alpha = 1.0 / (1.0 + tl.exp(-b_mix))
+    beta = 1.0 - alpha
+    b_q = tl.load(q + i_bh64 * T * D + o_t[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+    b_fq = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_f[None, :], mask=m_t[:, None] & m_f[None, :], other=0.0)
+
+    # linear part from the state at boundary c0 * BT (all keys older than every window of this chunk)
+    c0 = tl.maximum(i_t - D_OFF, 0)
+    b_h = tl.load(h + (i_bk64 * NS1 + c0) * F * DV + o_f[:, None] * DV + o_v[None, :],
+                  mask=m_f[:, None] & m_v[None, :], other=0.0)
+    b_z = tl.load(zh + (i_bk64 * NS1 + c0) * F + o_f, mask=m_f, other=0.0)
+    acc_l = tl.dot(b_fq, b_h.to(b_fq.dtype), input_precision=PREC)
+    l_l = tl.sum(b_fq.to(tl.float32) * b_z[None, :], 1)
+
+    acc_w = tl.zeros([BT, BV], dtype=tl.float32)
+    l_w = tl.zeros([BT], dtype=tl.float32)
+    m_i = tl.full([BT], float("-inf"), dtype=tl.float32)
+    js = tl.zeros([BT], dtype=tl.int32)
+    for c in range(c0, i_t + 1):
+        o_s = c * BT + tl.arange(0, BT)
+        m_s = o_s < T
+        b_k = tl.load(k + i_bk64 * T * D + o_s[:, None] * D + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(v + i_bk64 * T * DV + o_s[:, None] * DV + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)
+        delta = o_t[:, None] - o_s[None, :]  # i - j
+        win = (delta >= 0) & (delta < W) & m_s[None, :]
+        s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+        s = tl.where(win, s, float("-inf"))
+        m_blk = tl.max(s, 1)
+        a_blk = tl.argmax(s, 1)
+        js = tl.where(m_blk > m_i, c * BT + a_blk.to(tl.int32), js)
+        m_new = tl.maximum(m_i, m_blk)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no window key yet
+        corr = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_w = l_w * corr + tl.sum(p, 1)
+        acc_w = acc_w * corr[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=PREC)
+        m_i = m_new
+        # some (i, j) of this block pair is older than the window: add the linear scores
+        if (i_t + 1) * BT - 1 - c * BT >= W:
+            b_fk = tl.load(fk + i_bk64 * T * F + o_s[:, None] * F + o_f[None, :],
+                           mask=m_s[:, None] & m_f[None, :], other=0.0)
+            b = tl.dot(b_fq, tl.trans(b_fk), input_precision=PREC)
+            b = tl.where(delta >= W, b, 0.0)
+            l_l += tl.sum(b, 1)
+            acc_l += tl.dot(b.to(b_v.dtype), b_v, input_precision=PREC)
+    b_r = 1.0 / (alpha * l_w + beta * l_l + eps)
+    b_o = (alpha * acc_w + beta * acc_l) * b_r[:, None]
+    tl.store(o + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+    tl.store(rden + i_bh64 * T + o_t, b_r, mask=m_t)
+    tl.store(mrow + i_bh64 * T + o_t, m_i, mask=m_t)
+    tl.store(jstar + i_bh64 * T + o_t, js, mask=m_t)
+
+
+@triton.jit
+def hybrid_bwd_dq_kernel(
+    q, k, v, fq, fk, mix, h, zh, do, rden, dden, mrow, jstar, dq, dfq, dm,
+    T, G, H, NS1, D_OFF, W, scale,
+    D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    Hkv = H // G
+    i_b, i_h = i_bh // H, i_bh % H
+    i_bk64 = (i_b * Hkv + i_h // G).to(tl.int64)
+    i_bh64 = i_bh.to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_d = tl.arange(0, BD)
+    o_f = tl.arange(0, BF)
+    o_v = tl.arange(0, BV)
+    m_d, m_f, m_v = o_d < D, o_f < F, o_v < DV
+
+    b_mix = tl.load(mix + i_h).to(tl.float32)
+    alpha = 1.0 / (1.0 + tl.exp(-b_mix))
+    beta = 1.0 - alpha
+    b_q = tl.load(q + i_bh64 * T * D + o_t[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+    b_fq = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_f[None, :], mask=m_t[:, None] & m_f[None, :], other=0.0)
+    b_dn = tl.load(do + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_dn = (b_dn.to(tl.float32) * tl.load(rden + i_bh64 * T + o_t, mask=m_t, other=0.0)[:, None]).to(b_q.dtype)
+    b_dd = tl.load(dden + i_bh64 * T + o_t, mask=m_t, other=0.0)
+    b_m = tl.load(mrow + i_bh64 * T + o_t, mask=m_t, other=0.0)
+
+    b_dq = tl.zeros([BT, BD], dtype=tl.float32)
+    b_dfq = tl.zeros([BT, BF], dtype=tl.float32)
+    b_dm = tl.zeros([BT], dtype=tl.float32)
+    c0 = tl.maximum(i_t - D_OFF, 0)
+    for c in range(c0, i_t + 1):
+        o_s = c * BT + tl.arange(0, BT)
+        m_s = o_s < T
+        b_k = tl.load(k + i_bk64 * T * D + o_s[:, None] * D + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(v + i_bk64 * T * DV + o_s[:, None] * DV + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)
+        delta = o_t[:, None] - o_s[None, :]
+        win = (delta >= 0) & (delta < W) & m_s[None, :]
+        s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+        p = tl.where(win, tl.exp(tl.where(win, s, 0.0) - b_m[:, None]), 0.0)
+        b_dp = tl.dot(b_dn, tl.trans(b_v), input_precision=PREC) + b_dd[:, None]  # dN_i . v_j + dden_i
+        ds = p * (alpha * b_dp)
+        b_dm -= tl.sum(ds, 1)
+        b_dq += tl.dot(ds.to(b_k.dtype), b_k, input_precision=PREC)
+        if (i_t + 1) * BT - 1 - c * BT >= W:
+            b_fk = tl.load(fk + i_bk64 * T * F + o_s[:, None] * F + o_f[None, :],
+                           mask=m_s[:, None] & m_f[None, :], other=0.0)
+            db = tl.where(delta >= W, beta * b_dp, 0.0)
+            b_dfq += tl.dot(db.to(b_fk.dtype), b_fk, input_precision=PREC)
+    # gradient through the window max: d s_{i, j*} += dm_i
+    b_js = tl.load(jstar + i_bh64 * T + o_t, mask=m_t, other=0)
+    b_kst = tl.load(k + i_bk64 * T * D + b_js[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+    b_dq = (b_dq + b_dm[:, None] * b_kst.to(tl.float32)) * scale
+    # linear part through the state
+    b_h = tl.load(h + (i_bk64 * NS1 + c0) * F * DV + o_f[:, None] * DV + o_v[None, :],
+                  mask=m_f[:, None] & m_v[None, :], other=0.0)
+    b_z = tl.load(zh + (i_bk64 * NS1 + c0) * F + o_f, mask=m_f, other=0.0)
+    b_dfq += beta * (tl.dot(b_dn, tl.trans(b_h.to(b_dn.dtype)), input_precision=PREC) + b_dd[:, None] * b_z[None, :])
+    tl.store(dq + i_bh64 * T * D + o_t[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty),
+             mask=m_t[:, None] & m_d[None, :])
+    tl.store(dfq + i_bh64 * T * F + o_t[:, None] * F + o_f[None, :], b_dfq.to(dfq.dtype.element_ty),
+             mask=m_t[:, None] & m_f[None, :])
+    tl.store(dm + i_bh64 * T + o_t, b_dm, mask=m_t)
+
+
+@triton.jit
+def hybrid_bwd_dkv_kernel(
+    q, k, v, fq, fk, mix, dh, dzh, do, rden, dden, mrow, jstar, dm, dk, dv, dfk,
+    T, L, G, H, NT, D_OFF, W, scale,
+    D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    i_c, i_bk = tl.program_id(0), tl.program_id(1)
+    Hkv = H // G
+    i_b, i_hk = i_bk // Hkv, i_bk % Hkv
+    i_bk64 = i_bk.to(tl.int64)
+    o_s = i_c * BT + tl.arange(0, BT)  # key rows j
+    m_s = o_s < T
+    o_d = tl.arange(0, BD)
+    o_f = tl.arange(0, BF)
+    o_v = tl.arange(0, BV)
+    m_d, m_f, m_v = o_d < D, o_f < F, o_v < DV
+    b_k = tl.load(k + i_bk64 * T * D + o_s[:, None] * D + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.0)
+    b_fk = tl.load(fk + i_bk64 * T * F + o_s[:, None] * F + o_f[None, :], mask=m_s[:, None] & m_f[None, :], other=0.0)
+    b_v = tl.load(v + i_bk64 * T * DV + o_s[:, None] * DV + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)
+
+    b_dk = tl.zeros([BT, BD], dtype=tl.float32)
+    b_dfk = tl.zeros([BT, BF], dtype=tl.float32)
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    n_hi = tl.minimum(i_c + D_OFF, NT - 1)
+    for g in range(G):
+        i_h = i_hk * G + g
+        i_bh64 = (i_b * H + i_h).to(tl.int64)
+        b_mix = tl.load(mix + i_h).to(tl.float32)
+        alpha = 1.0 / (1.0 + tl.exp(-b_mix))
+        beta = 1.0 - alpha
+        for n in range(i_c, n_hi + 1):
+            o_t = n * BT + tl.arange(0, BT)  # query columns i
+            m_t = o_t < T
+            b_q = tl.load(q + i_bh64 * T * D + o_t[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+            b_dn = tl.load(do + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :],
+                           mask=m_t[:, None] & m_v[None, :], other=0.0)
+            b_dn = (b_dn.to(tl.float32) * tl.load(rden + i_bh64 * T + o_t, mask=m_t, other=0.0)[:, None]).to(b_k.dtype)
+            b_dd = tl.load(dden + i_bh64 * T + o_t, mask=m_t, other=0.0)
+            b_m = tl.load(mrow + i_bh64 * T + o_t, mask=m_t, other=0.0)
+            b_dm = tl.load(dm + i_bh64 * T + o_t, mask=m_t, other=0.0)
+            b_js = tl.load(jstar + i_bh64 * T + o_t, mask=m_t, other=-1)
+            delta = o_t[None, :] - o_s[:, None]  # i - j
+            win = (delta >= 0) & (delta < W) & m_t[None, :]
+            st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale
+            pt = tl.where(win, tl.exp(tl.where(win, st, 0.0) - b_m[None, :]), 0.0)
+            b_dpt = tl.dot(b_v, tl.trans(b_dn), input_precision=PREC) + b_dd[None, :]
+            dst = pt * (alpha * b_dpt)
+            dst += tl.where(o_s[:, None] == b_js[None, :], b_dm[None, :], 0.0)
+            b_dk += tl.dot(dst.to(b_q.dtype), b_q, input_precision=PREC)
+            P = alpha * pt
+            if (n + 1) * BT - 1 - i_c * BT >= W:
+                b_fq = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_f[None, :],
+                               mask=m_t[:, None] & m_f[None, :], other=0.0)
+                lin = (delta >= W) & m_t[None, :]
+                bt = tl.where(lin, tl.dot(b_fk, tl.trans(b_fq), input_precision=PREC), 0.0)
+                dbt = tl.where(lin, beta * b_dpt, 0.0)
+                b_dfk += tl.dot(dbt.to(b_fq.dtype), b_fq, input_precision=PREC)
+                P += beta * bt
+            b_dv += tl.dot(P.to(b_dn.dtype), b_dn, input_precision=PREC)
+    # linear part through the states of later chunks (and the final-state gradient): keys j < L only
+    m_l = o_s < L
+    b_dh = tl.load(dh + (i_bk64 * NT + i_c) * F * DV + o_f[:, None] * DV + o_v[None, :],
+                   mask=m_f[:, None] & m_v[None, :], other=0.0)
+    b_dzh = tl.load(dzh + (i_bk64 * NT + i_c) * F + o_f, mask=m_f, other=0.0)
+    b_dfk += tl.where(m_l[:, None], tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)), input_precision=PREC) + b_dzh[None, :], 0.0)
+    b_dv += tl.where(m_l[:, None], tl.dot(b_fk, b_dh.to(b_fk.dtype), input_precision=PREC), 0.0)
+    tl.store(dk + i_bk64 * T * D + o_s[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
+             mask=m_s[:, None] & m_d[None, :])
+    tl.store(dfk + i_bk64 * T * F + o_s[:, None] * F + o_f[None, :], b_dfk.to(dfk.dtype.element_ty),
+             mask=m_s[:, None] & m_f[None, :])
+    tl.store(dv + i_bk64 * T * DV + o_s[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_s[:, None] & m_v[None, :])
+
+
+def _blocks(D, F, DV):
+    return max(16, next_pow2(D)), max(16, next_pow2(F)), max(16, next_pow2(DV))
+
+
+def _d_off(W: int, NT: int, chunk: int) -> int:
+    # number of earlier key chunks a query chunk must read raw; more than NT - 1 is pointless
+    return min(triton.cdiv(W - 1, chunk), max(NT - 1, 0))
+
+
+def _warps(BD, BF, BV):
+    return 8 if BD + BF + BV > 256 else 4
+
+
+def hybrid_fwd(q, k, v, fq, fk, mix, W, scale, eps, initial_state, chunk=CHUNK):
+    B, H, T, D = q.shape
+    Hkv, DV, F = k.shape[1], v.shape[-1], fq.shape[-1]
+    G = H // Hkv
+    NT = triton.cdiv(T, chunk)
+    L = max(0, T - W)
+    h, zh = chunk_state_fwd(fk, v, initial_state, L, chunk)
+    o = torch.empty(B, H, T, DV, dtype=v.dtype, device=v.device)
+    rden = torch.empty(B, H, T, dtype=torch.float32, device=v.device)  # 1 / den, for the backward
+    mrow = torch.empty(B, H, T, dtype=torch.float32, device=v.device)  # window max m_i
+    jstar = torch.empty(B, H, T, dtype=torch.int32, device=v.device)
+    BD, BF, BV = _blocks(D, F, DV)
+    hybrid_fwd_kernel[(NT, B * H)](
+        q, k, v, fq, fk, mix, h, zh, o, rden, mrow, jstar,
+        T, G, H, h.shape[2], _d_off(W, NT, chunk), W, float(scale), float(eps),
+        D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=_prec(q.dtype),
+        num_warps=_warps(BD, BF, BV), num_stages=2,
+    )
+    return o, rden, mrow, jstar, h, zh
+
+
+def hybrid_bwd(q, k, v, fq, fk, mix, o, rden, mrow, jstar, do, W, scale, eps, initial_state, dfinal, chunk=CHUNK):
+    B, H, T, D = q.shape
+    Hkv, DV, F = k.shape[1], v.shape[-1], fq.shape[-1]
+    G = H // Hkv
+    NT = triton.cdiv(T, chunk)
+    L = max(0, T - W)
+    d = _d_off(W, NT, chunk)
+    prec = _prec(q.dtype)
+    h, zh = chunk_state_fwd(fk, v, initial_state, L, chunk)  # recomputed rather than kept from forward
+    dden = normalizer_bwd(o, do, rden)
+    alpha = torch.sigmoid(mix.float())
+    beta = (1.0 - alpha).contiguous()
+    dh, dzh, dS0, dz0 = chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv, d, chunk, True)
+    BD, BF, BV = _blocks(D, F, DV)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dfq, dfk = torch.empty_like(fq), torch.empty_like(fk)
+    dm = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    hybrid_bwd_dq_kernel[(NT, B * H)](
+        q, k, v, fq, fk, mix, h, zh, do, rden, dden, mrow, jstar, dq, dfq, dm,
+        T, G, H, h.shape[2], d, W, float(scale),
+        D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=prec,
+        num_warps=_warps(BD, BF, BV), num_stages=2,
+    )
+    hybrid_bwd_dkv_kernel[(NT, B * Hkv)](
+        q, k, v, fq, fk, mix, dh, dzh, do, rden, dden, mrow, jstar, dm, dk, dv, dfk,
+        T, L, G, H, NT, d, W, float(scale),
+        D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=prec,
+        num_warps=_warps(BD, BF, BV), num_stages=2,
+    )
+    dmix = (alpha[None, :, None] * eps * dden - dm).sum((0, 2))
+    return dq, dk, dv, dfq, dfk, dmix, dS0, dz0
+
+
+class HybridAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, fq, fk, mix, S0, z0, W, scale, eps, output_final_state):
+        q, k, v, fq, fk = (x.contiguous() for x in (q, k, v, fq, fk))
+        mix_f = mix.float().contiguous()
+        init = (S0, z0) if S0 is not None else None
+        o, rden, mrow, jstar, h, zh = hybrid_fwd(q, k, v, fq, fk, mix_f, W, scale, eps, init)
+        ST = zT = None
+        if output_final_state:
+            ST, zT = h[:, :, -1].clone(), zh[:, :, -1].clone()
+        del h, zh
+        ctx.save_for_backward(q, k, v, fq, fk, mix_f, o, rden, mrow, jstar, S0, z0)
+        ctx.cfg = (W, scale, eps, mix.dtype)
+        ctx.set_materialize_grads(False)
+        return o, ST, zT
+
+    @staticmethod
+    def backward(ctx, do, dST, dzT):
+        q, k, v, fq, fk, mix_f, o, rden, mrow, jstar, S0, z0 = ctx.saved_tensors
+        W, scale, eps, mix_dtype = ctx.cfg
+        do = torch.zeros_like(o) if do is None else do.contiguous()
+        dfinal = None
+        if dST is not None or dzT is not None:
+            B, Hkv, _, F = fk.shape
+            dfinal = (dST if dST is not None else fk.new_zeros(B, Hkv, F, v.shape[-1], dtype=torch.float32),
+                      dzT if dzT is not None else fk.new_zeros(B, Hkv, F, dtype=torch.float32))
+        init = (S0, z0) if S0 is not None else None
+        dq, dk, dv, dfq, dfk, dmix, dS0, dz0 = hybrid_bwd(
+            q, k, v, fq, fk, mix_f, o, rden, mrow, jstar, do, W, scale, eps, init, dfinal)
+        if S0 is None:
+            dS0 = dz0 = None
+        else:
+            dS0, dz0 = dS0.to(S0.dtype), dz0.to(z0.dtype)
+        return dq, dk, dv, dfq, dfk, dmix.to(mix_dtype), dS0, dz0, None, None, None, None
+
+
+def fused_hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, eps=1e-6, initial_state=None,
+                           output_final_state=False):
+    B, H, T, D = q.shape
+    check_gqa(H, k.shape[1])
+    if int(window) < 1:
+        raise ValueError("window must be >= 1")
+    if mix.shape != (H,):
+        raise ValueError(f"mix must have shape ({H},), got {tuple(mix.shape)}")
+    S0, z0 = initial_state if initial_state is not None else (None, None)
+    o, ST, zT = HybridAttentionFunction.apply(q, k, v, fq, fk, mix, S0, z0, int(window), float(scale), float(eps),
+                                              bool(output_final_state))
+    return o, ((ST, zT) if output_final_state else None)
