@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as hf_init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -312,19 +313,15 @@ class EffconvPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, FeatureMap):
-            module.reset_parameters()
+        # Linear, Embedding, RMSNorm and the rotary buffers are handled by transformers; its `init` functions
+        # leave weights that were loaded from a checkpoint untouched.
+        super()._init_weights(module)
+        if isinstance(module, FeatureMap) and module.kind != "elu":
+            eye = torch.eye(module.head_dim, module.proj_dim, dtype=module.weight.dtype, device=module.weight.device)
+            hf_init.copy_(module.weight, eye.expand(module.num_heads, -1, -1))
+            hf_init.zeros_(module.bias)
         elif isinstance(module, EffconvAttention) and hasattr(module, "window_mix"):
-            nn.init.zeros_(module.window_mix)
+            hf_init.zeros_(module.window_mix)
 
 
 class EffconvModel(EffconvPreTrainedModel):
