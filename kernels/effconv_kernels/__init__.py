@@ -1,0 +1,101 @@
+"""effconv_kernels: attention kernels for converted (linear / hybrid) models.
+
+Public entry points (all take backend="auto" | "triton" | "reference" | "naive"):
+    linear_attention(fq, fk, v, *, normalize, eps, initial_state, output_final_state) -> (o, final_state)
+    hybrid_attention(q, k, v, fq, fk, mix, *, window, scale, eps, initial_state, output_final_state) -> (o, final_state)
+    linear_decode_step(fq_t, fk_t, v_t, state, *, normalize, eps) -> (o_t, state)      # state updated in place
+    hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, *, window, scale, eps) -> o_t  # cache updated in place
+    HybridDecodeCache
+"auto" runs Triton on CUDA tensors and the chunked pure-PyTorch reference (O(T*C) memory) otherwise;
+"naive" is the O(T^2) oracle. Shapes and semantics: docs/kernels.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from .hybrid_attn.cache import HybridDecodeCache
+from .utils import check_gqa, float_dtype_ok, resolve_backend
+
+__all__ = ["linear_attention", "hybrid_attention", "linear_decode_step", "hybrid_decode_step", "HybridDecodeCache"]
+
+
+def _check_state(initial_state):
+    if initial_state is not None and (not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2):
+        raise ValueError("initial_state must be a pair (S, z)")
+
+
+def linear_attention(fq, fk, v, *, normalize: bool = True, eps: float = 1e-6, initial_state=None,
+                     output_final_state: bool = False, backend: str = "auto"):
+    """Causal linear attention. fq (B,H,T,F), fk (B,Hkv,T,F), v (B,Hkv,T,Dv) -> o (B,H,T,Dv), (S, z) or None.
+
+    o_i = sum_{j<=i} (fq_i.fk_j) v_j / (sum_{j<=i} fq_i.fk_j + eps) (no division when normalize=False);
+    initial_state (S0 (B,Hkv,F,Dv), z0 (B,Hkv,F)) is added to every position's sums.
+    """
+    float_dtype_ok(fq, fk, v)
+    check_gqa(fq.shape[1], fk.shape[1])
+    _check_state(initial_state)
+    kw = dict(normalize=normalize, eps=eps, initial_state=initial_state, output_final_state=output_final_state)
+    be = resolve_backend(backend, fq, fk, v)
+    if be == "triton":
+        from .linear_attn.chunk import chunk_linear_attention
+        return chunk_linear_attention(fq, fk, v, **kw)
+    if be == "naive":
+        from .linear_attn.naive import naive_linear_attention
+        return naive_linear_attention(fq, fk, v, **kw)
+    from .linear_attn.torch_chunk import chunk_linear_attention_ref
+    return chunk_linear_attention_ref(fq, fk, v, **kw)
+
+
+def hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, eps: float = 1e-6, initial_state=None,
+                     output_final_state: bool = False, backend: str = "auto"):
+    """LoLCATs sliding-window softmax + linear attention under one normaliser.
+
+    q (B,H,T,D), k (B,Hkv,T,D), v (B,Hkv,T,Dv), fq (B,H,T,F), fk (B,Hkv,T,F), mix (H,) -> o (B,H,T,Dv).
+    Keys i-W < j <= i use exp(scale q.k - m_i) with weight sigmoid(mix); older keys use fq.fk with weight
+    1 - sigmoid(mix). final_state = linear state of tokens j <= T-1-W (plus initial_state).
+    """
+    float_dtype_ok(q, k, v, fq, fk)
+    check_gqa(q.shape[1], k.shape[1])
+    _check_state(initial_state)
+    if int(window) < 1:
+        raise ValueError("window must be >= 1")
+    kw = dict(window=int(window), scale=float(scale), eps=eps, initial_state=initial_state,
+              output_final_state=output_final_state)
+    be = resolve_backend(backend, q, k, v, fq, fk)
+    if be == "triton":
+        from .hybrid_attn.fused import fused_hybrid_attention
+        return fused_hybrid_attention(q, k, v, fq, fk, mix, **kw)
+    if be == "naive":
+        from .hybrid_attn.naive import naive_hybrid_attention
+        return naive_hybrid_attention(q, k, v, fq, fk, mix, **kw)
+    from .hybrid_attn.torch_chunk import chunk_hybrid_attention_ref
+    return chunk_hybrid_attention_ref(q, k, v, fq, fk, mix, **kw)
+
+
+@torch.no_grad()
+def linear_decode_step(fq_t, fk_t, v_t, state, *, normalize: bool = True, eps: float = 1e-6, backend: str = "auto"):
+    """One decode token: fq_t (B,H,F), fk_t (B,Hkv,F), v_t (B,Hkv,Dv); state (S, z) fp32, updated IN PLACE.
+
+    Returns (o_t (B,H,Dv), state) where state is the same tensor pair. Inference only (no autograd).
+    """
+    be = resolve_backend(backend, fq_t, fk_t, v_t, *state)
+    if be == "triton":
+        from .linear_attn.recurrent import triton_linear_decode_step
+        return triton_linear_decode_step(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps)
+    from .linear_attn.naive import linear_decode_step_ref
+    return linear_decode_step_ref(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps)
+
+
+@torch.no_grad()
+def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int, scale: float,
+                       eps: float = 1e-6, backend: str = "auto"):
+    """Append one token per sequence to `cache` (IN PLACE) and return its hybrid-attention output (B,H,Dv).
+
+    Equals `hybrid_attention` on the whole sequence at that position. Inference only (no autograd).
+    """
+    be = resolve_backend(backend, q_t, k_t, v_t, fq_t, fk_t, cache.S)
+    if be == "triton":
+        from .hybrid_attn.recurrent import triton_hybrid_decode_step
+        return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps)
+    from .hybrid_attn.naive import hybrid_decode_step_ref
+    return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps)
