@@ -8,7 +8,9 @@ i - j < W (window) or i - j >= W (linear). Memory is O(T): no T x T tensor; cost
 
 The output is not invariant to the window max m_i (the linear terms are not scaled by exp(-m_i)), so
 the backward carries the gradient through m_i like autograd does on the reference:
-    dm_i = -sum_j a_ij da_ij   and   ds_{i, j*_i} += dm_i,  j*_i = argmax of the window scores.
+    dm_i = -sum_j a_ij da_ij = -alpha dN_i.(u_i - l_i o_i)   and   ds_{i, j*_i} += dm_i,
+with j*_i the argmax of the window scores, u_i = sum_j a_ij v_j and l_i = sum_j a_ij; the forward stores
+u_i - l_i o_i (formed in fp32) because rebuilding it from the rounded output loses dmix to cancellation.
 dmix_h = sum_i (-dm_i + alpha_h eps dden_i) follows from alpha dalpha + beta dbeta = (do.o) eps / den.
 """
 from __future__ import annotations
@@ -18,7 +20,6 @@ import triton
 import triton.language as tl
 
 from ..common.chunk_state import _prec, chunk_state_bwd, chunk_state_fwd
-from ..linear_attn.chunk import normalizer_bwd
 from ..utils import check_gqa, next_pow2
 
 CHUNK = 64
@@ -26,7 +27,7 @@ CHUNK = 64
 
 @triton.jit
 def hybrid_fwd_kernel(
-    q, k, v, fq, fk, mix, h, zh, o, rden, mrow, jstar,
+    q, k, v, fq, fk, mix, h, zh, o, ywin, rden, mrow, jstar,
     T, G, H, NS1, D_OFF, W, scale, eps,
     D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -92,9 +93,35 @@ def hybrid_fwd_kernel(
     b_o = (alpha * acc_w + beta * acc_l) * b_r[:, None]
     tl.store(o + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
+    # u - l o (window numerator minus window mass times output), formed here in fp32: the backward's
+    # gradient w.r.t. the window max is dm = -alpha dN.(u - l o), a difference too cancelling to
+    # rebuild from the rounded output
+    b_y = acc_w - l_w[:, None] * b_o
+    tl.store(ywin + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :], b_y.to(ywin.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
     tl.store(rden + i_bh64 * T + o_t, b_r, mask=m_t)
     tl.store(mrow + i_bh64 * T + o_t, m_i, mask=m_t)
     tl.store(jstar + i_bh64 * T + o_t, js, mask=m_t)
+
+
+@triton.jit
+def hybrid_bwd_pre_kernel(o, do, ywin, rden, mix, dden, dm, T, H,
+                          DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    # dden_i = -(do_i . o_i) / den_i ;  dm_i = -alpha (do_i / den_i) . (u_i - l_i o_i)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh64 = i_bh.to(tl.int64)
+    alpha = 1.0 / (1.0 + tl.exp(-tl.load(mix + i_bh % H).to(tl.float32)))
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_v = tl.arange(0, BV)
+    m_t = o_t < T
+    m = m_t[:, None] & (o_v < DV)[None, :]
+    off = i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :]
+    b_r = tl.load(rden + i_bh64 * T + o_t, mask=m_t, other=0.0)
+    b_dn = tl.load(do + off, mask=m, other=0.0).to(tl.float32) * b_r[:, None]
+    b_o = tl.load(o + off, mask=m, other=0.0).to(tl.float32)
+    b_y = tl.load(ywin + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(dden + i_bh64 * T + o_t, -tl.sum(b_dn * b_o, 1), mask=m_t)
+    tl.store(dm + i_bh64 * T + o_t, -alpha * tl.sum(b_dn * b_y, 1), mask=m_t)
 
 
 @triton.jit
@@ -128,7 +155,6 @@ def hybrid_bwd_dq_kernel(
 
     b_dq = tl.zeros([BT, BD], dtype=tl.float32)
     b_dfq = tl.zeros([BT, BF], dtype=tl.float32)
-    b_dm = tl.zeros([BT], dtype=tl.float32)
     c0 = tl.maximum(i_t - D_OFF, 0)
     for c in range(c0, i_t + 1):
         o_s = c * BT + tl.arange(0, BT)
@@ -141,7 +167,6 @@ def hybrid_bwd_dq_kernel(
         p = tl.where(win, tl.exp(tl.where(win, s, 0.0) - b_m[:, None]), 0.0)
         b_dp = tl.dot(b_dn, tl.trans(b_v), input_precision=PREC) + b_dd[:, None]  # dN_i . v_j + dden_i
         ds = p * (alpha * b_dp)
-        b_dm -= tl.sum(ds, 1)
         b_dq += tl.dot(ds.to(b_k.dtype), b_k, input_precision=PREC)
         if (i_t + 1) * BT - 1 - c * BT >= W:
             b_fk = tl.load(fk + i_bk64 * T * F + o_s[:, None] * F + o_f[None, :],
@@ -150,6 +175,7 @@ def hybrid_bwd_dq_kernel(
             b_dfq += tl.dot(db.to(b_fk.dtype), b_fk, input_precision=PREC)
     # gradient through the window max: d s_{i, j*} += dm_i
     b_js = tl.load(jstar + i_bh64 * T + o_t, mask=m_t, other=0)
+    b_dm = tl.load(dm + i_bh64 * T + o_t, mask=m_t, other=0.0)
     b_kst = tl.load(k + i_bk64 * T * D + b_js[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
     b_dq = (b_dq + b_dm[:, None] * b_kst.to(tl.float32)) * scale
     # linear part through the state
@@ -161,7 +187,6 @@ def hybrid_bwd_dq_kernel(
              mask=m_t[:, None] & m_d[None, :])
     tl.store(dfq + i_bh64 * T * F + o_t[:, None] * F + o_f[None, :], b_dfq.to(dfq.dtype.element_ty),
              mask=m_t[:, None] & m_f[None, :])
-    tl.store(dm + i_bh64 * T + o_t, b_dm, mask=m_t)
 
 
 @triton.jit
@@ -260,20 +285,21 @@ def hybrid_fwd(q, k, v, fq, fk, mix, W, scale, eps, initial_state, chunk=CHUNK):
     L = max(0, T - W)
     h, zh = chunk_state_fwd(fk, v, initial_state, L, chunk)
     o = torch.empty(B, H, T, DV, dtype=v.dtype, device=v.device)
+    ywin = torch.empty_like(o)  # u - l o, for the gradient through the window max
     rden = torch.empty(B, H, T, dtype=torch.float32, device=v.device)  # 1 / den, for the backward
     mrow = torch.empty(B, H, T, dtype=torch.float32, device=v.device)  # window max m_i
     jstar = torch.empty(B, H, T, dtype=torch.int32, device=v.device)
     BD, BF, BV = _blocks(D, F, DV)
     hybrid_fwd_kernel[(NT, B * H)](
-        q, k, v, fq, fk, mix, h, zh, o, rden, mrow, jstar,
+        q, k, v, fq, fk, mix, h, zh, o, ywin, rden, mrow, jstar,
         T, G, H, h.shape[2], _d_off(W, NT, chunk), W, float(scale), float(eps),
         D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=_prec(q.dtype),
         num_warps=_warps(BD, BF, BV), num_stages=2,
     )
-    return o, rden, mrow, jstar, h, zh
+    return o, ywin, rden, mrow, jstar, h, zh
 
 
-def hybrid_bwd(q, k, v, fq, fk, mix, o, rden, mrow, jstar, do, W, scale, eps, initial_state, dfinal, chunk=CHUNK):
+def hybrid_bwd(q, k, v, fq, fk, mix, o, ywin, rden, mrow, jstar, do, W, scale, eps, initial_state, dfinal, chunk=CHUNK):
     B, H, T, D = q.shape
     Hkv, DV, F = k.shape[1], v.shape[-1], fq.shape[-1]
     G = H // Hkv
@@ -282,14 +308,18 @@ def hybrid_bwd(q, k, v, fq, fk, mix, o, rden, mrow, jstar, do, W, scale, eps, in
     d = _d_off(W, NT, chunk)
     prec = _prec(q.dtype)
     h, zh = chunk_state_fwd(fk, v, initial_state, L, chunk)  # recomputed rather than kept from forward
-    dden = normalizer_bwd(o, do, rden)
+    dden = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    dm = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    BVp = max(16, next_pow2(DV))
+    BTp = max(16, min(128, 8192 // BVp))
+    hybrid_bwd_pre_kernel[(triton.cdiv(T, BTp), B * H)](o, do, ywin, rden, mix, dden, dm, T, H,
+                                                         DV=DV, BT=BTp, BV=BVp, num_warps=4)
     alpha = torch.sigmoid(mix.float())
     beta = (1.0 - alpha).contiguous()
     dh, dzh, dS0, dz0 = chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv, d, chunk, True)
     BD, BF, BV = _blocks(D, F, DV)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dfq, dfk = torch.empty_like(fq), torch.empty_like(fk)
-    dm = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     hybrid_bwd_dq_kernel[(NT, B * H)](
         q, k, v, fq, fk, mix, h, zh, do, rden, dden, mrow, jstar, dq, dfq, dm,
         T, G, H, h.shape[2], d, W, float(scale),
@@ -312,19 +342,19 @@ class HybridAttentionFunction(torch.autograd.Function):
         q, k, v, fq, fk = (x.contiguous() for x in (q, k, v, fq, fk))
         mix_f = mix.float().contiguous()
         init = (S0, z0) if S0 is not None else None
-        o, rden, mrow, jstar, h, zh = hybrid_fwd(q, k, v, fq, fk, mix_f, W, scale, eps, init)
+        o, ywin, rden, mrow, jstar, h, zh = hybrid_fwd(q, k, v, fq, fk, mix_f, W, scale, eps, init)
         ST = zT = None
         if output_final_state:
             ST, zT = h[:, :, -1].clone(), zh[:, :, -1].clone()
         del h, zh
-        ctx.save_for_backward(q, k, v, fq, fk, mix_f, o, rden, mrow, jstar, S0, z0)
+        ctx.save_for_backward(q, k, v, fq, fk, mix_f, o, ywin, rden, mrow, jstar, S0, z0)
         ctx.cfg = (W, scale, eps, mix.dtype)
         ctx.set_materialize_grads(False)
         return o, ST, zT
 
     @staticmethod
     def backward(ctx, do, dST, dzT):
-        q, k, v, fq, fk, mix_f, o, rden, mrow, jstar, S0, z0 = ctx.saved_tensors
+        q, k, v, fq, fk, mix_f, o, ywin, rden, mrow, jstar, S0, z0 = ctx.saved_tensors
         W, scale, eps, mix_dtype = ctx.cfg
         do = torch.zeros_like(o) if do is None else do.contiguous()
         dfinal = None
@@ -334,7 +364,7 @@ class HybridAttentionFunction(torch.autograd.Function):
                       dzT if dzT is not None else fk.new_zeros(B, Hkv, F, dtype=torch.float32))
         init = (S0, z0) if S0 is not None else None
         dq, dk, dv, dfq, dfk, dmix, dS0, dz0 = hybrid_bwd(
-            q, k, v, fq, fk, mix_f, o, rden, mrow, jstar, do, W, scale, eps, init, dfinal)
+            q, k, v, fq, fk, mix_f, o, ywin, rden, mrow, jstar, do, W, scale, eps, init, dfinal)
         if S0 is None:
             dS0 = dz0 = None
         else:
