@@ -1,0 +1,200 @@
+"""linearize end to end on tiny models: training reduces the transfer loss, export round-trips, resume after
+kill -9 reproduces an unbroken run, and bad input fails with one clear line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from effconv.errors import EffconvError
+from effconv.export import export_model
+from effconv.linearize import LinearizeConfig, linearize, make_student
+
+TINY = dict(seq_len=32, batch_size=4, eval_every=4, checkpoint_every=2, progress=False)
+
+
+def tiny_cfg(model_dir: Path, out: Path, **kw) -> LinearizeConfig:
+    settings = dict(TINY, model=str(model_dir), data=str(model_dir / "train.txt"), out=str(out), window=4,
+                    stage1_tokens=32 * 4 * 12, stage2_tokens=32 * 4 * 4)
+    settings.update(kw)
+    return LinearizeConfig(**settings)
+
+
+def test_linearize_trains_and_exports(tiny_model_dir, tmp_path):
+    result = linearize(tiny_cfg(tiny_model_dir, tmp_path / "out", stage1_lr=3e-2))
+    m = result.metrics
+    val_mse = [v for _, v in m["stage1"]["val_mse"]]
+    assert val_mse[-1] < val_mse[0]  # attention transfer learns
+    assert m["stage1"]["tokens"] == 32 * 4 * 12 and m["stage1"]["tokens_per_second"] > 0
+    out = tmp_path / "out"
+    for name in ("config.json", "model.safetensors", "modeling_effconv.py", "attention_ops.py",
+                 "configuration_effconv.py", "tokenizer.json", "effconv.json"):
+        assert (out / name).is_file(), name
+    assert not list(tmp_path.glob(".out.*")), "temporary or run directories left behind"
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)  # registered Auto class: no trust_remote_code
+    assert type(reloaded).__name__ == "EffconvForCausalLM"
+    assert reloaded.config.attention_types == ["linear"] * 3
+
+
+ROUND_TRIP = textwrap.dedent(
+    """
+    import importlib.abc, sys, torch
+    class NoEffconv(importlib.abc.MetaPathFinder):  # this process behaves as a machine without effconv
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in ("effconv", "effconv_kernels"):
+                raise ImportError(name)
+    sys.meta_path.insert(0, NoEffconv())
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    ids = torch.load(sys.argv[2], weights_only=True)
+    with torch.no_grad():
+        torch.save(model(ids, use_cache=False).logits, sys.argv[3])
+        gen = model.generate(ids[:1, :5], max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    torch.save(gen, sys.argv[4])
+    """
+)
+
+
+def test_export_round_trip_without_effconv(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    student = make_student(teacher, LinearizeConfig(window=4, layers=[0, 2]), torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)  # trained-looking, not identity
+    ids = torch.randint(3, 400, (2, 20))
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        expected = student(ids, use_cache=False).logits
+        expected_gen = student.generate(ids[:1, :5], max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    export_model(student, None, tmp_path / "model")
+    script = tmp_path / "load.py"
+    script.write_text(ROUND_TRIP)
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "model"), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt"),
+         str(tmp_path / "gen.pt")], check=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected, rtol=0, atol=0)
+    assert torch.equal(torch.load(tmp_path / "gen.pt", weights_only=True), expected_gen)
+
+
+def test_lora_is_merged_on_export(tiny_model_dir, tmp_path):
+    linearize(tiny_cfg(tiny_model_dir, tmp_path / "out", stage1_tokens=0, stage2_lr=5e-2))
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert not any("lora" in k for k in weights)
+    original = load_file(tiny_model_dir / "model.safetensors")
+    moved = (weights["model.layers.0.self_attn.q_proj.weight"] - original["model.layers.0.self_attn.q_proj.weight"])
+    assert moved.abs().max() > 0  # the merged update changed the projection
+    torch.testing.assert_close(weights["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "effconv.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_resume_after_kill_matches_unbroken_run(tiny_model_dir, tmp_path):
+    common = ["linearize", "--model", tiny_model_dir, "--data", tiny_model_dir / "train.txt", "--window", "4",
+              "--seq-len", "32", "--batch-size", "4", "--stage1-tokens", str(32 * 4 * 30),
+              "--stage2-tokens", str(32 * 4 * 10), "--checkpoint-every", "2", "--no-progress"]
+    unbroken = _cli(*common, "--out", tmp_path / "a")
+    assert unbroken.returncode == 0, unbroken.stderr
+
+    proc = subprocess.Popen([sys.executable, "-m", "effconv.cli", *map(str, common), "--out", tmp_path / "b"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / ".b.effconv-run" / "stage1.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b").exists()  # nothing at --out after a kill
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 10 <= killed_at < 30
+
+    again = _cli(*common, "--out", tmp_path / "b")
+    assert again.returncode == 1 and "--resume" in again.stderr
+    resumed = _cli(*common, "--out", tmp_path / "b", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # same batches, same optimizer state: identical up to CPU float non-determinism (none seen)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(feature_map="cosformer"), "unknown feature map"),
+        (dict(window=-1), "--window must be >= 0"),
+        (dict(model="/nonexistent/model"), "model not found"),
+        (dict(data="/nonexistent/data.txt"), "not found"),
+        (dict(kernel="cuda-magic"), "unknown --kernel"),
+        (dict(layers=[0, 7]), "out of range"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tiny_model_dir, tmp_path, change, message):
+    with pytest.raises(EffconvError, match=message):
+        linearize(tiny_cfg(tiny_model_dir, tmp_path / "out", **change))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_files(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(EffconvError, match="empty|no text"):
+        linearize(tiny_cfg(tiny_model_dir, tmp_path / "o1", data=str(empty)))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(EffconvError, match="could not load the weights"):
+        linearize(tiny_cfg(broken, tmp_path / "o2"))
+    fake_gguf = tmp_path / "model.gguf"
+    fake_gguf.write_bytes(b"NOPE" + b"\x00" * 100)
+    with pytest.raises(EffconvError, match="not a GGUF file"):
+        linearize(tiny_cfg(fake_gguf, tmp_path / "o3"))
+    for out in ("o1", "o2", "o3"):
+        assert not (tmp_path / out).exists()
+
+
+def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
+    (tmp_path / "exists").mkdir()
+    r = _cli("linearize", "--model", tiny_model_dir, "--out", tmp_path / "exists")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"effconv: error: output directory {tmp_path / 'exists'} already exists; pass --overwrite to replace it"]
+    r = _cli("linearize", "--model", tiny_model_dir, "--out", tmp_path / "x", "--feature-map", "nope")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_recipe_is_used_and_options_override(tiny_model_dir, tmp_path):
+    from effconv.recipes import build_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("about: {device: cpu}\nwindow: 16\nfeature_map: t2r\nstage1_lr: 0.5\n")
+    cfg = build_config(LinearizeConfig, recipe, {"window": 8, "feature_map": None})
+    assert (cfg.window, cfg.feature_map, cfg.stage1_lr) == (8, "t2r", 0.5)
+    recipe.write_text("windw: 16\n")
+    with pytest.raises(EffconvError, match="unknown settings"):
+        build_config(LinearizeConfig, recipe, {})
+    recipe.write_text("window: sixteen\n")
+    with pytest.raises(EffconvError, match="must be"):
+        build_config(LinearizeConfig, recipe, {})
