@@ -1,7 +1,10 @@
 """Chunk-boundary states shared by the linear and hybrid ops (flash-linear-attention style).
 
-Forward:  h[n] = S0 + sum_{j < min(nC, L)} fk_j v_j^T   (fp32, one (F, Dv) matrix per kv head and boundary)
+Forward:  h[n] = S0 + sum_{j < min(nC, L)} fk_j v_j^T   (one (F, Dv) matrix per kv head and boundary)
           zh[n] = z0 + sum_{j < min(nC, L)} fk_j        n = 0..NS, NS = cdiv(L, C); h[NS] is the final state.
+          The recurrence runs in fp32; h is stored in bf16 for bf16 inputs (the consumers feed it to a bf16
+          tensor-core dot anyway, so this only halves its traffic) and fp32 otherwise; the final state is
+          also written separately in fp32.
 Backward: the gradient w.r.t. the state read by query chunk n is beta * fq_n^T dN_n (dN = do / den).
           Query chunk n reads the state at boundary max(0, n - d) (d = 0 for plain linear attention,
           d = ceil((W-1)/C) for the hybrid), so key chunk c receives the sum over query chunks n >= c + d + 1.
@@ -10,6 +13,8 @@ Each program owns one (BK, BV) tile of one kv head and walks the chunks sequenti
 of a group are summed inside the program (no atomics, no repeated kv heads).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -20,7 +25,7 @@ from ..utils import next_pow2
 
 @triton.jit
 def chunk_state_fwd_kernel(
-    fk, v, S0, z0, h, zh,
+    fk, v, S0, z0, h, zh, ST, zT,
     T, L, NS,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_S0: tl.constexpr, PREC: tl.constexpr,
@@ -45,7 +50,7 @@ def chunk_state_fwd_kernel(
     p_zh = zh + i_bh64 * (NS + 1) * F
     m_z = m_k & ((o_k * 0 + i_v) == 0)  # only one V-tile program writes z
     for n in range(NS):
-        tl.store(p_h + n * F * DV + o_kv, b_S, mask=m_kv)
+        tl.store(p_h + n * F * DV + o_kv, b_S.to(h.dtype.element_ty), mask=m_kv)
         tl.store(p_zh + n * F + o_k, b_z, mask=m_z)
         o_t = n * BT + tl.arange(0, BT)
         m_t = o_t < L
@@ -53,8 +58,10 @@ def chunk_state_fwd_kernel(
         b_v = tl.load(p_v + o_t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         b_S += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
         b_z += tl.sum(b_k.to(tl.float32), 0)
-    tl.store(p_h + NS * F * DV + o_kv, b_S, mask=m_kv)
+    tl.store(p_h + NS * F * DV + o_kv, b_S.to(h.dtype.element_ty), mask=m_kv)
     tl.store(p_zh + NS * F + o_k, b_z, mask=m_z)
+    tl.store(ST + i_bh64 * F * DV + o_kv, b_S, mask=m_kv)
+    tl.store(zT + i_bh64 * F + o_k, b_z, mask=m_z)
 
 
 @triton.jit
@@ -85,7 +92,7 @@ def chunk_state_bwd_kernel(
     p_dzh = dzh + i_bk64 * NT * F
     # the last d + 1 key chunks feed no state that any query reads: only the final-state gradient
     for c in range(tl.maximum(NT - 1 - D_OFF, 0), NT):
-        tl.store(p_dh + c * F * DV + o_kv, b_dS, mask=m_kv)
+        tl.store(p_dh + c * F * DV + o_kv, b_dS.to(dh.dtype.element_ty), mask=m_kv)
         tl.store(p_dzh + c * F + o_k, b_dz, mask=m_z)
     for nn in range(NT):
         n = NT - 1 - nn
@@ -112,7 +119,7 @@ def chunk_state_bwd_kernel(
                 b_dz += tl.sum(b_q.to(tl.float32) * b_dd[:, None], 0)
         c = n - D_OFF - 1
         if c >= 0:
-            tl.store(p_dh + c * F * DV + o_kv, b_dS, mask=m_kv)
+            tl.store(p_dh + c * F * DV + o_kv, b_dS.to(dh.dtype.element_ty), mask=m_kv)
             tl.store(p_dzh + c * F + o_k, b_dz, mask=m_z)
     tl.store(dS0 + i_bk64 * F * DV + o_kv, b_dS, mask=m_kv)
     tl.store(dz0 + i_bk64 * F + o_k, b_dz, mask=m_z)
@@ -121,6 +128,21 @@ def chunk_state_bwd_kernel(
 def _prec(dtype: torch.dtype) -> str:
     # fp32 inputs get full-precision dots; 16-bit inputs use the tensor cores (fp32 accumulate)
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 has fp32's range, so chunk states can be kept in it; fp16 could overflow on long sequences
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def kernel_config(name: str, num_warps: int, num_stages: int) -> dict:
+    """Launch options, overridable for tuning sweeps: EFFCONV_KCFG="hyb_fwd=8,2;lin_dkv=4,1"."""
+    spec = os.environ.get("EFFCONV_KCFG", "")
+    for item in spec.split(";"):
+        if item.startswith(name + "="):
+            w, s = item.split("=", 1)[1].split(",")
+            return dict(num_warps=int(w), num_stages=int(s))
+    return dict(num_warps=num_warps, num_stages=num_stages)
 
 
 def _state_tiles(F: int, DV: int, programs_per_tile: int) -> tuple[int, int]:
@@ -139,22 +161,24 @@ def _state_tiles(F: int, DV: int, programs_per_tile: int) -> tuple[int, int]:
 
 
 def chunk_state_fwd(fk, v, initial_state, L: int, chunk: int):
-    """h (B, Hkv, NS+1, F, Dv) and zh (B, Hkv, NS+1, F) in fp32; h[:, :, -1] is the state after L keys."""
+    """h (B, Hkv, NS+1, F, Dv), zh (B, Hkv, NS+1, F) and the fp32 state after L keys (ST, zT)."""
     B, Hkv, T, F = fk.shape
     DV = v.shape[-1]
     NS = triton.cdiv(L, chunk)
-    h = fk.new_empty(B, Hkv, NS + 1, F, DV, dtype=torch.float32)
+    h = fk.new_empty(B, Hkv, NS + 1, F, DV, dtype=state_dtype(fk.dtype))
     zh = fk.new_empty(B, Hkv, NS + 1, F, dtype=torch.float32)
+    ST = fk.new_empty(B, Hkv, F, DV, dtype=torch.float32)
+    zT = fk.new_empty(B, Hkv, F, dtype=torch.float32)
     BK, BV = _state_tiles(F, DV, B * Hkv)
     S0, z0 = (initial_state[0].float().contiguous(), initial_state[1].float().contiguous()) \
         if initial_state is not None else (h, zh)
     grid = (triton.cdiv(F, BK), triton.cdiv(DV, BV), B * Hkv)
     chunk_state_fwd_kernel[grid](
-        fk, v, S0, z0, h, zh, T, L, NS,
+        fk, v, S0, z0, h, zh, ST, zT, T, L, NS,
         F=F, DV=DV, BT=chunk, BK=BK, BV=BV, HAS_S0=initial_state is not None, PREC=_prec(fk.dtype),
-        num_warps=4, num_stages=2,
+        **kernel_config("state_fwd", 4, 2),
     )
-    return h, zh
+    return h, zh, ST, zT
 
 
 def chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv: int, d: int, chunk: int, normalize: bool):
@@ -163,7 +187,7 @@ def chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv: int, d: int, chunk: i
     DV = do.shape[-1]
     G = H // Hkv
     NT = triton.cdiv(T, chunk)
-    dh = fq.new_empty(B, Hkv, NT, F, DV, dtype=torch.float32)
+    dh = fq.new_empty(B, Hkv, NT, F, DV, dtype=state_dtype(fq.dtype))
     dzh = fq.new_empty(B, Hkv, NT, F, dtype=torch.float32)
     dS0 = fq.new_empty(B, Hkv, F, DV, dtype=torch.float32)
     dz0 = fq.new_empty(B, Hkv, F, dtype=torch.float32)
@@ -175,6 +199,6 @@ def chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv: int, d: int, chunk: i
         fq, do, rden if normalize else do, dden if normalize else do, beta if beta is not None else do,
         dST, dzT, dh, dzh, dS0, dz0, T, G, H, NT, d,
         F=F, DV=DV, BT=chunk, BK=BK, BV=BV, NORMALIZE=normalize, HAS_BETA=beta is not None,
-        HAS_DFINAL=has_df, PREC=_prec(fq.dtype), num_warps=4, num_stages=2,
+        HAS_DFINAL=has_df, PREC=_prec(fq.dtype), **kernel_config("state_bwd", 4, 2),
     )
     return dh, dzh, dS0, dz0

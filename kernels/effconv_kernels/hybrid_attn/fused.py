@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.chunk_state import _prec, chunk_state_bwd, chunk_state_fwd
+from ..common.chunk_state import _prec, chunk_state_bwd, chunk_state_fwd, kernel_config
 from ..utils import check_gqa, next_pow2
 
 CHUNK = 64
@@ -273,17 +273,13 @@ def _d_off(W: int, NT: int, chunk: int) -> int:
     return min(triton.cdiv(W - 1, chunk), max(NT - 1, 0))
 
 
-def _warps(BD, BF, BV):
-    return 8 if BD + BF + BV > 256 else 4
-
-
 def hybrid_fwd(q, k, v, fq, fk, mix, W, scale, eps, initial_state, chunk=CHUNK):
     B, H, T, D = q.shape
     Hkv, DV, F = k.shape[1], v.shape[-1], fq.shape[-1]
     G = H // Hkv
     NT = triton.cdiv(T, chunk)
     L = max(0, T - W)
-    h, zh = chunk_state_fwd(fk, v, initial_state, L, chunk)
+    h, zh, ST, zT = chunk_state_fwd(fk, v, initial_state, L, chunk)
     o = torch.empty(B, H, T, DV, dtype=v.dtype, device=v.device)
     ywin = torch.empty_like(o)  # u - l o, for the gradient through the window max
     rden = torch.empty(B, H, T, dtype=torch.float32, device=v.device)  # 1 / den, for the backward
@@ -294,12 +290,12 @@ def hybrid_fwd(q, k, v, fq, fk, mix, W, scale, eps, initial_state, chunk=CHUNK):
         q, k, v, fq, fk, mix, h, zh, o, ywin, rden, mrow, jstar,
         T, G, H, h.shape[2], _d_off(W, NT, chunk), W, float(scale), float(eps),
         D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=_prec(q.dtype),
-        num_warps=_warps(BD, BF, BV), num_stages=2,
+        **kernel_config("hyb_fwd", 8, 2),
     )
-    return o, ywin, rden, mrow, jstar, h, zh
+    return o, ywin, rden, mrow, jstar, h, zh, ST, zT
 
 
-def hybrid_bwd(q, k, v, fq, fk, mix, o, ywin, rden, mrow, jstar, do, W, scale, eps, initial_state, dfinal, chunk=CHUNK):
+def hybrid_bwd(q, k, v, fq, fk, mix, o, ywin, rden, mrow, jstar, h, zh, do, W, scale, eps, dfinal, chunk=CHUNK):
     B, H, T, D = q.shape
     Hkv, DV, F = k.shape[1], v.shape[-1], fq.shape[-1]
     G = H // Hkv
@@ -307,11 +303,10 @@ def hybrid_bwd(q, k, v, fq, fk, mix, o, ywin, rden, mrow, jstar, do, W, scale, e
     L = max(0, T - W)
     d = _d_off(W, NT, chunk)
     prec = _prec(q.dtype)
-    h, zh = chunk_state_fwd(fk, v, initial_state, L, chunk)  # recomputed rather than kept from forward
     dden = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     dm = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     BVp = max(16, next_pow2(DV))
-    BTp = max(16, min(128, 8192 // BVp))
+    BTp = max(16, min(64, 2048 // BVp))
     hybrid_bwd_pre_kernel[(triton.cdiv(T, BTp), B * H)](o, do, ywin, rden, mix, dden, dm, T, H,
                                                          DV=DV, BT=BTp, BV=BVp, num_warps=4)
     alpha = torch.sigmoid(mix.float())
@@ -324,13 +319,13 @@ def hybrid_bwd(q, k, v, fq, fk, mix, o, ywin, rden, mrow, jstar, do, W, scale, e
         q, k, v, fq, fk, mix, h, zh, do, rden, dden, mrow, jstar, dq, dfq, dm,
         T, G, H, h.shape[2], d, W, float(scale),
         D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=prec,
-        num_warps=_warps(BD, BF, BV), num_stages=2,
+        **kernel_config("hyb_dq", 8, 1),
     )
     hybrid_bwd_dkv_kernel[(NT, B * Hkv)](
         q, k, v, fq, fk, mix, dh, dzh, do, rden, dden, mrow, jstar, dm, dk, dv, dfk,
         T, L, G, H, NT, d, W, float(scale),
         D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=prec,
-        num_warps=_warps(BD, BF, BV), num_stages=2,
+        **kernel_config("hyb_dkv", 8, 1),
     )
     dmix = (alpha[None, :, None] * eps * dden - dm).sum((0, 2))
     return dq, dk, dv, dfq, dfk, dmix, dS0, dz0
@@ -342,19 +337,17 @@ class HybridAttentionFunction(torch.autograd.Function):
         q, k, v, fq, fk = (x.contiguous() for x in (q, k, v, fq, fk))
         mix_f = mix.float().contiguous()
         init = (S0, z0) if S0 is not None else None
-        o, ywin, rden, mrow, jstar, h, zh = hybrid_fwd(q, k, v, fq, fk, mix_f, W, scale, eps, init)
-        ST = zT = None
-        if output_final_state:
-            ST, zT = h[:, :, -1].clone(), zh[:, :, -1].clone()
-        del h, zh
-        ctx.save_for_backward(q, k, v, fq, fk, mix_f, o, ywin, rden, mrow, jstar, S0, z0)
+        o, ywin, rden, mrow, jstar, h, zh, ST, zT = hybrid_fwd(q, k, v, fq, fk, mix_f, W, scale, eps, init)
+        if not output_final_state:
+            ST = zT = None
+        ctx.save_for_backward(q, k, v, fq, fk, mix_f, o, ywin, rden, mrow, jstar, h, zh, S0, z0)
         ctx.cfg = (W, scale, eps, mix.dtype)
         ctx.set_materialize_grads(False)
         return o, ST, zT
 
     @staticmethod
     def backward(ctx, do, dST, dzT):
-        q, k, v, fq, fk, mix_f, o, ywin, rden, mrow, jstar, S0, z0 = ctx.saved_tensors
+        q, k, v, fq, fk, mix_f, o, ywin, rden, mrow, jstar, h, zh, S0, z0 = ctx.saved_tensors
         W, scale, eps, mix_dtype = ctx.cfg
         do = torch.zeros_like(o) if do is None else do.contiguous()
         dfinal = None
@@ -362,9 +355,8 @@ class HybridAttentionFunction(torch.autograd.Function):
             B, Hkv, _, F = fk.shape
             dfinal = (dST if dST is not None else fk.new_zeros(B, Hkv, F, v.shape[-1], dtype=torch.float32),
                       dzT if dzT is not None else fk.new_zeros(B, Hkv, F, dtype=torch.float32))
-        init = (S0, z0) if S0 is not None else None
         dq, dk, dv, dfq, dfk, dmix, dS0, dz0 = hybrid_bwd(
-            q, k, v, fq, fk, mix_f, o, ywin, rden, mrow, jstar, do, W, scale, eps, init, dfinal)
+            q, k, v, fq, fk, mix_f, o, ywin, rden, mrow, jstar, h, zh, do, W, scale, eps, dfinal)
         if S0 is None:
             dS0 = dz0 = None
         else:

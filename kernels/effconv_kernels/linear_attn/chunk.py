@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.chunk_state import _prec, chunk_state_bwd, chunk_state_fwd
+from ..common.chunk_state import _prec, chunk_state_bwd, chunk_state_fwd, kernel_config
 from ..utils import check_gqa, next_pow2
 
 CHUNK = 64
@@ -181,7 +181,7 @@ def normalizer_bwd(o, do, rden):
     B, H, T, DV = o.shape
     dden = torch.empty(B, H, T, dtype=torch.float32, device=o.device)
     BV = max(16, next_pow2(DV))
-    BT = max(16, min(128, 8192 // BV))
+    BT = max(16, min(64, 2048 // BV))  # small tiles: one row reduction per program row, no dots
     normalizer_bwd_kernel[(triton.cdiv(T, BT), B * H)](o, do, rden, dden, T, DV=DV, BT=BT, BV=BV, num_warps=4)
     return dden
 
@@ -190,7 +190,7 @@ def linear_fwd(fq, fk, v, initial_state, normalize, eps, chunk=CHUNK):
     B, H, T, F = fq.shape
     Hkv, DV = fk.shape[1], v.shape[-1]
     G = H // Hkv
-    h, zh = chunk_state_fwd(fk, v, initial_state, T, chunk)
+    h, zh, ST, zT = chunk_state_fwd(fk, v, initial_state, T, chunk)
     NT = triton.cdiv(T, chunk)
     o = torch.empty(B, H, T, DV, dtype=v.dtype, device=v.device)
     rden = torch.empty(B, H, T, dtype=torch.float32, device=v.device) if normalize else None
@@ -199,17 +199,16 @@ def linear_fwd(fq, fk, v, initial_state, normalize, eps, chunk=CHUNK):
     linear_fwd_o_kernel[(NT, B * H)](
         fq, fk, v, h, zh, o, rden if normalize else o, T, G, H, h.shape[2], eps,
         F=F, DV=DV, BT=chunk, BK=BK, BV=BV, NORMALIZE=normalize, PREC=_prec(fq.dtype),
-        num_warps=_warps(chunk * BV), num_stages=2,
+        **kernel_config("lin_fwd", _warps(chunk * BV), 2),
     )
-    return o, rden, h, zh
+    return o, rden, h, zh, ST, zT
 
 
-def linear_bwd(fq, fk, v, o, rden, do, initial_state, dfinal, normalize, chunk=CHUNK):
+def linear_bwd(fq, fk, v, o, rden, h, zh, do, dfinal, normalize, chunk=CHUNK):
     B, H, T, F = fq.shape
     Hkv, DV = fk.shape[1], v.shape[-1]
     G = H // Hkv
     NT = triton.cdiv(T, chunk)
-    h, zh = chunk_state_fwd(fk, v, initial_state, T, chunk)  # recomputed: cheaper than keeping it alive
     dden = normalizer_bwd(o, do, rden) if normalize else None
     dh, dzh, dS0, dz0 = chunk_state_bwd(fq, do, rden, dden, None, dfinal, Hkv, 0, chunk, normalize)
     prec = _prec(fq.dtype)
@@ -224,12 +223,12 @@ def linear_bwd(fq, fk, v, o, rden, do, initial_state, dfinal, normalize, chunk=C
     linear_bwd_dq_kernel[(triton.cdiv(F, BK), NT, B * H)](
         fk, v, h, zh, do, rd, dd, dfq, T, G, H, h.shape[2],
         F=F, DV=DV, BT=chunk, BK=BK, BV=BV, NORMALIZE=normalize, PREC=prec,
-        num_warps=_warps(chunk * BV, chunk * BK), num_stages=1,
+        **kernel_config("lin_dq", _warps(chunk * BV, chunk * BK), 1),
     )
     linear_bwd_dkv_kernel[(NT, B * Hkv)](
         fq, fk, v, dh, dzh, do, rd, dd, dfk, dv, T, G, H, NT,
         F=F, DV=DV, BT=chunk, BF=BF, BV=BV, NORMALIZE=normalize, PREC=prec,
-        num_warps=_warps(chunk * BF, chunk * BV), num_stages=1,
+        **kernel_config("lin_dkv", 8 if BF + BV >= 192 else 4, 1),
     )
     return dfq, dfk, dv, dS0, dz0
 
@@ -239,19 +238,18 @@ class LinearAttentionFunction(torch.autograd.Function):
     def forward(ctx, fq, fk, v, S0, z0, normalize, eps, output_final_state):
         fq, fk, v = fq.contiguous(), fk.contiguous(), v.contiguous()
         init = (S0, z0) if S0 is not None else None
-        o, rden, h, zh = linear_fwd(fq, fk, v, init, normalize, eps)
-        ST = zT = None
-        if output_final_state:
-            ST, zT = h[:, :, -1].clone(), zh[:, :, -1].clone()
-        del h, zh
-        ctx.save_for_backward(fq, fk, v, o, rden, S0, z0)
+        o, rden, h, zh, ST, zT = linear_fwd(fq, fk, v, init, normalize, eps)
+        if not output_final_state:
+            ST = zT = None
+        # the chunk states are kept for the backward (bf16 for bf16 inputs): O(T F Dv / C) memory
+        ctx.save_for_backward(fq, fk, v, o, rden, h, zh, S0, z0)
         ctx.normalize = normalize
         ctx.set_materialize_grads(False)
         return o, ST, zT
 
     @staticmethod
     def backward(ctx, do, dST, dzT):
-        fq, fk, v, o, rden, S0, z0 = ctx.saved_tensors
+        fq, fk, v, o, rden, h, zh, S0, z0 = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
         do = do.contiguous()
@@ -260,8 +258,7 @@ class LinearAttentionFunction(torch.autograd.Function):
             B, Hkv, _, F = fk.shape
             dfinal = (dST if dST is not None else fk.new_zeros(B, Hkv, F, v.shape[-1], dtype=torch.float32),
                       dzT if dzT is not None else fk.new_zeros(B, Hkv, F, dtype=torch.float32))
-        init = (S0, z0) if S0 is not None else None
-        dfq, dfk, dv, dS0, dz0 = linear_bwd(fq, fk, v, o, rden, do, init, dfinal, ctx.normalize)
+        dfq, dfk, dv, dS0, dz0 = linear_bwd(fq, fk, v, o, rden, h, zh, do, dfinal, ctx.normalize)
         if S0 is None:
             dS0 = dz0 = None
         else:
