@@ -219,8 +219,9 @@ class EffconvAttention(nn.Module):
         if self.window > 0:
             mix = self.window_mix
             if self._use_kernels(q) and key_mask is None:
+                # the kernels take every operand in one dtype and accumulate in fp32 themselves
                 o, state = _kernels.hybrid_attention(
-                    q, k, v, fq, fk, mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
+                    q, k, v, fq.to(v.dtype), fk.to(v.dtype), mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
                     initial_state=initial_state, output_final_state=keep_state, backend="triton",
                 )
             else:
@@ -234,7 +235,7 @@ class EffconvAttention(nn.Module):
                 fk, v = fk * keep, v * keep
             if self._use_kernels(q):
                 o, state = _kernels.linear_attention(
-                    fq, fk, v, eps=self.config.linear_eps, initial_state=initial_state,
+                    fq.to(v.dtype), fk.to(v.dtype), v, eps=self.config.linear_eps, initial_state=initial_state,
                     output_final_state=keep_state, backend="triton",
                 )
             else:
