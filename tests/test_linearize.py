@@ -198,3 +198,12 @@ def test_recipe_is_used_and_options_override(tiny_model_dir, tmp_path):
     recipe.write_text("window: sixteen\n")
     with pytest.raises(EffconvError, match="must be"):
         build_config(LinearizeConfig, recipe, {})
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")))
+def test_every_recipe_is_a_valid_linearize_config(recipe):
+    from effconv.recipes import build_config
+
+    cfg = build_config(LinearizeConfig, recipe, {})
+    cfg.validate()
+    assert cfg.out.startswith("out/")
