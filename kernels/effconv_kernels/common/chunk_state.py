@@ -126,8 +126,15 @@ def chunk_state_bwd_kernel(
 
 
 def _prec(dtype: torch.dtype) -> str:
-    # fp32 inputs get full-precision dots; 16-bit inputs use the tensor cores (fp32 accumulate)
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs: three tf32 tensor-core products (about fp32 accuracy; "ieee" FMA dots spill and can
+    # exceed shared memory on Hopper); 16-bit inputs: plain tensor-core dots with fp32 accumulation
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def chunk_size(dtype: torch.dtype) -> int:
+    # fp32 tiles take twice the shared memory and registers: 64-row fp32 tiles overflow Hopper's shared
+    # memory at head dim 128, so fp32 (the accuracy path, not the fast one) uses 32-token chunks
+    return 32 if dtype == torch.float32 else 64
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -19,10 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.chunk_state import _prec, chunk_state_bwd, chunk_state_fwd, kernel_config
+from ..common.chunk_state import _prec, chunk_state_bwd, chunk_size, chunk_state_fwd, kernel_config
 from ..utils import check_gqa, next_pow2
 
-CHUNK = 64
 
 
 @triton.jit
@@ -273,7 +272,8 @@ def _d_off(W: int, NT: int, chunk: int) -> int:
     return min(triton.cdiv(W - 1, chunk), max(NT - 1, 0))
 
 
-def hybrid_fwd(q, k, v, fq, fk, mix, W, scale, eps, initial_state, chunk=CHUNK):
+def hybrid_fwd(q, k, v, fq, fk, mix, W, scale, eps, initial_state, chunk=None):
+    chunk = chunk or chunk_size(q.dtype)
     B, H, T, D = q.shape
     Hkv, DV, F = k.shape[1], v.shape[-1], fq.shape[-1]
     G = H // Hkv
@@ -290,12 +290,14 @@ def hybrid_fwd(q, k, v, fq, fk, mix, W, scale, eps, initial_state, chunk=CHUNK):
         q, k, v, fq, fk, mix, h, zh, o, ywin, rden, mrow, jstar,
         T, G, H, h.shape[2], _d_off(W, NT, chunk), W, float(scale), float(eps),
         D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=_prec(q.dtype),
-        **kernel_config("hyb_fwd", 8, 2),
+        # two pipeline stages double the shared memory of the key-chunk loads: only for small heads
+        **kernel_config("hyb_fwd", 8, 2 if BD + BF + BV <= 256 else 1),
     )
     return o, ywin, rden, mrow, jstar, h, zh, ST, zT
 
 
-def hybrid_bwd(q, k, v, fq, fk, mix, o, ywin, rden, mrow, jstar, h, zh, do, W, scale, eps, dfinal, chunk=CHUNK):
+def hybrid_bwd(q, k, v, fq, fk, mix, o, ywin, rden, mrow, jstar, h, zh, do, W, scale, eps, dfinal, chunk=None):
+    chunk = chunk or chunk_size(q.dtype)
     B, H, T, D = q.shape
     Hkv, DV, F = k.shape[1], v.shape[-1], fq.shape[-1]
     G = H // Hkv

@@ -15,10 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.chunk_state import _prec, chunk_state_bwd, chunk_state_fwd, kernel_config
+from ..common.chunk_state import _prec, chunk_state_bwd, chunk_size, chunk_state_fwd, kernel_config
 from ..utils import check_gqa, next_pow2
 
-CHUNK = 64
 
 
 @triton.jit
@@ -186,7 +185,8 @@ def normalizer_bwd(o, do, rden):
     return dden
 
 
-def linear_fwd(fq, fk, v, initial_state, normalize, eps, chunk=CHUNK):
+def linear_fwd(fq, fk, v, initial_state, normalize, eps, chunk=None):
+    chunk = chunk or chunk_size(fq.dtype)
     B, H, T, F = fq.shape
     Hkv, DV = fk.shape[1], v.shape[-1]
     G = H // Hkv
@@ -204,7 +204,8 @@ def linear_fwd(fq, fk, v, initial_state, normalize, eps, chunk=CHUNK):
     return o, rden, h, zh, ST, zT
 
 
-def linear_bwd(fq, fk, v, o, rden, h, zh, do, dfinal, normalize, chunk=CHUNK):
+def linear_bwd(fq, fk, v, o, rden, h, zh, do, dfinal, normalize, chunk=None):
+    chunk = chunk or chunk_size(fq.dtype)
     B, H, T, F = fq.shape
     Hkv, DV = fk.shape[1], v.shape[-1]
     G = H // Hkv
