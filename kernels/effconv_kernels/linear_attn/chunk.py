@@ -24,9 +24,12 @@ from ..utils import check_gqa, next_pow2
 def linear_fwd_o_kernel(
     fq, fk, v, h, zh, o, rden,
     T, G, H, NS1, eps,
-    F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, PREC: tl.constexpr,
 ):
+    # The whole feature dim is one tile (no loop over F tiles). A loop over F tiles gave wrong outputs
+    # on the H100 with Triton 3.6 when it ran a single iteration (F = 64, bf16/fp16, normalize=True);
+    # the loop-free structure is the one the hybrid forward uses, which passed there at the same shapes.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     Hkv = H // G
     i_b, i_h = i_bh // H, i_bh % H
@@ -34,31 +37,22 @@ def linear_fwd_o_kernel(
     i_bh64 = i_bh.to(tl.int64)
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
+    o_f = tl.arange(0, BF)
     o_v = tl.arange(0, BV)
-    m_v = o_v < DV
-    p_h = h + (i_bk64 * NS1 + i_t) * F * DV
-    p_zh = zh + (i_bk64 * NS1 + i_t) * F
-
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    b_den = tl.zeros([BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(F, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < F
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_k[None, :], mask=m_tk, other=0.0)
-        b_k = tl.load(fk + i_bk64 * T * F + o_t[:, None] * F + o_k[None, :], mask=m_tk, other=0.0)
-        b_h = tl.load(p_h + o_k[:, None] * DV + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        b_o += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
-        b_A += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-        if NORMALIZE:
-            b_z = tl.load(p_zh + o_k, mask=m_k, other=0.0)
-            b_den += tl.sum(b_q.to(tl.float32) * b_z[None, :], 1)
-    b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0.0)
+    m_f, m_v = o_f < F, o_v < DV
+    m_tf = m_t[:, None] & m_f[None, :]
+    b_q = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0)
+    b_k = tl.load(fk + i_bk64 * T * F + o_t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0)
+    b_h = tl.load(h + (i_bk64 * NS1 + i_t) * F * DV + o_f[:, None] * DV + o_v[None, :],
+                  mask=m_f[:, None] & m_v[None, :], other=0.0)
     b_v = tl.load(v + i_bk64 * T * DV + o_t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
+    b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0.0)
     b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
     if NORMALIZE:
-        b_r = 1.0 / (b_den + tl.sum(b_A, 1) + eps)
+        b_z = tl.load(zh + (i_bk64 * NS1 + i_t) * F + o_f, mask=m_f, other=0.0)
+        b_r = 1.0 / (tl.sum(b_q.to(tl.float32) * b_z[None, :], 1) + tl.sum(b_A, 1) + eps)
         b_o = b_o * b_r[:, None]
         tl.store(rden + i_bh64 * T + o_t, b_r, mask=m_t)
     tl.store(o + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty),
@@ -194,12 +188,12 @@ def linear_fwd(fq, fk, v, initial_state, normalize, eps, chunk=None):
     NT = triton.cdiv(T, chunk)
     o = torch.empty(B, H, T, DV, dtype=v.dtype, device=v.device)
     rden = torch.empty(B, H, T, dtype=torch.float32, device=v.device) if normalize else None
-    BK = min(64, max(16, next_pow2(F)))
+    BF = max(16, next_pow2(F))
     BV = max(16, next_pow2(DV))
     linear_fwd_o_kernel[(NT, B * H)](
         fq, fk, v, h, zh, o, rden if normalize else o, T, G, H, h.shape[2], eps,
-        F=F, DV=DV, BT=chunk, BK=BK, BV=BV, NORMALIZE=normalize, PREC=_prec(fq.dtype),
-        **kernel_config("lin_fwd", _warps(chunk * BV), 2),
+        F=F, DV=DV, BT=chunk, BF=BF, BV=BV, NORMALIZE=normalize, PREC=_prec(fq.dtype),
+        **kernel_config("lin_fwd", 8 if BF + BV > 256 else 4, 1),
     )
     return o, rden, h, zh, ST, zT
 
