@@ -50,6 +50,7 @@ CASES = [
     (1, 2, 1, 65, 256, 128, torch.bfloat16, True, True),
     (1, 1, 1, 128, 256, 128, torch.float32, True, False),
     (1, 2, 1, 50, 64, 32, torch.float16, True, True),
+    (1, 2, 2, 300, 128, 64, torch.bfloat16, True, True),  # the benchmark's shape class, several chunks, G = 1
 ]
 
 
