@@ -40,7 +40,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/attention.py \
-  ${BENCH_ARGS:---checks --profile --sweep --fla-head-dims 64 --budget-s 240} --out "$OUT/bench.json" \
+  ${BENCH_ARGS:---checks --profile --sweep --fla-head-dims 64 --budget-s 150 --fla-budget-s 240} --out "$OUT/bench.json" \
   > "$OUT/bench.log" 2>&1
 echo "== bench exit=$? after $(( $(date +%s) - T0 ))s"
 grep -E "^checks|Error|error" "$OUT/bench.log" | head -20
