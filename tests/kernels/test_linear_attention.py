@@ -154,3 +154,17 @@ def test_auto_backend_on_cpu_is_reference():
         ek.linear_attention(fq, fk, v, backend="cuda")
     with pytest.raises(ValueError):  # 3 query heads cannot share 2 kv heads
         ek.linear_attention(fq[:, :1].expand(1, 3, 10, 32), fk.expand(1, 2, 10, 32), v.expand(1, 2, 10, 16))
+
+
+def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
+    """The one-time CUDA self-check (forced here on CPU) accepts the kernel and rejects a perturbed one."""
+    from effconv_kernels.linear_attn import chunk as lc
+    fq, fk, v = torch.rand(1, 3, 5, 64), torch.rand(1, 1, 5, 64), torch.rand(1, 1, 5, 32)
+    monkeypatch.setattr(lc, "_CHECKED", {})
+    lc._self_check(fq, fk, v, True, force=True)
+    assert len(lc._CHECKED) == 1
+    orig = lc.linear_fwd
+    monkeypatch.setattr(lc, "linear_fwd", lambda *a, **k: (orig(*a, **k)[0] * 1.05,))
+    monkeypatch.setattr(lc, "_CHECKED", {})
+    with pytest.raises(RuntimeError):
+        lc._self_check(fq, fk, v, True, force=True)

@@ -11,6 +11,8 @@ Backward with dN = do / den and dden = -(do . o) / den (the normaliser's gradien
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -261,9 +263,44 @@ class LinearAttentionFunction(torch.autograd.Function):
         return dfq, dfk, dv, dS0, dz0, None, None, None
 
 
+_CHECKED: dict = {}
+
+
+def _self_check(fq, fk, v, normalize: bool, force: bool = False) -> None:
+    """Once per (device, dtype, F, Dv, G, normalize) on CUDA: compare against the PyTorch reference.
+
+    The current forward kernel has not yet run on a GPU (its predecessor failed two GPU tests, see
+    docs/kernels.md), so rather than risk silently wrong training it checks itself on a small problem of
+    the same class and raises if it disagrees. Disable with EFFCONV_KERNELS_SELFCHECK=0.
+    """
+    if not force and (not fq.is_cuda or os.environ.get("EFFCONV_KERNELS_SELFCHECK", "1") == "0"):
+        return
+    B, H, T, F = fq.shape
+    Hkv, DV = fk.shape[1], v.shape[-1]
+    key = (fq.device, fq.dtype, F, DV, H // Hkv, normalize)
+    if key in _CHECKED:
+        return
+    from .torch_chunk import chunk_linear_attention_ref
+    g = torch.Generator(device=fq.device).manual_seed(0)
+    G, Tc = H // Hkv, 256
+    x = [torch.randn(1, n, Tc, d, generator=g, device=fq.device) for n, d in ((G, F), (1, F), (1, DV))]
+    xq, xk = x[0].softmax(-1).to(fq.dtype), x[1].softmax(-1).to(fq.dtype)
+    xv = x[2].to(fq.dtype)
+    with torch.no_grad():
+        o = linear_fwd(xq, xk, xv, None, normalize, 1e-6)[0]
+        ref = chunk_linear_attention_ref(xq, xk, xv, normalize=normalize)[0]
+    err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
+    tol = 1e-3 if fq.dtype == torch.float32 else 1e-2  # interpreter: 2e-7 fp32, 2.6e-3 bf16 at this size
+    if not err < tol:
+        raise RuntimeError(f"effconv_kernels: Triton linear attention disagrees with the reference on this GPU "
+                           f"(relative error {err:.3g} for {key}); use backend='reference' and report it")
+    _CHECKED[key] = err
+
+
 def chunk_linear_attention(fq, fk, v, *, normalize=True, eps=1e-6, initial_state=None, output_final_state=False):
     B, H, T, F = fq.shape
     check_gqa(H, fk.shape[1])
+    _self_check(fq, fk, v, bool(normalize))
     S0, z0 = initial_state if initial_state is not None else (None, None)
     o, ST, zT = LinearAttentionFunction.apply(fq, fk, v, S0, z0, bool(normalize), float(eps), bool(output_final_state))
     return o, ((ST, zT) if output_final_state else None)
