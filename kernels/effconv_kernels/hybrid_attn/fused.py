@@ -146,7 +146,6 @@ def hybrid_bwd_dq_kernel(
     alpha = 1.0 / (1.0 + tl.exp(-b_mix))
     beta = 1.0 - alpha
     b_q = tl.load(q + i_bh64 * T * D + o_t[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-    b_fq = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_f[None, :], mask=m_t[:, None] & m_f[None, :], other=0.0)
     b_dn = tl.load(do + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_dn = (b_dn.to(tl.float32) * tl.load(rden + i_bh64 * T + o_t, mask=m_t, other=0.0)[:, None]).to(b_q.dtype)
     b_dd = tl.load(dden + i_bh64 * T + o_t, mask=m_t, other=0.0)

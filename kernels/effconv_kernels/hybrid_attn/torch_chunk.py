@@ -22,7 +22,7 @@ def _context(x: torch.Tensor, d: int) -> torch.Tensor:
 def chunk_hybrid_attention_ref(q, k, v, fq, fk, mix, *, window: int, scale: float, eps=1e-6,
                                initial_state=None, output_final_state=False, chunk_size: int = 64):
     B, H, T, D = q.shape
-    Hkv, Dv, F = k.shape[1], v.shape[-1], fq.shape[-1]
+    Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     W = int(window)
     if W < 1:
