@@ -28,6 +28,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest tests/kernels --confcutdir tests/kernels --collect-only -q -p no:cacheprovider 2>/dev/null \
     | grep '::' > /tmp/kernel_test_ids
   rm -f /tmp/kshard_*
+  export EFFCONV_POISON=${EFFCONV_POISON:-1}  # NaN-filled torch.empty buffers (tests/kernels/conftest.py)
   split -n r/"${SHARDS:-8}" /tmp/kernel_test_ids /tmp/kshard_
   for f in /tmp/kshard_*; do
     ( timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --confcutdir tests/kernels \
