@@ -164,7 +164,13 @@ def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
     lc._self_check(fq, fk, v, True, force=True)
     assert len(lc._CHECKED) == 1
     orig = lc.linear_fwd
-    monkeypatch.setattr(lc, "linear_fwd", lambda *a, **k: (orig(*a, **k)[0] * 1.05,))
+    monkeypatch.setattr(lc, "linear_fwd", lambda *a, **k: (orig(*a, **k)[0] * 1.05,) + orig(*a, **k)[1:])
     monkeypatch.setattr(lc, "_CHECKED", {})
+    with pytest.raises(RuntimeError):
+        lc._self_check(fq, fk, v, True, force=True)
+    # a wrong backward is caught too
+    monkeypatch.setattr(lc, "linear_fwd", orig)
+    orig_bwd = lc.linear_bwd
+    monkeypatch.setattr(lc, "linear_bwd", lambda *a, **k: (lambda r: (r[0] * 1.1,) + r[1:])(orig_bwd(*a, **k)))
     with pytest.raises(RuntimeError):
         lc._self_check(fq, fk, v, True, force=True)
