@@ -1,6 +1,6 @@
 """Chunked causal linear attention in Triton (forward and backward).
 
-Per chunk n of C = 64 tokens:  o_n = fq_n h[n] + tril(fq_n fk_n^T) v_n,  den_n = fq_n zh[n] + rowsum(tril(fq_n fk_n^T)),
+Per chunk n of C tokens (64; 32 for fp32):  o_n = fq_n h[n] + tril(fq_n fk_n^T) v_n,  den_n = fq_n zh[n] + rowsum(tril(fq_n fk_n^T)),
 with h[n] the state before the chunk (common/chunk_state.py). The state pass is sequential over chunks but
 parallel over (kv head, F tile, Dv tile); everything else is parallel over (chunk, head).
 Backward with dN = do / den and dden = -(do . o) / den (the normaliser's gradient):
