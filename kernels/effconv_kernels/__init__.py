@@ -19,6 +19,14 @@ from .utils import check_gqa, float_dtype_ok, resolve_backend
 __all__ = ["linear_attention", "hybrid_attention", "linear_decode_step", "hybrid_decode_step", "HybridDecodeCache"]
 
 
+def _same_dtype(*tensors):
+    # the Triton kernels feed every operand to the tensor cores in one dtype (fp32 accumulation inside)
+    dts = {t.dtype for t in tensors}
+    if len(dts) > 1:
+        raise TypeError(f"backend='triton' needs all operands in one dtype, got {sorted(map(str, dts))}; "
+                        "cast the feature maps to the value dtype (e.g. fq.to(v.dtype))")
+
+
 def _check_state(initial_state):
     if initial_state is not None and (not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2):
         raise ValueError("initial_state must be a pair (S, z)")
@@ -37,6 +45,7 @@ def linear_attention(fq, fk, v, *, normalize: bool = True, eps: float = 1e-6, in
     kw = dict(normalize=normalize, eps=eps, initial_state=initial_state, output_final_state=output_final_state)
     be = resolve_backend(backend, fq, fk, v)
     if be == "triton":
+        _same_dtype(fq, fk, v)
         from .linear_attn.chunk import chunk_linear_attention
         return chunk_linear_attention(fq, fk, v, **kw)
     if be == "naive":
@@ -63,6 +72,7 @@ def hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, eps: fl
               output_final_state=output_final_state)
     be = resolve_backend(backend, q, k, v, fq, fk)
     if be == "triton":
+        _same_dtype(q, k, v, fq, fk)
         from .hybrid_attn.fused import fused_hybrid_attention
         return fused_hybrid_attention(q, k, v, fq, fk, mix, **kw)
     if be == "naive":
@@ -80,6 +90,7 @@ def linear_decode_step(fq_t, fk_t, v_t, state, *, normalize: bool = True, eps: f
     """
     be = resolve_backend(backend, fq_t, fk_t, v_t, *state)
     if be == "triton":
+        _same_dtype(fq_t, fk_t, v_t)
         from .linear_attn.recurrent import triton_linear_decode_step
         return triton_linear_decode_step(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps)
     from .linear_attn.naive import linear_decode_step_ref
@@ -95,6 +106,7 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
     """
     be = resolve_backend(backend, q_t, k_t, v_t, fq_t, fk_t, cache.S)
     if be == "triton":
+        _same_dtype(q_t, k_t, v_t, fq_t, fk_t)
         from .hybrid_attn.recurrent import triton_hybrid_decode_step
         return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps)
     from .hybrid_attn.naive import hybrid_decode_step_ref

@@ -152,6 +152,8 @@ def test_auto_backend_on_cpu_is_reference():
     assert rel_err(o_auto, o_ref) < 1e-5
     with pytest.raises(ValueError):
         ek.linear_attention(fq, fk, v, backend="cuda")
+    with pytest.raises(TypeError):  # mixed operand dtypes: a clear error, not a Triton compile failure
+        ek.linear_attention(fq, fk.bfloat16(), v, backend="triton")
     with pytest.raises(ValueError):  # 3 query heads cannot share 2 kv heads
         ek.linear_attention(fq[:, :1].expand(1, 3, 10, 32), fk.expand(1, 2, 10, 32), v.expand(1, 2, 10, 16))
 
