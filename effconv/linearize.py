@@ -224,7 +224,9 @@ def _steps(tokens: int, cfg: LinearizeConfig) -> int:
     return math.ceil(tokens / (cfg.batch_size * cfg.seq_len)) if tokens > 0 else 0
 
 
-def linearize(cfg: LinearizeConfig) -> LinearizeResult:
+def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> LinearizeResult:
+    """Run the pipeline; `metadata` (optional) is merged into the export's effconv.json (e.g. hybridize's
+    per-layer scores)."""
     cfg.validate()
     out = Path(cfg.out)
     check_output_dir(out, cfg.overwrite)
@@ -326,9 +328,9 @@ def linearize(cfg: LinearizeConfig) -> LinearizeResult:
         console.print(f"after LoRA fine-tune: validation perplexity {metrics['stage2_val_ppl']:.3f}")
 
     model_to_export.requires_grad_(False)
-    metadata = {"command": "linearize", "config": dataclasses.asdict(cfg), "metrics": metrics,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    export_model(model_to_export, tokenizer, out, overwrite=cfg.overwrite, metadata=metadata)
+    export_metadata = {"command": "linearize", "config": dataclasses.asdict(cfg), "metrics": metrics,
+                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(metadata or {})}
+    export_model(model_to_export, tokenizer, out, overwrite=cfg.overwrite, metadata=export_metadata)
     if not cfg.keep_run:
         shutil.rmtree(run_dir, ignore_errors=True)
     console.print(f"[green]wrote {out}[/green]")
