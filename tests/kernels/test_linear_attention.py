@@ -161,7 +161,9 @@ def test_auto_backend_on_cpu_is_reference():
 def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
     """The one-time CUDA self-check (forced here on CPU) accepts the kernel and rejects a perturbed one."""
     from effconv_kernels.linear_attn import chunk as lc
-    fq, fk, v = torch.rand(1, 3, 5, 64), torch.rand(1, 1, 5, 64), torch.rand(1, 1, 5, 32)
+    # the kernels run on CUDA tensors on a GPU machine and on CPU tensors under the interpreter
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fq, fk, v = (torch.rand(*s, device=dev) for s in ((1, 3, 5, 64), (1, 1, 5, 64), (1, 1, 5, 32)))
     monkeypatch.setattr(lc, "_CHECKED", {})
     lc._self_check(fq, fk, v, True, force=True)
     assert len(lc._CHECKED) == 1
