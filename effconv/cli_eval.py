@@ -31,7 +31,7 @@ def eval_command(
     teacher: Annotated[Optional[str], Opt(help="Reference model to compare with, same forms as MODEL; 'default' = SmolLM2-135M-Instruct")] = None,
     out: Annotated[Optional[Path], Opt(help="Write report.json, report.md and PNG plots to this directory")] = None,
     recipe: Annotated[Optional[Path], Opt(help="YAML file of eval settings; options given here override it")] = None,
-    data: Annotated[Optional[str], Opt(help="Perplexity text: .txt/.md/.jsonl file or directory, hf:NAME[:CONFIG][@SPLIT], or 'teacher' (held-out teacher-generated text); without it perplexity is skipped")] = None,
+    data: Annotated[Optional[str], Opt(help="Perplexity text: .txt/.md/.jsonl file or directory, hf:NAME (hf:NAME:CONFIG@SPLIT), or 'teacher' (held-out teacher-generated text); without it perplexity is skipped")] = None,
     text_field: Annotated[Optional[str], Opt(help="JSONL / dataset field holding the text")] = None,
     max_documents: Annotated[Optional[int], Opt(help="Use at most this many documents of --data")] = None,
     context: Annotated[Optional[int], Opt(help="Perplexity window in tokens (default 512 on CPU, 2048 on CUDA)")] = None,

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ TEACHER_DATA = "teacher"  # --data teacher: held-out teacher-generated text, as 
 DEFAULT_TEACHER = "default"  # --teacher default: the default model (SmolLM2-135M-Instruct)
 ROLES = ("teacher", "student")
 DEFAULT_CONTEXTS = {"cpu": [128, 256, 512], "cuda": [512, 1024, 2048, 4096, 8192]}
+DEFAULT_BATCH_SIZES = [1, 4]
 DEFAULT_PPL_CONTEXT = {"cpu": 512, "cuda": 2048}
 BUILTIN_PROMPTS = [
     "Explain in two sentences why the sky is blue.",
@@ -73,7 +74,7 @@ class EvalConfig:
     generations: bool = True
     speed: bool = True
     contexts: list[int] | None = None  # speed: prompt lengths (default: 128,256,512 on CPU; 512..8192 on CUDA)
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
+    batch_sizes: list[int] | None = None  # speed: batch sizes (default: 1,4)
     decode_tokens: int = 16  # new tokens timed per decode measurement
     repeats: int = 3
     warmup: int = 1
@@ -101,7 +102,7 @@ class EvalConfig:
                 )
         if self.contexts is not None and (not self.contexts or min(self.contexts) < 1):
             raise EffconvError(f"--contexts must be positive integers, got {self.contexts}")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
+        if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
             raise EffconvError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
         if self.task_limit is not None and self.task_limit < 1:
             raise EffconvError(f"--task-limit must be at least 1, got {self.task_limit}")
@@ -521,7 +522,7 @@ def _network_available(host: str = "huggingface.co", timeout: float = 3.0) -> bo
 def import_lm_eval():
     """Import lm-eval-harness, offline when there is no network (set before the import: the HF libraries read
     these variables once). Raises EffconvError when it is not installed."""
-    if "lm_eval" not in sys.modules and not _network_available():
+    if sys.modules.get("lm_eval") is None and not _network_available():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
@@ -784,9 +785,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         # Speed and memory.
         if cfg.speed:
             meter = MemoryMeter(device)
+            batch_sizes = sorted(set(cfg.batch_sizes or DEFAULT_BATCH_SIZES))
             rows = []
             for role in roles:
-                for row in bench_model(models[role][0], contexts=contexts, batch_sizes=cfg.batch_sizes,
+                for row in bench_model(models[role][0], contexts=contexts, batch_sizes=batch_sizes,
                                        decode_tokens=cfg.decode_tokens, repeats=cfg.repeats, warmup=cfg.warmup,
                                        meter=meter, seed=cfg.seed, progress=progress, label=role):
                     rows.append({"model": role, **row})
