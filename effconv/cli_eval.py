@@ -37,6 +37,7 @@ def eval_command(
     context: Annotated[Optional[int], Opt(help="Perplexity window in tokens (default 512 on CPU, 2048 on CUDA)")] = None,
     stride: Annotated[Optional[int], Opt(help="Perplexity window stride (default: context/2; must be < context)")] = None,
     tasks: Annotated[Optional[str], Opt(help="Comma-separated lm-eval-harness tasks, e.g. piqa,arc_easy (needs: pip install lm-eval)")] = None,
+    task_path: Annotated[Optional[Path], Opt(help="Directory of extra lm-eval task YAMLs (e.g. local datasets)")] = None,
     task_limit: Annotated[Optional[int], Opt(help="lm-eval: at most this many examples per task")] = None,
     num_fewshot: Annotated[Optional[int], Opt(help="lm-eval: few-shot examples")] = None,
     task_batch_size: Annotated[Optional[int], Opt(help="lm-eval batch size")] = None,
@@ -63,7 +64,7 @@ def eval_command(
     overrides = dict(
         model=model, teacher=teacher, out=str(out) if out else None, data=data, text_field=text_field,
         max_documents=max_documents, context=context, stride=stride, tasks=_split(tasks, "--tasks", str),
-        task_limit=task_limit, num_fewshot=num_fewshot, task_batch_size=task_batch_size,
+        task_path=str(task_path) if task_path else None, task_limit=task_limit, num_fewshot=num_fewshot, task_batch_size=task_batch_size,
         prompts=str(prompts) if prompts else None, max_new_tokens=max_new_tokens,
         contexts=_split(contexts, "--contexts"), batch_sizes=_split(batch_sizes, "--batch-sizes"),
         decode_tokens=decode_tokens, repeats=repeats, warmup=warmup,

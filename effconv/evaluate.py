@@ -66,6 +66,7 @@ class EvalConfig:
     context: int | None = None  # perplexity window (default: 512 on CPU, 2048 on CUDA, capped at the models')
     stride: int | None = None  # perplexity stride (default: context // 2); must be < context
     tasks: list[str] | None = None  # lm-eval-harness task names
+    task_path: str | None = None  # directory of extra lm-eval task YAMLs (TaskManager include_path)
     task_limit: int | None = None  # lm-eval: at most this many examples per task
     num_fewshot: int | None = None
     task_batch_size: int = 8
@@ -527,16 +528,19 @@ def import_lm_eval():
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import lm_eval
+        import lm_eval.tasks  # noqa: F401 - not imported by `import lm_eval`
         from lm_eval.models.huggingface import HFLM  # noqa: F401
     except ImportError as e:
         raise EffconvError(f"--tasks needs lm-eval-harness, which is not installed: pip install lm-eval ({e})") from e
     return lm_eval
 
 
-def check_tasks(lm_eval, tasks: Sequence[str]):
+def check_tasks(lm_eval, tasks: Sequence[str], include_path: str | None = None):
     """A TaskManager, after checking that every task name is known."""
+    if include_path is not None and not Path(include_path).is_dir():
+        raise EffconvError(f"--task-path {include_path} is not a directory")
     try:
-        manager = lm_eval.tasks.TaskManager()
+        manager = lm_eval.tasks.TaskManager(include_path=include_path) if include_path else lm_eval.tasks.TaskManager()
         known = set(manager.all_tasks)
     except Exception as e:  # noqa: BLE001
         raise EffconvError(f"lm-eval could not list its tasks: {_one_line(e)}") from e
@@ -552,7 +556,7 @@ def run_tasks(lm_eval, manager, model, tokenizer, tasks: Sequence[str], *, limit
     from lm_eval.models.huggingface import HFLM
 
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
         results = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, log_samples=False,
@@ -701,7 +705,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     lm_eval = manager = None
     if cfg.tasks:
         lm_eval = import_lm_eval()
-        manager = check_tasks(lm_eval, cfg.tasks)
+        manager = check_tasks(lm_eval, cfg.tasks, cfg.task_path)
     device, dtype = _device_and_dtype(cfg)
     torch.manual_seed(cfg.seed)
 
@@ -861,7 +865,7 @@ def quality_rows(report: dict) -> tuple[list[str], list[list[str]]]:
         rows.append(["tokens scored", *[str(ppl[r]["tokens"]) for r in roles]])
     tasks = report.get("tasks", {})
     for task in sorted({t for r in roles for t in tasks.get(r, {})}):
-        metrics = sorted({m for r in roles for m in tasks[r].get(task, {}) if "stderr" not in m})
+        metrics = sorted({m for r in roles for m in tasks[r].get(task, {}) if "stderr" not in m and m != "sample_len"})
         for metric in metrics:
             rows.append([f"{task} {metric}", *[_fmt(tasks[r].get(task, {}).get(metric), 4) for r in roles]])
     return header, rows

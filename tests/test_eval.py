@@ -274,7 +274,9 @@ def test_tasks_without_lm_eval_say_how_to_install(tiny_model_dir, monkeypatch):
 def _fake_lm_eval(monkeypatch, simple_evaluate):
     calls = []
     lm_eval = types.ModuleType("lm_eval")
-    lm_eval.tasks = types.SimpleNamespace(TaskManager=lambda: types.SimpleNamespace(all_tasks=["piqa", "arc_easy"]))
+    tasks = types.ModuleType("lm_eval.tasks")
+    tasks.TaskManager = lambda: types.SimpleNamespace(all_tasks=["piqa", "arc_easy"])
+    lm_eval.tasks = tasks
 
     def record(**kw):
         calls.append(kw)
@@ -283,8 +285,10 @@ def _fake_lm_eval(monkeypatch, simple_evaluate):
     lm_eval.simple_evaluate = record
     models = types.ModuleType("lm_eval.models")
     hf = types.ModuleType("lm_eval.models.huggingface")
-    hf.HFLM = lambda pretrained, tokenizer, batch_size: types.SimpleNamespace(model=pretrained, tok=tokenizer)
-    for name, module in (("lm_eval", lm_eval), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf)):
+    hf.HFLM = lambda pretrained, tokenizer, **kw: types.SimpleNamespace(model=pretrained, tok=tokenizer)
+    modules = (("lm_eval", lm_eval), ("lm_eval.tasks", tasks), ("lm_eval.models", models),
+               ("lm_eval.models.huggingface", hf))
+    for name, module in modules:
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(ev, "_network_available", lambda *a, **k: True)
     return calls
