@@ -265,7 +265,8 @@ class MemoryMeter:
         if device.type == "cuda":
             self.method = "torch.cuda.max_memory_allocated, minus memory allocated at the start of the cell"
         elif self._clear_refs_works():
-            self.method = "peak RSS (Linux VmHWM, reset per cell via /proc/self/clear_refs), minus RSS at the start of the cell"
+            self.method = ("peak RSS (Linux VmHWM, reset per cell via /proc/self/clear_refs), minus RSS at the start of "
+                           "the cell (after gc and malloc_trim)")
         elif _has_psutil():
             self.method = "peak RSS sampled every 2 ms with psutil, minus RSS at the start of the cell"
         else:
@@ -302,7 +303,7 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             result["peak_bytes"] = torch.cuda.max_memory_allocated(self.device) - start
         elif self.method.startswith("peak RSS (Linux"):
-            gc.collect()
+            _release_free_memory()
             start = self._status_kib("VmRSS")
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -311,7 +312,7 @@ class MemoryMeter:
         elif self.method.startswith("peak RSS sampled"):
             import psutil
 
-            gc.collect()
+            _release_free_memory()
             proc = psutil.Process()
             start = proc.memory_info().rss
             peak = [start]
@@ -336,6 +337,17 @@ class MemoryMeter:
             start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             yield result
             result["peak_bytes"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) * scale
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc malloc_trim), so that the RSS at the start
+    of a cell is the memory in use, not what earlier cells freed."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _has_psutil() -> bool:
