@@ -350,6 +350,39 @@ def _release_free_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+class OtherCpuLoad:
+    """Average number of CPU cores that other processes kept busy while a block ran (psutil; None without it).
+    Timings taken while this is well above 0 include contention."""
+
+    def __enter__(self):
+        self.value = None
+        try:
+            import psutil
+        except ImportError:
+            self._psutil = None
+            return self
+        self._psutil = psutil
+        self._proc = psutil.Process()
+        self._start = (time.perf_counter(), self._busy(), self._own())
+        return self
+
+    def _busy(self) -> float:
+        t = self._psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def _own(self) -> float:
+        t = self._proc.cpu_times()
+        return t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+
+    def __exit__(self, *exc) -> None:
+        if self._psutil is None:
+            return
+        wall0, busy0, own0 = self._start
+        wall = time.perf_counter() - wall0
+        if wall > 0:
+            self.value = max((self._busy() - busy0) - (self._own() - own0), 0.0) / wall
+
+
 def _has_psutil() -> bool:
     try:
         import psutil  # noqa: F401
@@ -803,13 +836,21 @@ def evaluate(cfg: EvalConfig) -> dict:
             meter = MemoryMeter(device)
             batch_sizes = sorted(set(cfg.batch_sizes or DEFAULT_BATCH_SIZES))
             rows = []
-            for role in roles:
-                for row in bench_model(models[role][0], contexts=contexts, batch_sizes=batch_sizes,
-                                       decode_tokens=cfg.decode_tokens, repeats=cfg.repeats, warmup=cfg.warmup,
-                                       meter=meter, seed=cfg.seed, progress=progress, label=role):
-                    rows.append({"model": role, **row})
+            with OtherCpuLoad() as other:
+                for role in roles:
+                    for row in bench_model(models[role][0], contexts=contexts, batch_sizes=batch_sizes,
+                                           decode_tokens=cfg.decode_tokens, repeats=cfg.repeats, warmup=cfg.warmup,
+                                           meter=meter, seed=cfg.seed, progress=progress, label=role):
+                        rows.append({"model": role, **row})
             report["speed"] = {"memory_method": meter.method, "decode_tokens": cfg.decode_tokens,
-                               "repeats": cfg.repeats, "warmup": cfg.warmup, "rows": rows}
+                               "repeats": cfg.repeats, "warmup": cfg.warmup, "other_cpu_load": other.value,
+                               "rows": rows}
+            if other.value is not None and other.value > 0.25:
+                report["notes"].append(
+                    f"other processes kept {other.value:.2f} CPU cores busy on average during the speed measurements "
+                    f"({os.cpu_count()} cores, {torch.get_num_threads()} torch threads): the timings include "
+                    "contention; rerun on an idle machine"
+                )
 
     print_report(report)
     if out is not None:
@@ -977,7 +1018,9 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
                   "Random-token prompts of each context length. Prefill: one forward pass over the prompt that builds "
                   f"the cache. Decode: {s['decode_tokens']} greedy tokens per row, one forward pass each through the "
                   f"cache (tok/s counts every row of the batch). Medians of {s['repeats']} runs after {s['warmup']} "
-                  f"warm-up. Peak memory: {s['memory_method']}. Cache: bytes the generation cache holds after prefill.",
+                  f"warm-up. Peak memory: {s['memory_method']}. Cache: bytes the generation cache holds after prefill."
+                  + (f" Other processes kept {s['other_cpu_load']:.2f} CPU cores busy on average meanwhile."
+                     if s.get("other_cpu_load") is not None else ""),
                   ""]
         header, rows = speed_rows(report)
         parts += [_md_table(header, rows), ""]

@@ -251,6 +251,22 @@ def test_bad_input_is_one_clear_error(tiny_model_dir, tmp_path, change, message)
     assert not (tmp_path / "out").exists()
 
 
+def test_other_cpu_load_sees_a_busy_process():
+    import subprocess
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)  # let it start
+        with ev.OtherCpuLoad() as load:
+            time.sleep(1.0)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert load.value is not None and 0.5 < load.value < 2.5  # one busy core (plus whatever else runs)
+
+
 def test_existing_out_needs_overwrite(tiny_model_dir, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(EffconvError, match="already exists; pass --overwrite"):
