@@ -1054,13 +1054,19 @@ def make_plots(report: dict, directory: Path) -> list[str]:
         pts = sorted((r["context"], r[key]) for r in rows if r["model"] == role and r["batch_size"] == batch)
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    contexts = sorted({r["context"] for r in rows})
+
     def draw(ax, key: str, ylabel: str, scale: float = 1.0) -> None:
-        for role in roles:
-            for b in batches:
+        for role in roles:  # one colour per batch size; dashed = teacher, solid = student
+            for i, b in enumerate(batches):
                 x, y = series(role, b, key)
                 if x:
-                    ax.plot(x, [v * scale for v in y], label=f"{role} batch {b}", **styles[role])
+                    ax.plot(x, [v * scale for v in y], label=f"{role} batch {b}", color=colors[i % len(colors)],
+                            **styles[role])
         ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.minorticks_off()
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
