@@ -741,16 +741,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out) if cfg.out else None
     if out is not None:
         check_output_dir(out, cfg.overwrite)
+    lm_eval = manager = None
+    if cfg.tasks:  # first: the offline switches must be set before anything imports the HF datasets library
+        lm_eval = import_lm_eval()
+        manager = check_tasks(lm_eval, cfg.tasks, cfg.task_path)
     prompts = load_prompts(cfg.prompts) if cfg.generations else []
     documents = None
     if cfg.data is not None and cfg.data != TEACHER_DATA:
         from .data import load_texts
 
         documents = load_texts(cfg.data, text_field=cfg.text_field, max_documents=cfg.max_documents)
-    lm_eval = manager = None
-    if cfg.tasks:
-        lm_eval = import_lm_eval()
-        manager = check_tasks(lm_eval, cfg.tasks, cfg.task_path)
     device, dtype = _device_and_dtype(cfg)
     torch.manual_seed(cfg.seed)
 
