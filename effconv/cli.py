@@ -89,6 +89,17 @@ def linearize(
     run_linearize(build_config(LinearizeConfig, recipe, overrides))
 
 
+def _register_commands() -> None:
+    # each command lives in its own module with a register(app); importing them is cheap (heavy imports are lazy)
+    from . import cli_eval, cli_hybridize
+
+    cli_hybridize.register(app)
+    cli_eval.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
     from .errors import EffconvError

@@ -200,7 +200,7 @@ def test_recipe_is_used_and_options_override(tiny_model_dir, tmp_path):
         build_config(LinearizeConfig, recipe, {})
 
 
-@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").glob("*-linearize-*.yaml")))
 def test_every_recipe_is_a_valid_linearize_config(recipe):
     from effconv.recipes import build_config
 
