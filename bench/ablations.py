@@ -46,6 +46,8 @@ PLANS: dict[str, list[tuple[str, str, dict]]] = {
         ("w64-lora4", "linearize", {"lora_rank": 4, "lora_alpha": 8.0}),
         ("w64-lora32", "linearize", {"lora_rank": 32, "lora_alpha": 64.0}),
         ("w64-kl1", "linearize", {"kl_weight": 1.0}),
+        # training text: a user file (--user-text) instead of teacher-generated text; compare on the prose column
+        ("w64-user-text", "linearize", {"data": "USER_TEXT"}),
     ],
     "hybridize": [
         (f"r{int(r * 100):02d}-{sel}", "hybridize",
@@ -81,7 +83,7 @@ def _load_export(path: Path, device, dtype):
 
 
 def run_plan(plan: str, out: Path, *, only: list[str] | None, scale: float, model: str | None, device: str,
-             data: str | None) -> None:
+             data: str | None, user_text: str | None = None) -> None:
     import torch
 
     from effconv.evaluate import greedy_generations
@@ -108,8 +110,14 @@ def run_plan(plan: str, out: Path, *, only: list[str] | None, scale: float, mode
         if (only and name not in only) or name in done:
             continue
         settings = _scaled({**BASE, **overrides}, scale)
-        settings.update(model=model, out=str(out / "models" / name), overwrite=True, progress=False,
-                        device=device, data=data)
+        if overrides.get("data") == "USER_TEXT":
+            if not user_text:
+                print(f"[ablations] {name}: skipped, needs --user-text", flush=True)
+                continue
+            settings["data"] = user_text
+        else:
+            settings["data"] = data
+        settings.update(model=model, out=str(out / "models" / name), overwrite=True, progress=False, device=device)
         cls, fn = (HybridizeConfig, hybridize) if command == "hybridize" else (LinearizeConfig, linearize)
         cfg = cls(**{k: v for k, v in settings.items() if k in {f.name for f in dataclasses.fields(cls)}})
         start = time.perf_counter()
@@ -192,13 +200,14 @@ def main() -> None:
     r.add_argument("--model", default=None)
     r.add_argument("--device", default="auto")
     r.add_argument("--data", default=None, help="training text instead of teacher-generated")
+    r.add_argument("--user-text", default=None, help="text/JSONL file for the user-text run")
     g = sub.add_parser("report")
     g.add_argument("dirs", type=Path, nargs="+")
     g.add_argument("--plots", type=Path, default=None)
     a = p.parse_args()
     if a.cmd == "run":
         run_plan(a.plan, a.out, only=a.only.split(",") if a.only else None, scale=a.scale, model=a.model,
-                 device=a.device, data=a.data)
+                 device=a.device, data=a.data, user_text=a.user_text)
     else:
         print(report(a.dirs, a.plots))
 
