@@ -6,6 +6,7 @@ Public entry points (all take backend="auto" | "triton" | "reference" | "naive")
     linear_decode_step(fq_t, fk_t, v_t, state, *, normalize, eps) -> (o_t, state)      # state updated in place
     hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, *, window, scale, eps) -> o_t  # cache updated in place
     HybridDecodeCache
+    hedgehog_feature_map(x, weight, bias=None, *, out_dtype=None) -> [softmax(xW+b), softmax(-(xW+b))]
 "auto" runs Triton on CUDA tensors and the chunked pure-PyTorch reference (O(T*C) memory) otherwise;
 "naive" is the O(T^2) oracle. Shapes and semantics: docs/kernels.md.
 """
@@ -16,7 +17,8 @@ import torch
 from .hybrid_attn.cache import HybridDecodeCache
 from .utils import check_gqa, float_dtype_ok, resolve_backend
 
-__all__ = ["linear_attention", "hybrid_attention", "linear_decode_step", "hybrid_decode_step", "HybridDecodeCache"]
+__all__ = ["linear_attention", "hybrid_attention", "linear_decode_step", "hybrid_decode_step", "HybridDecodeCache",
+           "hedgehog_feature_map"]
 
 
 def _same_dtype(*tensors):
@@ -111,3 +113,21 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
         return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps)
     from .hybrid_attn.naive import hybrid_decode_step_ref
     return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps)
+
+
+def hedgehog_feature_map(x, weight, bias=None, *, out_dtype=None, backend: str = "auto"):
+    """Hedgehog feature map per head: x (B,H,T,D), weight (H,D,P), bias (H,P) or None -> (B,H,T,2P)
+    [softmax(z), softmax(-z)] over the features, z = x W_h + b_h, fp32 math, output in `out_dtype`
+    (default x.dtype). Gradients for x, weight and bias. "naive" and "reference" are the same PyTorch op.
+    """
+    float_dtype_ok(x, weight, bias)
+    if x.dim() != 4 or weight.dim() != 3 or weight.shape[0] != x.shape[1] or weight.shape[1] != x.shape[3]:
+        raise ValueError(f"expected x (B,H,T,D) and weight (H,D,P), got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0], weight.shape[2]):
+        raise ValueError(f"bias must be (H,P) = {(weight.shape[0], weight.shape[2])}, got {tuple(bias.shape)}")
+    be = resolve_backend(backend, x, weight, bias)
+    if be == "triton":
+        from .feature_map.hedgehog import triton_hedgehog_feature_map
+        return triton_hedgehog_feature_map(x, weight, bias, out_dtype)
+    from .feature_map.naive import hedgehog_feature_map_ref
+    return hedgehog_feature_map_ref(x, weight, bias, out_dtype)

@@ -1,0 +1,105 @@
+"""Triton Hedgehog feature map (forward + backward) against the plain-PyTorch reference.
+
+Runs on CUDA when present, otherwise through TRITON_INTERPRET=1 (set by conftest.py before import).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effconv_kernels as ek
+from effconv_kernels.feature_map.naive import hedgehog_feature_map_ref
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 2e-2)}  # (output, grads), relative norm error
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - b).norm() / b.norm().clamp_min(1e-8)).item()
+
+
+def make_inputs(B, H, T, D, P, dtype, device, bias=True, transposed=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if transposed:  # (B,T,H,D) memory viewed as (B,H,T,D), like q after the head split, transpose and RoPE
+        x = torch.randn(B, T, H, D, generator=g).transpose(1, 2)
+    else:
+        x = torch.randn(B, H, T, D, generator=g)
+    # identity plus noise, as the map looks early in training; scaled so the softmaxes are not flat
+    w = torch.eye(D, P).expand(H, D, P) * 2 + 0.3 * torch.randn(H, D, P, generator=g)
+    b = 0.5 * torch.randn(H, P, generator=g) if bias else None
+    dout = torch.randn(B, H, T, 2 * P, generator=g)
+    x = x.to(device=device, dtype=dtype).requires_grad_()
+    w = w.to(device).requires_grad_()  # the maps' parameters stay fp32 in bf16 models
+    b = b.to(device).requires_grad_() if bias else None
+    return x, w, b, dout.to(device=device, dtype=dtype)
+
+
+def run(fn, x, w, b, dout, **kw):
+    out = fn(x, w, b, **kw)
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+    return out, grads
+
+
+CASES = [
+    # B, H, T, D, P, dtype, bias, transposed
+    (1, 2, 37, 32, 32, torch.float32, True, False),
+    (2, 3, 100, 64, 64, torch.float32, True, True),
+    (1, 1, 1, 64, 64, torch.float32, False, False),
+    (1, 3, 70, 32, 24, torch.float32, True, False),  # P not a power of two: masked feature columns
+    (1, 2, 37, 64, 64, torch.bfloat16, True, True),
+    (2, 1, 130, 32, 32, torch.bfloat16, True, False),
+    (1, 2, 65, 64, 128, torch.bfloat16, False, False),
+]
+
+
+@pytest.mark.parametrize("B,H,T,D,P,dtype,bias,transposed", CASES)
+def test_hedgehog_matches_reference(B, H, T, D, P, dtype, bias, transposed, device):
+    x, w, b, dout = make_inputs(B, H, T, D, P, dtype, device, bias, transposed)
+    out, grads = run(ek.hedgehog_feature_map, x, w, b, dout, backend="triton")
+    ref, ref_grads = run(hedgehog_feature_map_ref, x, w, b, dout)
+    tol_out, tol_grad = TOL[dtype]
+    assert out.dtype == dtype and out.shape == (B, H, T, 2 * P)
+    assert rel_err(out, ref) < tol_out
+    names = ["dx", "dW", "db"]
+    for name, gt, gr in zip(names, grads, ref_grads):
+        assert gt.dtype == gr.dtype and gt.shape == gr.shape, name
+        assert rel_err(gt, gr) < tol_grad, name
+    # each half is a probability distribution over the features
+    halves = out.float().unflatten(-1, (2, P)).sum(-1)
+    assert torch.allclose(halves, torch.ones_like(halves), atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_hedgehog_without_input_grad_and_fp32_output(device):
+    """Attention transfer: q and k come without grad (no dx is written); the features may be asked in fp32."""
+    x, w, b, dout = make_inputs(2, 3, 45, 64, 64, torch.bfloat16, device, transposed=True, seed=1)
+    x = x.detach()
+    out, (dw, db) = run(ek.hedgehog_feature_map, x, w, b, dout, out_dtype=torch.float32, backend="triton")
+    ref, (rdw, rdb) = run(hedgehog_feature_map_ref, x, w, b, dout, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-5  # fp32 math on the same bf16 inputs
+    assert rel_err(dw, rdw) < 1e-4 and rel_err(db, rdb) < 1e-4
+
+
+def test_hedgehog_matches_model_feature_map(device):
+    """The kernel computes what effconv's FeatureMap module computes (same parameters, fp32 math)."""
+    from effconv.modeling.attention_ops import FeatureMap
+
+    fm = FeatureMap("hedgehog", 2, 32).to(device)
+    with torch.no_grad():
+        fm.weight.add_(0.2 * torch.randn_like(fm.weight))
+        fm.bias.add_(0.1 * torch.randn_like(fm.bias))
+    x = torch.randn(1, 2, 19, 32, device=device)
+    out = ek.hedgehog_feature_map(x, fm.weight, fm.bias, backend="triton")
+    assert rel_err(out, fm(x)) < 1e-5
+
+
+def test_hedgehog_argument_errors():
+    x = torch.randn(1, 2, 5, 32)
+    with pytest.raises(ValueError, match="weight"):
+        ek.hedgehog_feature_map(x, torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="bias"):
+        ek.hedgehog_feature_map(x, torch.randn(2, 32, 16), torch.randn(2, 32))
+    with pytest.raises(TypeError):
+        ek.hedgehog_feature_map(x.to(torch.int32), torch.randn(2, 32, 16))
