@@ -57,8 +57,11 @@ class FeatureMap(nn.Module):
         self.weight.copy_(eye.expand(self.num_heads, -1, -1))
         self.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernel=None) -> torch.Tensor:
         # x: (B, heads, T, head_dim); the map itself runs in fp32 (softmax over small dims is precision-sensitive).
+        # `kernel(x, weight, bias)`: a fused hedgehog map (effconv_kernels), same fp32 math in one pass.
+        if kernel is not None and self.kind == "hedgehog":
+            return kernel(x, self.weight, self.bias)
         x = x.float()
         if self.kind == "elu":
             return F.elu(x) + 1.0

@@ -202,7 +202,12 @@ class EffconvAttention(nn.Module):
 
     def _linear(self, q, k, v, cache: LayerCache | None, key_mask):
         """Linear / hybrid attention over the new tokens, continuing from `cache` when it holds earlier ones."""
-        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        fm_kernel = None
+        if self._use_kernels(q) and hasattr(_kernels, "hedgehog_feature_map") and (self.window == 0 or key_mask is None):
+            # fused map, features come out in v's dtype (what the attention kernels get cast to anyway)
+            def fm_kernel(x, w, b):
+                return _kernels.hedgehog_feature_map(x, w, b, out_dtype=v.dtype, backend="triton")
+        fq, fk = self.feature_map_q(q, fm_kernel), self.feature_map_k(k, fm_kernel)
         t_new = q.shape[2]
         initial_state = None
         if cache is not None and cache.state is not None:

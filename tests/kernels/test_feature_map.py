@@ -103,3 +103,38 @@ def test_hedgehog_argument_errors():
         ek.hedgehog_feature_map(x, torch.randn(2, 32, 16), torch.randn(2, 32))
     with pytest.raises(TypeError):
         ek.hedgehog_feature_map(x.to(torch.int32), torch.randn(2, 32, 16))
+
+
+@pytest.mark.parametrize("window", [8, 0])
+def test_attention_transfer_with_fused_map_matches_reference(window, device, monkeypatch):
+    """Stage-1 loss and feature-map gradients of a tiny student: Triton path (fused map + attention kernel)
+    against the all-PyTorch reference path."""
+    import transformers as tf
+
+    from effconv.linearize import attention_transfer_loss
+    from effconv.loading import build_student, effconv_config_from_teacher
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    teacher = tf.LlamaForCausalLM(cfg).eval()
+    batch = torch.randint(0, 64, (2, 40), device=device)
+    calls = []
+    fused = ek.hedgehog_feature_map
+    monkeypatch.setattr(ek, "hedgehog_feature_map", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    results = {}
+    for backend in ("triton", "reference"):
+        config = effconv_config_from_teacher(teacher.config, window_size=window, attention_backend=backend)
+        student = build_student(teacher, config).to(device)
+        torch.manual_seed(1)
+        maps = [p for n, p in student.named_parameters() if "feature_map" in n]
+        with torch.no_grad():
+            for p in maps:
+                p.add_(0.3 * torch.randn_like(p))
+        loss = attention_transfer_loss(student, batch, last_layer=1)
+        results[backend] = (loss, torch.autograd.grad(loss, maps))
+    assert len(calls) == 2 * 2  # q and k map of both layers, Triton path only
+    (loss_t, grads_t), (loss_r, grads_r) = results["triton"], results["reference"]
+    assert abs(loss_t.item() - loss_r.item()) <= 1e-4 * abs(loss_r.item())
+    for gt, gr in zip(grads_t, grads_r):
+        assert rel_err(gt, gr) < 1e-3
