@@ -137,6 +137,11 @@ def _append(old: torch.Tensor | None, new: torch.Tensor, dim: int = 2) -> torch.
     return new if old is None else torch.cat([old, new], dim=dim)
 
 
+def transfer_mse(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+    """Attention-transfer loss of one layer, in fp32 (module-level so that it can be torch.compile'd as a whole)."""
+    return F.mse_loss(y_pred.float(), y_true.float())
+
+
 class EffconvAttention(nn.Module):
     def __init__(self, config: EffconvConfig, layer_idx: int):
         super().__init__()
@@ -276,7 +281,7 @@ class EffconvAttention(nn.Module):
             q, k, v = self._project(hidden_states, position_embeddings)
             y_true = self._merge_heads(self._softmax(q, k, v, None, key_mask))
         y_pred = self._merge_heads(self._linear(q, k, v, None, key_mask))
-        loss = F.mse_loss(y_pred.float(), y_true.float())
+        loss = transfer_mse(y_pred, y_true)
         if self.transfer_attn_ce_weight > 0:
             loss = loss + self.transfer_attn_ce_weight * self._attention_map_ce(q, k)
         self.transfer_loss = loss

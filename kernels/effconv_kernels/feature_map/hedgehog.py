@@ -22,7 +22,7 @@ from ..utils import interpreting, next_pow2
 @triton.jit
 def _hedgehog_scores(x, w, b, i_b, i_h, rows, sxb, sxh, sxt, sxd, T,
                      D: tl.constexpr, P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr,
-                     HAS_BIAS: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
     """Load x rows and W_h, return (x fp32, W fp32, s1 = softmax(z), s2 = softmax(-z)) with masked tails."""
     o_d = tl.arange(0, BD)
     o_p = tl.arange(0, BP)
@@ -31,7 +31,7 @@ def _hedgehog_scores(x, w, b, i_b, i_h, rows, sxb, sxh, sxt, sxd, T,
     b_x = tl.load(x_ptr, mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
     b_w = tl.load(w + i_h * D * P + o_d[:, None] * P + o_p[None, :], mask=m_d[:, None] & m_p[None, :],
                   other=0.0).to(tl.float32)
-    z = tl.dot(b_x, b_w, input_precision="ieee")
+    z = tl.dot(b_x, b_w, input_precision=PREC)
     if HAS_BIAS:
         z += tl.load(b + i_h * P + o_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
     zp = tl.where(m_p[None, :], z, float("-inf"))
@@ -46,11 +46,11 @@ def _hedgehog_scores(x, w, b, i_b, i_h, rows, sxb, sxh, sxt, sxd, T,
 @triton.jit
 def hedgehog_fwd_kernel(x, w, b, out, T, H, sxb, sxh, sxt, sxd,
                         D: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr,
-                        HAS_BIAS: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     rows = i_t * BT + tl.arange(0, BT)
-    _, _, s1, s2 = _hedgehog_scores(x, w, b, i_b, i_h, rows, sxb, sxh, sxt, sxd, T, D, P, BD, BP, HAS_BIAS)
+    _, _, s1, s2 = _hedgehog_scores(x, w, b, i_b, i_h, rows, sxb, sxh, sxt, sxd, T, D, P, BD, BP, HAS_BIAS, PREC)
     o_p = tl.arange(0, BP)
     mask = (rows < T)[:, None] & (o_p < P)[None, :]
     o_ptr = out + (i_bh.to(tl.int64) * T + rows[:, None].to(tl.int64)) * (2 * P) + o_p[None, :]
@@ -62,7 +62,7 @@ def hedgehog_fwd_kernel(x, w, b, out, T, H, sxb, sxh, sxt, sxd,
 def hedgehog_bwd_kernel(x, w, b, dout, dx, dw_part, db_part, T, H, NT, NBLK, NSPLIT,
                         sxb, sxh, sxt, sxd,
                         D: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, STORE_DX: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, STORE_DX: tl.constexpr, PREC: tl.constexpr):
     i_s, i_h = tl.program_id(0), tl.program_id(1)
     o_d = tl.arange(0, BD)
     o_p = tl.arange(0, BP)
@@ -73,7 +73,7 @@ def hedgehog_bwd_kernel(x, w, b, dout, dx, dw_part, db_part, T, H, NT, NBLK, NSP
         i_b = blk // NT
         rows = (blk % NT) * BT + tl.arange(0, BT)
         m_t = rows < T
-        b_x, b_w, s1, s2 = _hedgehog_scores(x, w, b, i_b, i_h, rows, sxb, sxh, sxt, sxd, T, D, P, BD, BP, HAS_BIAS)
+        b_x, b_w, s1, s2 = _hedgehog_scores(x, w, b, i_b, i_h, rows, sxb, sxh, sxt, sxd, T, D, P, BD, BP, HAS_BIAS, PREC)
         row64 = (i_b.to(tl.int64) * H + i_h) * T + rows[:, None].to(tl.int64)
         g_ptr = dout + row64 * (2 * P) + o_p[None, :]
         g_mask = m_t[:, None] & m_p[None, :]
@@ -82,9 +82,9 @@ def hedgehog_bwd_kernel(x, w, b, dout, dx, dw_part, db_part, T, H, NT, NBLK, NSP
         # padded rows have g = 0 and padded columns s = 0, so dz is 0 there
         dz = s1 * (g1 - tl.sum(g1 * s1, 1)[:, None]) - s2 * (g2 - tl.sum(g2 * s2, 1)[:, None])
         if STORE_DX:  # attention transfer computes q and k without grad: no dx needed there
-            b_dx = tl.dot(dz, tl.trans(b_w), input_precision="ieee")
+            b_dx = tl.dot(dz, tl.trans(b_w), input_precision=PREC)
             tl.store(dx + row64 * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
-        acc_w += tl.dot(tl.trans(b_x), dz, input_precision="ieee")
+        acc_w += tl.dot(tl.trans(b_x), dz, input_precision=PREC)
         acc_b += tl.sum(dz, 0)
     part = i_s * H + i_h
     tl.store(dw_part + part * D * P + o_d[:, None] * P + o_p[None, :], acc_w, mask=m_d[:, None] & m_p[None, :])
@@ -96,9 +96,12 @@ def _block_sizes(d: int, p: int) -> tuple[int, int]:
     return max(16, next_pow2(d)), max(16, next_pow2(p))
 
 
-# Row block and warps, measured on the H100 at D = P = 64 (bench/stage1_throughput.py --feature-map-sweep).
-FWD_BT, FWD_WARPS = 64, 4
-BWD_BT, BWD_WARPS = 64, 8
+# Row block, warps and dot precision from bench/stage1_throughput.py --feature-map-sweep on the H100 (q map of
+# SmolLM2-135M, 32 x 1024 tokens, 9 heads, D = P = 64, bf16): forward 0.11 ms (64 rows/4 warps: 0.21 ms),
+# backward 0.34 ms (64/8: 0.39 ms); tf32x3 dots were no faster than fp32 `ieee` ones, so the math stays fp32.
+FWD_BT, FWD_WARPS = 32, 4
+BWD_BT, BWD_WARPS = 16, 4
+DOT_PREC = "ieee"
 
 
 def _num_splits(n_blocks: int, heads: int, device: torch.device) -> int:
@@ -120,7 +123,7 @@ class HedgehogFeatureMapFunction(torch.autograd.Function):
         if t > 0 and bsz > 0:
             grid = (triton.cdiv(t, FWD_BT), bsz * h)
             hedgehog_fwd_kernel[grid](x, w, b, out, t, h, *x.stride(), D=d, P=p, BT=FWD_BT, BD=bd, BP=bp,
-                                      HAS_BIAS=bias is not None, num_warps=FWD_WARPS)
+                                      HAS_BIAS=bias is not None, PREC=DOT_PREC, num_warps=FWD_WARPS)
         ctx.save_for_backward(x, w, bias)
         return out
 
@@ -146,7 +149,7 @@ class HedgehogFeatureMapFunction(torch.autograd.Function):
         dx_arg = dx if need_dx else dw_part  # unused pointer when STORE_DX is off
         hedgehog_bwd_kernel[(splits, h)](x, w, b, dout, dx_arg, dw_part, db_part, t, h, nt, n_blocks, splits,
                                          *x.stride(), D=d, P=p, BT=BWD_BT, BD=bd, BP=bp,
-                                         HAS_BIAS=bias is not None, STORE_DX=need_dx, num_warps=BWD_WARPS)
+                                         HAS_BIAS=bias is not None, STORE_DX=need_dx, PREC=DOT_PREC, num_warps=BWD_WARPS)
         dw = dw_part.sum(0).to(w.dtype)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return dx, dw, db, None
