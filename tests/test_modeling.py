@@ -140,3 +140,21 @@ def test_left_padded_batch_generation_matches_single_sequences():
         alone_b = student.generate(b, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     assert torch.equal(together[0, -6:], alone_a[0, -6:])
     assert torch.equal(together[1, -6:], alone_b[0, -6:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transfer_mse_matches_fp32_mse_loss(dtype):
+    from effconv.modeling.modeling_effconv import transfer_mse
+
+    torch.manual_seed(0)
+    y_pred = torch.randn(3, 17, 40, dtype=dtype, requires_grad=True)
+    y_true = torch.randn(3, 17, 40, dtype=dtype, requires_grad=True)
+    before = y_pred.detach().clone()
+    loss = transfer_mse(y_pred, y_true)
+    grads = torch.autograd.grad(2.5 * loss, [y_pred, y_true])
+    ref = torch.nn.functional.mse_loss(y_pred.float(), y_true.float())
+    ref_grads = torch.autograd.grad(2.5 * ref, [y_pred, y_true])
+    assert torch.equal(y_pred.detach(), before)  # the input is never modified in place
+    assert torch.allclose(loss, ref, rtol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype and torch.allclose(g.float(), r.float(), rtol=1e-5, atol=1e-9)

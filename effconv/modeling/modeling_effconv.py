@@ -137,9 +137,31 @@ def _append(old: torch.Tensor | None, new: torch.Tensor, dim: int = 2) -> torch.
     return new if old is None else torch.cat([old, new], dim=dim)
 
 
+class _TransferMSE(torch.autograd.Function):
+    """F.mse_loss(y_pred.float(), y_true.float()) in fewer passes over the (B, T, hidden) activations (they are
+    ~5% of a stage-1 step on the H100 otherwise): the fp32 difference is formed once and saved, the sum of
+    squares is one dot, and the gradient is written straight in y_pred's dtype. Same fp32 math; only the
+    loss's summation order differs."""
+
+    @staticmethod
+    def forward(ctx, y_pred, y_true):
+        diff = y_pred.to(torch.float32, copy=True).sub_(y_true).flatten()  # copy: never modify y_pred in place
+        ctx.save_for_backward(diff)
+        ctx.pred_shape, ctx.pred_dtype = y_pred.shape, y_pred.dtype
+        return torch.dot(diff, diff) / max(diff.numel(), 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (diff,) = ctx.saved_tensors
+        scale = grad * (2.0 / max(diff.numel(), 1))
+        grad_pred = torch.mul(diff, scale, out=torch.empty(diff.shape, dtype=ctx.pred_dtype, device=diff.device))
+        grad_pred = grad_pred.view(ctx.pred_shape)
+        return grad_pred, (-grad_pred if ctx.needs_input_grad[1] else None)
+
+
 def transfer_mse(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
-    """Attention-transfer loss of one layer, in fp32 (module-level so that it can be torch.compile'd as a whole)."""
-    return F.mse_loss(y_pred.float(), y_true.float())
+    """Attention-transfer loss of one layer: mean squared error in fp32."""
+    return _TransferMSE.apply(y_pred, y_true)
 
 
 class EffconvAttention(nn.Module):
