@@ -205,15 +205,19 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="per-component do_bench times and a torch.profiler kernel table (triton backend)")
     parser.add_argument("--feature-map-sweep", action="store_true", help="block/warp sweep of the fused map")
-    parser.add_argument("--compile-mse", action="store_true",
-                        help="experiment: torch.compile the per-layer transfer MSE (fp32 casts + loss, fwd and bwd)")
+    parser.add_argument("--transfer-mse", choices=["default", "eager", "compiled"], default="default",
+                        help="per-layer loss: the model's transfer_mse, plain F.mse_loss on fp32 casts (before), "
+                             "or torch.compile of the latter")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
-    if args.compile_mse:
+    if args.transfer_mse != "default":
         import effconv.modeling.modeling_effconv as modeling
 
-        modeling.transfer_mse = torch.compile(modeling.transfer_mse)
+        def eager_mse(y_pred, y_true):
+            return torch.nn.functional.mse_loss(y_pred.float(), y_true.float())
+
+        modeling.transfer_mse = eager_mse if args.transfer_mse == "eager" else torch.compile(eager_mse)
     torch.manual_seed(0)
     config = smollm2_config()
     config._attn_implementation = "sdpa"
@@ -221,7 +225,7 @@ def main() -> None:
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
     tokens = batch.numel()
     results = {"device": torch.cuda.get_device_name(), "batch": args.batch, "seq_len": args.seq_len,
-               "compile_mse": args.compile_mse, "runs": []}
+               "transfer_mse": args.transfer_mse, "runs": []}
 
     with torch.no_grad():
         sec = timed(lambda: teacher(batch, use_cache=False), args.steps, args.warmup, args.repeats)
