@@ -6,9 +6,11 @@ Hedgehog map of effconv_kernels vs the PyTorch FeatureMap; the reference backend
 beside the teacher's plain forward in the same run.
     python bench/stage1_throughput.py --out stage1.json [--batch 32 --seq-len 1024]
     python bench/stage1_throughput.py --kernels triton --breakdown --out stage1.json
---breakdown adds, per window, (a) do_bench times of one layer's components at the model's shapes (feature maps
-q+k fwd+bwd torch vs Triton, the attention kernel fwd+bwd, the teacher's SDPA forward), scaled to all layers,
-and (b) a torch.profiler table of the whole step's GPU kernels (top kernels by GPU time per step).
+--breakdown adds, per window, (a) a torch.profiler table of the whole step's GPU kernels (top kernels and GPU ms
+per step grouped by component: feature map, attention kernel, teacher SDPA, GEMMs, copies, ...), and (b)
+do_bench times of one layer's components in isolation at the model's shapes (feature maps q+k fwd+bwd torch vs
+Triton, the attention kernel fwd+bwd, the teacher's SDPA forward), scaled to all layers; (b) includes autograd
+and gradient-seed allocation, so it reads higher than the kernels' share in (a).
 """
 
 from __future__ import annotations
@@ -135,7 +137,30 @@ def profile_step(step, steps: int = 2, top: int = 20) -> list[dict]:
             rows.append({"kernel": evt.key[:120], "ms_per_step": gpu_us / 1e3 / steps, "calls_per_step": evt.count / steps})
     rows.sort(key=lambda r: -r["ms_per_step"])
     total = sum(r["ms_per_step"] for r in rows)
-    return [{"kernel": "TOTAL GPU time", "ms_per_step": total, "calls_per_step": None}] + rows[:top]
+    return [{"kernel": "TOTAL GPU time", "ms_per_step": total, "calls_per_step": None}] + rows[:top], categorize(rows)
+
+
+# kernel-name patterns -> component; first match wins. The PyTorch feature map's einsum is the only fp32 GEMM of
+# the step (everything else is bf16); its softmax/cat/cast kernels are generic and stay in "other elementwise".
+CATEGORIES = [
+    ("feature_map_triton", ("hedgehog",)),
+    ("feature_map_torch_fp32_gemm", ("f32f32",)),
+    ("attention_kernel", ("hybrid_", "linear_", "chunk_state")),
+    ("teacher_softmax_sdpa", ("sdpa", "flash", "fmha")),
+    ("bf16_gemm_projections_mlp", ("nvjet", "gemm", "cutlass", "sm90_xmma")),
+    ("softmax_kernels", ("softmax",)),
+    ("reductions", ("reduce_kernel",)),
+    ("copies_casts", ("copy",)),
+]
+
+
+def categorize(rows: list[dict]) -> dict:
+    out = {name: 0.0 for name, _ in CATEGORIES}
+    out["other_elementwise"] = 0.0
+    for r in rows:
+        name = next((c for c, pats in CATEGORIES if any(p in r["kernel"] for p in pats)), "other_elementwise")
+        out[name] += r["ms_per_step"]
+    return out
 
 
 def feature_map_sweep(student, batch: torch.Tensor) -> list[dict]:
@@ -256,12 +281,17 @@ def main() -> None:
                         row.update({"tokens_per_s": tokens / sec, "step_ms": sec * 1e3,
                                     "peak_gb": torch.cuda.max_memory_allocated() / 1e9})
                         if args.breakdown and kernel == "triton":
-                            row["profile_top_kernels"] = profile_step(step)
+                            row["profile_top_kernels"], row["profile_ms_by_component"] = profile_step(step)
+                            # below 1: the GPU idles part of the step (host-side launch overhead or syncs)
+                            row["gpu_busy_fraction"] = row["profile_top_kernels"][0]["ms_per_step"] / row["step_ms"]
                     except torch.cuda.OutOfMemoryError:
                         row["error"] = "OOM"
-                print({key: val for key, val in row.items() if key != "profile_top_kernels"})
-                for entry in row.get("profile_top_kernels", [])[:12]:
+                print({key: val for key, val in row.items() if not key.startswith("profile_")})
+                for entry in row.get("profile_top_kernels", [])[:8]:
                     print(f"    {entry['ms_per_step']:8.2f} ms  {entry['kernel'][:90]}")
+                if "profile_ms_by_component" in row:
+                    print("    GPU ms per step by component:",
+                          {key: round(val, 2) for key, val in row["profile_ms_by_component"].items()})
                 results["runs"].append(row)
             if args.breakdown and kernel == "triton":
                 comp = component_times(student, batch, window, config.num_hidden_layers)
