@@ -1,8 +1,8 @@
-"""effconv's model code. The three files here are copied verbatim into every exported model directory."""
+"""effconv's model code. The files here are copied verbatim into every exported model directory."""
 
 from .configuration_effconv import ATTENTION_TYPES, EffconvConfig
 from .modeling_effconv import EffconvCache, EffconvForCausalLM, EffconvModel
 
-MODELING_FILES = ("configuration_effconv.py", "modeling_effconv.py", "attention_ops.py")
+MODELING_FILES = ("configuration_effconv.py", "modeling_effconv.py", "attention_ops.py", "moe.py")
 
 __all__ = ["ATTENTION_TYPES", "MODELING_FILES", "EffconvCache", "EffconvConfig", "EffconvForCausalLM", "EffconvModel"]

@@ -40,6 +40,11 @@ class EffconvConfig(PretrainedConfig):
         window_size: int = 64,
         linear_eps: float = 1e-6,
         attention_backend: str = "auto",
+        num_experts: int = 0,
+        num_experts_per_tok: int = 2,
+        moe_intermediate_size: int | None = None,
+        shared_expert_intermediate_size: int = 0,
+        norm_topk_prob: bool = True,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         pad_token_id: int | None = None,
@@ -71,6 +76,14 @@ class EffconvConfig(PretrainedConfig):
         self.window_size = window_size
         self.linear_eps = linear_eps
         self.attention_backend = attention_backend
+        # Mixture of experts (effconv moe-upcycle): num_experts 0 means every layer keeps its dense gated MLP.
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.norm_topk_prob = norm_topk_prob
+        if num_experts and not 0 < num_experts_per_tok <= num_experts:
+            raise ValueError(f"num_experts_per_tok must be in 1..{num_experts}, got {num_experts_per_tok}")
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         for name in ("attention_types", "teacher_sliding_layers"):

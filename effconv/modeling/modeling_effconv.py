@@ -28,6 +28,7 @@ from .attention_ops import (
     softmax_attention,
 )
 from .configuration_effconv import EffconvConfig
+from .moe import MoeExperts, MoeMLP
 
 try:  # optional Triton kernels; absent on machines that only have the exported model
     import effconv_kernels as _kernels
@@ -326,7 +327,7 @@ class EffconvDecoderLayer(nn.Module):
     def __init__(self, config: EffconvConfig, layer_idx: int):
         super().__init__()
         self.self_attn = EffconvAttention(config, layer_idx)
-        self.mlp = GatedMLP(config)
+        self.mlp = MoeMLP(config) if getattr(config, "num_experts", 0) else GatedMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -355,6 +356,11 @@ class EffconvPreTrainedModel(PreTrainedModel):
             hf_init.zeros_(module.bias)
         elif isinstance(module, EffconvAttention) and hasattr(module, "window_mix"):
             hf_init.zeros_(module.window_mix)
+        elif isinstance(module, MoeExperts):
+            hf_init.normal_(module.gate_up_proj, std=self.config.initializer_range)
+            hf_init.normal_(module.down_proj, std=self.config.initializer_range)
+        elif isinstance(module, MoeMLP):
+            hf_init.zeros_(module.router_bias)
 
 
 class EffconvModel(EffconvPreTrainedModel):

@@ -1,0 +1,122 @@
+"""Mixture-of-experts FFN for effconv models (shipped inside every export, so only torch and transformers here).
+
+Weights use transformers' Mixtral / Qwen-MoE layout so the native exports are a renaming:
+router `gate.weight` (E, D); experts `experts.gate_up_proj` (E, 2I, D) with gate rows first, then up rows,
+and `experts.down_proj` (E, D, I); optional always-on `shared_expert` (a gated MLP).
+Routing is softmax over all experts, then top-k (optionally renormalised). `router_bias` is added to the
+probabilities for the top-k choice only (bias-based load balancing); it never changes the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+try:  # optional Triton grouped-GEMM expert kernel
+    import effconv_kernels as _kernels
+except Exception:  # noqa: BLE001 - any import failure means: use the PyTorch loop
+    _kernels = None
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def experts_loop(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn) -> torch.Tensor:
+    """sum_k w_k * down_e(act(gate_e x) * up_e x), one expert at a time over the tokens routed to it."""
+    out = torch.zeros_like(hidden)
+    num_experts = gate_up_proj.shape[0]
+    for e in torch.unique(top_k_index).tolist():
+        if not 0 <= e < num_experts:
+            continue
+        token_idx, slot = torch.where(top_k_index == e)
+        gate, up = F.linear(hidden[token_idx], gate_up_proj[e]).chunk(2, dim=-1)
+        y = F.linear(act_fn(gate) * up, down_proj[e]) * top_k_weights[token_idx, slot, None].to(hidden.dtype)
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
+
+
+class MoeExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str, backend: str = "auto"):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.hidden_act = hidden_act
+        self.act_fn = ACT2FN[hidden_act]
+        self.backend = backend
+
+    def forward(self, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        use_kernel = (
+            _kernels is not None and hasattr(_kernels, "moe_experts") and self.hidden_act == "silu"
+            and self.backend != "reference"
+        )
+        if use_kernel:
+            return _kernels.moe_experts(
+                hidden, top_k_index, top_k_weights.to(hidden.dtype), self.gate_up_proj, self.down_proj,
+                backend="triton" if self.backend == "triton" else "auto",
+            )
+        return experts_loop(hidden, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
+
+
+class MoeMLP(nn.Module):
+    """Sparse FFN: router -> top-k experts (+ shared expert). After a forward, `router_logits` (tokens, E) is
+    kept when `keep_router_logits` is set (load-balancing loss) and `last_load` holds the tokens per expert."""
+
+    def __init__(self, config):
+        super().__init__()
+        d, e = config.hidden_size, config.num_experts
+        self.num_experts, self.top_k = e, config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(d, e, bias=False)
+        self.register_buffer("router_bias", torch.zeros(e), persistent=True)
+        backend = getattr(config, "attention_backend", "auto")
+        self.experts = MoeExperts(e, d, config.moe_intermediate_size, config.hidden_act, backend=backend)
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = SharedExpert(d, config.shared_expert_intermediate_size, config.hidden_act)
+        self.keep_router_logits = False
+        self.router_logits: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None
+
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.gate(flat)
+        probs = torch.softmax(logits.float(), dim=-1)
+        choice = probs + self.router_bias.float() if bool(self.router_bias.any()) else probs
+        top_index = torch.topk(choice, self.top_k, dim=-1).indices
+        top_weights = probs.gather(-1, top_index)
+        if self.norm_topk_prob:
+            top_weights = top_weights / top_weights.sum(-1, keepdim=True)
+        return logits, top_weights, top_index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits, top_weights, top_index = self.route(flat)
+        if self.keep_router_logits:
+            self.router_logits = logits
+        with torch.no_grad():
+            self.last_load = torch.bincount(top_index.flatten(), minlength=self.num_experts)
+        out = self.experts(flat, top_index, top_weights.to(x.dtype))
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+        return out.view(shape)
+
+
+def load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss E * sum_e f_e * P_e (1.0 when perfectly balanced)."""
+    num_experts = router_logits.shape[-1]
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    fraction = F.one_hot(chosen, num_experts).float().sum(1).mean(0) / top_k
+    return num_experts * (fraction * probs.mean(0)).sum()
