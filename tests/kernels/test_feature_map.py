@@ -138,3 +138,36 @@ def test_attention_transfer_with_fused_map_matches_reference(window, device, mon
     assert abs(loss_t.item() - loss_r.item()) <= 1e-4 * abs(loss_r.item())
     for gt, gr in zip(grads_t, grads_r):
         assert rel_err(gt, gr) < 1e-3
+
+
+@pytest.mark.parametrize("window", [4, 0])
+def test_student_decode_with_fused_map_equals_parallel(window, device):
+    """Student mode on the Triton path (fused map; the cache keeps the map's output for the window): prefill then
+    multi-token steps give the parallel forward's logits, and the parallel forward matches the reference path."""
+    import transformers as tf
+
+    from effconv.loading import build_student, effconv_config_from_teacher
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    teacher = tf.LlamaForCausalLM(cfg).eval()
+    x = torch.randint(0, 64, (2, 19), device=device)
+    logits = {}
+    for backend in ("triton", "reference"):
+        config = effconv_config_from_teacher(teacher.config, window_size=window, attention_backend=backend)
+        student = build_student(teacher, config).to(device)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                if "feature_map" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+            logits[backend] = full = student(x, use_cache=False).logits
+            if backend == "triton":
+                out = student(x[:, :6], use_cache=True)
+                cache, pieces = out.past_key_values, [out.logits]
+                for i in range(6, 19, 5):
+                    step = student(x[:, i:i + 5], past_key_values=cache, use_cache=True)
+                    pieces.append(step.logits)
+                torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-4, atol=1e-4)
