@@ -131,3 +131,51 @@ def hedgehog_feature_map(x, weight, bias=None, *, out_dtype=None, backend: str =
         return triton_hedgehog_feature_map(x, weight, bias, out_dtype)
     from .feature_map.naive import hedgehog_feature_map_ref
     return hedgehog_feature_map_ref(x, weight, bias, out_dtype)
+
+
+# --- sparse attention (sparse_window/, block_sparse/; shared Triton engine common/block_list_attn.py) ---
+__all__ += ["sliding_window_attention", "block_sparse_attention"]
+
+
+def _check_sparse(q, k, v):
+    float_dtype_ok(q, k, v)
+    check_gqa(q.shape[1], k.shape[1])
+    if q.dim() != 4 or k.shape != v.shape or k.shape[-1] != q.shape[-1] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"expected q (B,H,T,D), k and v (B,Hkv,T,D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+
+
+def sliding_window_attention(q, k, v, *, window: int, sinks: int = 0, scale: float, backend: str = "auto"):
+    """Causal softmax attention of query i over keys j with i - j < window or j < sinks (attention sinks /
+    global tokens). q (B,H,T,D), k and v (B,Hkv,T,D) -> (B,H,T,D). "reference" is the O(T^2) oracle."""
+    _check_sparse(q, k, v)
+    if int(window) < 1 or int(sinks) < 0:
+        raise ValueError(f"window must be >= 1 and sinks >= 0, got window={window}, sinks={sinks}")
+    if resolve_backend(backend, q, k, v) == "triton":
+        _same_dtype(q, k, v)
+        from .sparse_window.triton import triton_sliding_window_attention
+        return triton_sliding_window_attention(q, k, v, window=int(window), sinks=int(sinks), scale=float(scale))
+    from .sparse_window.naive import naive_sliding_window_attention
+    return naive_sliding_window_attention(q, k, v, window=int(window), sinks=int(sinks), scale=float(scale))
+
+
+def block_sparse_attention(q, k, v, *, block_size: int, topk: int, scale: float, idx=None, backend: str = "auto"):
+    """Dynamic top-k block-sparse causal attention: query block m attends to the `topk` earlier key blocks
+    whose mean-pooled key best matches its first query, plus itself (block_sparse/naive.py). `idx`: a
+    precomputed selection (B,H,nblocks,topk+1). "reference" is the O(T^2) oracle."""
+    _check_sparse(q, k, v)
+    if int(topk) < 0:
+        raise ValueError(f"topk must be >= 0, got {topk}")
+    be = resolve_backend(backend, q, k, v)
+    if be == "triton":
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16 for the Triton kernel, got {block_size}")
+        _same_dtype(q, k, v)
+        from .block_sparse.triton import triton_block_sparse_attention
+        return triton_block_sparse_attention(q, k, v, block_size=int(block_size), topk=int(topk), scale=float(scale),
+                                             idx=idx)
+    if int(block_size) < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    from .block_sparse.naive import naive_block_sparse_attention
+    return naive_block_sparse_attention(q, k, v, block_size=int(block_size), topk=int(topk), scale=float(scale),
+                                        idx=idx)

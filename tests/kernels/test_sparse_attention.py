@@ -1,0 +1,122 @@
+"""Sliding-window (+ sinks) and top-k block-sparse attention kernels against the fp32 O(T^2) oracles:
+outputs and gradients. Runs on CUDA when present, otherwise through TRITON_INTERPRET=1 (conftest.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effconv_kernels as ek
+from effconv_kernels.block_sparse.naive import block_sparse_mask, naive_block_sparse_attention, select_key_blocks
+from effconv_kernels.sparse_window.naive import naive_sliding_window_attention, sliding_window_mask
+
+TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (1.5e-2, 3e-2)}  # (output, grads)
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
+
+
+def make_qkv(B, H, Hkv, T, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(B, n, T, D, generator=g) for n in (H, Hkv, Hkv)]
+    return [x.to(device=device, dtype=dtype).requires_grad_() for x in xs]
+
+
+def check_grads(o, o_ref, leaves, dtype, device):
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    grads = torch.autograd.grad((o.float() * do).sum(), leaves)
+    grads_ref = torch.autograd.grad((o_ref.float() * do).sum(), leaves)
+    for name, a, b in zip("qkv", grads, grads_ref):
+        assert a.dtype == dtype, name
+        assert rel_err(a, b) < TOL[dtype][1], name
+
+
+WINDOW_CASES = [
+    # B, H, Hkv, T, D, window, sinks, dtype
+    (1, 2, 2, 37, 16, 5, 0, torch.float32),      # GQA 1, T not a multiple of the block, window < block
+    (2, 3, 1, 45, 32, 20, 3, torch.float32),     # GQA 3, window spans blocks, sinks
+    (1, 3, 1, 40, 16, 1, 17, torch.float32),     # window 1 (the token itself) + sinks over a block boundary
+    (1, 3, 1, 33, 32, 64, 2, torch.bfloat16),    # window larger than T: full causal attention
+    (1, 2, 2, 50, 16, 9, 4, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,window,sinks,dtype", WINDOW_CASES)
+def test_sliding_window_matches_naive(B, H, Hkv, T, D, window, sinks, dtype, device):
+    q, k, v = make_qkv(B, H, Hkv, T, D, dtype, device)
+    kw = dict(window=window, sinks=sinks, scale=D ** -0.5)
+    o = ek.sliding_window_attention(q, k, v, backend="triton", **kw)
+    o_ref = naive_sliding_window_attention(q, k, v, **kw)
+    assert o.dtype == dtype and o.shape == q.shape
+    assert rel_err(o, o_ref) < TOL[dtype][0]
+    check_grads(o, o_ref, [q, k, v], dtype, device)
+
+
+def test_sliding_window_large_window_is_causal_softmax():
+    q, k, v = make_qkv(1, 4, 2, 21, 8, torch.float32, "cpu")
+    o = naive_sliding_window_attention(q, k, v, window=100, sinks=0, scale=0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+    assert rel_err(o, ref) < 1e-5
+    m = sliding_window_mask(6, 2, 1)
+    assert m.tolist()[5] == [True, False, False, False, True, True]
+
+
+BLOCK_CASES = [
+    # B, H, Hkv, T, D, block, topk, dtype
+    (1, 2, 2, 61, 16, 16, 1, torch.float32),     # 4 blocks, last partial
+    (2, 3, 1, 70, 32, 16, 2, torch.float32),     # GQA 3
+    (1, 3, 1, 40, 16, 16, 5, torch.float32),     # topk larger than the earlier blocks: full causal
+    (1, 3, 1, 75, 32, 16, 2, torch.bfloat16),
+    (1, 2, 2, 50, 16, 16, 1, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,block,topk,dtype", BLOCK_CASES)
+def test_block_sparse_matches_naive(B, H, Hkv, T, D, block, topk, dtype, device):
+    q, k, v = make_qkv(B, H, Hkv, T, D, dtype, device, seed=2)
+    kw = dict(block_size=block, topk=topk, scale=D ** -0.5)
+    o = ek.block_sparse_attention(q, k, v, backend="triton", **kw)
+    o_ref = naive_block_sparse_attention(q, k, v, **kw)
+    assert o.dtype == dtype
+    assert rel_err(o, o_ref) < TOL[dtype][0]
+    check_grads(o, o_ref, [q, k, v], dtype, device)
+
+
+def test_block_selection_is_anchor_topk_and_causal():
+    torch.manual_seed(0)
+    B, H, Hkv, T, D, bs = 1, 4, 2, 70, 8, 8
+    q, k = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D)
+    idx = select_key_blocks(q, k, block_size=bs, topk=2)
+    nb = 9
+    assert idx.shape == (B, H, nb, 3)
+    for h in range(H):
+        pooled = k[0, h // 2, : (nb - 1) * bs].reshape(nb - 1, bs, D).mean(1)
+        for m in range(nb):
+            assert idx[0, h, m, -1] == m  # own block always
+            chosen = sorted(int(x) for x in idx[0, h, m, :-1] if x >= 0)
+            expect = sorted((pooled[:m] @ q[0, h, m * bs]).topk(min(2, m)).indices.tolist()) if m else []
+            assert chosen == expect
+    # changing tokens after position p changes no output at or before p (selection and attention are causal)
+    v = torch.randn(B, Hkv, T, D)
+    o = naive_block_sparse_attention(q, k, v, block_size=bs, topk=2, scale=0.3)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[:, :, 30:] += 5
+    k2[:, :, 30:] -= 3
+    v2[:, :, 30:] += 1
+    o2 = naive_block_sparse_attention(q2, k2, v2, block_size=bs, topk=2, scale=0.3)
+    assert torch.equal(o[:, :, :30], o2[:, :, :30])
+    mask = block_sparse_mask(idx, T, bs)
+    assert mask.sum(-1).max() <= 3 * bs and mask.diagonal(dim1=-2, dim2=-1).all()
+
+
+def test_sparse_ops_reject_bad_input():
+    q, k, v = make_qkv(1, 3, 2, 8, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        ek.sliding_window_attention(q, k, v, window=4, scale=1.0)
+    q, k, v = make_qkv(1, 2, 1, 8, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="window"):
+        ek.sliding_window_attention(q, k, v, window=0, scale=1.0)
+    with pytest.raises(ValueError, match="block_size"):
+        ek.block_sparse_attention(q, k, v, block_size=12, topk=2, scale=1.0, backend="triton")
