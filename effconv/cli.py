@@ -91,10 +91,11 @@ def linearize(
 
 def _register_commands() -> None:
     # each command lives in its own module with a register(app); importing them is cheap (heavy imports are lazy)
-    from . import cli_eval, cli_hybridize
+    from . import cli_eval, cli_hybridize, cli_moe
 
     cli_hybridize.register(app)
     cli_eval.register(app)
+    cli_moe.register(app)
 
 
 _register_commands()
