@@ -78,9 +78,15 @@ class LayerCache:
     key_features: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None  # (B, tokens held) True for real tokens; None when nothing is padded
     state: tuple[torch.Tensor, torch.Tensor] | None = None
+    # One-token decoding of a hybrid layer keeps the window in a ring buffer (effconv_kernels.HybridDecodeCache,
+    # which then also owns the state); `ring_position` (a 1-element device tensor = tokens seen) replaces its
+    # Python counter for CUDA-graph decoding (effconv/fast_decode.py).
+    ring: object | None = None
+    ring_position: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        tensors = [self.keys, self.values, self.key_features, *(self.state or ())]
+        ring = [self.ring.S, self.ring.z, self.ring.k, self.ring.v, self.ring.fk] if self.ring is not None else []
+        tensors = [self.keys, self.values, self.key_features, *(self.state or ()), *ring]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -120,6 +126,9 @@ class EffconvCache(Cache):
                     setattr(c, name, fn(t))
             if c.state is not None:
                 c.state = tuple(fn(t) for t in c.state)
+            if c.ring is not None:
+                for name in ("S", "z", "k", "v", "fk"):
+                    setattr(c.ring, name, fn(getattr(c.ring, name)).contiguous())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -228,8 +237,57 @@ class EffconvAttention(nn.Module):
             return False
         return backend == "triton" or x.is_cuda
 
+    def _decode_step(self, q, k, v, cache: LayerCache):
+        """One new token per sequence with a filled cache: O(1) recurrent update of the state (and of the window's
+        ring buffer for the hybrid) with the decode-step ops, instead of a chunked pass over the window prefix."""
+        backend = "triton" if self._use_kernels(q) else "reference"
+        fm_kernel = None
+        if backend == "triton" and hasattr(_kernels, "hedgehog_feature_map"):
+            def fm_kernel(x, w, b):
+                return _kernels.hedgehog_feature_map(x, w, b, out_dtype=v.dtype, backend="triton")
+        fq = self.feature_map_q(q, fm_kernel)[:, :, 0].to(v.dtype)
+        fk = self.feature_map_k(k, fm_kernel)[:, :, 0].to(v.dtype)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        eps = self.config.linear_eps
+        if self.window == 0:
+            S, z = cache.state
+            if S.dtype != torch.float32 or z.dtype != torch.float32 or not (S.is_contiguous() and z.is_contiguous()):
+                cache.state = (S.float().contiguous(), z.float().contiguous())  # the op updates it in place
+            o, _ = _kernels.linear_decode_step(fq, fk, v, cache.state, eps=eps, backend=backend)
+        else:
+            if cache.ring is None:  # first decode step after a prefill: window tail + the prefill's final state
+                cache.ring = _kernels.HybridDecodeCache.from_prefill(
+                    cache.keys, cache.values, cache.key_features.to(cache.keys.dtype), window=self.window,
+                    final_state=cache.state,
+                )
+                cache.keys = cache.values = cache.key_features = cache.state = None
+            extra = {} if cache.ring_position is None else {"position": cache.ring_position}
+            o = _kernels.hybrid_decode_step(
+                q, k, v, fq, fk, self.window_mix, cache.ring, window=self.window, scale=self.scale, eps=eps,
+                backend=backend, **extra,
+            )
+        return o[:, :, None]
+
+    @staticmethod
+    def _unroll_ring(cache: LayerCache) -> None:
+        """Back from the ring buffer to (state, window keys in token order) for a multi-token continuation."""
+        ring = cache.ring
+        seen = int(cache.ring_position) if cache.ring_position is not None else ring.seen
+        w = ring.k.shape[2]
+        held = min(seen, w)
+        order = torch.tensor([(seen - held + i) % w for i in range(held)], device=ring.k.device)
+        cache.keys, cache.values, cache.key_features = (x.index_select(2, order) for x in (ring.k, ring.v, ring.fk))
+        cache.state, cache.ring, cache.ring_position = (ring.S, ring.z), None, None
+
     def _linear(self, q, k, v, cache: LayerCache | None, key_mask):
         """Linear / hybrid attention over the new tokens, continuing from `cache` when it holds earlier ones."""
+        if (
+            cache is not None and q.shape[2] == 1 and key_mask is None and _kernels is not None
+            and (cache.state is not None or cache.ring is not None) and not torch.is_grad_enabled()
+        ):
+            return self._decode_step(q, k, v, cache)
+        if cache is not None and cache.ring is not None:
+            self._unroll_ring(cache)
         fm_kernel = None
         if self._use_kernels(q) and hasattr(_kernels, "hedgehog_feature_map") and (self.window == 0 or key_mask is None):
             # fused map, features come out in v's dtype (what the attention kernels get cast to anyway)

@@ -101,18 +101,30 @@ def linear_decode_step(fq_t, fk_t, v_t, state, *, normalize: bool = True, eps: f
 
 @torch.no_grad()
 def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int, scale: float,
-                       eps: float = 1e-6, backend: str = "auto"):
+                       eps: float = 1e-6, backend: str = "auto", position: torch.Tensor | None = None):
     """Append one token per sequence to `cache` (IN PLACE) and return its hybrid-attention output (B,H,Dv).
 
     Equals `hybrid_attention` on the whole sequence at that position. Inference only (no autograd).
+    `position`: optional 1-element integer tensor on the cache's device holding the token index (replaces
+    `cache.seen`, which is then left alone; the caller advances it), so the step can be captured in a CUDA graph.
     """
+    if position is not None and position.numel() != 1:
+        raise ValueError("position must hold one integer (tokens seen)")
     be = resolve_backend(backend, q_t, k_t, v_t, fq_t, fk_t, cache.S)
     if be == "triton":
         _same_dtype(q_t, k_t, v_t, fq_t, fk_t)
         from .hybrid_attn.recurrent import triton_hybrid_decode_step
-        return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps)
+        return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps,
+                                         position=position)
     from .hybrid_attn.naive import hybrid_decode_step_ref
-    return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps)
+    if position is None:
+        return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps)
+    seen = cache.seen
+    cache.seen = int(position)
+    try:
+        return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps)
+    finally:
+        cache.seen = seen
 
 
 def hedgehog_feature_map(x, weight, bias=None, *, out_dtype=None, backend: str = "auto"):

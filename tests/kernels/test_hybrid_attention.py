@@ -132,6 +132,26 @@ def test_hybrid_decode_matches_parallel(Hkv, W, prefill, dtype, device):
         assert rel_err(cache.S, S_par) < 1e-5 and rel_err(cache.z, z_par) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_hybrid_decode_with_device_position(backend, device):
+    """`position` (a device tensor, as in CUDA-graph decoding) gives the same outputs as the cache's counter and
+    leaves `cache.seen` alone; the caller advances it. W=5 < T exercises wrap-around and eviction."""
+    B, H, Hkv, T, D, F, W, prefill = 2, 4, 2, 17, 32, 32, 5, 3
+    (q, k, v, fq, fk), mix, state = make_inputs(B, H, Hkv, T, D, F, torch.float32, device, init=True)
+    scale = D ** -0.5
+    with torch.no_grad():
+        o_par, _ = naive_hybrid_attention(q, k, v, fq, fk, mix, window=W, scale=scale, initial_state=state)
+        cache = HybridDecodeCache.from_prefill(k[:, :, :prefill], v[:, :, :prefill], fk[:, :, :prefill], window=W,
+                                               initial_state=state)
+        position = torch.tensor([prefill], dtype=torch.int64, device=device)
+        for t in range(prefill, T):
+            o_t = ek.hybrid_decode_step(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], mix, cache,
+                                        window=W, scale=scale, backend=backend, position=position)
+            position += 1
+            assert rel_err(o_t, o_par[:, :, t]) < TOL[torch.float32][0], t
+        assert cache.seen == prefill
+
+
 @pytest.mark.parametrize("W", [1, 7, 16, 40, 100])
 def test_torch_references_agree(W):
     """Chunked pure-PyTorch reference (CPU training path) and the decode recurrence against the oracle."""

@@ -17,10 +17,16 @@ from .cache import HybridDecodeCache
 @triton.jit
 def hybrid_decode_kernel(
     q, k, v, fq, fk, mix, S, z, kb, vb, fkb, o,
-    G, H, W, slot, n_valid, evict, scale, eps,
+    G, H, W, slot, n_valid, evict, scale, eps, pos,
     D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr,
     BD: tl.constexpr, BF: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
+    POS_ON_DEVICE: tl.constexpr,
 ):
+    if POS_ON_DEVICE:  # token index read from device memory (CUDA-graph replay: no host value changes)
+        t = tl.load(pos).to(tl.int32)
+        slot = t % W
+        n_valid = tl.minimum(t + 1, W)
+        evict = t >= W
     i_bk = tl.program_id(0)
     Hkv = H // G
     i_b, i_hk = i_bk // Hkv, i_bk % Hkv
@@ -56,7 +62,7 @@ def hybrid_decode_kernel(
         b_m = tl.full([1], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([1], dtype=tl.float32)
         b_acc = tl.zeros([BV], dtype=tl.float32)
-        for w0 in range(0, n_valid, BW):
+        for w0 in range(0, W, BW):  # slots >= n_valid are masked (a fixed trip count also serves POS_ON_DEVICE)
             o_w = w0 + tl.arange(0, BW)
             m_w = o_w < n_valid
             b_kb = tl.load(kb + (i_bk64 * W + o_w[:, None]) * D + o_d[None, :], mask=m_w[:, None] & m_d[None, :], other=0.0)
@@ -83,7 +89,7 @@ def hybrid_decode_kernel(
 
 
 def triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int,
-                              scale: float, eps=1e-6):
+                              scale: float, eps=1e-6, position: torch.Tensor | None = None):
     W = cache.window
     if int(window) != W:
         raise ValueError(f"window={window} but the cache holds {W} slots")
@@ -107,7 +113,9 @@ def triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecod
         q_t, k_t.to(cache.k.dtype), v_t.to(cache.v.dtype), fq_t, fk_t.to(cache.fk.dtype), mix_f,
         cache.S, cache.z, cache.k, cache.v, cache.fk, o,
         G, H, W, t % W, min(t + 1, W), int(t >= W), float(scale), float(eps),
-        D=D, F=F, DV=DV, BD=BD, BF=BF, BKF=BKF, BV=BV, BW=BW, num_warps=4,
+        position if position is not None else mix_f,
+        D=D, F=F, DV=DV, BD=BD, BF=BF, BKF=BKF, BV=BV, BW=BW, POS_ON_DEVICE=position is not None, num_warps=4,
     )
-    cache.seen = t + 1
+    if position is None:  # with a device position the caller advances it (once per model step)
+        cache.seen = t + 1
     return o
