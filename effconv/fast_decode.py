@@ -33,7 +33,8 @@ def _is_effconv(model) -> bool:
 class StaticDecoder:
     """Prefill once, then one greedy token per `step()` for a fixed batch (see module docstring)."""
 
-    def __init__(self, model, *, use_cuda_graph: bool | None = None, max_new_tokens: int = 256):
+    def __init__(self, model, *, use_cuda_graph: bool | None = None, max_new_tokens: int = 256,
+                 prefill_chunk: int | None = None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.effconv = _is_effconv(model)
@@ -43,6 +44,7 @@ class StaticDecoder:
             use_cuda_graph = False  # softmax layers grow their KV cache by concatenation: not static
         self.use_cuda_graph = bool(use_cuda_graph) and self.device.type == "cuda"
         self.max_new_tokens = max_new_tokens
+        self.prefill_chunk = prefill_chunk  # prompt fed in pieces: bounds the prefill's activation memory
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_failed: str | None = None
 
@@ -53,15 +55,15 @@ class StaticDecoder:
             from .modeling.modeling_effconv import EffconvCache
 
             self.cache = EffconvCache(self.model.config.num_hidden_layers)
-            out = self.model(input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         else:
             from transformers import StaticCache
 
             self.cache = StaticCache(config=self.model.config, max_cache_len=t + self.max_new_tokens + 1)
-            out = self.model(
-                input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-                cache_position=torch.arange(t, device=self.device),
-            )
+        chunk = self.prefill_chunk or t
+        for start in range(0, t, chunk):
+            piece = input_ids[:, start : start + chunk]
+            kw = {} if self.effconv else {"cache_position": torch.arange(start, start + piece.shape[1], device=self.device)}
+            out = self.model(piece, past_key_values=self.cache, use_cache=True, logits_to_keep=1, **kw)
         self.prompt_len = t
         # static buffers: the step reads the token and position here and writes the next ones back
         self.token = out.logits[:, -1:].argmax(-1)

@@ -104,3 +104,27 @@ def test_greedy_generate_teacher_eager_matches_generate():
     result = greedy_generate(teacher, x, max_new_tokens=8)
     assert torch.equal(result.tokens, expected)
 
+
+
+def test_decode_bench_runs_on_cpu_tiny(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "decode.json"
+    cmd = [sys.executable, str(root / "bench" / "decode.py"), "--tiny", "--device", "cpu", "--dtype", "float32",
+           "--contexts", "20", "40", "--batches", "1", "2", "--steps", "2", "--repeats", "1", "--warmup", "1",
+           "--window", "8", "--prefill-chunk", "16", "--generate-steps", "2", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=root, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert len(result["runs"]) == 8  # 2 models x 2 batches x 2 contexts
+    assert all(r["tokens_per_s"] > 0 and not r["cuda_graph"] for r in result["runs"])
+    converted = [r for r in result["runs"] if r["model"] == "converted"]
+    teacher = [r for r in result["runs"] if r["model"] == "teacher"]
+    # the converted cache does not grow with context; the teacher's static KV cache does
+    assert len({(r["batch"], r["cache_bytes"]) for r in converted}) == 2
+    assert all(r["cache_bytes"] > 0 for r in converted)
+    assert len({(r["batch"], r["cache_bytes"]) for r in teacher}) == 4
+    assert set(result["generate_batch1"]) == {"teacher", "converted"}
