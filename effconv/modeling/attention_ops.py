@@ -279,3 +279,68 @@ def softmax_attention(
 
 def attention_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sparse softmax attention ("sliding" and "block_sparse" layers). PyTorch path through SDPA with a boolean mask
+# (O(Tq * Tk) mask); on CUDA the model uses effconv_kernels' Triton kernels for the parallel forward.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sliding_window_attention(q, k, v, *, scale: float, window: int, sinks: int, q_positions, k_positions,
+                             key_padding_mask=None):
+    """Query at position p attends to held keys at positions j <= p with p - j < window or j < sinks."""
+    qp, kp = q_positions[:, None], k_positions[None, :]
+    allowed = (kp <= qp) & ((qp - kp < window) | (kp < sinks))
+    mask = allowed[None, None]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask.bool()[:, None, None, :]
+        mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: attend anywhere, output is unused
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@torch.no_grad()
+def select_key_blocks(q, k, *, block_size: int, topk: int, q_start: int, selection=None):
+    """Top-k block choice of the query blocks whose first token lies in the new queries.
+
+    k holds every key so far (positions 0..Tk-1), q the last Tq of them (q_start = Tk - Tq). Query block m is
+    scored by its first query against the mean-pooled keys of each earlier (complete) block; its row of the
+    result is [topk chosen blocks (-1 = none)..., m]. Rows of blocks that began before q_start come from
+    `selection` (the cache). Returns the selection of all blocks so far, (B, H, ceil(Tk / block_size), topk + 1).
+    """
+    b, h, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    first_new = -(-q_start // block_size)
+    total = -(-tk // block_size)
+    rows = [selection] if selection is not None and first_new > 0 else []
+    if first_new < total:
+        blocks = torch.arange(first_new, total, device=q.device)
+        n_full = tk // block_size
+        anchors = q[:, :, blocks * block_size - q_start].float()  # (B, H, n_new, D)
+        cols = torch.full((b, h, blocks.numel(), topk), -1, dtype=torch.long, device=q.device)
+        if n_full > 0 and topk > 0:
+            pooled = k[:, :, : n_full * block_size].float().reshape(b, hkv, n_full, block_size, d).mean(3)
+            scores = torch.einsum("bkgmd,bknd->bkgmn", anchors.reshape(b, hkv, h // hkv, -1, d), pooled)
+            scores = scores.reshape(b, h, blocks.numel(), n_full)
+            scores = scores.masked_fill(torch.arange(n_full, device=q.device)[None, :] >= blocks[:, None], float("-inf"))
+            kk = min(topk, n_full)
+            top_scores, top_idx = scores.topk(kk, dim=-1)
+            cols[..., :kk] = torch.where(torch.isfinite(top_scores), top_idx, torch.full_like(top_idx, -1))
+        rows.append(torch.cat([cols, blocks.view(1, 1, -1, 1).expand(b, h, -1, 1)], dim=-1).to(torch.int32))
+    return torch.cat(rows, dim=2)
+
+
+def block_sparse_attention(q, k, v, selection, *, scale: float, block_size: int, key_padding_mask=None):
+    """Queries (the last Tq of the Tk keys) attend to their block's chosen key blocks and, causally, their own."""
+    b, h, tq, _ = q.shape
+    tk = k.shape[2]
+    nb = selection.shape[2]
+    chosen = torch.zeros(b, h, nb, nb + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, selection.long() % (nb + 1), True)  # -1 lands in the spare last column
+    qpos = torch.arange(tk - tq, tk, device=q.device)
+    kpos = torch.arange(tk, device=q.device)
+    mask = chosen[:, :, qpos // block_size][..., kpos // block_size] & (kpos[None, :] <= qpos[:, None])
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask.bool()[:, None, None, :]
+        mask = mask | ~mask.any(-1, keepdim=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != k.shape[1])

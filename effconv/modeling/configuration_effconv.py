@@ -5,8 +5,11 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 # Attention types a layer can have. "softmax" is the teacher's exact attention (kept layers of a hybrid);
-# "linear" is learned-feature-map linear attention, with a sliding softmax window when window_size > 0.
-ATTENTION_TYPES = ("softmax", "linear")
+# "linear" is learned-feature-map linear attention, with a sliding softmax window when window_size > 0;
+# "sliding" is softmax attention over the last window_size tokens plus the first sink_tokens tokens;
+# "block_sparse" is softmax attention over the sparse_topk best earlier blocks of sparse_block_size tokens
+# plus the own block (dynamic top-k). Sparse layers keep a KV cache (sliding: sinks + window only).
+ATTENTION_TYPES = ("softmax", "linear", "sliding", "block_sparse")
 
 
 class EffconvConfig(PretrainedConfig):
@@ -40,6 +43,9 @@ class EffconvConfig(PretrainedConfig):
         window_size: int = 64,
         linear_eps: float = 1e-6,
         attention_backend: str = "auto",
+        sink_tokens: int = 0,
+        sparse_block_size: int = 64,
+        sparse_topk: int = 8,
         num_experts: int = 0,
         num_experts_per_tok: int = 2,
         moe_intermediate_size: int | None = None,
@@ -76,6 +82,9 @@ class EffconvConfig(PretrainedConfig):
         self.window_size = window_size
         self.linear_eps = linear_eps
         self.attention_backend = attention_backend
+        self.sink_tokens = sink_tokens  # "sliding" layers
+        self.sparse_block_size = sparse_block_size  # "block_sparse" layers
+        self.sparse_topk = sparse_topk
         # Mixture of experts (effconv moe-upcycle): num_experts 0 means every layer keeps its dense gated MLP.
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
@@ -94,6 +103,10 @@ class EffconvConfig(PretrainedConfig):
             raise ValueError(f"unknown layer types {unknown}; known: {', '.join(ATTENTION_TYPES)}")
         if window_size < 0:
             raise ValueError(f"window_size must be >= 0, got {window_size}")
+        if "sliding" in self.attention_types and (window_size < 1 or sink_tokens < 0):
+            raise ValueError(f"sliding layers need window_size >= 1 and sink_tokens >= 0, got {window_size}, {sink_tokens}")
+        if "block_sparse" in self.attention_types and (sparse_block_size < 1 or sparse_topk < 0):
+            raise ValueError(f"block_sparse layers need sparse_block_size >= 1 and sparse_topk >= 0")
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             pad_token_id=pad_token_id,

@@ -25,8 +25,11 @@ from .attention_ops import (
     hybrid_attention,
     hybrid_attention_weights,
     linear_attention,
+    select_key_blocks,
     softmax_attention,
 )
+from .attention_ops import block_sparse_attention as block_sparse_attention_ref
+from .attention_ops import sliding_window_attention as sliding_window_attention_ref
 from .configuration_effconv import EffconvConfig
 from .moe import MoeExperts, MoeMLP
 
@@ -78,6 +81,8 @@ class LayerCache:
     key_features: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None  # (B, tokens held) True for real tokens; None when nothing is padded
     state: tuple[torch.Tensor, torch.Tensor] | None = None
+    key_positions: torch.Tensor | None = None  # sliding layers: absolute positions of the held keys (sinks + window)
+    block_selection: torch.Tensor | None = None  # block_sparse layers: (B, H, blocks so far, topk + 1) chosen blocks
     # One-token decoding of a hybrid layer keeps the window in a ring buffer (effconv_kernels.HybridDecodeCache,
     # which then also owns the state); `ring_position` (a 1-element device tensor = tokens seen) replaces its
     # Python counter for CUDA-graph decoding (effconv/fast_decode.py).
@@ -120,7 +125,7 @@ class EffconvCache(Cache):
 
     def _map(self, fn) -> None:
         for c in self.layer_caches:
-            for name in ("keys", "values", "key_features", "key_mask"):
+            for name in ("keys", "values", "key_features", "key_mask", "block_selection"):
                 t = getattr(c, name)
                 if t is not None:
                     setattr(c, name, fn(t))
@@ -207,7 +212,11 @@ class EffconvAttention(nn.Module):
 
     @property
     def is_converted(self) -> bool:
-        return self.layer_type == "linear"
+        return self.layer_type != "softmax"  # linear, sliding or block_sparse
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.layer_type in ("sliding", "block_sparse")
 
     def _project(self, x: torch.Tensor, position_embeddings):
         b, t, _ = x.shape
@@ -230,6 +239,44 @@ class EffconvAttention(nn.Module):
             cache.keys, cache.values = _append(cache.keys, k), _append(cache.values, v)
             k, v = cache.keys, cache.values
         return softmax_attention(q, k, v, scale=self.scale, key_padding_mask=key_mask, sliding_window=self.teacher_window)
+
+    def _sparse(self, q, k, v, cache: LayerCache | None, key_mask):
+        """Sliding-window (+ sinks) or top-k block-sparse softmax attention of the new tokens. The cache holds
+        keys/values (sliding: only the sinks and the last window; block_sparse: all, plus the block choices)."""
+        cfg, t_new = self.config, q.shape[2]
+        kernels = self._use_kernels(q) and key_mask is None and cache is None
+        if self.layer_type == "sliding":
+            window, sinks = cfg.window_size, cfg.sink_tokens
+            if kernels:
+                return _kernels.sliding_window_attention(q, k, v, window=window, sinks=sinks, scale=self.scale,
+                                                         backend="triton")
+            start = 0 if cache is None or cache.key_positions is None else int(cache.key_positions[-1]) + 1
+            q_pos = torch.arange(start, start + t_new, device=q.device)
+            k_pos = q_pos
+            if cache is not None and cache.keys is not None:
+                k, v = torch.cat([cache.keys, k], 2), torch.cat([cache.values, v], 2)
+                k_pos = torch.cat([cache.key_positions, q_pos])
+            mask = None if key_mask is None else key_mask[:, k_pos]
+            o = sliding_window_attention_ref(q, k, v, scale=self.scale, window=window, sinks=sinks, q_positions=q_pos,
+                                             k_positions=k_pos, key_padding_mask=mask)
+            if cache is not None:  # the next query (position end) needs the sinks and keys after end - window (one spare kept)
+                keep = (k_pos < sinks) | (k_pos >= start + t_new - window)
+                cache.keys, cache.values, cache.key_positions = k[:, :, keep], v[:, :, keep], k_pos[keep]
+            return o
+        bs, topk = cfg.sparse_block_size, cfg.sparse_topk
+        past = 0 if cache is None or cache.keys is None else cache.keys.shape[2]
+        if cache is not None:
+            cache.keys, cache.values = _append(cache.keys, k), _append(cache.values, v)
+            k, v = cache.keys, cache.values
+        selection = select_key_blocks(q, k, block_size=bs, topk=topk, q_start=past,
+                                      selection=None if cache is None else cache.block_selection)
+        if cache is not None:
+            cache.block_selection = selection
+        if kernels and bs >= 16 and bs & (bs - 1) == 0:
+            return _kernels.block_sparse_attention(q, k, v, block_size=bs, topk=topk, scale=self.scale, idx=selection,
+                                                   backend="triton")
+        mask = None if key_mask is None else key_mask[:, : k.shape[2]]
+        return block_sparse_attention_ref(q, k, v, selection, scale=self.scale, block_size=bs, key_padding_mask=mask)
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
         backend = self.config.attention_backend
@@ -352,6 +399,8 @@ class EffconvAttention(nn.Module):
             return self._merge_heads(self._softmax(q, k, v, cache, key_mask))
         if self.mode == "student":
             q, k, v = self._project(hidden_states, position_embeddings)
+            if self.is_sparse:
+                return self._merge_heads(self._sparse(q, k, v, cache, key_mask))
             return self._merge_heads(self._linear(q, k, v, cache, key_mask))
         return self._transfer(hidden_states, position_embeddings, key_mask)
 
@@ -361,9 +410,10 @@ class EffconvAttention(nn.Module):
         with torch.no_grad():
             q, k, v = self._project(hidden_states, position_embeddings)
             y_true = self._merge_heads(self._softmax(q, k, v, None, key_mask))
-        y_pred = self._merge_heads(self._linear(q, k, v, None, key_mask))
+        student_attention = self._sparse if self.is_sparse else self._linear
+        y_pred = self._merge_heads(student_attention(q, k, v, None, key_mask))
         loss = transfer_mse(y_pred, y_true)
-        if self.transfer_attn_ce_weight > 0:
+        if self.transfer_attn_ce_weight > 0 and not self.is_sparse:  # sparse layers have no attention-map parameters
             loss = loss + self.transfer_attn_ce_weight * self._attention_map_ce(q, k)
         self.transfer_loss = loss
         return y_true
