@@ -178,3 +178,21 @@ def test_hybrid_argument_checks():
     o_auto, _ = ek.hybrid_attention(q, k, v, fq, fk, mix, window=3, scale=0.25)  # CPU -> chunked reference
     o_ref, _ = naive_hybrid_attention(q, k, v, fq, fk, mix, window=3, scale=0.25)
     assert rel_err(o_auto, o_ref) < 1e-5
+
+
+@pytest.mark.parametrize("W,dtype", [(5, torch.float32), (64, torch.float32), (16, torch.bfloat16)])
+def test_hybrid_feature_grads_without_qkv_grads(W, dtype, device):
+    """Attention transfer: q, k, v come without grad, so the backward skips dq/dk/dv (NEED_QKV=False);
+    dfq, dfk and dmix must equal those of the full backward (same sums; only the compiled code differs)."""
+    (q, k, v, fq, fk), mix, _ = make_inputs(1, 3, 1, 100, 32, 64, dtype, device, seed=3)
+    do = torch.randn(1, 3, 100, 32, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    kw = dict(window=W, scale=32 ** -0.5, backend="triton")
+    o, _ = ek.hybrid_attention(q, k, v, fq, fk, mix, **kw)
+    full = torch.autograd.grad(o, [fq, fk, mix], do)
+    q0, k0, v0 = (x.detach() for x in (q, k, v))
+    o0, _ = ek.hybrid_attention(q0, k0, v0, fq, fk, mix, **kw)
+    part = torch.autograd.grad(o0, [fq, fk, mix], do)
+    assert torch.equal(o0, o)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3  # bf16: at most a rounding step apart
+    for name, a, b in zip(["fq", "fk", "mix"], part, full):
+        assert rel_err(a, b, floor=1e-6) < tol, name

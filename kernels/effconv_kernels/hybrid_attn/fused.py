@@ -129,6 +129,7 @@ def hybrid_bwd_dq_kernel(
     T, G, H, NS1, D_OFF, W, scale,
     D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    NEED_QKV: tl.constexpr = True,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     Hkv = H // G
@@ -160,29 +161,33 @@ def hybrid_bwd_dq_kernel(
         b_k = tl.load(k + i_bk64 * T * D + o_s[:, None] * D + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.0)
         b_v = tl.load(v + i_bk64 * T * DV + o_s[:, None] * DV + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)
         delta = o_t[:, None] - o_s[None, :]
-        win = (delta >= 0) & (delta < W) & m_s[None, :]
-        s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
-        p = tl.where(win, tl.exp(tl.where(win, s, 0.0) - b_m[:, None]), 0.0)
         b_dp = tl.dot(b_dn, tl.trans(b_v), input_precision=PREC) + b_dd[:, None]  # dN_i . v_j + dden_i
-        ds = p * (alpha * b_dp)
-        b_dq += tl.dot(ds.to(b_k.dtype), b_k, input_precision=PREC)
+        if NEED_QKV:  # attention transfer needs only dfq (q is made without grad)
+            win = (delta >= 0) & (delta < W) & m_s[None, :]
+            s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+            p = tl.where(win, tl.exp(tl.where(win, s, 0.0) - b_m[:, None]), 0.0)
+            ds = p * (alpha * b_dp)
+            b_dq += tl.dot(ds.to(b_k.dtype), b_k, input_precision=PREC)
         if (i_t + 1) * BT - 1 - c * BT >= W:
             b_fk = tl.load(fk + i_bk64 * T * F + o_s[:, None] * F + o_f[None, :],
                            mask=m_s[:, None] & m_f[None, :], other=0.0)
             db = tl.where(delta >= W, beta * b_dp, 0.0)
             b_dfq += tl.dot(db.to(b_fk.dtype), b_fk, input_precision=PREC)
-    # gradient through the window max: d s_{i, j*} += dm_i
-    b_js = tl.load(jstar + i_bh64 * T + o_t, mask=m_t, other=0)
-    b_dm = tl.load(dm + i_bh64 * T + o_t, mask=m_t, other=0.0)
-    b_kst = tl.load(k + i_bk64 * T * D + b_js[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-    b_dq = (b_dq + b_dm[:, None] * b_kst.to(tl.float32)) * scale
+    if NEED_QKV:
+        # gradient through the window max: d s_{i, j*} += dm_i
+        b_js = tl.load(jstar + i_bh64 * T + o_t, mask=m_t, other=0)
+        b_dm = tl.load(dm + i_bh64 * T + o_t, mask=m_t, other=0.0)
+        b_kst = tl.load(k + i_bk64 * T * D + b_js[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
+                        other=0.0)
+        b_dq = (b_dq + b_dm[:, None] * b_kst.to(tl.float32)) * scale
     # linear part through the state
     b_h = tl.load(h + (i_bk64 * NS1 + c0) * F * DV + o_f[:, None] * DV + o_v[None, :],
                   mask=m_f[:, None] & m_v[None, :], other=0.0)
     b_z = tl.load(zh + (i_bk64 * NS1 + c0) * F + o_f, mask=m_f, other=0.0)
     b_dfq += beta * (tl.dot(b_dn, tl.trans(b_h.to(b_dn.dtype)), input_precision=PREC) + b_dd[:, None] * b_z[None, :])
-    tl.store(dq + i_bh64 * T * D + o_t[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty),
-             mask=m_t[:, None] & m_d[None, :])
+    if NEED_QKV:
+        tl.store(dq + i_bh64 * T * D + o_t[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty),
+                 mask=m_t[:, None] & m_d[None, :])
     tl.store(dfq + i_bh64 * T * F + o_t[:, None] * F + o_f[None, :], b_dfq.to(dfq.dtype.element_ty),
              mask=m_t[:, None] & m_f[None, :])
 
@@ -193,6 +198,7 @@ def hybrid_bwd_dkv_kernel(
     T, L, G, H, NT, D_OFF, W, scale,
     D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    NEED_QKV: tl.constexpr = True,
 ):
     i_c, i_bk = tl.program_id(0), tl.program_id(1)
     Hkv = H // G
@@ -230,36 +236,40 @@ def hybrid_bwd_dkv_kernel(
             b_dm = tl.load(dm + i_bh64 * T + o_t, mask=m_t, other=0.0)
             b_js = tl.load(jstar + i_bh64 * T + o_t, mask=m_t, other=-1)
             delta = o_t[None, :] - o_s[:, None]  # i - j
-            win = (delta >= 0) & (delta < W) & m_t[None, :]
-            st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale
-            pt = tl.where(win, tl.exp(tl.where(win, st, 0.0) - b_m[None, :]), 0.0)
             b_dpt = tl.dot(b_v, tl.trans(b_dn), input_precision=PREC) + b_dd[None, :]
-            dst = pt * (alpha * b_dpt)
-            dst += tl.where(o_s[:, None] == b_js[None, :], b_dm[None, :], 0.0)
-            b_dk += tl.dot(dst.to(b_q.dtype), b_q, input_precision=PREC)
-            P = alpha * pt
+            if NEED_QKV:  # attention transfer needs only dfk (k and v are made without grad)
+                win = (delta >= 0) & (delta < W) & m_t[None, :]
+                st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale
+                pt = tl.where(win, tl.exp(tl.where(win, st, 0.0) - b_m[None, :]), 0.0)
+                dst = pt * (alpha * b_dpt)
+                dst += tl.where(o_s[:, None] == b_js[None, :], b_dm[None, :], 0.0)
+                b_dk += tl.dot(dst.to(b_q.dtype), b_q, input_precision=PREC)
+                P = alpha * pt
             if (n + 1) * BT - 1 - i_c * BT >= W:
                 b_fq = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_f[None, :],
                                mask=m_t[:, None] & m_f[None, :], other=0.0)
                 lin = (delta >= W) & m_t[None, :]
-                bt = tl.where(lin, tl.dot(b_fk, tl.trans(b_fq), input_precision=PREC), 0.0)
                 dbt = tl.where(lin, beta * b_dpt, 0.0)
                 b_dfk += tl.dot(dbt.to(b_fq.dtype), b_fq, input_precision=PREC)
-                P += beta * bt
-            b_dv += tl.dot(P.to(b_dn.dtype), b_dn, input_precision=PREC)
+                if NEED_QKV:
+                    bt = tl.where(lin, tl.dot(b_fk, tl.trans(b_fq), input_precision=PREC), 0.0)
+                    P += beta * bt
+            if NEED_QKV:
+                b_dv += tl.dot(P.to(b_dn.dtype), b_dn, input_precision=PREC)
     # linear part through the states of later chunks (and the final-state gradient): keys j < L only
     m_l = o_s < L
     b_dh = tl.load(dh + (i_bk64 * NT + i_c) * F * DV + o_f[:, None] * DV + o_v[None, :],
                    mask=m_f[:, None] & m_v[None, :], other=0.0)
     b_dzh = tl.load(dzh + (i_bk64 * NT + i_c) * F + o_f, mask=m_f, other=0.0)
     b_dfk += tl.where(m_l[:, None], tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)), input_precision=PREC) + b_dzh[None, :], 0.0)
-    b_dv += tl.where(m_l[:, None], tl.dot(b_fk, b_dh.to(b_fk.dtype), input_precision=PREC), 0.0)
-    tl.store(dk + i_bk64 * T * D + o_s[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
-             mask=m_s[:, None] & m_d[None, :])
     tl.store(dfk + i_bk64 * T * F + o_s[:, None] * F + o_f[None, :], b_dfk.to(dfk.dtype.element_ty),
              mask=m_s[:, None] & m_f[None, :])
-    tl.store(dv + i_bk64 * T * DV + o_s[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_s[:, None] & m_v[None, :])
+    if NEED_QKV:
+        b_dv += tl.where(m_l[:, None], tl.dot(b_fk, b_dh.to(b_fk.dtype), input_precision=PREC), 0.0)
+        tl.store(dk + i_bk64 * T * D + o_s[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
+                 mask=m_s[:, None] & m_d[None, :])
+        tl.store(dv + i_bk64 * T * DV + o_s[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+                 mask=m_s[:, None] & m_v[None, :])
 
 
 def _blocks(D, F, DV):
@@ -295,7 +305,9 @@ def hybrid_fwd(q, k, v, fq, fk, mix, W, scale, eps, initial_state, chunk=None):
     return o, ywin, rden, mrow, jstar, h, zh, ST, zT
 
 
-def hybrid_bwd(q, k, v, fq, fk, mix, o, ywin, rden, mrow, jstar, h, zh, do, W, scale, eps, dfinal, chunk=None):
+def hybrid_bwd(q, k, v, fq, fk, mix, o, ywin, rden, mrow, jstar, h, zh, do, W, scale, eps, dfinal, chunk=None,
+               need_qkv=True):
+    """need_qkv=False skips dq, dk, dv (returned as None): attention transfer only trains the feature maps."""
     chunk = chunk or chunk_size(q.dtype)
     B, H, T, D = q.shape
     Hkv, DV, F = k.shape[1], v.shape[-1], fq.shape[-1]
@@ -314,21 +326,26 @@ def hybrid_bwd(q, k, v, fq, fk, mix, o, ywin, rden, mrow, jstar, h, zh, do, W, s
     beta = (1.0 - alpha).contiguous()
     dh, dzh, dS0, dz0 = chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv, d, chunk, True)
     BD, BF, BV = _blocks(D, F, DV)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dfq, dfk = torch.empty_like(fq), torch.empty_like(fk)
+    if need_qkv:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    else:  # never written (NEED_QKV=False): any valid pointer will do
+        dq, dk, dv = dfq, dfk, dfk
     hybrid_bwd_dq_kernel[(NT, B * H)](
         q, k, v, fq, fk, mix, h, zh, do, rden, dden, mrow, jstar, dq, dfq, dm,
         T, G, H, h.shape[2], d, W, float(scale),
-        D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=prec,
+        D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=prec, NEED_QKV=need_qkv,
         **kernel_config("hyb_dq", 8, 1),
     )
     hybrid_bwd_dkv_kernel[(NT, B * Hkv)](
         q, k, v, fq, fk, mix, dh, dzh, do, rden, dden, mrow, jstar, dm, dk, dv, dfk,
         T, L, G, H, NT, d, W, float(scale),
-        D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=prec,
+        D=D, F=F, DV=DV, BT=chunk, BD=BD, BF=BF, BV=BV, PREC=prec, NEED_QKV=need_qkv,
         **kernel_config("hyb_dkv", 8, 1),
     )
     dmix = (alpha[None, :, None] * eps * dden - dm).sum((0, 2))
+    if not need_qkv:
+        dq = dk = dv = None
     return dq, dk, dv, dfq, dfk, dmix, dS0, dz0
 
 
@@ -357,7 +374,8 @@ class HybridAttentionFunction(torch.autograd.Function):
             dfinal = (dST if dST is not None else fk.new_zeros(B, Hkv, F, v.shape[-1], dtype=torch.float32),
                       dzT if dzT is not None else fk.new_zeros(B, Hkv, F, dtype=torch.float32))
         dq, dk, dv, dfq, dfk, dmix, dS0, dz0 = hybrid_bwd(
-            q, k, v, fq, fk, mix_f, o, ywin, rden, mrow, jstar, h, zh, do, W, scale, eps, dfinal)
+            q, k, v, fq, fk, mix_f, o, ywin, rden, mrow, jstar, h, zh, do, W, scale, eps, dfinal,
+            need_qkv=any(ctx.needs_input_grad[:3]))
         if S0 is None:
             dS0 = dz0 = None
         else:
