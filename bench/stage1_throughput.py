@@ -51,6 +51,19 @@ def timed(fn, steps: int, warmup: int, repeats: int = 3) -> float:
     return sorted(blocks)[len(blocks) // 2]
 
 
+def host_time_ms(fn, steps: int = 3) -> float:
+    """Host (Python + launch) time of one call: timed without waiting for the GPU, starting from an idle GPU;
+    only meaningful when the call makes no blocking sync. Close to step_ms means the step is host-bound."""
+    total = 0.0
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return total / steps * 1e3
+
+
 @contextlib.contextmanager
 def torch_feature_map():
     """Run FeatureMap in PyTorch even where the model would pass it the fused Triton map."""
@@ -284,6 +297,7 @@ def main() -> None:
                             row["profile_top_kernels"], row["profile_ms_by_component"] = profile_step(step)
                             # below 1: the GPU idles part of the step (host-side launch overhead or syncs)
                             row["gpu_busy_fraction"] = row["profile_top_kernels"][0]["ms_per_step"] / row["step_ms"]
+                            row["host_ms_per_step"] = host_time_ms(step)
                     except torch.cuda.OutOfMemoryError:
                         row["error"] = "OOM"
                 print({key: val for key, val in row.items() if not key.startswith("profile_")})
