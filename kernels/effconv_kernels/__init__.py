@@ -7,6 +7,7 @@ Public entry points (all take backend="auto" | "triton" | "reference" | "naive")
     hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, *, window, scale, eps) -> o_t  # cache updated in place
     HybridDecodeCache
     hedgehog_feature_map(x, weight, bias=None, *, out_dtype=None) -> [softmax(xW+b), softmax(-(xW+b))]
+    moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj) -> (N,D)  # Mixtral layout
 "auto" runs Triton on CUDA tensors and the chunked pure-PyTorch reference (O(T*C) memory) otherwise;
 "naive" is the O(T^2) oracle. Shapes and semantics: docs/kernels.md.
 """
@@ -191,3 +192,41 @@ def block_sparse_attention(q, k, v, *, block_size: int, topk: int, scale: float,
     from .block_sparse.naive import naive_block_sparse_attention
     return naive_block_sparse_attention(q, k, v, block_size=int(block_size), topk=int(topk), scale=float(scale),
                                         idx=idx)
+
+
+# --- mixture-of-experts SwiGLU experts (moe/) ---
+__all__ += ["moe_experts"]
+
+
+def moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, *, backend: str = "auto"):
+    """Routed SwiGLU experts in transformers' MixtralExperts layout.
+
+    hidden (N,D), top_k_index (N,k) int, top_k_weights (N,k), gate_up_proj (E,2I,D) (rows [0,I) gate, [I,2I) up),
+    down_proj (E,D,I) -> (N,D) = sum_j w[:, j] * down_e(silu(gate_e x) * up_e x), e = top_k_index[:, j].
+    "triton": token sort/permute + grouped GEMMs (fp32 accumulation, autograd for hidden, top_k_weights and both
+    weights); "reference": sorted PyTorch (one host sync); "naive": transformers' per-expert loop.
+    """
+    float_dtype_ok(hidden, top_k_weights, gate_up_proj, down_proj)
+    if hidden.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape[0] != hidden.shape[0]:
+        raise ValueError(f"expected hidden (N,D) and top_k_index (N,k), got {tuple(hidden.shape)} and "
+                         f"{tuple(top_k_index.shape)}")
+    if tuple(top_k_weights.shape) != tuple(top_k_index.shape):
+        raise ValueError(f"top_k_weights {tuple(top_k_weights.shape)} must match top_k_index "
+                         f"{tuple(top_k_index.shape)}")
+    if top_k_index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"top_k_index must be int64/int32, got {top_k_index.dtype}")
+    e, two_i, d = gate_up_proj.shape if gate_up_proj.dim() == 3 else (None, None, None)
+    if (e is None or two_i % 2 or d != hidden.shape[1] or down_proj.dim() != 3
+            or tuple(down_proj.shape) != (e, d, two_i // 2)):
+        raise ValueError(f"expected gate_up_proj (E,2I,D={hidden.shape[1]}) and down_proj (E,D,I), got "
+                         f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
+    be = resolve_backend(backend, hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    if be == "triton":
+        _same_dtype(hidden, gate_up_proj, down_proj)
+        from .moe.triton import triton_moe_experts
+        return triton_moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    if be == "naive":
+        from .moe.naive import naive_moe_experts
+        return naive_moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    from .moe.naive import sorted_moe_experts
+    return sorted_moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)

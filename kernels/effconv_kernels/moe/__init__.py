@@ -1,0 +1,2 @@
+"""Mixture-of-experts SwiGLU experts: per-expert loop oracle (naive.py), sorted PyTorch reference
+(naive.py), Triton sort/permute + grouped GEMM forward and backward (triton.py)."""
