@@ -64,6 +64,23 @@ def host_time_ms(fn, steps: int = 3) -> float:
     return total / steps * 1e3
 
 
+def host_profile(step, steps: int = 2, top: int = 40) -> list[dict]:
+    """Host-side ops of the step by self CPU time (torch.profiler, CPU activity only), ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = [{"op": e.key[:120], "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "calls_per_step": e.count / steps} for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r["self_cpu_ms_per_step"])
+    total = sum(r["self_cpu_ms_per_step"] for r in rows)
+    return [{"op": "TOTAL self CPU", "self_cpu_ms_per_step": total, "calls_per_step": 0}] + rows[:top]
+
+
 @contextlib.contextmanager
 def torch_feature_map():
     """Run FeatureMap in PyTorch even where the model would pass it the fused Triton map."""
@@ -242,6 +259,7 @@ def main() -> None:
                         help="Hedgehog map on the triton backend: fused Triton kernel or the PyTorch FeatureMap")
     parser.add_argument("--breakdown", action="store_true",
                         help="per-component do_bench times and a torch.profiler kernel table (triton backend)")
+    parser.add_argument("--host-profile", action="store_true", help="host-side (CPU) op table of one step")
     parser.add_argument("--feature-map-sweep", action="store_true", help="block/warp sweep of the fused map")
     parser.add_argument("--transfer-mse", choices=["default", "eager", "compiled"], default="default",
                         help="per-layer loss: the model's transfer_mse, plain F.mse_loss on fp32 casts (before), "
@@ -298,6 +316,11 @@ def main() -> None:
                             # below 1: the GPU idles part of the step (host-side launch overhead or syncs)
                             row["gpu_busy_fraction"] = row["profile_top_kernels"][0]["ms_per_step"] / row["step_ms"]
                             row["host_ms_per_step"] = host_time_ms(step)
+                        if args.host_profile and kernel == "triton":
+                            row["host_profile_top"] = host_profile(step)
+                            for entry in row["host_profile_top"][:25]:
+                                print(f"    host {entry['self_cpu_ms_per_step']:8.2f} ms  x{entry['calls_per_step']:6.0f}  "
+                                      f"{entry['op'][:80]}")
                     except torch.cuda.OutOfMemoryError:
                         row["error"] = "OOM"
                 print({key: val for key, val in row.items() if not key.startswith("profile_")})

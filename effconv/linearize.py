@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_lib
+from . import distributed
 from .errors import EffconvError
 from .export import check_output_dir, export_model
 from .loading import build_student, cache_root, effconv_config_from_teacher, load_teacher
@@ -112,7 +113,7 @@ def _device_and_dtype(cfg: LinearizeConfig) -> tuple[torch.device, torch.dtype]:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, cfg.dtype)
-    return device, dtype
+    return distributed.local_device(device), dtype  # one GPU per launched process
 
 
 def run_dir_for(out: Path) -> Path:
@@ -231,12 +232,16 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
     out = Path(cfg.out)
     check_output_dir(out, cfg.overwrite)
     run_dir = run_dir_for(out)
-    _prepare_run_dir(cfg, run_dir)
+    if distributed.is_main_process():  # under accelerate launch only the main process writes
+        _prepare_run_dir(cfg, run_dir)
+    distributed.wait_for_everyone()
     device, dtype = _device_and_dtype(cfg)
     torch.manual_seed(cfg.seed)
 
     console.print(f"[bold]effconv linearize[/bold]: loading {cfg.model or 'the default model'}")
     teacher, tokenizer, source = load_teacher(cfg.model, dtype=dtype, device=device)
+    if not distributed.is_main_process():
+        distributed.wait_for_everyone()  # the main process fills the data cache first, the others read it
     train_blocks, val_blocks, data_description = data_lib.prepare_data(
         cfg.data,
         tokenizer,
@@ -250,6 +255,8 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
         generation_batch_size=cfg.generation_batch_size,
         progress=cfg.progress,
     )
+    if distributed.is_main_process():
+        distributed.wait_for_everyone()
     val_blocks = val_blocks[: cfg.max_val_blocks]
     console.print(f"data: {data_description}; validating on {val_blocks.shape[0]} blocks")
     student = make_student(teacher, cfg, device)
@@ -330,8 +337,10 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
     model_to_export.requires_grad_(False)
     export_metadata = {"command": "linearize", "config": dataclasses.asdict(cfg), "metrics": metrics,
                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(metadata or {})}
-    export_model(model_to_export, tokenizer, out, overwrite=cfg.overwrite, metadata=export_metadata)
-    if not cfg.keep_run:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if distributed.is_main_process():
+        export_model(model_to_export, tokenizer, out, overwrite=cfg.overwrite, metadata=export_metadata)
+        if not cfg.keep_run:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    distributed.wait_for_everyone()
     console.print(f"[green]wrote {out}[/green]")
     return LinearizeResult(out=out, metrics=metrics)
