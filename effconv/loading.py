@@ -167,6 +167,8 @@ def load_causal_lm(spec: str | None, *, dtype: torch.dtype = torch.float32, devi
 
 def check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
+    if model_type == "effconv" and all(t == "softmax" for t in config.attention_types):
+        return  # an effconv model with softmax attention everywhere (e.g. from moe-upcycle) converts like its base
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise EffconvError(
             f"unsupported architecture {model_type!r}: effconv converts {', '.join(SUPPORTED_MODEL_TYPES)} models"
@@ -212,6 +214,11 @@ def effconv_config_from_teacher(
     check_supported(teacher_config)
     c = teacher_config
     model_type = c.model_type
+    if model_type == "effconv":  # keep everything (MoE FFNs included), change only the attention settings
+        values = {k: v for k, v in c.to_dict().items() if k not in ("auto_map", "architectures", "model_type", "transformers_version")}
+        values.update(attention_types=attention_types or ["linear"] * c.num_hidden_layers, feature_map=feature_map,
+                      feature_dim=feature_dim, window_size=window_size, attention_backend=attention_backend)
+        return EffconvConfig(**values)
     n = c.num_hidden_layers
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     attention_bias = bool(getattr(c, "attention_bias", False)) or model_type == "qwen2"

@@ -139,3 +139,136 @@ def test_export_round_trip_logits(tmp_path, arch, shared, expected):
         model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "moe")  # plain transformers, no remote code
     with torch.no_grad():  # the exported network is the one the run ended with
         torch.testing.assert_close(model(ids).logits, result.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+TINY = dict(seq_len=32, batch_size=4, calibration_tokens=256, progress=False, device="cpu", eval_every=2, checkpoint_every=2)
+
+
+def _tiny(model_dir, out, **kw) -> MoeUpcycleConfig:
+    return MoeUpcycleConfig(**{**TINY, "model": str(model_dir), "data": str(model_dir / "train.txt"), "out": str(out), **kw})
+
+
+NO_EFFCONV_LOAD = """
+import importlib.abc, sys, torch
+class NoEffconv(importlib.abc.MetaPathFinder):  # behave as a machine without effconv installed
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("effconv", "effconv_kernels"):
+            raise ImportError(name)
+sys.meta_path.insert(0, NoEffconv())
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[3])
+"""
+
+
+def test_linear_moe_linearized_model_upcycles_exports_and_reloads(tiny_model_dir, tmp_path):
+    from effconv.linearize import LinearizeConfig, linearize
+
+    linearize(LinearizeConfig(model=str(tiny_model_dir), data=str(tiny_model_dir / "train.txt"), out=str(tmp_path / "lin"),
+                              window=4, seq_len=32, batch_size=4, stage1_tokens=32 * 4 * 2, stage2_tokens=0, progress=False))
+    (tmp_path / "lin" / "train.txt").write_text((tiny_model_dir / "train.txt").read_text())
+    result = moe_upcycle(_tiny(tmp_path / "lin", tmp_path / "lmoe", experts=4, top_k=2, tokens=32 * 4 * 2, train="router"))
+    assert result.export_format == "effconv"  # linear attention needs effconv's modeling code
+    config = json.loads((tmp_path / "lmoe" / "config.json").read_text())
+    assert config["num_experts"] == 4 and config["attention_types"] == ["linear"] * 3
+    assert (tmp_path / "lmoe" / "moe.py").is_file()
+    ids = torch.randint(3, 400, (2, 20), generator=torch.Generator().manual_seed(2))
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", NO_EFFCONV_LOAD, str(tmp_path / "lmoe"), str(tmp_path / "ids.pt"),
+                    str(tmp_path / "logits.pt")], check=True, cwd=tmp_path)
+    with torch.no_grad():
+        want = result.model(ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), want, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_moe_upcycled_model_linearizes_and_reloads(tiny_model_dir, tmp_path):
+    from effconv.linearize import LinearizeConfig, linearize
+    from effconv.modeling import EffconvForCausalLM
+
+    result = moe_upcycle(_tiny(tiny_model_dir, tmp_path / "moe", experts=4, top_k=2, export_format="effconv"))
+    assert result.export_format == "effconv"
+    (tmp_path / "moe" / "train.txt").write_text((tiny_model_dir / "train.txt").read_text())
+    linearize(LinearizeConfig(model=str(tmp_path / "moe"), data=str(tmp_path / "moe" / "train.txt"), out=str(tmp_path / "moelin"),
+                              window=4, seq_len=32, batch_size=4, stage1_tokens=32 * 4 * 2, stage2_tokens=32 * 4, progress=False))
+    combined = EffconvForCausalLM.from_pretrained(tmp_path / "moelin").eval()
+    assert combined.config.attention_types == ["linear"] * 3 and combined.config.num_experts == 4
+    upcycled = EffconvForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    ids = torch.randint(3, 400, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        # the MoE FFNs and routers came through linearize unchanged: in teacher mode (softmax attention) the combined
+        # model is the upcycled model; in student mode linear attention makes it differ
+        for a, b in zip(combined.model.layers, upcycled.model.layers):
+            torch.testing.assert_close(a.mlp.experts.gate_up_proj, b.mlp.experts.gate_up_proj)
+            torch.testing.assert_close(a.mlp.gate.weight, b.mlp.gate.weight)
+        student_logits = combined(ids).logits
+        combined.set_attention_mode("teacher")
+        assert not torch.allclose(student_logits, combined(ids).logits, atol=1e-4)
+
+
+def test_bad_input_errors(tiny_model_dir, tmp_path):
+    dense = _dense("llama")
+    with pytest.raises(EffconvError, match="divisible"):
+        upcycle(dense, [], _cfg(method="split", experts=3, top_k=1, router_init="uniform"))  # 128 % 3
+    with pytest.raises(EffconvError, match="top-k"):
+        _cfg(experts=4, top_k=5)
+    with pytest.raises(EffconvError, match="multiples of --granularity"):
+        _cfg(method="copy", experts=6, top_k=3, granularity=2)
+    with pytest.raises(EffconvError, match="granularity 3 does not divide"):
+        upcycle(dense, [], _cfg(method="copy", experts=3, top_k=3, granularity=3, router_init="uniform"))
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(EffconvError, match="no recognised gated FFN"):
+        dense_effconv_model(gpt2)
+    moe = upcycle(dense, [], _cfg(experts=4, top_k=2, router_init="uniform"))
+    with pytest.raises(EffconvError, match="already a mixture of experts"):
+        dense_effconv_model(moe)
+    # shape errors come before any output is written
+    with pytest.raises(EffconvError, match="divisible"):
+        moe_upcycle(_tiny(tiny_model_dir, tmp_path / "bad", experts=5, top_k=2))
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--experts", "8", "--top-k", "9"], "--top-k must be between 1 and --experts (8), got 9"),
+    (["--method", "dense"], "--method must be one of split, copy"),
+    (["--experts", "5"], "divisible"),
+])
+def test_cli_one_line_errors(tiny_model_dir, tmp_path, args, message):
+    cmd = [sys.executable, "-m", "effconv.cli", "moe-upcycle", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+           "--data", str(tiny_model_dir / "train.txt"), "--no-progress", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("effconv: error: ") and message in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_continues_interrupted_distillation(tiny_model_dir, tmp_path, monkeypatch):
+    from effconv import moe_upcycle as mod
+
+    full = moe_upcycle(_tiny(tiny_model_dir, tmp_path / "full", experts=4, top_k=2, tokens=32 * 4 * 6, train="experts",
+                             load_balancing="bias", lr=1e-3))
+    real_run_stage = mod.run_stage
+
+    def crash_after_3(*a, **kw):
+        real_run_stage(*a, **{**kw, "stop_after_steps": 3})  # checkpoint at step 2, then "die"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "run_stage", crash_after_3)
+    cfg = _tiny(tiny_model_dir, tmp_path / "part", experts=4, top_k=2, tokens=32 * 4 * 6, train="experts", load_balancing="bias", lr=1e-3)
+    with pytest.raises(KeyboardInterrupt):
+        moe_upcycle(cfg)
+    assert not (tmp_path / "part").exists() and (tmp_path / ".part.effconv-run" / "distill.pt").is_file()
+    monkeypatch.setattr(mod, "run_stage", real_run_stage)
+    with pytest.raises(EffconvError, match="different settings"):
+        moe_upcycle(_tiny(tiny_model_dir, tmp_path / "part", experts=4, top_k=2, tokens=32 * 4 * 6, train="router",
+                          load_balancing="bias", lr=1e-3, resume=True))
+    cfg.resume = True
+    resumed = moe_upcycle(cfg)
+    assert resumed.metrics["distillation"]["steps"] == 6
+    torch.testing.assert_close(resumed.metrics["distillation"]["final_train_loss"],
+                               full.metrics["distillation"]["final_train_loss"], rtol=1e-4, atol=1e-5)
+    for a, b in zip(resumed.model.model.layers, full.model.model.layers):
+        torch.testing.assert_close(a.mlp.router_bias, b.mlp.router_bias)
+        torch.testing.assert_close(a.mlp.experts.down_proj, b.mlp.experts.down_proj, rtol=1e-4, atol=1e-5)
