@@ -84,7 +84,7 @@ class HybridizeConfig(LinearizeConfig):
             raise EffconvError(f"unknown --score {self.score!r}; choose one of {', '.join(SCORE_CHOICES)}")
         if self.score_tokens < 0:
             raise EffconvError(f"--score-tokens must be >= 0, got {self.score_tokens}")
-        if self.window >= self.seq_len:
+        if self.attention == "linear" and self.window >= self.seq_len:
             raise EffconvError(
                 f"--window {self.window} is not smaller than --seq-len {self.seq_len}: the linear part would never "
                 "be trained or measured; use a smaller window or longer sequences"
@@ -268,7 +268,8 @@ def measure_layer_scores(student, train_blocks, val_blocks, cfg: HybridizeConfig
         raise ValueError("scoring needs a student with every layer converted")
     for attn in student.converted_attentions():
         attn.transfer_attn_ce_weight = cfg.attn_ce_weight
-    steps = _steps(cfg.score_tokens, cfg)
+    # sliding / block_sparse layers have nothing to train: they are scored as they are
+    steps = _steps(cfg.score_tokens, cfg) if any(p.requires_grad for p in student.parameters()) else 0
     trained = 0
     if steps > 0:
         loader = data_lib.BlockLoader(train_blocks, cfg.batch_size, seed=cfg.seed)
@@ -311,7 +312,7 @@ def score_layers(cfg: HybridizeConfig) -> LayerScores:
     return measure_layer_scores(student, train_blocks, val_blocks, cfg, device)
 
 
-def _num_layers(cfg: HybridizeConfig) -> int:
+def _teacher_config(cfg: HybridizeConfig):
     from transformers import AutoConfig
 
     from .loading import _materialise_gguf, resolve_model_source
@@ -319,9 +320,20 @@ def _num_layers(cfg: HybridizeConfig) -> int:
     source = resolve_model_source(cfg.model)
     path = _materialise_gguf(source) if source.kind == "gguf" else source.path
     try:
-        return int(AutoConfig.from_pretrained(path).num_hidden_layers)
+        return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise EffconvError(f"could not read the config of {source.description}: {e}") from e
+
+
+def _num_layers(cfg: HybridizeConfig) -> int:
+    config = _teacher_config(cfg)
+    if cfg.attention == "gqa":  # a --kv-heads that cannot merge the heads fails before any work
+        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        if cfg.kv_heads is not None and (kv % cfg.kv_heads or cfg.kv_heads == kv):
+            divisors = [d for d in range(1, kv) if kv % d == 0]
+            raise EffconvError(f"--kv-heads {cfg.kv_heads} must divide the model's {kv} key/value heads "
+                               f"({config.num_attention_heads} query heads) and be smaller; choose one of {divisors}")
+    return int(config.num_hidden_layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,7 +388,7 @@ def print_scores_table(scores: LayerScores, kept: list[int]) -> None:
         row = [str(i), f"{scores.transfer_mse[i]:.4g}", f"{scores.relative_mse[i]:.4g}"]
         if scores.next_token_delta is not None:
             row.append(f"{scores.next_token_delta[i]:+.4f}")
-        row += [str(order.index(i) + 1), "[bold red]softmax[/bold red]" if i in kept else "linear"]
+        row += [str(order.index(i) + 1), "[bold red]softmax[/bold red]" if i in kept else "converted"]
         table.add_row(*row)
     console.print(table)
 

@@ -28,6 +28,8 @@ from .train import StageSpec, console, load_checkpoint, run_stage
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION_CHOICES = ("linear", "sliding", "block_sparse", "gqa")
+KV_MERGE_CHOICES = ("mean", "similar")
 
 
 @dataclass
@@ -42,7 +44,13 @@ class LinearizeConfig:
     generation_batch_size: int = 48
     feature_map: str = "hedgehog"
     feature_dim: int | None = None  # hedgehog/t2r projection size per head (default: head dim)
-    window: int = 64  # sliding softmax window of the hybrid; 0 = pure linear attention
+    window: int = 64  # sliding softmax window of the hybrid (0 = pure linear); of "sliding" layers
+    attention: str = "linear"  # what converted layers become: linear | sliding | block_sparse | gqa
+    sinks: int = 0  # "sliding": sink / global tokens at the start of the sequence every query also sees
+    block_size: int = 64  # "block_sparse": tokens per block (a power of two >= 16, for the Triton kernel)
+    topk: int = 8  # "block_sparse": earlier key blocks each query block attends to, besides its own
+    kv_heads: int | None = None  # "gqa": key/value heads per converted layer after merging (1 = MQA)
+    kv_merge: str = "mean"  # "gqa": mean (consecutive heads) | similar (group heads with similar K/V weights)
     layers: list[int] | None = None  # layers to convert (None: all); the others keep softmax attention
     kernel: str = "auto"  # auto: Triton on CUDA, PyTorch reference on CPU
     seq_len: int = 256
@@ -72,6 +80,7 @@ class LinearizeConfig:
             raise EffconvError(f"unknown feature map {self.feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}")
         if self.window < 0:
             raise EffconvError(f"--window must be >= 0 (0 = pure linear attention), got {self.window}")
+        self._validate_attention()
         if self.kernel not in KERNEL_CHOICES:
             raise EffconvError(f"unknown --kernel {self.kernel!r}; choose one of {', '.join(KERNEL_CHOICES)}")
         for name in ("seq_len", "batch_size", "lora_rank", "eval_every", "checkpoint_every", "generation_batch_size"):
@@ -84,6 +93,35 @@ class LinearizeConfig:
             raise EffconvError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise EffconvError(f"unknown --dtype {self.dtype!r}; choose auto, float32, bfloat16 or float16")
+
+    def _validate_attention(self) -> None:
+        if self.attention not in ATTENTION_CHOICES:
+            raise EffconvError(f"unknown --attention {self.attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+        if self.attention == "sliding":
+            if self.window < 1:
+                raise EffconvError(f"--attention sliding needs --window >= 1, got {self.window}")
+            if self.sinks < 0:
+                raise EffconvError(f"--sinks must be >= 0, got {self.sinks}")
+            if self.window + self.sinks >= self.seq_len:
+                raise EffconvError(
+                    f"--window {self.window} + --sinks {self.sinks} covers the whole --seq-len {self.seq_len}: the "
+                    "sliding layers would be exact softmax attention; use a smaller window or longer sequences")
+        if self.attention == "block_sparse":
+            if self.block_size < 16 or self.block_size & (self.block_size - 1):
+                raise EffconvError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+            if self.topk < 1:
+                raise EffconvError(f"--topk must be >= 1, got {self.topk}")
+            if (self.topk + 1) * self.block_size >= self.seq_len:
+                raise EffconvError(
+                    f"--topk {self.topk} blocks of {self.block_size} (+ the own block) cover the whole --seq-len "
+                    f"{self.seq_len}: nothing would be sparse; lower --topk or --block-size or raise --seq-len")
+        if self.attention == "gqa":
+            if self.kv_heads is None or self.kv_heads < 1:
+                raise EffconvError("--attention gqa needs --kv-heads N >= 1 (1 = multi-query attention)")
+            if self.kv_merge not in KV_MERGE_CHOICES:
+                raise EffconvError(f"unknown --kv-merge {self.kv_merge!r}; choose one of {', '.join(KV_MERGE_CHOICES)}")
+        elif self.kv_heads is not None:
+            raise EffconvError(f"--kv-heads applies to --attention gqa only (got --attention {self.attention})")
 
     def identity(self) -> dict:
         """The settings that must match for --resume to continue a run."""
@@ -154,7 +192,9 @@ def make_student(teacher, cfg: LinearizeConfig, device: torch.device):
     """Surgery on a loaded teacher: effconv model with the chosen layers converted, only new parameters trainable."""
     n = teacher.config.num_hidden_layers
     convert = set(converted_layer_indices(n, cfg.layers))
-    attention_types = ["linear" if i in convert else "softmax" for i in range(n)]
+    # gqa layers are built as softmax with the teacher's heads, then their K/V heads are merged
+    kind = "softmax" if cfg.attention == "gqa" else cfg.attention
+    attention_types = [kind if i in convert else "softmax" for i in range(n)]
     config = effconv_config_from_teacher(
         teacher.config,
         attention_types=attention_types,
@@ -163,13 +203,21 @@ def make_student(teacher, cfg: LinearizeConfig, device: torch.device):
         window_size=cfg.window,
         attention_backend="auto" if cfg.kernel == "auto" else cfg.kernel,
     )
+    config.sink_tokens, config.sparse_block_size, config.sparse_topk = cfg.sinks, cfg.block_size, cfg.topk
     student = build_student(teacher, config).to(device)
+    if cfg.attention == "gqa":
+        from .gqa import merge_kv_heads
+
+        merge_kv_heads(student, sorted(convert), cfg.kv_heads, method=cfg.kv_merge)
     student.requires_grad_(False)
     for attn in student.converted_attentions():
         for name, p in attn.named_parameters():
             if name.startswith("feature_map_") or name == "window_mix":
                 p.data = p.data.float()  # small trainable maps stay fp32 even in a bf16 model
                 p.requires_grad_(True)
+            elif attn.layer_type == "gqa" and name.split(".")[0] in ("k_proj", "v_proj"):
+                p.requires_grad_(True)  # the merged K/V projections are what attention transfer recovers
+    # sliding / block_sparse layers have no new parameters: attention transfer has nothing to train there
     return student
 
 
@@ -283,7 +331,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
     )
     stage1_ckpt = run_dir / "stage1.pt"
-    if stage1.steps > 0:
+    if stage1.steps > 0 and any(p.requires_grad for p in student.parameters()):
         resume_state = load_checkpoint(stage1_ckpt) if cfg.resume and stage1_ckpt.is_file() else None
         last = converted[-1]
 

@@ -9,7 +9,8 @@ from transformers import PretrainedConfig
 # "sliding" is softmax attention over the last window_size tokens plus the first sink_tokens tokens;
 # "block_sparse" is softmax attention over the sparse_topk best earlier blocks of sparse_block_size tokens
 # plus the own block (dynamic top-k). Sparse layers keep a KV cache (sliding: sinks + window only).
-ATTENTION_TYPES = ("softmax", "linear", "sliding", "block_sparse")
+# "gqa" is softmax attention with gqa_kv_heads merged key/value heads (effconv/gqa.py).
+ATTENTION_TYPES = ("softmax", "linear", "sliding", "block_sparse", "gqa")
 
 
 class EffconvConfig(PretrainedConfig):
@@ -46,6 +47,7 @@ class EffconvConfig(PretrainedConfig):
         sink_tokens: int = 0,
         sparse_block_size: int = 64,
         sparse_topk: int = 8,
+        gqa_kv_heads: int | None = None,
         num_experts: int = 0,
         num_experts_per_tok: int = 2,
         moe_intermediate_size: int | None = None,
@@ -85,6 +87,7 @@ class EffconvConfig(PretrainedConfig):
         self.sink_tokens = sink_tokens  # "sliding" layers
         self.sparse_block_size = sparse_block_size  # "block_sparse" layers
         self.sparse_topk = sparse_topk
+        self.gqa_kv_heads = gqa_kv_heads  # "gqa" layers
         # Mixture of experts (effconv moe-upcycle): num_experts 0 means every layer keeps its dense gated MLP.
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
@@ -105,6 +108,8 @@ class EffconvConfig(PretrainedConfig):
             raise ValueError(f"window_size must be >= 0, got {window_size}")
         if "sliding" in self.attention_types and (window_size < 1 or sink_tokens < 0):
             raise ValueError(f"sliding layers need window_size >= 1 and sink_tokens >= 0, got {window_size}, {sink_tokens}")
+        if "gqa" in self.attention_types and (not gqa_kv_heads or self.num_key_value_heads % gqa_kv_heads):
+            raise ValueError(f"gqa layers need gqa_kv_heads dividing {self.num_key_value_heads}, got {gqa_kv_heads}")
         if "block_sparse" in self.attention_types and (sparse_block_size < 1 or sparse_topk < 0):
             raise ValueError(f"block_sparse layers need sparse_block_size >= 1 and sparse_topk >= 0")
         super().__init__(

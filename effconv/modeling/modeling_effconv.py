@@ -186,7 +186,8 @@ class EffconvAttention(nn.Module):
         self.layer_idx = layer_idx
         self.layer_type = config.attention_types[layer_idx]
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        # "gqa" layers (effconv/gqa.py) have their own, merged, number of key/value heads
+        self.num_kv_heads = config.gqa_kv_heads if self.layer_type == "gqa" else config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = attention_scale(self.head_dim)
         self.teacher_window = config.sliding_window if config.teacher_sliding_layers[layer_idx] else None
@@ -394,6 +395,8 @@ class EffconvAttention(nn.Module):
         cache: LayerCache | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.layer_type == "gqa":
+            return self._gqa(hidden_states, position_embeddings, cache, key_mask)
         if not self.is_converted or self.mode == "teacher":
             q, k, v = self._project(hidden_states, position_embeddings)
             return self._merge_heads(self._softmax(q, k, v, cache, key_mask))
@@ -403,6 +406,27 @@ class EffconvAttention(nn.Module):
                 return self._merge_heads(self._sparse(q, k, v, cache, key_mask))
             return self._merge_heads(self._linear(q, k, v, cache, key_mask))
         return self._transfer(hidden_states, position_embeddings, key_mask)
+
+    def _gqa(self, hidden_states, position_embeddings, cache, key_mask):
+        """Softmax attention with merged key/value heads. While the original projections are held (conversion,
+        not in exports) teacher mode uses them and transfer mode trains the merged ones to match them."""
+        q, k, v = self._project(hidden_states, position_embeddings)
+        if self.mode == "student" or getattr(self, "teacher_k_proj_weight", None) is None:
+            return self._merge_heads(self._softmax(q, k, v, cache, key_mask))
+        b, t, _ = hidden_states.shape
+        n = self.teacher_num_kv_heads
+        with torch.no_grad():
+            k_t = F.linear(hidden_states, self.teacher_k_proj_weight, self.teacher_k_proj_bias).view(b, t, n, -1)
+            v_t = F.linear(hidden_states, self.teacher_v_proj_weight, self.teacher_v_proj_bias).view(b, t, n, -1)
+            if self.config.qk_norm:
+                k_t = self.k_norm(k_t)
+            cos, sin = position_embeddings
+            k_t = apply_rotary_pos_emb(k_t.transpose(1, 2), k_t.transpose(1, 2), cos, sin)[0]
+            y_true = self._merge_heads(self._softmax(q, k_t, v_t.transpose(1, 2), cache, key_mask))
+        if self.mode == "teacher":
+            return y_true
+        self.transfer_loss = transfer_mse(self._merge_heads(self._softmax(q, k, v, None, key_mask)), y_true)
+        return y_true
 
     def _transfer(self, hidden_states, position_embeddings, key_mask):
         """Attention transfer: match this layer's softmax output on the same inputs; pass the softmax output on,
