@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import distributed
 from .errors import EffconvError
 
 console = Console(stderr=True)
@@ -95,12 +96,20 @@ def run_stage(
     extra_state: Callable[[], dict] | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    accelerator=None,
 ) -> StageResult:
     """Minimise loss_fn over `spec.steps` batches, checkpointing every `spec.checkpoint_every` steps.
 
     `resume_state` is a checkpoint of this stage (load_checkpoint); training continues from its step.
     `stop_after_steps` ends the loop early (used by tests to simulate a crash without killing the process).
+    `accelerator`: data parallelism over the processes of `accelerate launch` (default: the launched one, if any).
+    `next_batch` returns the global batch; each process trains on its 1/N slice and the gradients are averaged
+    (distributed.py), so N processes follow the 1-process run with the same global batch. Only the main
+    process writes the checkpoint; every process reads it on resume.
     """
+    if accelerator is None:
+        accelerator = distributed.get_accelerator()
+    is_main = accelerator is None or accelerator.is_main_process
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise EffconvError(f"stage {spec.name}: nothing to train")
@@ -124,6 +133,9 @@ def run_stage(
     def save(step: int) -> None:
         if checkpoint_path is None:
             return
+        if not is_main:
+            accelerator.wait_for_everyone()  # the main process writes; the others wait until it is on disk
+            return
         state = {
             "stage": spec.name,
             "step": step,
@@ -138,6 +150,8 @@ def run_stage(
         if extra_state is not None:
             state.update(extra_state())
         atomic_torch_save(state, checkpoint_path)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
 
     columns = [
         TextColumn("[bold]{task.description}"),
@@ -150,21 +164,23 @@ def run_stage(
     ]
     model.train()
     last_val = f"{result.val_losses[-1][1]:.4g}" if result.val_losses else "-"
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+    with Progress(*columns, console=console, disable=not (progress and is_main), transient=False) as bar:
         task = bar.add_task(spec.name, total=spec.steps, completed=start_step, loss="-", val=last_val, tps="-")
         for step in range(start_step, spec.steps):
             if stop_after_steps is not None and step >= stop_after_steps:
                 break
             t0 = time.perf_counter()
             batch = next_batch(step)
-            loss, _ = loss_fn(batch)
-            if not torch.isfinite(loss):
+            loss, _ = loss_fn(distributed.shard_batch(batch, accelerator))
+            global_loss = distributed.mean_over_processes(loss, accelerator)  # every process stops together
+            if not torch.isfinite(global_loss):
                 raise EffconvError(
-                    f"stage {spec.name}: loss became {loss.item()} at step {step}; the last good checkpoint is kept"
-                    f" at {checkpoint_path} (lower the learning rate and --resume)"
+                    f"stage {spec.name}: loss became {global_loss.item()} at step {step}; the last good checkpoint"
+                    f" is kept at {checkpoint_path} (lower the learning rate and --resume)"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(params, accelerator)
             if spec.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             optimizer.step()
@@ -172,7 +188,7 @@ def run_stage(
             dt = time.perf_counter() - t0
             result.seconds += dt
             result.tokens += batch.numel()
-            result.train_losses.append(float(loss.item()))
+            result.train_losses.append(float(global_loss.item()))
             done = step + 1
             if evaluate is not None and (done % spec.eval_every == 0 or done == spec.steps):
                 model.eval()
@@ -180,7 +196,7 @@ def run_stage(
                 model.train()
                 result.val_losses.append((done, val))
                 last_val = f"{val:.4g}"
-            bar.update(task, completed=done, loss=f"{loss.item():.4g}", val=last_val, tps=f"{batch.numel() / dt:,.0f}")
+            bar.update(task, completed=done, loss=f"{global_loss.item():.4g}", val=last_val, tps=f"{batch.numel() / dt:,.0f}")
             if done % spec.checkpoint_every == 0 or done == spec.steps:
                 save(done)
     model.eval()
