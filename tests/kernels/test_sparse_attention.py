@@ -120,3 +120,20 @@ def test_sparse_ops_reject_bad_input():
         ek.sliding_window_attention(q, k, v, window=0, scale=1.0)
     with pytest.raises(ValueError, match="block_size"):
         ek.block_sparse_attention(q, k, v, block_size=12, topk=2, scale=1.0, backend="triton")
+
+
+def test_sparse_bench_runs_tiny_on_cpu(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sparse.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, str(root / "bench" / "sparse.py"), "--tiny", "--out", str(out)], check=True,
+                   cwd=root, env=env, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"sdpa", "window512", "window2048", "topk8"} and len(rows) == 4
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and "error" not in r for r in rows)
