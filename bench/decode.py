@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is kept")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--window", type=int, default=64, help="converted model's window (0: pure linear)")
-    parser.add_argument("--prefill-chunk", type=int, default=2048)
+    parser.add_argument("--prefill-chunk", type=int, default=512,
+                        help="prompt fed in pieces of this many tokens (both models): bounds prefill activations")
     parser.add_argument("--generate-steps", type=int, default=32)
     parser.add_argument("--teacher", help="HF model dir (default: SmolLM2-135M-shaped, random weights)")
     parser.add_argument("--student", help="effconv export dir (default: converted from the teacher, all layers)")

@@ -103,9 +103,17 @@ class StaticDecoder:
 
     def _attach_device_position(self) -> None:
         """Hybrid layers read their ring slot from the shared device counter from now on."""
+        seen = int(self.position)  # tokens in the cache (one host sync, once)
         for c in self.cache.layer_caches:
             if c.ring is not None:
-                c.ring.seen = self.prompt_len + self.generated + 1  # keep the Python counter consistent
+                # the ring built from the prefill numbers tokens from the start of its window; the device counter
+                # is absolute, so rotate the slots until token t sits in slot t % W
+                w = c.ring.k.shape[2]
+                shift = (seen - c.ring.seen) % w
+                if shift:
+                    for name in ("k", "v", "fk"):
+                        setattr(c.ring, name, torch.roll(getattr(c.ring, name), shift, dims=2).contiguous())
+                c.ring.seen = seen
                 c.ring_position = self.position
 
     def _capture(self) -> None:

@@ -64,6 +64,10 @@ def test_cache_bytes_constant_in_context_while_decoding(window):
         for t in (10, 40, 150):
             out = student(torch.randint(3, 400, (1, t)), use_cache=True)
             cache = out.past_key_values
+            # held tensors own their storage: a view of the prefill's keys would keep all of them alive
+            held = [x for c in cache.layer_caches for x in (c.keys, c.values, c.key_features, *(c.state or ()))
+                    if x is not None]
+            assert all(x.untyped_storage().nbytes() == x.numel() * x.element_size() for x in held)
             for _ in range(3):
                 nxt = out.logits[:, -1:].argmax(-1)
                 out = student(nxt, past_key_values=cache, use_cache=True)
@@ -92,6 +96,24 @@ def test_greedy_generate_eager_matches_generate(window, types):
     result = greedy_generate(student, x, max_new_tokens=8)
     assert not result.cuda_graph  # CPU: eager fallback
     assert torch.equal(result.tokens, expected)
+
+
+@pytest.mark.parametrize("window", [5, 8, 64])
+def test_device_position_ring_matches_generate(window):
+    """The CUDA-graph bookkeeping on the CPU: after the first step the hybrid rings are rotated to absolute slot
+    numbering and read their slot from the shared position tensor (reference op); tokens equal generate()."""
+    from effconv.fast_decode import StaticDecoder
+
+    _, student = student_of("llama", window=window)
+    x = torch.randint(3, 400, (2, 30))
+    with torch.no_grad():
+        expected = student.generate(x, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    decoder = StaticDecoder(student, use_cuda_graph=False, max_new_tokens=12)
+    pieces = [x, decoder.prefill(x), decoder.step().clone()]
+    decoder._attach_device_position()
+    assert all(c.ring_position is decoder.position for c in decoder.cache.layer_caches)
+    pieces += [decoder.step().clone() for _ in range(10)]
+    assert torch.equal(torch.cat(pieces, 1), expected)
 
 
 def test_greedy_generate_teacher_eager_matches_generate():
@@ -128,3 +150,44 @@ def test_decode_bench_runs_on_cpu_tiny(tmp_path):
     assert all(r["cache_bytes"] > 0 for r in converted)
     assert len({(r["batch"], r["cache_bytes"]) for r in teacher}) == 4
     assert set(result["generate_batch1"]) == {"teacher", "converted"}
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda_only
+@pytest.mark.parametrize("window", [0, 8])
+def test_cuda_token_by_token_decode_equals_parallel_forward(window):
+    """Triton path: prefill kernels' final state + decode kernels (fp32: tf32x3 dots, near-fp32 accuracy)."""
+    _, student = student_of("qwen3", window=window)
+    student = student.cuda()
+    x = torch.randint(3, 400, (2, 40), device="cuda")
+    with torch.no_grad():
+        full = student(x, use_cache=False).logits
+    incremental, _ = _token_by_token(student, x, prefill=13)
+    torch.testing.assert_close(incremental, full, rtol=1e-3, atol=1e-3)
+
+
+@cuda_only
+@pytest.mark.parametrize("window", [0, 8])
+def test_cuda_graph_greedy_matches_eager_converted(window):
+    _, student = student_of("llama", window=window)
+    student = student.cuda()
+    x = torch.randint(3, 400, (3, 30), device="cuda")
+    eager = greedy_generate(student, x, 20, use_cuda_graph=False)
+    graph = greedy_generate(student, x, 20, use_cuda_graph=True)
+    assert graph.cuda_graph and not eager.cuda_graph
+    assert torch.equal(graph.tokens, eager.tokens)
+
+
+@cuda_only
+def test_cuda_graph_greedy_matches_generate_teacher():
+    from conftest import tiny_teacher
+
+    teacher = tiny_teacher("llama").cuda()
+    x = torch.randint(3, 400, (3, 30), device="cuda")
+    with torch.no_grad():
+        expected = teacher.generate(x, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    graph = greedy_generate(teacher, x, 20, use_cuda_graph=True)
+    assert graph.cuda_graph
+    assert torch.equal(graph.tokens, expected)

@@ -384,7 +384,8 @@ class EffconvAttention(nn.Module):
         if cache is not None:
             cache.state = state
             if self.window > 0:
-                cache.keys, cache.values, cache.key_features = (x[:, :, -self.window:] for x in (k, v, fk))
+                # clone: a slice would keep the whole prefill's k/v/fk storage alive (cache memory grows with the context)
+                cache.keys, cache.values, cache.key_features = (x[:, :, -self.window:].clone() for x in (k, v, fk))
                 cache.key_mask = None if key_mask is None else key_mask[:, -self.window:]
         return o[:, :, -t_new:]
 
