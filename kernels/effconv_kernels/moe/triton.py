@@ -66,8 +66,19 @@ def moe_up_kernel(x, order, table, w_gu, h, gu_out, D, I, K_SLOTS, E,
     x_off = tok.to(tl.int64) * D
     w_base = w_gu + e.to(tl.int64) * 2 * I * D
     # W_gu[e] is (2I, D): W^T[k, n] = W[n, k] -> stride_wk = 1, stride_wn = D
-    g = _rows_times_weight(x, x_off, m_r, 1, w_base, 1, D, cols, m_c, D, BM, BN, BK, PREC)
-    u = _rows_times_weight(x, x_off, m_r, 1, w_base + I * D, 1, D, cols, m_c, D, BM, BN, BK, PREC)
+    g = tl.zeros([BM, BN], dtype=tl.float32)
+    u = tl.zeros([BM, BN], dtype=tl.float32)
+    o_k = tl.arange(0, BK)
+    wg_ptr = w_base + cols[None, :].to(tl.int64) * D  # W_gu[e] is (2I, D): gate row n, up row I + n
+    for k0 in range(0, D, BK):  # one x tile feeds both the gate and the up dot
+        kk = k0 + o_k
+        m_k = kk < D
+        a = tl.load(x + x_off[:, None] + kk[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        m_w = m_k[:, None] & m_c[None, :]
+        wg = tl.load(wg_ptr + kk[:, None], mask=m_w, other=0.0)
+        wu = tl.load(wg_ptr + I * D + kk[:, None], mask=m_w, other=0.0)
+        g = tl.dot(a, wg, g, input_precision=PREC)
+        u = tl.dot(a, wu, u, input_precision=PREC)
     hv = g * tl.sigmoid(g) * u
     out_off = rows[:, None].to(tl.int64) * I + cols[None, :]
     m_o = m_r[:, None] & m_c[None, :]
