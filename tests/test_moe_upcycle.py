@@ -121,7 +121,7 @@ def test_export_round_trip_logits(tmp_path, arch, shared, expected):
     from helpers_tokenizer import make_tiny_tokenizer
 
     make_tiny_tokenizer().save_pretrained(teacher_dir)
-    (teacher_dir / "train.txt").write_text(" ".join(f"word{i % 37} is here." for i in range(3000)))
+    (teacher_dir / "train.txt").write_text(" ".join(f"word{i % 37} is here." for i in range(800)))
     cfg = MoeUpcycleConfig(model=str(teacher_dir), out=str(tmp_path / "moe"), data=str(teacher_dir / "train.txt"),
                            experts=8 - shared, top_k=2, shared=shared, seq_len=32, batch_size=4, calibration_tokens=256,
                            tokens=256, train="experts", progress=False, device="cpu", load_balancing="aux")
