@@ -113,9 +113,11 @@ def test_balanced_kmeans_gives_equal_clusters_and_separates_groups():
         assert len(set(labels[c * 8 : (c + 1) * 8].tolist())) == 1
 
 
-@pytest.mark.parametrize("arch,shared,expected", [("llama", 0, "mixtral"), ("llama", 2, "qwen2_moe"), ("qwen3", 0, "qwen3_moe"),
-                                                  ("qwen2", 2, "effconv"), ("mistral", 0, "mixtral")])
-def test_export_round_trip_logits(tmp_path, arch, shared, expected):
+@pytest.mark.parametrize("arch,shared,expected,train", [
+    ("llama", 0, "mixtral", "experts"), ("llama", 2, "qwen2_moe", "experts"), ("qwen3", 0, "qwen3_moe", "router"),
+    ("qwen2", 2, "effconv", "experts"), ("mistral", 0, "mixtral", "router-lora"),
+])
+def test_export_round_trip_logits(tmp_path, arch, shared, expected, train):
     teacher_dir = tmp_path / "teacher"
     tiny_teacher(arch).save_pretrained(teacher_dir)
     from helpers_tokenizer import make_tiny_tokenizer
@@ -124,11 +126,12 @@ def test_export_round_trip_logits(tmp_path, arch, shared, expected):
     (teacher_dir / "train.txt").write_text(" ".join(f"word{i % 37} is here." for i in range(800)))
     cfg = MoeUpcycleConfig(model=str(teacher_dir), out=str(tmp_path / "moe"), data=str(teacher_dir / "train.txt"),
                            experts=8 - shared, top_k=2, shared=shared, seq_len=32, batch_size=4, calibration_tokens=256,
-                           tokens=256, train="experts", progress=False, device="cpu", load_balancing="aux")
+                           tokens=256, train=train, progress=False, device="cpu", load_balancing="aux")
     result = moe_upcycle(cfg)
     assert result.export_format == expected
     meta = json.loads((tmp_path / "moe" / "effconv.json").read_text())
     assert meta["metrics"]["distillation"]["steps"] == 2
+    assert meta["metrics"]["distillation"]["train"] == train
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     ids = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(1))
     if expected == "effconv":
