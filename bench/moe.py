@@ -138,6 +138,19 @@ def correctness(N, D, I, E, k, device, dtype):
     return res
 
 
+def profile_once(inp):
+    from torch.profiler import ProfilerActivity, profile
+    fwd, leaves = build("triton", inp)
+    for _ in range(3):
+        fwd().backward(inp["dout"])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fwd().backward(inp["dout"])
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON output path (default: print only)")
@@ -145,6 +158,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke test")
     ap.add_argument("--tokens", type=int, nargs="*", default=None)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--profile", action="store_true", help="print the CUDA kernel table of one triton fwd+bwd")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,6 +192,8 @@ def main(argv=None):
                     row[f"loop_over_triton_{phase[:-3]}"] = loop[phase] / tri[phase]
                 if phase in tri and phase in dense:
                     row[f"triton_over_dense_{phase[:-3]}"] = tri[phase] / dense[phase]
+            if args.profile and device == "cuda":
+                profile_once(inp)
             results.append(row)
             print(json.dumps(row))
             del inp

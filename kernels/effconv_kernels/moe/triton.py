@@ -203,7 +203,9 @@ def _routing(top_k_index: torch.Tensor, num_experts: int, bm: int):
     flat_expert = top_k_index.reshape(-1)
     m = flat_expert.numel()
     order = torch.argsort(flat_expert, stable=True).to(torch.int32)
-    counts = torch.bincount(flat_expert, minlength=num_experts)[:num_experts]
+    # scatter_add, not bincount: bincount on CUDA reads the max back to the host (a sync per call)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat_expert.device)
+    counts.scatter_add_(0, flat_expert.long(), torch.ones_like(flat_expert, dtype=torch.int64))
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat_expert.device)
     offsets[1:] = torch.cumsum(counts, 0)
     blocks = (counts + bm - 1) // bm
