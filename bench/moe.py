@@ -151,6 +151,32 @@ def profile_once(inp):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
 
 
+SWEEP = [  # (BM, BN, BK, warps, stages, WG_BP, WG_BQ, WG_BR, WG_WARPS)
+    (64, 128, 64, 4, 3, 64, 128, 64, 4),
+    (64, 128, 64, 8, 3, 64, 128, 64, 8),
+    (128, 128, 64, 8, 3, 128, 128, 64, 8),
+    (128, 64, 64, 4, 4, 128, 128, 32, 8),
+    (64, 64, 64, 4, 4, 64, 64, 64, 4),
+]
+
+
+def sweep(shapes, tokens, dtype, device, timer):
+    from effconv_kernels.moe import triton as mt
+    out = []
+    for sname, (D, I, E, k) in shapes.items():
+        inp = make_inputs(tokens[-1], D, I, E, k, dtype, device)
+        for cfg in SWEEP:
+            mt.BM, mt.BN, mt.BK, mt.WARPS, mt.STAGES, mt.WG_BP, mt.WG_BQ, mt.WG_BR, mt.WG_WARPS = cfg
+            try:
+                r = run_method("triton", inp, timer)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory)
+                r = dict(error=f"{type(e).__name__}: {str(e)[:80]}")
+            row = dict(shape=sname, N=tokens[-1], cfg=cfg, **r)
+            print(json.dumps(row))
+            out.append(row)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON output path (default: print only)")
@@ -159,6 +185,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="*", default=None)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernel table of one triton fwd+bwd")
+    ap.add_argument("--sweep", action="store_true", help="time tile configs of the Triton kernel, then exit")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,6 +203,8 @@ def main(argv=None):
         env["triton"] = triton.__version__
     except Exception:  # noqa: BLE001
         pass
+    if args.sweep:
+        return sweep(shapes, tokens, dtype, device, timer)
     results, t0 = [], time.time()
     first = next(iter(shapes.values()))
     check = correctness(min(tokens), *first, device, dtype)
