@@ -23,12 +23,12 @@ from effconv.moe_upcycle import (
 )
 
 VARIANTS = {
-    "split-random": dict(method="split", split="random"),
-    "split-balanced": dict(method="split", split="balanced"),
-    "split-coactivation": dict(method="split", split="coactivation"),
+    "split-random": dict(method="split", split="random", router_init_std=0.1),
+    "split-balanced": dict(method="split", split="balanced", router_init_std=0.1),
+    "split-coactivation": dict(method="split", split="coactivation", router_init_std=0.1),
     "split-coactivation-uniform-router": dict(method="split", split="coactivation", router_init="uniform"),
     "split-coactivation-router-std1": dict(method="split", split="coactivation", router_init_std=1.0),
-    "split-coactivation-shared1": dict(method="split", split="coactivation", experts=7, shared=1),
+    "split-coactivation-shared1": dict(method="split", split="coactivation", experts=7, shared=1, router_init_std=0.1),
     "copy-G1": dict(method="copy", granularity=1),
     "copy-G2": dict(method="copy", granularity=2),
 }
@@ -39,24 +39,28 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/moe_upcycle_cpu.json")
     ap.add_argument("--generate-tokens", type=int, default=16000)
     ap.add_argument("--distill-tokens", type=int, default=40960)
-    ap.add_argument("--distill-variants", default="split-coactivation")
+    ap.add_argument("--distill-variants", default="split-coactivation", help="comma-separated; empty: no distillation")
+    ap.add_argument("--data", default=None, help="text file/dir instead of teacher-generated text")
+    ap.add_argument("--val-blocks", type=int, default=12)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    base = dict(experts=8, top_k=2, seq_len=256, batch_size=8, calibration_tokens=4096, generate_tokens=args.generate_tokens,
+    base = dict(experts=8, top_k=2, seq_len=256, batch_size=8, calibration_tokens=4096, generate_tokens=args.generate_tokens, data=args.data,
                 generation_batch_size=32, val_fraction=0.15, max_val_blocks=12, device="cpu", progress=False)
     teacher, tokenizer, source = load_causal_lm(None)
     train, val, description = data_lib.prepare_data(
-        None, tokenizer, 256, teacher_factory=lambda: (teacher, tokenizer), num_tokens=args.generate_tokens,
+        args.data, tokenizer, 256, teacher_factory=lambda: (teacher, tokenizer), num_tokens=args.generate_tokens,
         cache_dir=cache_root() / "data", val_fraction=0.15, seed=0, generation_batch_size=32, progress=False)
-    val = val[:12]
+    val = val[: args.val_blocks]
     dense = dense_effconv_model(teacher)
     dense.requires_grad_(False)
     report = {"model": source.description, "data": description, "val_tokens": int(val.numel()), "variants": {}}
     report["teacher_val_ppl"] = perplexity(next_token_loss(dense, val, batch_size=8))
     print("teacher ppl", report["teacher_val_ppl"], flush=True)
     calib = collect_mlp_inputs(dense, train, 4096, 8)
-    for name, overrides in VARIANTS.items():
+    for name in args.variants.split(","):
+        overrides = VARIANTS[name]
         cfg = MoeUpcycleConfig(**{**base, **overrides})
         cfg.validate()
         t0 = time.time()
@@ -72,7 +76,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     del teacher, dense, calib
     report["distillation"] = {}
-    for name in args.distill_variants.split(","):
+    for name in filter(None, args.distill_variants.split(",")):
         for train in ("router", "experts"):
             cfg = MoeUpcycleConfig(**{**base, **VARIANTS[name]}, tokens=args.distill_tokens, train=train,
                                    lr=1e-3 if train == "router" else 1e-4, eval_every=5, checkpoint_every=100,

@@ -65,7 +65,7 @@ class MoeUpcycleConfig:
     granularity: int = 1  # copy only: each expert is a 1/G slice of the FFN
     shared: int = 0  # always-on shared experts (split: of expert size; copy: one dense copy, outputs halved)
     router_init: str = "auto"  # auto (split: activation, copy: kmeans) | activation | kmeans | uniform
-    router_init_std: float = 0.1  # spread of the initial router logits
+    router_init_std: float = 1.0  # spread of the initial router logits (measured: 1.0 beats 0.1 on SmolLM2)
     load_balancing: str = "aux"  # aux (Switch loss) | bias (selection bias, no gradient) | none
     aux_weight: float = 0.01
     bias_rate: float = 0.001

@@ -71,7 +71,7 @@ def test_split_top2_with_activation_router_differs_but_routes_by_layer_input():
     assert gate.abs().sum() > 0
     logits = calib[0] @ gate.detach().T
     # the logits' spread across experts is the configured router_init_std
-    assert abs(float((logits.detach() - logits.mean(-1, keepdim=True)).std()) - 0.1) < 1e-3
+    assert abs(float((logits.detach() - logits.mean(-1, keepdim=True)).std()) - 1.0) < 1e-2
     with torch.no_grad():
         assert not torch.allclose(moe(blocks).logits, dense(blocks).logits, atol=1e-3)
 
