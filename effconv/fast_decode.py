@@ -40,8 +40,9 @@ class StaticDecoder:
         self.effconv = _is_effconv(model)
         if use_cuda_graph is None:
             use_cuda_graph = self.device.type == "cuda"
-        if self.effconv and not all(layer.self_attn.is_converted for layer in model.model.layers):
-            use_cuda_graph = False  # softmax layers grow their KV cache by concatenation: not static
+        if self.effconv and not all(layer.self_attn.layer_type == "linear" for layer in model.model.layers):
+            # softmax, gqa and sparse layers grow their KV cache by concatenation: not static
+            use_cuda_graph = False
         self.use_cuda_graph = bool(use_cuda_graph) and self.device.type == "cuda"
         self.max_new_tokens = max_new_tokens
         self.prefill_chunk = prefill_chunk  # prompt fed in pieces: bounds the prefill's activation memory
