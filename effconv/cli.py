@@ -48,6 +48,7 @@ def linearize(
     feature_dim: Annotated[Optional[int], Opt(help="Feature-map projection size per head (default: head dim)")] = None,
     window: Annotated[Optional[int], Opt(help="Sliding softmax window of the hybrid; 0 = pure linear attention")] = None,
     layers: Annotated[Optional[str], Opt(help="Comma-separated layers to convert (default: all)")] = None,
+    layers_per_block: Annotated[Optional[int], Opt(help="Attention transfer K layers at a time, teacher states streamed from disk (docs/scale.md)")] = None,
     kernel: Annotated[Optional[str], Opt(help="auto | triton | reference")] = None,
     seq_len: Annotated[Optional[int], Opt(help="Training sequence length")] = None,
     batch_size: Annotated[Optional[int], Opt(help="Sequences per step")] = None,
@@ -78,7 +79,7 @@ def linearize(
     overrides = dict(
         model=model, out=str(out) if out else None, data=data, text_field=text_field,
         generate_tokens=generate_tokens, generation_batch_size=generation_batch_size, feature_map=feature_map, feature_dim=feature_dim, window=window,
-        layers=_split_ints(layers, "--layers"), kernel=kernel, seq_len=seq_len, batch_size=batch_size,
+        layers=_split_ints(layers, "--layers"), layers_per_block=layers_per_block, kernel=kernel, seq_len=seq_len, batch_size=batch_size,
         stage1_tokens=stage1_tokens, stage1_lr=stage1_lr, attn_ce_weight=attn_ce_weight,
         stage2_tokens=stage2_tokens, stage2_lr=stage2_lr, lora_rank=lora_rank, lora_alpha=lora_alpha,
         kl_weight=kl_weight, val_fraction=val_fraction, eval_every=eval_every, checkpoint_every=checkpoint_every,

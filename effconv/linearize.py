@@ -52,6 +52,7 @@ class LinearizeConfig:
     kv_heads: int | None = None  # "gqa": key/value heads per converted layer after merging (1 = MQA)
     kv_merge: str = "mean"  # "gqa": mean (consecutive heads) | similar (group heads with similar K/V weights)
     layers: list[int] | None = None  # layers to convert (None: all); the others keep softmax attention
+    layers_per_block: int | None = None  # stage 1 K decoder layers at a time (effconv/blockwise.py); None: whole model
     kernel: str = "auto"  # auto: Triton on CUDA, PyTorch reference on CPU
     seq_len: int = 256
     batch_size: int = 8
@@ -93,6 +94,8 @@ class LinearizeConfig:
             raise EffconvError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise EffconvError(f"unknown --dtype {self.dtype!r}; choose auto, float32, bfloat16 or float16")
+        if self.layers_per_block is not None and self.layers_per_block < 1:
+            raise EffconvError(f"--layers-per-block must be >= 1, got {self.layers_per_block}")
 
     def _validate_attention(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
@@ -287,7 +290,13 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
     torch.manual_seed(cfg.seed)
 
     console.print(f"[bold]effconv linearize[/bold]: loading {cfg.model or 'the default model'}")
-    teacher, tokenizer, source = load_teacher(cfg.model, dtype=dtype, device=device)
+    blockwise = cfg.layers_per_block is not None
+    # block-wise: the model waits in CPU memory and only the block being trained goes to the device
+    teacher, tokenizer, source = load_teacher(cfg.model, dtype=dtype, device=torch.device("cpu") if blockwise else device)
+    if blockwise:
+        from . import blockwise as blockwise_lib
+
+        blockwise_lib.check_layers_per_block(cfg.layers_per_block, teacher.config.num_hidden_layers)
     if not distributed.is_main_process():
         distributed.wait_for_everyone()  # the main process fills the data cache first, the others read it
     train_blocks, val_blocks, data_description = data_lib.prepare_data(
@@ -307,7 +316,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
         distributed.wait_for_everyone()
     val_blocks = val_blocks[: cfg.max_val_blocks]
     console.print(f"data: {data_description}; validating on {val_blocks.shape[0]} blocks")
-    student = make_student(teacher, cfg, device)
+    student = make_student(teacher, cfg, next(teacher.parameters()).device)
     del teacher
     converted = [i for i, layer in enumerate(student.model.layers) if layer.self_attn.is_converted]
     for attn in student.converted_attentions():
@@ -315,9 +324,17 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
     loader = data_lib.BlockLoader(train_blocks, cfg.batch_size, seed=cfg.seed)
     metrics: dict = {"source": source.description, "data": data_description, "converted_layers": converted}
 
-    student.set_attention_mode("teacher")
-    metrics["teacher_val_loss"] = next_token_loss(student, val_blocks, batch_size=cfg.batch_size)
-    student.set_attention_mode("student")
+    def val_loss(mode: str) -> float:
+        if blockwise:
+            return blockwise_lib.streamed_next_token_loss(student, val_blocks, layers_per_block=cfg.layers_per_block,
+                                                          device=device, batch_size=cfg.batch_size, mode=mode)
+        student.set_attention_mode(mode)
+        try:
+            return next_token_loss(student, val_blocks, batch_size=cfg.batch_size)
+        finally:
+            student.set_attention_mode("student")
+
+    metrics["teacher_val_loss"] = val_loss("teacher")
     metrics["teacher_val_ppl"] = perplexity(metrics["teacher_val_loss"])
     console.print(f"teacher validation perplexity {metrics['teacher_val_ppl']:.3f}")
 
@@ -331,7 +348,17 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
     )
     stage1_ckpt = run_dir / "stage1.pt"
-    if stage1.steps > 0 and any(p.requires_grad for p in student.parameters()):
+    if stage1.steps > 0 and any(p.requires_grad for p in student.parameters()) and blockwise:
+        r1, metrics["stage1_blockwise"] = blockwise_lib.blockwise_attention_transfer(
+            student, stage1, layers_per_block=cfg.layers_per_block, train_batch=loader.batch, val_blocks=val_blocks,
+            batch_size=cfg.batch_size, device=device, run_dir=run_dir, resume=cfg.resume, progress=cfg.progress,
+        )
+        metrics["stage1"] = {
+            "steps": r1.steps, "tokens": r1.tokens, "seconds": round(r1.seconds, 2),
+            "tokens_per_second": round(r1.tokens_per_second, 1),
+            "final_train_mse": r1.train_losses[-1] if r1.train_losses else None, "val_mse": r1.val_losses,
+        }
+    elif stage1.steps > 0 and any(p.requires_grad for p in student.parameters()):
         resume_state = load_checkpoint(stage1_ckpt) if cfg.resume and stage1_ckpt.is_file() else None
         last = converted[-1]
 
@@ -351,7 +378,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
             "tokens_per_second": round(r1.tokens_per_second, 1),
             "final_train_mse": r1.train_losses[-1] if r1.train_losses else None, "val_mse": r1.val_losses,
         }
-    metrics["stage1_val_loss"] = next_token_loss(student, val_blocks, batch_size=cfg.batch_size)
+    metrics["stage1_val_loss"] = val_loss("student")
     metrics["stage1_val_ppl"] = perplexity(metrics["stage1_val_loss"])
     console.print(f"after attention transfer: validation perplexity {metrics['stage1_val_ppl']:.3f}")
 
@@ -363,6 +390,8 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
     )
     model_to_export = student
     if stage2.steps > 0:
+        if blockwise:
+            student.to(device)  # stage 2 (LoRA through the whole model) needs the whole model on the device
         student.requires_grad_(False)
         peft_model = _add_lora(student, cfg)
         stage2_ckpt = run_dir / "stage2.pt"
