@@ -187,7 +187,8 @@ def run_stage(
             scheduler.step()
             dt = time.perf_counter() - t0
             result.seconds += dt
-            result.tokens += batch.numel()
+            tokens = math.prod(batch.shape[:2])  # token ids [B, T] or (block-wise stage 1) hidden states [B, T, d]
+            result.tokens += tokens
             result.train_losses.append(float(global_loss.item()))
             done = step + 1
             if evaluate is not None and (done % spec.eval_every == 0 or done == spec.steps):
@@ -196,7 +197,7 @@ def run_stage(
                 model.train()
                 result.val_losses.append((done, val))
                 last_val = f"{val:.4g}"
-            bar.update(task, completed=done, loss=f"{global_loss.item():.4g}", val=last_val, tps=f"{batch.numel() / dt:,.0f}")
+            bar.update(task, completed=done, loss=f"{global_loss.item():.4g}", val=last_val, tps=f"{tokens / dt:,.0f}")
             if done % spec.checkpoint_every == 0 or done == spec.steps:
                 save(done)
     model.eval()
