@@ -174,9 +174,9 @@ def streamed_next_token_loss(student, val_blocks: torch.Tensor, *, layers_per_bl
     _to(head, device)
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, hidden.shape[0], batch_size):
-            ids = val_blocks[i : i + batch_size].to(device)
-            logits = student.lm_head(student.model.norm(hidden[i : i + batch_size].to(device)))
+        for i in range(hidden.shape[0]):  # one sequence at a time: the [T, vocab] logits are the big tensor here
+            ids = val_blocks[i : i + 1].to(device)
+            logits = student.lm_head(student.model.norm(hidden[i : i + 1].to(device)))
             total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
             count += ids[:, 1:].numel()
     _to(head, torch.device("cpu"))
