@@ -146,3 +146,14 @@ def test_bad_layers_per_block(tiny_model_dir, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["effconv: error: --layers-per-block must be >= 1, got 0"]
     assert not (tmp_path / "c").exists()
+
+
+def test_blockwise_stage1_then_lora_matches_full_model(tiny_model_dir, tmp_path):
+    """Stage 2 runs on the whole model after a block-wise stage 1 and ends where full-model mode ends."""
+    full = linearize(cfg_for(tiny_model_dir, tmp_path / "full", stage2_tokens=32 * 4 * 3))
+    block = linearize(cfg_for(tiny_model_dir, tmp_path / "block", stage2_tokens=32 * 4 * 3, layers_per_block=2))
+    assert_same_run(full, block, tmp_path / "full", tmp_path / "block")
+    assert block.metrics["stage2_val_loss"] == pytest.approx(full.metrics["stage2_val_loss"], rel=1e-5)
+    wf, wb = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "block" / "model.safetensors"))
+    for name in wf:  # LoRA merged into q/k/v/o: every weight agrees
+        torch.testing.assert_close(wf[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
