@@ -524,6 +524,7 @@ class EffconvModel(EffconvPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """`num_layers` stops after that many layers (attention transfer needs nothing past the last one)."""
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -557,6 +558,14 @@ class EffconvModel(EffconvPreTrainedModel):
         if num_layers is None or num_layers >= len(self.layers):
             hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+def _cache_argument(past_key_values, kwargs: dict):
+    """The cache under either name: transformers >= 5.2x passes `cache=`, earlier releases `past_key_values=`."""
+    cache = kwargs.pop("cache", None)
+    if past_key_values is not None and cache is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once, as `cache` or as `past_key_values`")
+    return past_key_values if past_key_values is not None else cache
 
 
 class EffconvForCausalLM(EffconvPreTrainedModel, GenerationMixin):
@@ -608,6 +617,7 @@ class EffconvForCausalLM(EffconvPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = _cache_argument(past_key_values, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
