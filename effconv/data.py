@@ -382,6 +382,9 @@ def generate_teacher_samples(
         "top_k": top_k,
         "seed": seed,
     }
+    cache_implementation = _generation_cache_implementation(model)
+    if cache_implementation != "dynamic":  # other numerics, other samples: a key of their own
+        generation_params["cache_implementation"] = cache_implementation
     cache_key = _teacher_cache_key(model, tokenizer, generation_params, prompts)
     cache_path = Path(cache_dir) / f"teacher_text-{cache_key}.jsonl"
     cached = _read_teacher_cache(cache_path)
@@ -576,6 +579,20 @@ def _generate_samples(
     return samples
 
 
+GENERATION_CACHES = ("dynamic", "static", "static-compile")
+
+
+def _generation_cache_implementation(model: Any) -> str:
+    """KV cache of teacher generation: `EFFCONV_GENERATION_CACHE` = dynamic (default), static (preallocated, no
+    per-step concatenation) or static-compile (static plus transformers' compiled, CUDA-graph decode step; CUDA)."""
+    choice = os.environ.get("EFFCONV_GENERATION_CACHE", "dynamic")
+    if choice not in GENERATION_CACHES:
+        raise EffconvError(f"EFFCONV_GENERATION_CACHE={choice!r}: choose one of {', '.join(GENERATION_CACHES)}")
+    if choice == "static-compile" and next(model.parameters()).device.type != "cuda":
+        return "static"  # transformers compiles the decode step on accelerators only
+    return choice
+
+
 def _cuda_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
@@ -604,10 +621,14 @@ def _generate_batch(
         input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids):] = 1
 
+    cache = _generation_cache_implementation(model)
+    cache_kwargs = {} if cache == "dynamic" else {"cache_implementation": "static",
+                                                  "disable_compile": cache != "static-compile"}
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         do_sample=True,
+        **cache_kwargs,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=list(stop_ids) or None,

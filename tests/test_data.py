@@ -506,3 +506,23 @@ def test_prepare_data_generates_with_teacher(tiny_model, tokenizer, tmp_path):
     assert train.shape[0] >= 1 and val.shape[0] >= 1
     assert "teacher-generated" in description
     assert list(tmp_path.glob("teacher_text-*.jsonl"))
+
+
+def test_teacher_generation_with_static_cache(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """EFFCONV_GENERATION_CACHE=static: same token accounting and format, a cache entry of its own."""
+    dynamic = generate_teacher_samples(tiny_model, tokenizer, **generation_kwargs(tmp_path))
+    monkeypatch.setenv("EFFCONV_GENERATION_CACHE", "static")
+    calls = []
+    original = tiny_model.generate
+    monkeypatch.setattr(tiny_model, "generate", lambda **kw: calls.append(kw) or original(**kw))
+    kwargs = generation_kwargs(tmp_path)
+    static = generate_teacher_samples(tiny_model, tokenizer, **kwargs)
+    assert calls and all(kw["cache_implementation"] == "static" and kw["disable_compile"] for kw in calls)
+    assert len(list(tmp_path.glob("teacher_text-*.jsonl"))) == 2
+    total = sum(sample.generated_tokens for sample in static)
+    assert kwargs["num_tokens"] <= total < kwargs["num_tokens"] + kwargs["batch_size"] * kwargs["max_new_tokens"]
+    assert all(sample.text.startswith(sample.prompt) for sample in static)
+    assert {s.prompt for s in static} == {s.prompt for s in dynamic}
+    monkeypatch.setenv("EFFCONV_GENERATION_CACHE", "paged")
+    with pytest.raises(EffconvError, match="EFFCONV_GENERATION_CACHE"):
+        generate_teacher_samples(tiny_model, tokenizer, **generation_kwargs(tmp_path / "x"))
