@@ -9,6 +9,8 @@ probabilities for the top-k choice only (bias-based load balancing); it never ch
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,7 +56,8 @@ class MoeExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.hidden_act = hidden_act
         self.act_fn = ACT2FN[hidden_act]
-        self.backend = backend
+        # EFFCONV_MOE_BACKEND=triton|reference|auto overrides the config's choice (e.g. to rule the kernel out)
+        self.backend = os.environ.get("EFFCONV_MOE_BACKEND", backend)
 
     def forward(self, hidden, top_k_index, top_k_weights) -> torch.Tensor:
         use_kernel = (

@@ -1,0 +1,154 @@
+"""Run recipes as they are (recipes/*.yaml) and measure what they produce (issue 9).
+
+    python bench/recipes.py run recipes/smollm2-135m-moe-8x2.yaml --log runs/recipes.jsonl [--set tokens=8000000 ...]
+    python bench/recipes.py report runs/recipes.jsonl [more.jsonl ...]
+
+`run` builds the command's config from the recipe exactly as `effconv <command> --recipe` does (the command is
+read from the recipe's file name: linearize, hybridize, moe / linear-moe -> moe-upcycle), with `--set KEY=VALUE`
+overrides (YAML values) on top, runs it through the Python API, then loads the export with plain transformers and
+appends one JSON line to --log: the recipe, the settings, wall time, the run's own metrics (effconv.json: held-out
+teacher-text perplexities, tokens/s), perplexity on data/heldout-prose.txt (written for this repository, trained on
+by no run; strided, context 1024 on GPU) for the student and for the model it was made from, and greedy samples.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "kernels"))
+
+from ablations import PROMPTS, _load_export, _prose_ppl  # noqa: E402
+
+
+def command_of(recipe: Path) -> str:
+    name = recipe.stem
+    if "-moe" in name or "linear-moe" in name:
+        return "moe-upcycle"
+    for command in ("hybridize", "linearize"):
+        if command in name:
+            return command
+    raise SystemExit(f"cannot tell the command of recipe {recipe}: its name names none of linearize/hybridize/moe")
+
+
+def build(command: str, recipe: Path, overrides: dict):
+    from effconv.recipes import build_config
+
+    if command == "linearize":
+        from effconv.linearize import LinearizeConfig as cls, linearize as fn
+    elif command == "hybridize":
+        from effconv.hybridize import HybridizeConfig as cls, hybridize as fn
+    else:
+        from effconv.moe_upcycle import MoeUpcycleConfig as cls, moe_upcycle as fn
+    return build_config(cls, recipe, overrides), fn
+
+
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def reference_prose(model_spec: str | None, log: Path, device, dtype, context: int) -> dict:
+    """Prose perplexity of the model a recipe starts from (teacher or an earlier export), cached beside the log."""
+    cache = log.with_name(log.stem + "-references.json")
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    key = str(model_spec)
+    if key not in known:
+        from effconv.loading import load_teacher
+
+        if model_spec and Path(model_spec).is_dir() and (Path(model_spec) / "effconv.json").exists():
+            model, tok = _load_export(Path(model_spec), device, dtype)
+        else:
+            model, tok, _ = load_teacher(model_spec, dtype=dtype, device=device)
+        known[key] = _prose_ppl(model.eval(), tok, context)
+        cache.write_text(json.dumps(known, indent=1))
+        del model
+    return known[key]
+
+
+def run(recipe: Path, log: Path, sets: dict, name: str | None) -> dict:
+    import torch
+
+    from effconv.evaluate import greedy_generations
+
+    command = command_of(recipe)
+    cfg, fn = build(command, recipe, {"overwrite": True, "progress": False, **sets})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    context = 1024 if device.type == "cuda" else 256
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    fn(cfg)
+    wall = time.perf_counter() - start
+    student, tok = _load_export(Path(cfg.out), device, dtype)
+    record = {
+        "name": name or recipe.stem, "recipe": str(recipe), "command": command, "overrides": sets,
+        "settings": dataclasses.asdict(cfg), "wall_seconds": round(wall, 1),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "metadata": json.loads((Path(cfg.out) / "effconv.json").read_text()),
+        "prose": _prose_ppl(student, tok, context),
+        "samples": greedy_generations(student, tok, PROMPTS, 48),
+    }
+    del student
+    record["reference_prose"] = reference_prose(cfg.model, log, device, dtype, context)
+    with log.open("a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+    r = record["prose"]["perplexity"] / record["reference_prose"]["perplexity"]
+    print(f"[recipes] {record['name']}: prose ppl {record['prose']['perplexity']:.2f} ({r:.3f}x the model it was made"
+          f" from), wall {wall:.0f}s", flush=True)
+    return record
+
+
+def _val(meta: dict) -> tuple[float | None, float | None]:
+    m = meta.get("metrics", meta)
+    final = next((m[k] for k in ("stage2_val_ppl", "distilled_val_ppl", "stage1_val_ppl", "upcycled_val_ppl") if k in m), None)
+    return final, m.get("teacher_val_ppl")
+
+
+def report(logs: list[Path]) -> str:
+    lines = ["| run | command | tokens trained | held-out teacher text ppl (x teacher) | held-out prose ppl (x reference) "
+             "| wall s |", "|---|---|---|---|---|---|"]
+    for log in logs:
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            s = r["settings"]
+            tokens = s.get("tokens") or (s.get("stage1_tokens", 0) + s.get("stage2_tokens", 0))
+            final, teacher = _val(r["metadata"])
+            val = f"{final:.3f} ({final / teacher:.3f}x)" if final and teacher else "-"
+            p, ref = r["prose"]["perplexity"], r["reference_prose"]["perplexity"]
+            lines.append(f"| {r['name']} | {r['command']} | {tokens / 1e6:.1f}M | {val} | {p:.2f} ({p / ref:.3f}x) | "
+                         f"{r['wall_seconds']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("recipe", type=Path)
+    r.add_argument("--log", type=Path, required=True)
+    r.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE override (YAML value)")
+    r.add_argument("--name", default=None)
+    g = sub.add_parser("report")
+    g.add_argument("logs", type=Path, nargs="+")
+    a = p.parse_args()
+    if a.cmd == "run":
+        run(a.recipe, a.log, parse_sets(a.sets), a.name)
+    else:
+        print(report(a.logs))
+
+
+if __name__ == "__main__":
+    main()
