@@ -118,8 +118,8 @@ def _val(meta: dict) -> tuple[float | None, float | None]:
 
 
 def report(logs: list[Path]) -> str:
-    lines = ["| run | command | tokens trained | held-out teacher text ppl (x teacher) | held-out prose ppl (x reference) "
-             "| wall s |", "|---|---|---|---|---|---|"]
+    lines = ["| run | command | tokens trained | held-out teacher text ppl (x teacher) | before training / after stage 1 "
+             "(x teacher) | held-out prose ppl (x reference) | wall s |", "|---|---|---|---|---|---|---|"]
     for log in logs:
         for line in log.read_text().splitlines():
             r = json.loads(line)
@@ -127,9 +127,12 @@ def report(logs: list[Path]) -> str:
             tokens = s.get("tokens") or (s.get("stage1_tokens", 0) + s.get("stage2_tokens", 0))
             final, teacher = _val(r["metadata"])
             val = f"{final:.3f} ({final / teacher:.3f}x)" if final and teacher else "-"
+            m = r["metadata"].get("metrics", r["metadata"])
+            early = m.get("upcycled_val_ppl", m.get("stage1_val_ppl"))
+            early = f"{early:.3f} ({early / teacher:.3f}x)" if early and teacher else "-"
             p, ref = r["prose"]["perplexity"], r["reference_prose"]["perplexity"]
-            lines.append(f"| {r['name']} | {r['command']} | {tokens / 1e6:.1f}M | {val} | {p:.2f} ({p / ref:.3f}x) | "
-                         f"{r['wall_seconds']} |")
+            lines.append(f"| {r['name']} | {r['command']} | {tokens / 1e6:.2f}M | {val} | {early} | {p:.2f} ({p / ref:.3f}x)"
+                         f" | {r['wall_seconds']} |")
     return "\n".join(lines)
 
 

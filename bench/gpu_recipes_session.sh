@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One GPU call that runs the SmolLM2 recipes (issue 9) side by side on one GPU, sharing one teacher-generated text,
+# and measures each with bench/recipes.py (held-out teacher text and held-out prose). Results under $OUT:
+# <run>.jsonl, <run>.log, gen.log, report.md. Run from the repo root with the GGUF at $MODEL.
+#   MODEL=/root/m.gguf bash bench/gpu_recipes_session.sh
+# Knobs (env): GEN_TOKENS, GEN_BATCH (teacher text, shared by every run through effconv's data cache),
+# RUNS (space-separated names from the case below), RUN_TIMEOUT (seconds per run), EFFCONV_GENERATION_CACHE.
+set -u
+OUT=${OUT:-/tmp/effconv-recipes}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
+MODEL=${MODEL:?set MODEL to the teacher (GGUF file or HF directory)}
+GEN_TOKENS=${GEN_TOKENS:-1000000}
+GEN_BATCH=${GEN_BATCH:-2048}
+RUN_TIMEOUT=${RUN_TIMEOUT:-420}
+RUNS=${RUNS:-"moe w64+linear-moe r25 w0 moe-copy"}
+EXTRA=${EXTRA:-}  # more --set overrides for every run (CPU smoke test: tiny budgets)
+T0=$(date +%s)
+GEN="--set model=$MODEL --set generate_tokens=$GEN_TOKENS --set generation_batch_size=$GEN_BATCH"
+
+# 1. the teacher writes the shared training text once (effconv caches it; every run below reads the cache)
+timeout 300 python3 - "$MODEL" "$GEN_TOKENS" "$GEN_BATCH" > "$OUT/gen.log" 2>&1 <<'EOF'
+import sys, time, torch
+from effconv.data import generate_teacher_samples
+from effconv.loading import cache_root, load_teacher
+cuda = torch.cuda.is_available()
+model, tok, _ = load_teacher(sys.argv[1], dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+t0 = time.time()
+samples = generate_teacher_samples(model, tok, num_tokens=int(sys.argv[2]), batch_size=int(sys.argv[3]),
+                                   cache_dir=cache_root() / "data", progress=False)
+dt = time.time() - t0
+n = sum(s.generated_tokens for s in samples)
+print(f"teacher text: {len(samples)} samples, {n} generated tokens in {dt:.1f}s = {n / dt:.0f} tokens/s")
+EOF
+echo "== gen exit=$? after $(( $(date +%s) - T0 ))s: $(tail -1 "$OUT/gen.log")"
+TEXT=$(ls -t "${EFFCONV_CACHE:-$HOME/.cache/effconv}"/data/teacher_text-*.jsonl 2>/dev/null | head -1)
+
+run() {  # name recipe [--set ...]
+  local name=$1 recipe=$2; shift 2
+  timeout "$RUN_TIMEOUT" python3 bench/recipes.py run "$recipe" --name "$name" --log "$OUT/$name.jsonl" "$@" $EXTRA \
+    > "$OUT/$name.log" 2>&1
+  echo "== $name exit=$? after $(( $(date +%s) - T0 ))s: $(grep '^\[recipes\]' "$OUT/$name.log" | tail -1)"
+}
+
+for r in $RUNS; do
+  case $r in
+    moe) run moe-8x2 recipes/smollm2-135m-moe-8x2.yaml $GEN --set tokens=${MOE_TOKENS:-6000000} \
+           --set out=/root/runs/moe-8x2 & ;;
+    moe-copy) run moe-copy recipes/smollm2-135m-moe-8x2.yaml $GEN --set method=copy --set granularity=2 \
+           --set tokens=0 --set out=/root/runs/moe-copy & ;;
+    w64+linear-moe) ( run w64 recipes/smollm2-135m-linearize-w64.yaml $GEN --set out=/root/runs/w64 \
+           && run linear-moe recipes/smollm2-135m-linear-moe.yaml --set model=/root/runs/w64 --set data="$TEXT" \
+                --set tokens=${LMOE_TOKENS:-2000000} --set out=/root/runs/linear-moe ) & ;;
+    r25) run r25 recipes/smollm2-135m-hybridize-r25.yaml $GEN --set stage1_tokens=${R25_S1:-3000000} \
+           --set stage2_tokens=${R25_S2:-3000000} --set out=/root/runs/r25 & ;;
+    w0) run w0 recipes/smollm2-135m-linearize-w0.yaml $GEN --set kernel=auto --set stage1_tokens=${W0_S1:-6000000} \
+           --set stage2_tokens=${W0_S2:-3000000} --set out=/root/runs/w0 & ;;
+    *) echo "unknown run $r" ;;
+  esac
+done
+wait
+ls "$OUT"/*.jsonl > /dev/null 2>&1 && python3 bench/recipes.py report "$OUT"/*.jsonl | tee "$OUT/report.md"
+for f in "$OUT"/*.log; do echo "--- $f"; grep -E "Error|error:|Traceback" "$f" | head -3; done
+echo "== done after $(( $(date +%s) - T0 ))s"
