@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,10 @@ def parse_sets(items: list[str]) -> dict:
 def reference_prose(model_spec: str | None, log: Path, device, dtype, context: int) -> dict:
     """Prose perplexity of the model a recipe starts from (teacher or an earlier export), cached beside the log."""
     cache = log.with_name(log.stem + "-references.json")
-    known = json.loads(cache.read_text()) if cache.exists() else {}
+    try:  # runs side by side share this file: written atomically, a torn read counts as empty
+        known = json.loads(cache.read_text()) if cache.exists() else {}
+    except json.JSONDecodeError:
+        known = {}
     key = str(model_spec)
     if key not in known:
         from effconv.loading import load_teacher
@@ -73,7 +77,9 @@ def reference_prose(model_spec: str | None, log: Path, device, dtype, context: i
         else:
             model, tok, _ = load_teacher(model_spec, dtype=dtype, device=device)
         known[key] = _prose_ppl(model.eval(), tok, context)
-        cache.write_text(json.dumps(known, indent=1))
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, cache)
         del model
     return known[key]
 
