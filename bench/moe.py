@@ -5,18 +5,24 @@ Shapes (bf16, top-2 of 8 experts, random router):
     smol_copy    D=576,  I=1536 (SmolLM2-135M's FFN copied into 8 experts)
     large        D=2048, I=1024 (an 8192 FFN split into 8 experts)
 with N in {4096, 8192, 16384, 32768} tokens. For each method: forward and forward+backward time
-(triton.testing.do_bench, median, ms; backward gives grads for hidden, routing weights and all weights)
-and the peak memory of one forward+backward (torch.cuda.max_memory_allocated, MiB, inputs included).
+(triton.testing.do_bench, median, ms, L2 flushed before every call; backward gives grads for hidden, routing
+weights and all weights), achieved TFLOP/s (fwd 2*N*k*D*3I FLOPs, fwd+bwd 3x that) and the peak memory of
+one forward+backward (torch.cuda.max_memory_allocated, MiB, inputs included).
 
     python bench/moe.py --out moe.json                 # full sweep (needs CUDA)
     python bench/moe.py --quick --out moe_quick.json   # N in {4096, 16384}
+    python bench/moe.py --quick --graph                # + CUDA-graph replay times (GPU time without host overhead)
+    python bench/moe.py --quick --configs              # + the autotuner's chosen tile configs per kernel / key
+    python bench/moe.py --count-launches               # kernel launches per fwd and fwd+bwd (profiler on CUDA)
     TRITON_INTERPRET=1 python bench/moe.py --tiny      # CPU smoke test of the script (timings meaningless)
 
 Methods
     triton   effconv_kernels.moe_experts(backend="triton")
-    loop     transformers' MixtralExperts style loop (effconv_kernels.moe.naive.naive_moe_experts)
+    loop     transformers' MixtralExperts style loop (effconv_kernels.moe.naive.naive_moe_experts); eager only:
+             its torch.where syncs with the host, so it cannot be captured in a CUDA graph
     dense    SwiGLU FFN with the same active parameters: intermediate k*I, one fused gate_up matmul
-Ratios in the summary: loop / triton (target >= 3) and triton / dense (target <= 1.3).
+Ratios in the summary: loop / triton (target >= 3) and triton / dense (target <= 1.3), eager and graph.
+The JSON is rewritten after every (shape, N) row, so a run cut short by a timeout keeps its finished rows.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import json
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -34,6 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 
 SHAPES = {"smol_split": (576, 192, 8, 2), "smol_copy": (576, 1536, 8, 2), "large": (2048, 1024, 8, 2)}
 METHODS = ("triton", "loop", "dense")
+GRAPH_METHODS = ("triton", "dense")
+
+
+def flops_fwd(N, D, I, k):
+    return 2 * N * k * D * 3 * I  # gate, up, down: three (N*k, D) x (D, I)-sized matmuls
 
 
 def make_inputs(N, D, I, E, k, dtype, device, seed=0):
@@ -94,7 +106,11 @@ class Timer:
         return torch.cuda.max_memory_allocated() / 2**20
 
 
-def run_method(name, inp, timer):
+def _tflops(flops, ms):
+    return flops / (ms * 1e-3) / 1e12 if ms and ms > 0 else None
+
+
+def run_method(name, inp, timer, flops):
     fwd, leaves = build(name, inp)
     dout = inp["dout"]
 
@@ -114,7 +130,134 @@ def run_method(name, inp, timer):
             t.grad = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return dict(fwd_ms=fwd_ms, fwdbwd_ms=fb_ms, peak_mib=peak)
+    return dict(fwd_ms=fwd_ms, fwdbwd_ms=fb_ms, peak_mib=peak, fwd_tflops=_tflops(flops, fwd_ms),
+                fwdbwd_tflops=_tflops(3 * flops, fb_ms))
+
+
+def graph_method(name, inp, timer, flops):
+    """fwd and fwd+bwd captured in a CUDA graph after a warm-up (which autotunes), timed by replay: GPU time
+    without Python / launch overhead. do_bench flushes L2 before each replay, so no input rotation is needed."""
+    fwd, leaves = build(name, inp)
+    dout = inp["dout"]
+
+    def f():
+        with torch.no_grad():
+            fwd()
+
+    def fb():
+        fwd().backward(dout)
+    res = {}
+    try:
+        for label, fn in (("fwd", f), ("fwdbwd", fb)):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+                    for t in leaves:
+                        t.grad = None
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            ms = timer.time(g.replay)
+            res[f"graph_{label}_ms"] = ms
+            res[f"graph_{label}_tflops"] = _tflops(flops if label == "fwd" else 3 * flops, ms)
+            del g
+            for t in leaves:
+                t.grad = None
+    except Exception as e:  # noqa: BLE001 - keep the eager numbers of the row
+        res["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    finally:
+        for t in leaves:
+            t.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return res
+
+
+# --- launch counting ---------------------------------------------------------------------------------------
+_NO_KERNEL = {  # aten ops that launch nothing on CUDA (views, metadata, allocation)
+    "view", "_unsafe_view", "reshape", "as_strided", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand",
+    "slice", "select", "alias", "detach", "split", "split_with_sizes", "unbind", "empty", "empty_like",
+    "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "_reshape_alias", "is_same_size",
+    "_has_compatible_shallow_copy_type", "chunk", "narrow", "contiguous", "numpy_T",
+}
+
+
+def count_launches_cpu(fn):
+    """(torch ops that would launch a CUDA kernel, Triton launches, op names) for one call of fn on CPU,
+    counted with a TorchDispatchMode; ops issued inside a (interpreted) Triton launch are not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import interpreter as interp
+    state = dict(inside=0)
+    ops, tri = Counter(), Counter()
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not state["inside"] and name not in _NO_KERNEL:
+                ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    orig = interp.InterpretedFunction.run
+
+    def run(self, *a, **k):
+        tri[self.fn.__name__] += 1
+        state["inside"] += 1
+        try:
+            return orig(self, *a, **k)
+        finally:
+            state["inside"] -= 1
+    interp.InterpretedFunction.run = run
+    try:
+        with Mode():
+            fn()
+    finally:
+        interp.InterpretedFunction.run = orig
+    return sum(ops.values()), sum(tri.values()), dict(ops), dict(tri)
+
+
+def count_launches_cuda(fn):
+    """CUDA kernels (and memsets / memcpys) of one call of fn, from the profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = Counter(e.name for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return sum(names.values()), dict(names)
+
+
+def count_launches(inp, device):
+    out = {}
+    for name in ("triton", "dense"):
+        fwd, leaves = build(name, inp)
+
+        def f():
+            with torch.no_grad():
+                fwd()
+
+        def fb():
+            fwd().backward(inp["dout"])
+            for t in leaves:
+                t.grad = None
+        row = {}
+        for label, fn in (("fwd", f), ("fwdbwd", fb)):
+            if device == "cuda":
+                n, names = count_launches_cuda(fn)
+                row[f"{label}_kernels"], row[f"{label}_names"] = n, names
+            else:
+                fn()  # warm (first-call allocations)
+                n_ops, n_tri, ops, tri = count_launches_cpu(fn)
+                row[f"{label}_torch_ops"], row[f"{label}_triton"] = n_ops, n_tri
+                row[f"{label}_total"] = n_ops + n_tri
+                row[f"{label}_ops"], row[f"{label}_triton_names"] = ops, tri
+        out[name] = row
+    return out
 
 
 def correctness(N, D, I, E, k, device, dtype):
@@ -151,30 +294,27 @@ def profile_once(inp):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
 
 
-SWEEP = [  # (BM, BN, BK, warps, stages, WG_BP, WG_BQ, WG_BR, WG_WARPS)
-    (64, 128, 64, 4, 3, 64, 128, 64, 4),
-    (64, 128, 64, 8, 3, 64, 128, 64, 8),
-    (128, 128, 64, 8, 3, 128, 128, 64, 8),
-    (128, 64, 64, 4, 4, 128, 128, 32, 8),
-    (64, 64, 64, 4, 4, 64, 64, 64, 4),
-]
+def _f(v, fmt="{:.3f}"):
+    return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
 
-def sweep(shapes, tokens, dtype, device, timer):
-    from effconv_kernels.moe import triton as mt
-    out = []
-    for sname, (D, I, E, k) in shapes.items():
-        inp = make_inputs(tokens[-1], D, I, E, k, dtype, device)
-        for cfg in SWEEP:
-            mt.BM, mt.BN, mt.BK, mt.WARPS, mt.STAGES, mt.WG_BP, mt.WG_BQ, mt.WG_BR, mt.WG_WARPS = cfg
-            try:
-                r = run_method("triton", inp, timer)
-            except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory)
-                r = dict(error=f"{type(e).__name__}: {str(e)[:80]}")
-            row = dict(shape=sname, N=tokens[-1], cfg=cfg, **r)
-            print(json.dumps(row))
-            out.append(row)
-    return out
+def summary_table(results):
+    cols = ("shape", "N", "tri fwd", "tri fb", "tri g-fwd", "tri g-fb", "dense fb", "dense g-fb", "loop fb",
+            "loop/tri fb", "tri/dense fb", "tri/dense g-fb", "tri TF/s fb", "tri TF/s g-fb", "dense TF/s g-fb")
+    lines = ["fwd / fwd+bwd ms (g- = CUDA-graph replay; loop eager only), TF/s achieved; targets loop/tri >= 3, "
+             "tri/dense <= 1.3", " | ".join(cols)]
+    for r in results:
+        t, d, lp = r.get("triton", {}), r.get("dense", {}), r.get("loop", {})
+        gd = (t.get("graph_fwdbwd_ms") / d["graph_fwdbwd_ms"]) if t.get("graph_fwdbwd_ms") and d.get(
+            "graph_fwdbwd_ms") else None
+        vals = (r["shape"], str(r["N"]), _f(t.get("fwd_ms")), _f(t.get("fwdbwd_ms")), _f(t.get("graph_fwd_ms")),
+                _f(t.get("graph_fwdbwd_ms")), _f(d.get("fwdbwd_ms")), _f(d.get("graph_fwdbwd_ms")),
+                _f(lp.get("fwdbwd_ms")), _f(r.get("loop_over_triton_fwdbwd"), "{:.2f}"),
+                _f(r.get("triton_over_dense_fwdbwd"), "{:.2f}"), _f(gd, "{:.2f}"),
+                _f(t.get("fwdbwd_tflops"), "{:.0f}"), _f(t.get("graph_fwdbwd_tflops"), "{:.0f}"),
+                _f(d.get("graph_fwdbwd_tflops"), "{:.0f}"))
+        lines.append(" | ".join(vals))
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -185,7 +325,11 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="*", default=None)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernel table of one triton fwd+bwd")
-    ap.add_argument("--sweep", action="store_true", help="time tile configs of the Triton kernel, then exit")
+    ap.add_argument("--graph", action="store_true", help="also time triton and dense by CUDA-graph replay")
+    ap.add_argument("--configs", action="store_true", help="print (and store) the autotuner's chosen configs")
+    ap.add_argument("--count-launches", action="store_true",
+                    help="count kernel launches per fwd and fwd+bwd (triton, dense) on the first shape")
+    ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -203,33 +347,63 @@ def main(argv=None):
         env["triton"] = triton.__version__
     except Exception:  # noqa: BLE001
         pass
-    if args.sweep:
-        return sweep(shapes, tokens, dtype, device, timer)
+    from effconv_kernels.moe import triton as mt
     results, t0 = [], time.time()
-    first = next(iter(shapes.values()))
-    check = correctness(min(tokens), *first, device, dtype)
-    print(json.dumps({"correctness (rel. norm error vs the fp32 loop)": check}))
+    report = dict(env=env, results=results, targets="loop_over_triton >= 3, triton_over_dense <= 1.3",
+                  flops="fwd 2*N*k*D*3I, fwd+bwd 3x fwd", graph_note="loop: eager only (host syncs)")
+
+    def save():
+        report["seconds"] = time.time() - t0
+        if args.configs:
+            report["autotune"] = mt.tuned_configs()
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+
+    first_name, first = next(iter(shapes.items()))
+    if args.count_launches:
+        report["launches"] = dict(shape=first_name, N=min(tokens), **count_launches(
+            make_inputs(min(tokens), *first, dtype, device), device))
+        brief = {m: {k: v for k, v in r.items() if not k.endswith("names") and not k.endswith("ops")}
+                 for m, r in report["launches"].items() if isinstance(r, dict)}
+        print(json.dumps({"launches": brief}))
+        save()
+    if not args.skip_correctness:
+        report["correctness"] = correctness(min(tokens), *first, device, dtype)
+        print(json.dumps({"correctness (rel. norm error vs the fp32 loop)": report["correctness"]}))
+        save()
     for sname, (D, I, E, k) in shapes.items():
         for N in tokens:
             inp = make_inputs(N, D, I, E, k, dtype, device)
-            row = dict(shape=sname, N=N, D=D, I=I, E=E, k=k)
+            flops = flops_fwd(N, D, I, k)
+            row = dict(shape=sname, N=N, D=D, I=I, E=E, k=k, fwd_gflop=flops / 1e9)
             for m in args.methods:
-                row[m] = run_method(m, inp, timer)
+                row[m] = run_method(m, inp, timer, flops)
+                if args.graph and device == "cuda" and m in GRAPH_METHODS and "skipped" not in row[m]:
+                    row[m].update(graph_method(m, inp, timer, flops))
             tri, loop, dense = (row.get(m, {}) for m in METHODS)
-            for phase in ("fwd_ms", "fwdbwd_ms"):
-                if phase in tri and phase in loop:
-                    row[f"loop_over_triton_{phase[:-3]}"] = loop[phase] / tri[phase]
-                if phase in tri and phase in dense:
-                    row[f"triton_over_dense_{phase[:-3]}"] = tri[phase] / dense[phase]
+            for phase in ("fwd", "fwdbwd"):
+                if f"{phase}_ms" in tri and f"{phase}_ms" in loop:
+                    row[f"loop_over_triton_{phase}"] = loop[f"{phase}_ms"] / tri[f"{phase}_ms"]
+                if f"{phase}_ms" in tri and f"{phase}_ms" in dense:
+                    row[f"triton_over_dense_{phase}"] = tri[f"{phase}_ms"] / dense[f"{phase}_ms"]
+                g = f"graph_{phase}_ms"
+                if g in tri and g in dense:
+                    row[f"triton_over_dense_graph_{phase}"] = tri[g] / dense[g]
             if args.profile and device == "cuda":
                 profile_once(inp)
             results.append(row)
             print(json.dumps(row))
+            save()
             del inp
-    report = dict(env=env, correctness=check, results=results, seconds=time.time() - t0,
-                  targets="loop_over_triton >= 3, triton_over_dense <= 1.3")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.configs:
+        print("autotuned configs (kernel, key = [" + "; ".join(f"{n}: {', '.join(k)}" for n, k in mt.KEYS.items())
+              + "] + tensor dtypes):")
+        for c in mt.tuned_configs():
+            print(f"  {c['kernel']:9s} key={c['key']} -> {c['config']} warps={c['num_warps']} "
+                  f"stages={c['num_stages']}")
+    save()
+    print(summary_table(results))
     return report
 
 

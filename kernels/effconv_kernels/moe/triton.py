@@ -1,205 +1,163 @@
-"""Triton MoE SwiGLU experts, forward and backward: token sort/permute + grouped GEMMs.
+"""Triton MoE SwiGLU experts, forward and backward: fused token routing + grouped GEMMs.
 
 Layout (transformers' MixtralExperts): gate_up_proj (E, 2I, D) with gate rows [0, I) and up rows [I, 2I),
-down_proj (E, D, I). The N*k (token, slot) assignments are sorted by expert (stable argsort, on the GPU);
-rows of the sorted order are cut into row blocks of BM that never straddle two experts, and a block table
-(expert, first row, end row) is built with torch ops of fixed size cdiv(N*k, BM) + E, so nothing syncs with
-the host and blocks past the last expert exit at once.
+down_proj (E, D, I). The M = N*k (token, slot) assignments are counting-sorted by expert on the GPU by two
+Triton launches (`route`): per-chunk expert histograms, then (every chunk at once) the exclusive prefix over
+experts and earlier chunks, the stable rank of each assignment within its expert (one-hot cumsum), the
+expert row offsets (E+1) and the block table. Rows of the sorted order are cut into row blocks of BM that
+never straddle two experts; the table (expert, first row, end row) has the fixed size cdiv(M, BM) + E
+(padding rows hold E), so nothing syncs with the host and the programs of padding rows exit at once.
 
 Forward (two grouped GEMMs over the sorted rows, x rows gathered by token inside the kernel):
     gu = x[tok] W_gu[e]^T          -> h = silu(g) * u            (gate and up tiles share the x tile)
     y  = w * (h W_d[e]^T)          -> stored at the row's (token, slot) position; out = y.sum(slot)
 Backward:
-    dA = dout[tok] W_d[e]; dw = <dA, h>; dh = w dA -> dg, du      (one kernel, SwiGLU derivative fused)
-    dx = dgu W_gu[e] stored at (token, slot), summed over slots
+    dA = dout[tok] W_d[e]; dw partial = <dA, h> per column block; dh = w dA -> dg, du  (SwiGLU fused)
+    dx = dgu W_gu[e] stored at (token, slot), summed over slots; the same kernel sums the dw partials
     dW_gu[e] = dgu_e^T x_e,  dW_d[e] = (w dout[tok])_e^T h_e      (per-expert weight-gradient GEMMs)
-All dots accumulate in fp32; sums over slots and over column blocks (dw) are done in a fixed order (no
-atomics), so results are deterministic.
+All dots accumulate in fp32; sums over slots, column blocks (dw) and row splits (weight grads) are done in a
+fixed order (no atomics), so results are deterministic.
+
+Tiles: BM (rows per block) is chosen per call from the mean rows per expert (128 from 512 rows, else 64; 16
+under TRITON_INTERPRET); on CUDA `triton.autotune` picks BN/BK/warps/stages per kernel from a short list
+(keyed on the dims, a rows bucket and BM) once M >= AUTOTUNE_MIN_ROWS, else a fixed default config. Every
+autotuned kernel only writes its outputs (nothing accumulates into or reads back what it writes), so the
+autotuner's repeated runs are safe. `tuned_configs()` lists the autotuner's choices (to freeze them later).
 """
 from __future__ import annotations
+
+import functools
+import os
+from collections import Counter
 
 import torch
 import triton
 import triton.language as tl
 
-from ..utils import interpreting
+from ..utils import interpreting, next_pow2
+
+MAX_EXPERTS = 128  # the routing kernels hold [rows, next_pow2(E)] one-hot tiles in registers
+AUTOTUNE_MIN_ROWS = 4096  # below: the fixed default config (no tuning runs for small calls)
+FORCE_CONFIG: int | None = None  # tests: run config FORCE_CONFIG (mod list length) of every kernel, no tuning
+LAUNCHES: Counter = Counter()  # Triton launches per kernel name (bench/moe.py --count-launches)
 
 
-@triton.jit
-def _rows_times_weight(a_ptr, a_row_off, row_mask, stride_ak, w_ptr, stride_wk, stride_wn, cols, col_mask, K,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """acc[BM, BN] = sum_k A[rows, k] * W[k, cols] in fp32; A rows at a_ptr + a_row_off (int64, elements)."""
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    o_k = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
-        kk = k0 + o_k
-        m_k = kk < K
-        a = tl.load(a_ptr + a_row_off[:, None] + kk[None, :] * stride_ak, mask=row_mask[:, None] & m_k[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + kk[:, None].to(tl.int64) * stride_wk + cols[None, :].to(tl.int64) * stride_wn,
-                    mask=m_k[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PREC)
-    return acc
+# ----------------------------------------------------------------------------------------------------------
+# routing: counting sort of the flat expert ids (two launches)
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["M", "ITERS"])
+def moe_route_hist_kernel(expert_ids, hist, M, E, ITERS, E_P: tl.constexpr, SUB: tl.constexpr):
+    """hist[c, e] = number of assignments of expert e among chunk c (ITERS sub-tiles of SUB ids)."""
+    c = tl.program_id(0)
+    ar_e = tl.arange(0, E_P)
+    cnt = tl.zeros([E_P], dtype=tl.int32)
+    for it in range(ITERS):
+        idx = (c * ITERS + it) * SUB + tl.arange(0, SUB)
+        e = tl.load(expert_ids + idx, mask=idx < M, other=-1).to(tl.int32)
+        oh = (e[:, None] == ar_e[None, :]) & (ar_e[None, :] < E)
+        cnt += tl.sum(oh.to(tl.int32), 0)
+    tl.store(hist + c * E_P + ar_e, cnt)
 
 
-@triton.jit
-def _block_rows(table, pid, BM: tl.constexpr):
-    e = tl.load(table + pid * 3)
-    start = tl.load(table + pid * 3 + 1)
-    end = tl.load(table + pid * 3 + 2)
-    rows = start + tl.arange(0, BM)
-    return e, rows, rows < end
+@triton.jit(do_not_specialize=["M", "ITERS", "NCHUNK", "NBLK"])
+def moe_route_scatter_kernel(expert_ids, hist, order, offsets, table, M, E, ITERS, NCHUNK, NBLK,
+                             E_P: tl.constexpr, SUB: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr,
+                             BM: tl.constexpr):
+    """order[offsets[e] + rank] = flat index (stable counting sort); chunk 0 writes offsets; every chunk
+    writes its share of the block table rows (expert, start, end), padding rows (E, E, E)."""
+    c = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    ar_e = tl.arange(0, E_P)
+    m_e = ar_e < E
+    total = tl.zeros([E_P], dtype=tl.int32)
+    before = tl.zeros([E_P], dtype=tl.int32)
+    for r0 in range(0, NCHUNK, CB):  # expert totals and the counts of the chunks before this one
+        rr = r0 + tl.arange(0, CB)
+        hc = tl.load(hist + rr[:, None] * E_P + ar_e[None, :], mask=(rr < NCHUNK)[:, None], other=0)
+        total += tl.sum(hc, 0)
+        before += tl.sum(tl.where((rr < c)[:, None], hc, 0), 0)
+    start_e = tl.cumsum(total, 0) - total  # exclusive prefix over experts = offsets[:E]
+    run = start_e + before
+    for it in range(ITERS):
+        idx = (c * ITERS + it) * SUB + tl.arange(0, SUB)
+        e = tl.load(expert_ids + idx, mask=idx < M, other=-1).to(tl.int32)
+        oh = ((e[:, None] == ar_e[None, :]) & m_e[None, :]).to(tl.int32)
+        rank = tl.cumsum(oh, 0)  # inclusive rank within the expert, in index order (stable)
+        dest = tl.sum(oh * (rank - 1 + run[None, :]), 1)
+        tl.store(order + dest, idx, mask=(idx < M) & (e >= 0) & (e < E))
+        run += tl.sum(oh, 0)
+    if c == 0:
+        tl.store(offsets + ar_e, start_e, mask=m_e)
+        tl.store(offsets + E, tl.sum(total, 0))
+    nb = (total + BM - 1) // BM  # row blocks per expert
+    bend = tl.cumsum(nb, 0)
+    bstart = bend - nb
+    end_e = start_e + total
+    for r0 in range(c * TB, NBLK, nprog * TB):
+        ids = r0 + tl.arange(0, TB)
+        ex = tl.sum(((bend[None, :] <= ids[:, None]) & m_e[None, :]).to(tl.int32), 1)  # searchsorted right
+        sel = (ex[:, None] == ar_e[None, :]) & m_e[None, :]
+        st = tl.sum(tl.where(sel, start_e[None, :] + (ids[:, None] - bstart[None, :]) * BM, 0), 1)
+        en = tl.sum(tl.where(sel, end_e[None, :], 0), 1)
+        valid = ex < E
+        m_t = ids < NBLK
+        tl.store(table + ids * 3, ex, mask=m_t)
+        tl.store(table + ids * 3 + 1, tl.where(valid, st, E), mask=m_t)
+        tl.store(table + ids * 3 + 2, tl.where(valid, en, E), mask=m_t)
 
 
-@triton.jit
-def moe_up_kernel(x, order, table, w_gu, h, gu_out, D, I, K_SLOTS, E,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SAVE_GU: tl.constexpr,
-                  PREC: tl.constexpr):
-    """h[r, cols] = silu(x[tok_r] Wg[e]^T) * (x[tok_r] Wu[e]^T) for one row block and one column block."""
-    pid, pid_n = tl.program_id(0), tl.program_id(1)
-    e, rows, m_r = _block_rows(table, pid, BM)
-    if e >= E:
-        return
-    tok = tl.load(order + rows, mask=m_r, other=0) // K_SLOTS
-    cols = pid_n * BN + tl.arange(0, BN)
-    m_c = cols < I
-    x_off = tok.to(tl.int64) * D
-    w_base = w_gu + e.to(tl.int64) * 2 * I * D
-    # W_gu[e] is (2I, D): W^T[k, n] = W[n, k] -> stride_wk = 1, stride_wn = D
-    g = tl.zeros([BM, BN], dtype=tl.float32)
-    u = tl.zeros([BM, BN], dtype=tl.float32)
-    o_k = tl.arange(0, BK)
-    wg_ptr = w_base + cols[None, :].to(tl.int64) * D  # W_gu[e] is (2I, D): gate row n, up row I + n
-    for k0 in range(0, D, BK):  # one x tile feeds both the gate and the up dot
-        kk = k0 + o_k
-        m_k = kk < D
-        a = tl.load(x + x_off[:, None] + kk[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-        m_w = m_k[:, None] & m_c[None, :]
-        wg = tl.load(wg_ptr + kk[:, None], mask=m_w, other=0.0)
-        wu = tl.load(wg_ptr + I * D + kk[:, None], mask=m_w, other=0.0)
-        g = tl.dot(a, wg, g, input_precision=PREC)
-        u = tl.dot(a, wu, u, input_precision=PREC)
-    hv = g * tl.sigmoid(g) * u
-    out_off = rows[:, None].to(tl.int64) * I + cols[None, :]
-    m_o = m_r[:, None] & m_c[None, :]
-    tl.store(h + out_off, hv.to(h.dtype.element_ty), mask=m_o)
-    if SAVE_GU:
-        gu_off = rows[:, None].to(tl.int64) * 2 * I + cols[None, :]
-        tl.store(gu_out + gu_off, g.to(gu_out.dtype.element_ty), mask=m_o)
-        tl.store(gu_out + gu_off + I, u.to(gu_out.dtype.element_ty), mask=m_o)
+def _num_blocks(m: int, num_experts: int, bm: int) -> int:
+    # an upper bound on sum_e cdiv(count_e, bm), known without a host sync
+    return min(triton.cdiv(m, bm) + num_experts, max(1, m))
 
 
-@triton.jit
-def moe_down_kernel(h, order, table, w_d, topw, y, D, I, E,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """y[flat_r, cols] = w_r * (h[r] W_d[e]^T)[cols], written at the row's (token, slot) position flat_r."""
-    pid, pid_n = tl.program_id(0), tl.program_id(1)
-    e, rows, m_r = _block_rows(table, pid, BM)
-    if e >= E:
-        return
-    flat = tl.load(order + rows, mask=m_r, other=0)
-    cols = pid_n * BN + tl.arange(0, BN)
-    m_c = cols < D
-    # W_d[e] is (D, I): W^T[k, n] = W[n, k]
-    acc = _rows_times_weight(h, rows.to(tl.int64) * I, m_r, 1, w_d + e.to(tl.int64) * D * I, 1, I, cols, m_c, I,
-                             BM, BN, BK, PREC)
-    wr = tl.load(topw + flat, mask=m_r, other=0.0).to(tl.float32)
-    acc = acc * wr[:, None]
-    tl.store(y + flat[:, None].to(tl.int64) * D + cols[None, :], acc.to(y.dtype.element_ty),
-             mask=m_r[:, None] & m_c[None, :])
+def _check_experts(num_experts: int) -> None:
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"backend='triton' supports 1..{MAX_EXPERTS} experts (the routing kernels keep a "
+                         f"[rows, next_pow2(E)] one-hot tile in registers), got E={num_experts}; use "
+                         "backend='reference'")
 
 
-@triton.jit
-def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, D, I, K_SLOTS, E, M,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """dA = dout[tok] W_d[e] (cols of I); dw partial = <dA, h>; dgu = SwiGLU backward of w * dA."""
-    pid, pid_n = tl.program_id(0), tl.program_id(1)
-    e, rows, m_r = _block_rows(table, pid, BM)
-    if e >= E:
-        return
-    flat = tl.load(order + rows, mask=m_r, other=0)
-    tok = flat // K_SLOTS
-    cols = pid_n * BN + tl.arange(0, BN)
-    m_c = cols < I
-    # W_d[e] is (D, I): used untransposed, stride_wk = I, stride_wn = 1
-    da = _rows_times_weight(dout, tok.to(tl.int64) * D, m_r, 1, w_d + e.to(tl.int64) * D * I, I, 1, cols, m_c, D,
-                            BM, BN, BK, PREC)
-    gu_off = rows[:, None].to(tl.int64) * 2 * I + cols[None, :]
-    m_o = m_r[:, None] & m_c[None, :]
-    g = tl.load(gu + gu_off, mask=m_o, other=0.0).to(tl.float32)
-    u = tl.load(gu + gu_off + I, mask=m_o, other=0.0).to(tl.float32)
-    sg = tl.sigmoid(g)
-    silu = g * sg
-    tl.store(dw_part + pid_n.to(tl.int64) * M + rows, tl.sum(da * silu * u, 1), mask=m_r)
-    wr = tl.load(topw + flat, mask=m_r, other=0.0).to(tl.float32)
-    dh = da * wr[:, None]
-    dg = dh * u * sg * (1.0 + g * (1.0 - sg))
-    du = dh * silu
-    tl.store(dgu + gu_off, dg.to(dgu.dtype.element_ty), mask=m_o)
-    tl.store(dgu + gu_off + I, du.to(dgu.dtype.element_ty), mask=m_o)
+def route(top_k_index: torch.Tensor, num_experts: int, bm: int):
+    """Fused routing: (order (M,) int32, offsets (E+1,) int32, table (nblk, 3) int32), equal to
+    `route_reference`. Two Triton launches, no host sync; ids must lie in [0, E)."""
+    _check_experts(num_experts)
+    flat = top_k_index.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    m = flat.numel()
+    if m >= 2 ** 31:
+        raise ValueError(f"N*k = {m} assignments: int32 row indices overflow")
+    e_p = max(2, next_pow2(num_experts))
+    if interpreting():
+        sub, target = 32, 4  # several chunks and sub-tiles on the tests' small shapes
+    else:
+        sub, target = max(16, min(1024, 8192 // e_p)), 256
+    tiles = triton.cdiv(m, sub)
+    iters = triton.cdiv(tiles, target)
+    nchunk = triton.cdiv(tiles, iters)
+    nblk = _num_blocks(m, num_experts, bm)
+    # one int32 workspace; every piece starts on a 64-byte boundary (the kernels' pointer specialization)
+    sizes = (nchunk * e_p, m, num_experts + 1, 3 * nblk)
+    starts = [0]
+    for sz in sizes:
+        starts.append(starts[-1] + -(-sz // 16) * 16)
+    ws = torch.empty(starts[-1], dtype=torch.int32, device=flat.device)
+    hist, order, offsets, table = (ws[s:s + sz] for s, sz in zip(starts, sizes))
+    table = table.view(nblk, 3)
+    warps = 8 if sub * e_p >= 4096 else 4
+    LAUNCHES["route_hist"] += 1
+    moe_route_hist_kernel[(nchunk,)](flat, hist, m, num_experts, iters, E_P=e_p, SUB=sub, num_warps=warps)
+    cb = max(16, min(1024, 8192 // e_p))
+    tb = max(16, min(256, 8192 // e_p))
+    LAUNCHES["route_scatter"] += 1
+    moe_route_scatter_kernel[(nchunk,)](flat, hist, order, offsets, table, m, num_experts, iters, nchunk, nblk,
+                                        E_P=e_p, SUB=sub, CB=cb, TB=tb, BM=bm, num_warps=warps)
+    return order, offsets, table
 
 
-@triton.jit
-def moe_dx_kernel(dgu, order, table, w_gu, dx, D, I, E,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """dx[flat_r, cols] = dgu[r] W_gu[e] (K = 2I), written at the row's (token, slot) position."""
-    pid, pid_n = tl.program_id(0), tl.program_id(1)
-    e, rows, m_r = _block_rows(table, pid, BM)
-    if e >= E:
-        return
-    flat = tl.load(order + rows, mask=m_r, other=0)
-    cols = pid_n * BN + tl.arange(0, BN)
-    m_c = cols < D
-    # W_gu[e] is (2I, D): used untransposed, stride_wk = D, stride_wn = 1
-    acc = _rows_times_weight(dgu, rows.to(tl.int64) * 2 * I, m_r, 1, w_gu + e.to(tl.int64) * 2 * I * D, D, 1,
-                             cols, m_c, 2 * I, BM, BN, BK, PREC)
-    tl.store(dx + flat[:, None].to(tl.int64) * D + cols[None, :], acc.to(dx.dtype.element_ty),
-             mask=m_r[:, None] & m_c[None, :])
-
-
-@triton.jit
-def moe_weight_grad_kernel(a, b, order, offsets, topw, dw, P, Q, K_SLOTS, SPLITS,
-                           A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, SCALE_A: tl.constexpr,
-                           BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
-    """dw[s, e, p, q] = sum over this split's rows r of expert e of A[ra, p] * (w_r) * B[rb, q].
-
-    A is (rows, P), B is (rows, Q); a row is read at its sorted index r or, when *_GATHER, at its token
-    order[r] // K_SLOTS. Split s walks the expert's row chunks s, s + SPLITS, ... (partials summed by torch).
-    """
-    pid_e, pid_pq, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_q = tl.cdiv(Q, BQ)
-    pp = (pid_pq // n_q) * BP + tl.arange(0, BP)
-    qq = (pid_pq % n_q) * BQ + tl.arange(0, BQ)
-    m_p, m_q = pp < P, qq < Q
-    start = tl.load(offsets + pid_e)
-    end = tl.load(offsets + pid_e + 1)
-    acc = tl.zeros([BP, BQ], dtype=tl.float32)
-    for r0 in range(start + pid_s * BR, end, SPLITS * BR):
-        rows = r0 + tl.arange(0, BR)
-        m_r = rows < end
-        flat = tl.load(order + rows, mask=m_r, other=0)
-        ra = flat // K_SLOTS if A_GATHER else rows
-        rb = flat // K_SLOTS if B_GATHER else rows
-        at = tl.load(a + ra[:, None].to(tl.int64) * P + pp[None, :], mask=m_r[:, None] & m_p[None, :], other=0.0)
-        if SCALE_A:
-            wr = tl.load(topw + flat, mask=m_r, other=0.0).to(tl.float32)
-            at = (at.to(tl.float32) * wr[:, None]).to(a.dtype.element_ty)
-        bt = tl.load(b + rb[:, None].to(tl.int64) * Q + qq[None, :], mask=m_r[:, None] & m_q[None, :], other=0.0)
-        acc = tl.dot(tl.trans(at), bt, acc, input_precision=PREC)
-    out = dw + (pid_s.to(tl.int64) * tl.num_programs(0) + pid_e) * P * Q
-    tl.store(out + pp[:, None].to(tl.int64) * Q + qq[None, :], acc, mask=m_p[:, None] & m_q[None, :])
-
-
-# Tile sizes: BM rows of the sorted order per block (one expert per block), BN output columns, BK reduction.
-BM, BN, BK, WARPS, STAGES = 64, 128, 64, 4, 3
-WG_BP, WG_BQ, WG_BR, WG_WARPS = 64, 128, 64, 4
-if interpreting():  # the CPU interpreter is slow on big tiles
-    BM, BN, BK = 16, 32, 16
-    WG_BP, WG_BQ, WG_BR = 16, 32, 16
-
-
-def _routing(top_k_index: torch.Tensor, num_experts: int, bm: int):
-    """Sorted order of the flat (token, slot) assignments, expert row offsets (E+1,) and the block table."""
+def route_reference(top_k_index: torch.Tensor, num_experts: int, bm: int):
+    """The torch op chain the fused routing replaces (~30 launches on CUDA, no host sync): the oracle."""
     flat_expert = top_k_index.reshape(-1)
     m = flat_expert.numel()
     order = torch.argsort(flat_expert, stable=True).to(torch.int32)
@@ -210,8 +168,7 @@ def _routing(top_k_index: torch.Tensor, num_experts: int, bm: int):
     offsets[1:] = torch.cumsum(counts, 0)
     blocks = (counts + bm - 1) // bm
     block_end = torch.cumsum(blocks, 0)
-    max_blocks = min(triton.cdiv(m, bm) + num_experts, max(1, m))  # an upper bound: no host sync
-    ids = torch.arange(max_blocks, device=flat_expert.device)
+    ids = torch.arange(_num_blocks(m, num_experts, bm), device=flat_expert.device)
     expert = torch.searchsorted(block_end, ids, right=True)
     valid = expert < num_experts
     e_c = expert.clamp(max=num_experts - 1)
@@ -221,16 +178,333 @@ def _routing(top_k_index: torch.Tensor, num_experts: int, bm: int):
     return order, offsets.to(torch.int32), table
 
 
+# ----------------------------------------------------------------------------------------------------------
+# grouped GEMMs (1-D grids, column blocks fastest: a row block's A tile is reused from L2 by all its
+# column blocks, and one expert's weight tiles by the ~SMs/n_col row blocks of a wave)
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _block_rows(table, pid_m, BM: tl.constexpr):
+    e = tl.load(table + pid_m * 3)
+    start = tl.load(table + pid_m * 3 + 1)
+    end = tl.load(table + pid_m * 3 + 2)
+    rows = start + tl.arange(0, BM)
+    return e, rows, rows < end
+
+
+@triton.jit
+def _rows_times_weight(a_ptr, a_row_off, row_mask, w_ptr, stride_wk, stride_wn, cols, col_mask, K,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """acc[BM, BN] = sum_k A[rows, k] * W[k, cols] in fp32; A rows contiguous in k at a_ptr + a_row_off."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    o_k = tl.arange(0, BK)
+    a_ptrs = a_ptr + a_row_off[:, None] + o_k[None, :]
+    w_ptrs = w_ptr + o_k[:, None].to(tl.int64) * stride_wk + cols[None, :].to(tl.int64) * stride_wn
+    for k0 in range(0, K, BK):
+        m_k = (k0 + o_k) < K
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & m_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=m_k[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PREC)
+        a_ptrs += BK
+        w_ptrs += BK * stride_wk
+    return acc
+
+
+@triton.jit(do_not_specialize=["ROWS_KEY"])
+def moe_up_kernel(x, order, table, w_gu, h, gu_out, D, I, K_SLOTS, E, ROWS_KEY,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SAVE_GU: tl.constexpr,
+                  PREC: tl.constexpr):
+    """h[r, cols] = silu(x[tok_r] Wg[e]^T) * (x[tok_r] Wu[e]^T) for one row block and one column block."""
+    pid = tl.program_id(0)
+    n_col = tl.cdiv(I, BN)
+    pid_m, pid_n = pid // n_col, pid % n_col
+    e, rows, m_r = _block_rows(table, pid_m, BM)
+    if e >= E:
+        return
+    tok = tl.load(order + rows, mask=m_r, other=0) // K_SLOTS
+    cols = pid_n * BN + tl.arange(0, BN)
+    m_c = cols < I
+    o_k = tl.arange(0, BK)
+    # W_gu[e] is (2I, D): W^T[k, n] = W[n, k] (k contiguous); gate row n, up row I + n
+    a_ptrs = x + tok.to(tl.int64)[:, None] * D + o_k[None, :]
+    wg_ptrs = w_gu + e.to(tl.int64) * 2 * I * D + cols[None, :].to(tl.int64) * D + o_k[:, None]
+    g = tl.zeros([BM, BN], dtype=tl.float32)
+    u = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, D, BK):  # one x tile feeds both the gate and the up dot
+        m_k = (k0 + o_k) < D
+        a = tl.load(a_ptrs, mask=m_r[:, None] & m_k[None, :], other=0.0)
+        m_w = m_k[:, None] & m_c[None, :]
+        wg = tl.load(wg_ptrs, mask=m_w, other=0.0)
+        wu = tl.load(wg_ptrs + I * D, mask=m_w, other=0.0)
+        g = tl.dot(a, wg, g, input_precision=PREC)
+        u = tl.dot(a, wu, u, input_precision=PREC)
+        a_ptrs += BK
+        wg_ptrs += BK
+    hv = g * tl.sigmoid(g) * u
+    out_off = rows[:, None].to(tl.int64) * I + cols[None, :]
+    m_o = m_r[:, None] & m_c[None, :]
+    tl.store(h + out_off, hv.to(h.dtype.element_ty), mask=m_o)
+    if SAVE_GU:
+        gu_off = rows[:, None].to(tl.int64) * 2 * I + cols[None, :]
+        tl.store(gu_out + gu_off, g.to(gu_out.dtype.element_ty), mask=m_o)
+        tl.store(gu_out + gu_off + I, u.to(gu_out.dtype.element_ty), mask=m_o)
+
+
+@triton.jit(do_not_specialize=["ROWS_KEY"])
+def moe_down_kernel(h, order, table, w_d, topw, y, D, I, E, ROWS_KEY,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """y[flat_r, cols] = w_r * (h[r] W_d[e]^T)[cols], written at the row's (token, slot) position flat_r."""
+    pid = tl.program_id(0)
+    n_col = tl.cdiv(D, BN)
+    pid_m, pid_n = pid // n_col, pid % n_col
+    e, rows, m_r = _block_rows(table, pid_m, BM)
+    if e >= E:
+        return
+    flat = tl.load(order + rows, mask=m_r, other=0)
+    cols = pid_n * BN + tl.arange(0, BN)
+    m_c = cols < D
+    # W_d[e] is (D, I): W^T[k, n] = W[n, k]
+    acc = _rows_times_weight(h, rows.to(tl.int64) * I, m_r, w_d + e.to(tl.int64) * D * I, 1, I, cols, m_c, I,
+                             BM, BN, BK, PREC)
+    wr = tl.load(topw + flat, mask=m_r, other=0.0).to(tl.float32)
+    acc = acc * wr[:, None]
+    tl.store(y + flat[:, None].to(tl.int64) * D + cols[None, :], acc.to(y.dtype.element_ty),
+             mask=m_r[:, None] & m_c[None, :])
+
+
+@triton.jit(do_not_specialize=["ROWS_KEY"])
+def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, D, I, K_SLOTS, E, M, ROWS_KEY,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """dA = dout[tok] W_d[e] (cols of I); dw_part[col block, flat] = <dA, h>; dgu = SwiGLU bwd of w * dA."""
+    pid = tl.program_id(0)
+    n_col = tl.cdiv(I, BN)
+    pid_m, pid_n = pid // n_col, pid % n_col
+    e, rows, m_r = _block_rows(table, pid_m, BM)
+    if e >= E:
+        return
+    flat = tl.load(order + rows, mask=m_r, other=0)
+    tok = flat // K_SLOTS
+    cols = pid_n * BN + tl.arange(0, BN)
+    m_c = cols < I
+    # W_d[e] is (D, I): used untransposed, stride_wk = I, stride_wn = 1
+    da = _rows_times_weight(dout, tok.to(tl.int64) * D, m_r, w_d + e.to(tl.int64) * D * I, I, 1, cols, m_c, D,
+                            BM, BN, BK, PREC)
+    gu_off = rows[:, None].to(tl.int64) * 2 * I + cols[None, :]
+    m_o = m_r[:, None] & m_c[None, :]
+    g = tl.load(gu + gu_off, mask=m_o, other=0.0).to(tl.float32)
+    u = tl.load(gu + gu_off + I, mask=m_o, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(g)
+    silu = g * sg
+    tl.store(dw_part + pid_n.to(tl.int64) * M + flat, tl.sum(da * silu * u, 1), mask=m_r)
+    wr = tl.load(topw + flat, mask=m_r, other=0.0).to(tl.float32)
+    dh = da * wr[:, None]
+    dg = dh * u * sg * (1.0 + g * (1.0 - sg))
+    du = dh * silu
+    tl.store(dgu + gu_off, dg.to(dgu.dtype.element_ty), mask=m_o)
+    tl.store(dgu + gu_off + I, du.to(dgu.dtype.element_ty), mask=m_o)
+
+
+@triton.jit(do_not_specialize=["N_PART", "ROWS_KEY"])
+def moe_dx_kernel(dgu, order, table, w_gu, dx, dw_part, d_topw, D, I, E, M, N_PART, ROWS_KEY,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, DW: tl.constexpr):
+    """dx[flat_r, cols] = dgu[r] W_gu[e] (K = 2I), written at the row's (token, slot) position; with DW the
+    column-block-0 programs also write d_topw[flat_r] = sum_j dw_part[j, flat_r] (fixed order)."""
+    pid = tl.program_id(0)
+    n_col = tl.cdiv(D, BN)
+    pid_m, pid_n = pid // n_col, pid % n_col
+    e, rows, m_r = _block_rows(table, pid_m, BM)
+    if e >= E:
+        return
+    flat = tl.load(order + rows, mask=m_r, other=0)
+    cols = pid_n * BN + tl.arange(0, BN)
+    m_c = cols < D
+    # W_gu[e] is (2I, D): used untransposed, stride_wk = D, stride_wn = 1
+    acc = _rows_times_weight(dgu, rows.to(tl.int64) * 2 * I, m_r, w_gu + e.to(tl.int64) * 2 * I * D, D, 1,
+                             cols, m_c, 2 * I, BM, BN, BK, PREC)
+    tl.store(dx + flat[:, None].to(tl.int64) * D + cols[None, :], acc.to(dx.dtype.element_ty),
+             mask=m_r[:, None] & m_c[None, :])
+    if DW:
+        if pid_n == 0:
+            s = tl.zeros([BM], dtype=tl.float32)
+            for j in range(N_PART):
+                s += tl.load(dw_part + j * M + flat, mask=m_r, other=0.0)
+            tl.store(d_topw + flat, s.to(d_topw.dtype.element_ty), mask=m_r)
+
+
+@triton.jit(do_not_specialize=["ROWS_KEY"])
+def moe_weight_grad_kernel(a, b, order, offsets, topw, dw, P, Q, K_SLOTS, SPLITS, ROWS_KEY,
+                           A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, SCALE_A: tl.constexpr,
+                           BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
+    """dw[s, e, p, q] = sum over split s's rows r of expert e of A[ra, p] * (w_r) * B[rb, q].
+
+    A is (rows, P), B is (rows, Q); a row is read at its sorted index r or, when *_GATHER, at its token
+    order[r] // K_SLOTS. Split s takes the s-th contiguous share of the expert's rows; with SPLITS == 1, dw
+    is the (E, P, Q) result in the weights' dtype, else fp32 partials (SPLITS, E, P, Q) that torch sums.
+    """
+    pid_pq, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_q = tl.cdiv(Q, BQ)
+    pp = (pid_pq // n_q) * BP + tl.arange(0, BP)
+    qq = (pid_pq % n_q) * BQ + tl.arange(0, BQ)
+    m_p, m_q = pp < P, qq < Q
+    start = tl.load(offsets + pid_e)
+    end = tl.load(offsets + pid_e + 1)
+    share = tl.cdiv(tl.cdiv(end - start, SPLITS), BR) * BR
+    lo = start + pid_s * share
+    hi = tl.minimum(lo + share, end)
+    acc = tl.zeros([BP, BQ], dtype=tl.float32)
+    o_r = tl.arange(0, BR)
+    for r0 in range(lo, hi, BR):
+        rows = r0 + o_r
+        m_r = rows < hi
+        flat = tl.load(order + rows, mask=m_r, other=0)
+        ra = flat // K_SLOTS if A_GATHER else rows
+        rb = flat // K_SLOTS if B_GATHER else rows
+        at = tl.load(a + ra[:, None].to(tl.int64) * P + pp[None, :], mask=m_r[:, None] & m_p[None, :], other=0.0)
+        if SCALE_A:
+            wr = tl.load(topw + flat, mask=m_r, other=0.0).to(tl.float32)
+            at = (at.to(tl.float32) * wr[:, None]).to(a.dtype.element_ty)
+        bt = tl.load(b + rb[:, None].to(tl.int64) * Q + qq[None, :], mask=m_r[:, None] & m_q[None, :], other=0.0)
+        acc = tl.dot(tl.trans(at), bt, acc, input_precision=PREC)
+    out = dw + (pid_s.to(tl.int64) * tl.num_programs(1) + pid_e) * P * Q
+    tl.store(out + pp[:, None].to(tl.int64) * Q + qq[None, :], acc.to(dw.dtype.element_ty),
+             mask=m_p[:, None] & m_q[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configs and launching
+# ----------------------------------------------------------------------------------------------------------
+def _cfg(n, k, warps, stages, names=("BN", "BK")):
+    return triton.Config({names[0]: n, names[1]: k}, num_warps=warps, num_stages=stages)
+
+
+def _wg(p, q, r, warps, stages):
+    return triton.Config({"BP": p, "BQ": q, "BR": r}, num_warps=warps, num_stages=stages)
+
+
+# Short lists for sm_90 (227 KB shared memory; configs over ~200 KB for the dtype at hand are pruned). The up
+# kernel holds two fp32 accumulators (gate, up): BN 128 needs 8 warps at BM 128 (2 x 64 registers/thread).
+CONFIGS = {
+    "up": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(128, 32, 8, 5)],
+    "down": [_cfg(128, 64, 8, 3), _cfg(256, 64, 8, 3), _cfg(128, 64, 4, 4), _cfg(64, 64, 4, 4), _cfg(128, 128, 8, 3)],
+    "down_bwd": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3)],
+    "dx": [_cfg(128, 64, 8, 3), _cfg(256, 64, 8, 3), _cfg(128, 64, 4, 4), _cfg(64, 64, 4, 4)],
+    "wgrad": [_wg(128, 128, 64, 8, 3), _wg(128, 256, 64, 8, 3), _wg(128, 128, 32, 8, 4), _wg(64, 128, 64, 4, 3),
+              _wg(64, 64, 64, 4, 4)],
+}
+DEFAULTS = {  # CUDA, small calls (M < AUTOTUNE_MIN_ROWS) or EFFCONV_MOE_AUTOTUNE=0
+    "up": _cfg(64, 64, 4, 3), "down": _cfg(64, 64, 4, 3), "down_bwd": _cfg(64, 64, 4, 3), "dx": _cfg(64, 64, 4, 3),
+    "wgrad": _wg(64, 64, 64, 4, 3),
+}
+INTERP = {  # the CPU interpreter is slow on big tiles
+    "up": _cfg(32, 16, 4, 1), "down": _cfg(32, 16, 4, 1), "down_bwd": _cfg(32, 16, 4, 1), "dx": _cfg(32, 16, 4, 1),
+    "wgrad": _wg(16, 32, 16, 4, 1),
+}
+KEYS = {
+    "up": ["D", "I", "ROWS_KEY", "BM", "SAVE_GU"], "down": ["D", "I", "ROWS_KEY", "BM"],
+    "down_bwd": ["D", "I", "ROWS_KEY", "BM"], "dx": ["D", "I", "ROWS_KEY", "BM", "DW"],
+    "wgrad": ["P", "Q", "ROWS_KEY", "SPLITS", "A_GATHER"],
+}
+SMEM_LIMIT = 200 * 1024
+
+
+def _smem_bytes(name, cfg, bm, elem):
+    kw = cfg.kwargs
+    if name == "wgrad":
+        return cfg.num_stages * kw["BR"] * (kw["BP"] + kw["BQ"]) * elem
+    n_w = 2 if name == "up" else 1
+    return cfg.num_stages * kw["BK"] * (bm + n_w * kw["BN"]) * elem
+
+
+def _prune(name):
+    def prune(configs, nargs, **kwargs):
+        elem = next(v.element_size() for v in nargs.values() if torch.is_tensor(v) and v.is_floating_point())
+        bm = kwargs.get("BM", 128)
+        ok = [c for c in configs if _smem_bytes(name, c, bm, elem) <= SMEM_LIMIT]
+        return ok or [min(configs, key=lambda c: _smem_bytes(name, c, bm, elem))]
+    return prune
+
+
+def _tune_bench(fn, quantiles):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+class _Kernel:
+    def __init__(self, name, fn):
+        self.name, self.fn = name, fn
+        self.tuned = None
+        if not interpreting():
+            self.tuned = triton.autotune(CONFIGS[name], key=KEYS[name], prune_configs_by={"early_config_prune":
+                                         _prune(name)}, do_bench=_tune_bench)(fn)
+
+    def __call__(self, grid, *args, autotune: bool, **kw) -> triton.Config:
+        """Launch; returns the config used (the autotuner's choice when tuning)."""
+        LAUNCHES[self.name] += 1
+        if interpreting():
+            cfg = INTERP[self.name]
+        elif FORCE_CONFIG is not None:
+            cfg = CONFIGS[self.name][FORCE_CONFIG % len(CONFIGS[self.name])]
+        elif autotune and self.tuned is not None:
+            self.tuned[grid](*args, **kw)
+            return self.tuned.best_config
+        else:
+            cfg = DEFAULTS[self.name]
+        self.fn[grid](*args, **kw, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return cfg
+
+
+KERNELS = {n: _Kernel(n, f) for n, f in (("up", moe_up_kernel), ("down", moe_down_kernel),
+                                          ("down_bwd", moe_down_bwd_kernel), ("dx", moe_dx_kernel),
+                                          ("wgrad", moe_weight_grad_kernel))}
+
+
+def tuned_configs() -> list[dict]:
+    """The autotuner's choices so far: one entry per (kernel, key) (key = the KEYS values, then dtypes)."""
+    out = []
+    for name, k in KERNELS.items():
+        for key, cfg in (k.tuned.cache.items() if k.tuned is not None else ()):
+            out.append(dict(kernel=name, key_names=KEYS[name], key=[str(v) for v in key], config=dict(
+                cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return out
+
+
+def _autotune_on(m: int) -> bool:
+    env = os.environ.get("EFFCONV_MOE_AUTOTUNE", "")
+    if env in ("0", "1"):
+        return env == "1"
+    return m >= AUTOTUNE_MIN_ROWS
+
+
+def block_rows(m: int, num_experts: int) -> int:
+    if interpreting():
+        return 16
+    return 128 if m >= 512 * num_experts else 64
+
+
+def _rows_key(m: int, num_experts: int) -> int:
+    return min(1 << 14, max(16, next_pow2(triton.cdiv(m, num_experts))))  # power of two: one specialization
+
+
 def _prec(t: torch.Tensor) -> str:
     # fp32 inputs get fp32 (`ieee`) dots like torch's default matmul; bf16/fp16 use the tensor cores anyway
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
-def _weight_grad_splits(num_experts: int, tiles: int, device: torch.device) -> int:
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _weight_grad_splits(num_experts: int, p: int, q: int, m: int, device: torch.device) -> int:
+    """Row splits of the weight-grad GEMMs: only when E x (64 x 64 tiles) is less than one wave and every
+    split keeps >= 1024 rows (a split costs an fp32 partial buffer and two torch launches: sum, cast)."""
+    rows = m // num_experts
     if interpreting() or device.type != "cuda":
-        return 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(16, -(-2 * sms // (num_experts * tiles))))
+        return 2 if rows >= 64 else 1  # the tests exercise both the split and the direct path
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    tiles = num_experts * triton.cdiv(p, 64) * triton.cdiv(q, 64)
+    if tiles >= sms:
+        return 1
+    return max(1, min(8, triton.cdiv(2 * sms, tiles), rows // 1024))
 
 
 class MoEExpertsFunction(torch.autograd.Function):
@@ -241,27 +515,28 @@ class MoEExpertsFunction(torch.autograd.Function):
         num_experts, two_i, _ = gate_up_proj.shape
         inter = two_i // 2
         m = n * k
-        x = hidden.contiguous()
-        w_gu, w_d = gate_up_proj.contiguous(), down_proj.contiguous()
-        topw = top_k_weights.contiguous().reshape(-1)
         ctx.empty = m == 0
         if m == 0:
             return hidden.new_zeros(n, d)
-        order, offsets, table = _routing(top_k_index, num_experts, BM)
+        x = hidden.contiguous()  # no copies when already contiguous
+        w_gu, w_d = gate_up_proj.contiguous(), down_proj.contiguous()
+        topw = top_k_weights.contiguous().view(-1)
+        bm = block_rows(m, num_experts)
+        order, offsets, table = route(top_k_index, num_experts, bm)
+        nblk = table.shape[0]
+        tune, rk, prec = _autotune_on(m), _rows_key(m, num_experts), _prec(x)
         need_grad = any(ctx.needs_input_grad)
         h = torch.empty(m, inter, dtype=x.dtype, device=x.device)
         gu = torch.empty(m, two_i, dtype=x.dtype, device=x.device) if need_grad else h
-        grid = (table.shape[0], triton.cdiv(inter, BN))
-        moe_up_kernel[grid](x, order, table, w_gu, h, gu, d, inter, k, num_experts, BM=BM, BN=BN, BK=BK,
-                            SAVE_GU=need_grad, PREC=_prec(x), num_warps=WARPS, num_stages=STAGES)
+        KERNELS["up"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), x, order, table, w_gu, h, gu, d, inter,
+                      k, num_experts, rk, autotune=tune, BM=bm, SAVE_GU=need_grad, PREC=prec)
         y = torch.empty(m, d, dtype=x.dtype, device=x.device)
-        grid = (table.shape[0], triton.cdiv(d, BN))
-        moe_down_kernel[grid](h, order, table, w_d, topw, y, d, inter, num_experts, BM=BM, BN=BN, BK=BK,
-                              PREC=_prec(x), num_warps=WARPS, num_stages=STAGES)
+        KERNELS["down"](lambda meta: (nblk * triton.cdiv(d, meta["BN"]),), h, order, table, w_d, topw, y, d, inter,
+                        num_experts, rk, autotune=tune, BM=bm, PREC=prec)
         out = y.view(n, k, d).sum(1) if k > 1 else y.view(n, d)  # fp32 accumulation inside torch's sum
         if need_grad:
             ctx.save_for_backward(x, topw, w_gu, w_d, order, offsets, table, h, gu)
-            ctx.shape = (n, d, k, num_experts, inter)
+            ctx.shape = (n, d, k, num_experts, inter, bm)
             ctx.weights_dtype = top_k_weights.dtype
         return out
 
@@ -270,44 +545,47 @@ class MoEExpertsFunction(torch.autograd.Function):
         if ctx.empty:
             return None, None, None, None, None
         x, topw, w_gu, w_d, order, offsets, table, h, gu = ctx.saved_tensors
-        n, d, k, num_experts, inter = ctx.shape
-        m = n * k
+        n, d, k, num_experts, inter, bm = ctx.shape
+        m, nblk = n * k, table.shape[0]
+        tune, rk, prec = _autotune_on(m), _rows_key(m, num_experts), _prec(x)
         dout = dout.contiguous().to(x.dtype)
-        n_iblk = triton.cdiv(inter, BN)
         dgu = torch.empty_like(gu)
-        dw_part = torch.empty(n_iblk, m, dtype=torch.float32, device=x.device)
-        moe_down_bwd_kernel[(table.shape[0], n_iblk)](dout, order, table, w_d, topw, gu, dgu, dw_part, d, inter, k,
-                                                      num_experts, m, BM=BM, BN=BN, BK=BK, PREC=_prec(x), num_warps=WARPS,
-                                                      num_stages=STAGES)
+        dw_part = torch.empty(triton.cdiv(inter, 16), m, dtype=torch.float32, device=x.device)  # BN >= 16
+        cfg = KERNELS["down_bwd"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), dout, order, table, w_d,
+                                  topw, gu, dgu, dw_part, d, inter, k, num_experts, m, rk, autotune=tune, BM=bm,
+                                  PREC=prec)
+        n_part = triton.cdiv(inter, cfg.kwargs["BN"])  # rows of dw_part written (the chosen BN)
+        need_dw = ctx.needs_input_grad[2]
         d_hidden = d_topw = d_gu = d_down = None
-        if ctx.needs_input_grad[2]:
-            dw_sorted = dw_part.sum(0)
-            d_topw = torch.empty_like(dw_sorted).index_copy_(0, order.long(), dw_sorted)
-            d_topw = d_topw.view(n, k).to(ctx.weights_dtype)
         if ctx.needs_input_grad[0]:
             dx = torch.empty(m, d, dtype=x.dtype, device=x.device)
-            moe_dx_kernel[(table.shape[0], triton.cdiv(d, BN))](dgu, order, table, w_gu, dx, d, inter, num_experts,
-                                                                BM=BM, BN=BN, BK=BK, PREC=_prec(x), num_warps=WARPS,
-                                                                num_stages=STAGES)
+            d_topw = torch.empty(m, dtype=ctx.weights_dtype, device=x.device) if need_dw else dx
+            KERNELS["dx"](lambda meta: (nblk * triton.cdiv(d, meta["BN"]),), dgu, order, table, w_gu, dx, dw_part,
+                          d_topw, d, inter, num_experts, m, n_part, rk, autotune=tune, BM=bm, PREC=prec, DW=need_dw)
             d_hidden = dx.view(n, k, d).sum(1) if k > 1 else dx.view(n, d)
+            d_topw = d_topw.view(n, k) if need_dw else None
+        elif need_dw:
+            d_topw = dw_part[:n_part].sum(0).view(n, k).to(ctx.weights_dtype)
         if ctx.needs_input_grad[3]:  # dW_gu[e] (2I, D) = dgu_e^T x[tok]_e
-            d_gu = _weight_grad(dgu, x, order, offsets, topw, 2 * inter, d, k, num_experts, a_gather=False,
-                                b_gather=True, scale_a=False).to(w_gu.dtype)
+            d_gu = _weight_grad(dgu, x, order, offsets, topw, 2 * inter, d, k, num_experts, m, w_gu.dtype, tune,
+                                rk, a_gather=False, b_gather=True, scale_a=False)
         if ctx.needs_input_grad[4]:  # dW_d[e] (D, I) = (w dout[tok])_e^T h_e
-            d_down = _weight_grad(dout, h, order, offsets, topw, d, inter, k, num_experts, a_gather=True,
-                                  b_gather=False, scale_a=True).to(w_d.dtype)
+            d_down = _weight_grad(dout, h, order, offsets, topw, d, inter, k, num_experts, m, w_d.dtype, tune, rk,
+                                  a_gather=True, b_gather=False, scale_a=True)
         return d_hidden, None, d_topw, d_gu, d_down
 
 
-def _weight_grad(a, b, order, offsets, topw, p, q, k, num_experts, *, a_gather, b_gather, scale_a):
-    tiles = triton.cdiv(p, WG_BP) * triton.cdiv(q, WG_BQ)
-    splits = _weight_grad_splits(num_experts, tiles, a.device)
-    part = torch.empty(splits, num_experts, p, q, dtype=torch.float32, device=a.device)
-    moe_weight_grad_kernel[(num_experts, tiles, splits)](a, b, order, offsets, topw, part, p, q, k, splits,
-                                                         A_GATHER=a_gather, B_GATHER=b_gather, SCALE_A=scale_a,
-                                                         BP=WG_BP, BQ=WG_BQ, BR=WG_BR, PREC=_prec(a), num_warps=WG_WARPS,
-                                                         num_stages=STAGES)
-    return part.sum(0) if splits > 1 else part[0]
+def _weight_grad(a, b, order, offsets, topw, p, q, k, num_experts, m, out_dtype, tune, rk, *, a_gather, b_gather,
+                 scale_a):
+    splits = _weight_grad_splits(num_experts, p, q, m, a.device)
+    if splits == 1:  # the kernel writes the result in the weights' dtype: no partials, no cast
+        out = torch.empty(num_experts, p, q, dtype=out_dtype, device=a.device)
+    else:
+        out = torch.empty(splits, num_experts, p, q, dtype=torch.float32, device=a.device)
+    KERNELS["wgrad"](lambda meta: (triton.cdiv(p, meta["BP"]) * triton.cdiv(q, meta["BQ"]), num_experts, splits),
+                     a, b, order, offsets, topw, out, p, q, k, splits, rk, autotune=tune, A_GATHER=a_gather,
+                     B_GATHER=b_gather, SCALE_A=scale_a, PREC=_prec(a))
+    return out if splits == 1 else out.sum(0).to(out_dtype)
 
 
 def triton_moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj):
