@@ -219,3 +219,56 @@ def test_moe_bench_runs_tiny_on_cpu(tmp_path):
     assert all(row[m]["fwd_ms"] > 0 and row[m]["fwdbwd_ms"] > 0 for m in ("triton", "loop", "dense"))
     assert rep["correctness"]["triton"]["out"] < 1e-4
     assert rep["launches"]["triton"]["fwd_triton"] == 4  # route x2, up, down
+
+
+def _as_on_gpu(monkeypatch, mt, bm=128):
+    """Take the CUDA code path (BM, tile configs, autotuner glue) while the kernels still run interpreted."""
+    monkeypatch.setattr(mt, "interpreting", lambda: False)
+    monkeypatch.setattr(mt, "block_rows", lambda m, e: bm)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the CUDA run covers this natively (test_every_tile_config_matches_loop)")
+@pytest.mark.parametrize("cfg", range(5))
+def test_every_tile_config_interpreted(cfg, monkeypatch):
+    """The autotuner's big tiles (BN up to 256, BK 128, BP/BQ 128/256) on awkward dims: masks and indexing."""
+    from effconv_kernels.moe import triton as mt
+    _as_on_gpu(monkeypatch, mt)
+    monkeypatch.setattr(mt, "FORCE_CONFIG", cfg)
+    x, idx, w, gu, dn, dout = make_inputs(90, 40, 36, 3, 2, torch.float32, "cpu", skip_experts=(1,))
+    out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    ref_leaves = [t.detach().requires_grad_() for t in (x, w, gu, dn)]
+    ref, ref_grads = run(naive_moe_experts, ref_leaves[0], idx, *ref_leaves[1:], dout)
+    assert rel_err(out, ref) < TOL[torch.float32][0]
+    for name, g, rg in zip(("hidden", "top_k_weights", "gate_up_proj", "down_proj"), grads, ref_grads):
+        assert rel_err(g, rg) < TOL[torch.float32][1], name
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU check of the autotuner glue with a fake timer")
+def test_autotune_glue_interpreted(monkeypatch):
+    """triton.autotune over CONFIGS with our keys / pruning (a fake do_bench), the config cache on repeats, the
+    n_part of dw partials taken from the chosen down_bwd config, and tuned_configs()."""
+    import triton
+    from effconv_kernels.moe import triton as mt
+    _as_on_gpu(monkeypatch, mt, bm=64)
+    monkeypatch.setenv("EFFCONV_MOE_AUTOTUNE", "1")
+    timings = iter(range(1, 10 ** 6))
+
+    def fake_bench(fn, quantiles):
+        fn()
+        t = float(next(timings) % 7)  # some config other than the first wins
+        return [t, t, t]
+    for name, k in mt.KERNELS.items():
+        monkeypatch.setattr(k, "tuned", triton.autotune(mt.CONFIGS[name], key=mt.KEYS[name], do_bench=fake_bench,
+                                                        prune_configs_by={"early_config_prune": mt._prune(name)})(k.fn))
+        monkeypatch.setattr(k, "chosen", {})
+    x, idx, w, gu, dn, dout = make_inputs(70, 40, 36, 3, 2, torch.float32, "cpu")
+    ref_leaves = [t.detach().requires_grad_() for t in (x, w, gu, dn)]
+    ref, ref_grads = run(naive_moe_experts, ref_leaves[0], idx, *ref_leaves[1:], dout)
+    for _ in range(2):  # tuning call, then the cached configs
+        out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+        assert rel_err(out, ref) < TOL[torch.float32][0]
+        for g, rg in zip(grads, ref_grads):
+            assert rel_err(g, rg) < TOL[torch.float32][1]
+    tuned = mt.tuned_configs()
+    assert {c["kernel"] for c in tuned} == set(mt.KERNELS) and all(len(k.chosen) >= 1 for k in mt.KERNELS.values())
+    assert len([c for c in tuned if c["kernel"] == "wgrad"]) == 2  # dW_gu and dW_d keys differ
