@@ -107,7 +107,9 @@ def main() -> None:
     try:
         app()
     except EffconvError as e:
-        print(f"effconv: error: {e}", file=sys.stderr)
+        from .distributed import report_error
+
+        report_error(str(e))  # under accelerate launch: once, not once per process
         sys.exit(1)
     except KeyboardInterrupt:
         print("effconv: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)

@@ -6,6 +6,9 @@ pure function of the step), trains on its contiguous 1/N slice, and the gradient
 are averaged before the optimizer step. With equal slices the averaged gradient equals the one of the
 global batch, so an N-process run follows the 1-process run with the same global batch. Only the main process
 writes checkpoints, exports and logs.
+
+With an FSDP config (`distributed_type: FSDP`, `fsdp_version: 2`; recipes/accelerate/fsdp*.yaml) the same runs
+also shard the model's weights over the processes (effconv/fsdp.py); the data parallelism is unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +27,55 @@ _accelerator = None
 def launched_world_size() -> int:
     """Processes started by accelerate launch / torchrun (they set WORLD_SIZE); 1 when run directly."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def fsdp_requested() -> bool:
+    """Launched with an FSDP accelerate config. The launcher exports ACCELERATE_USE_FSDP=true from
+    `distributed_type: FSDP` (accelerate's own state only reports FSDP on GPUs; on CPU it says MULTI_CPU)."""
+    return launched_world_size() > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_reshard_after_forward() -> bool:
+    return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "no_reshard")
+
+
+def check_launch(batch_size: int, *, blockwise: bool = False) -> None:
+    """Settings that cannot work with the launched processes: one clear error before any work."""
+    n = launched_world_size()
+    if n <= 1:
+        return
+    mode = "FSDP" if fsdp_requested() else "data parallel"
+    if blockwise:
+        raise EffconvError(f"--layers-per-block runs in one process; it is not supported under accelerate launch "
+                           f"({n} processes, {mode}): run block-wise conversion without accelerate launch")
+    if batch_size % n:
+        raise EffconvError(f"--batch-size {batch_size} (the global batch) must be divisible by the {n} processes; "
+                           f"set it to a multiple of {n}")
+    if fsdp_requested():
+        version = os.environ.get("FSDP_VERSION", "1")
+        if version != "2":
+            raise EffconvError(f"the accelerate config asks for FSDP version {version}; effconv shards with FSDP2 "
+                               "(torch fully_shard): set fsdp_version: 2 (recipes/accelerate/fsdp.yaml)")
+        if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+            raise EffconvError("fsdp_offload_params is not supported by effconv; set it to false")
+
+
+def report_error(message: str) -> None:
+    """Print `effconv: error: ...` once. Before the processes have started working together every process fails
+    the same way and only the main one reports; later a failure may be one process's own, so each reports
+    (tagged with its index unless it is the main process)."""
+    import sys
+
+    rank = launched_rank()
+    if launched_world_size() > 1 and rank != 0:
+        if _accelerator is None:
+            return
+        message = f"(process {rank}) {message}"
+    print(f"effconv: error: {message}", file=sys.stderr)
 
 
 def get_accelerator():
@@ -84,11 +136,16 @@ def shard_batch(batch: torch.Tensor, accelerator) -> torch.Tensor:
 
 
 def average_gradients(params: list[torch.Tensor], accelerator) -> None:
-    """All-reduce (mean) the gradients of the trainable parameters, one flat buffer per dtype."""
+    """All-reduce (mean) the gradients of the trainable parameters, one flat buffer per dtype. Parameters sharded
+    by FSDP are skipped: FSDP has averaged their gradients already."""
     if accelerator is None or accelerator.num_processes == 1:
         return
+    from .fsdp import is_dtensor
+
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
+        if is_dtensor(p):
+            continue
         if p.grad is None:  # every process must contribute the same buffers
             p.grad = torch.zeros_like(p)
         by_dtype.setdefault(p.grad.dtype, []).append(p)
@@ -105,3 +162,11 @@ def mean_over_processes(value: torch.Tensor, accelerator) -> torch.Tensor:
     if accelerator is None or accelerator.num_processes == 1:
         return value
     return accelerator.reduce(value.detach().clone(), reduction="mean")
+
+
+def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a (no-grad) tensor over the launched processes; the tensor itself in one process."""
+    acc = get_accelerator()
+    if acc is None or acc.num_processes == 1:
+        return value
+    return acc.reduce(value.detach().clone(), reduction="sum")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_lib
-from . import distributed
+from . import distributed, fsdp
 from .errors import EffconvError
 from .export import check_output_dir, export_model
 from .loading import build_student, cache_root, effconv_config_from_teacher, load_teacher
@@ -236,6 +236,14 @@ def attention_transfer_loss(student, batch: torch.Tensor, last_layer: int) -> to
             a.transfer_loss = None
 
 
+def transfer_loss_fn(student, last_layer: int):
+    """run_stage's loss function for attention transfer and its `backward` flag: a sharded (FSDP) student
+    streams its layers and leaves the gradients itself (fsdp.transfer_backward)."""
+    if fsdp.is_sharded(student):
+        return (lambda b: (fsdp.transfer_backward(student, b, last_layer), {})), False
+    return (lambda b: (attention_transfer_loss(student, b, last_layer), {})), True
+
+
 def _add_lora(student, cfg: LinearizeConfig):
     from peft import LoraConfig, get_peft_model
 
@@ -280,6 +288,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
     """Run the pipeline; `metadata` (optional) is merged into the export's effconv.json (e.g. hybridize's
     per-layer scores)."""
     cfg.validate()
+    distributed.check_launch(cfg.batch_size, blockwise=cfg.layers_per_block is not None)
     out = Path(cfg.out)
     check_output_dir(out, cfg.overwrite)
     run_dir = run_dir_for(out)
@@ -291,8 +300,11 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
 
     console.print(f"[bold]effconv linearize[/bold]: loading {cfg.model or 'the default model'}")
     blockwise = cfg.layers_per_block is not None
-    # block-wise: the model waits in CPU memory and only the block being trained goes to the device
-    teacher, tokenizer, source = load_teacher(cfg.model, dtype=dtype, device=torch.device("cpu") if blockwise else device)
+    sharded = distributed.fsdp_requested()
+    # block-wise: the model waits in CPU memory and only the block being trained goes to the device;
+    # FSDP: the model is built in CPU memory and each process moves only its shards to the device
+    teacher, tokenizer, source = load_teacher(cfg.model, dtype=dtype,
+                                              device=torch.device("cpu") if blockwise or sharded else device)
     if blockwise:
         from . import blockwise as blockwise_lib
 
@@ -318,6 +330,8 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
     console.print(f"data: {data_description}; validating on {val_blocks.shape[0]} blocks")
     student = make_student(teacher, cfg, next(teacher.parameters()).device)
     del teacher
+    if sharded:
+        fsdp.shard(student, device)
     converted = [i for i, layer in enumerate(student.model.layers) if layer.self_attn.is_converted]
     for attn in student.converted_attentions():
         attn.transfer_attn_ce_weight = cfg.attn_ce_weight
@@ -368,10 +382,10 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
                       for i in range(0, val_blocks.shape[0], cfg.batch_size)]
             return sum(losses) / len(losses)
 
+        loss_fn, backward = transfer_loss_fn(student, last)
         r1 = run_stage(
-            student, stage1, loss_fn=lambda b: (attention_transfer_loss(student, b, last), {}),
-            next_batch=next_batch, evaluate=val_transfer, checkpoint_path=stage1_ckpt,
-            resume_state=resume_state, progress=cfg.progress,
+            student, stage1, loss_fn=loss_fn, next_batch=next_batch, evaluate=val_transfer,
+            checkpoint_path=stage1_ckpt, resume_state=resume_state, progress=cfg.progress, backward=backward,
         )
         metrics["stage1"] = {
             "steps": r1.steps, "tokens": r1.tokens, "seconds": round(r1.seconds, 2),
@@ -406,15 +420,22 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
             "steps": r2.steps, "tokens": r2.tokens, "seconds": round(r2.seconds, 2),
             "tokens_per_second": round(r2.tokens_per_second, 1), "val_loss": r2.val_losses,
         }
-        model_to_export = peft_model.merge_and_unload()
-        metrics["stage2_val_loss"] = next_token_loss(model_to_export, val_blocks, batch_size=cfg.batch_size)
+        if sharded:  # measured with the adapters unmerged; the main process merges its gathered copy
+            metrics["stage2_val_loss"] = next_token_loss(peft_model, val_blocks, batch_size=cfg.batch_size)
+            model_to_export = fsdp.plain_copy(peft_model)
+            model_to_export = model_to_export.merge_and_unload() if model_to_export is not None else None
+        else:
+            model_to_export = peft_model.merge_and_unload()
+            metrics["stage2_val_loss"] = next_token_loss(model_to_export, val_blocks, batch_size=cfg.batch_size)
         metrics["stage2_val_ppl"] = perplexity(metrics["stage2_val_loss"])
         console.print(f"after LoRA fine-tune: validation perplexity {metrics['stage2_val_ppl']:.3f}")
+    elif sharded:
+        model_to_export = fsdp.plain_copy(student)  # the main process exports an ordinary, gathered copy
 
-    model_to_export.requires_grad_(False)
     export_metadata = {"command": "linearize", "config": dataclasses.asdict(cfg), "metrics": metrics,
                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(metadata or {})}
     if distributed.is_main_process():
+        model_to_export.requires_grad_(False)
         export_model(model_to_export, tokenizer, out, overwrite=cfg.overwrite, metadata=export_metadata)
         if not cfg.keep_run:
             shutil.rmtree(run_dir, ignore_errors=True)

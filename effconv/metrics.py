@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def next_token_loss(model, blocks: torch.Tensor, *, batch_size: int = 8, device=None) -> float:
-    """Mean next-token cross-entropy (nats) over packed blocks [N, T]; every block is scored independently."""
+    """Mean next-token cross-entropy (nats) over packed blocks [N, T]; every block is scored independently.
+    A model sharded by FSDP is run through its root (every process scores all blocks)."""
+    from .fsdp import call
+
+    return call(model, lambda: _next_token_loss(model, blocks, batch_size=batch_size, device=device))
+
+
+def _next_token_loss(model, blocks: torch.Tensor, *, batch_size: int, device) -> float:
     device = device or next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, blocks.shape[0], batch_size):

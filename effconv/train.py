@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import distributed
+from . import distributed, fsdp
 from .errors import EffconvError
 
 console = Console(stderr=True)
@@ -55,7 +55,8 @@ class StageResult:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Full copies of the trainable parameters (FSDP shards are gathered: collective under FSDP)."""
+    return {n: fsdp.full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -97,6 +98,7 @@ def run_stage(
     progress: bool = True,
     stop_after_steps: int | None = None,
     accelerator=None,
+    backward: bool = True,
 ) -> StageResult:
     """Minimise loss_fn over `spec.steps` batches, checkpointing every `spec.checkpoint_every` steps.
 
@@ -106,10 +108,16 @@ def run_stage(
     `next_batch` returns the global batch; each process trains on its 1/N slice and the gradients are averaged
     (distributed.py), so N processes follow the 1-process run with the same global batch. Only the main
     process writes the checkpoint; every process reads it on resume.
+    A model sharded by FSDP (fsdp.py) is called through its root (`fsdp.call`); FSDP averages the gradients of
+    its sharded parameters, the global gradient norm is clipped, and checkpoints hold the gathered full tensors
+    (the 1-process format). `backward=False`: loss_fn leaves the gradients itself (fsdp.transfer_backward) and
+    returns the loss without a graph.
     """
     if accelerator is None:
         accelerator = distributed.get_accelerator()
     is_main = accelerator is None or accelerator.is_main_process
+    sharded = fsdp.is_sharded(model)
+    fsdp.reshard_all(model)  # the optimizer must hold the sharded parameters, not gathered ones
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise EffconvError(f"stage {spec.name}: nothing to train")
@@ -119,10 +127,10 @@ def run_stage(
     start_step = 0
     if resume_state is not None:
         named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in resume_state["trainable"].items():
-                named[name].copy_(value)
+        for name, value in resume_state["trainable"].items():
+            fsdp.load_full_(named[name], value)  # a sharded parameter keeps its part
         optimizer.load_state_dict(resume_state["optimizer"])
+        fsdp.shard_optimizer_state_(optimizer)
         scheduler.load_state_dict(resume_state["scheduler"])
         start_step = resume_state["step"]
         result.train_losses = list(resume_state["train_losses"])
@@ -133,14 +141,19 @@ def run_stage(
     def save(step: int) -> None:
         if checkpoint_path is None:
             return
+        if sharded:  # every process takes part in gathering the shards; the main one writes
+            fsdp.reshard_all(model)
+            trainable, optimizer_state = trainable_state(model), fsdp.full_optimizer_state(optimizer)
+        elif is_main:
+            trainable, optimizer_state = trainable_state(model), optimizer.state_dict()
         if not is_main:
             accelerator.wait_for_everyone()  # the main process writes; the others wait until it is on disk
             return
         state = {
             "stage": spec.name,
             "step": step,
-            "trainable": trainable_state(model),
-            "optimizer": optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "train_losses": result.train_losses,
             "val_losses": [list(x) for x in result.val_losses],
@@ -171,18 +184,20 @@ def run_stage(
                 break
             t0 = time.perf_counter()
             batch = next_batch(step)
-            loss, _ = loss_fn(distributed.shard_batch(batch, accelerator))
+            local = distributed.shard_batch(batch, accelerator)
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = fsdp.call(model, lambda: loss_fn(local))
             global_loss = distributed.mean_over_processes(loss, accelerator)  # every process stops together
             if not torch.isfinite(global_loss):
                 raise EffconvError(
                     f"stage {spec.name}: loss became {global_loss.item()} at step {step}; the last good checkpoint"
                     f" is kept at {checkpoint_path} (lower the learning rate and --resume)"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(params, accelerator)
+            if backward:
+                loss.backward()
+            distributed.average_gradients(params, accelerator)  # the plain (unsharded) trainable parameters
             if spec.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+                fsdp.clip_grad_norm_(params, spec.grad_clip)  # the global norm, sharded gradients included
             optimizer.step()
             scheduler.step()
             dt = time.perf_counter() - t0
@@ -193,7 +208,7 @@ def run_stage(
             done = step + 1
             if evaluate is not None and (done % spec.eval_every == 0 or done == spec.steps):
                 model.eval()
-                val = evaluate()
+                val = fsdp.call(model, evaluate)
                 model.train()
                 result.val_losses.append((done, val))
                 last_val = f"{val:.4g}"
