@@ -48,6 +48,34 @@ def flops_fwd(N, D, I, k):
     return 2 * N * k * D * 3 * I  # gate, up, down: three (N*k, D) x (D, I)-sized matmuls
 
 
+def min_bytes(N, D, I, E, k, method, phase, elem=2):
+    """Fewest device-memory bytes of one call (each tensor read once, written once; gathered x/dout rows counted
+    once per (token, slot)). triton fwd = the no-grad forward timed by the bench; fwdbwd adds the saved gate/up
+    pre-activations and the backward's reads and writes."""
+    M = N * k
+    if method == "dense":
+        w = (2 * k * I * D + D * k * I) * elem
+        fwd = N * D + N * 2 * k * I + 2 * N * k * I + N * D  # x; gate/up out; h write + read; out
+        if phase == "fwd":
+            return w + fwd * elem
+        bwd = (N * D + 2 * N * k * I) * 2 + N * k * I * 2 + N * D * 3  # dout/dh/dgu passes, dx, weight grads
+        return 3 * w + (fwd + bwd) * elem
+    w = (E * 2 * I * D + E * D * I) * elem
+    fwd = M * D + 2 * M * I + 2 * M * D + N * D  # x[tok]; h write + read; y write + read; out
+    if phase == "fwd":
+        return w + fwd * elem
+    fwd += 2 * M * I  # gate/up pre-activations saved
+    bwd = (M * D + 2 * M * 2 * I) + (2 * M * I + 2 * M * D + N * D) + (2 * M * I + M * D) + (M * D + M * I)
+    return 3 * w + (fwd + bwd) * elem  # down_bwd; dx + slot sum; dW_gu; dW_d; weights read / grads written
+
+
+def floors_ms(N, D, I, E, k, method, phase, tflops=790.0, tb_s=4.3):
+    """(compute floor, memory floor) in ms at the measured H200 ceilings (KINDS.md: 8192^3 bf16 matmul ~790
+    TFLOP/s, device copy ~4.3 TB/s)."""
+    f = flops_fwd(N, D, I, k) * (1 if phase == "fwd" else 3)
+    return f / (tflops * 1e9), min_bytes(N, D, I, E, k, method, phase) / (tb_s * 1e9)
+
+
 def make_inputs(N, D, I, E, k, dtype, device, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
 
@@ -260,6 +288,21 @@ def count_launches(inp, device):
     return out
 
 
+def ceilings(timer):
+    """The two ceilings of this card (METHOD.md): device-to-device copy TB/s (bytes read + written) and an
+    8192^3 bf16 matmul's TFLOP/s on random data."""
+    n = 1 << 29  # 1 GiB of bf16 (0.5 G elements)
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = timer.time(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = timer.time(lambda: a @ b)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return dict(copy_tb_s=2 * n * 2 / (ms * 1e-3) / 1e12, matmul_bf16_tflops=2 * 8192 ** 3 / (mm * 1e-3) / 1e12)
+
+
 def correctness(N, D, I, E, k, device, dtype):
     """Triton and the loop in `dtype` (bf16 on the GPU; fp32 on CPU, where the interpreter mishandles bf16 dots) against the fp32 loop on one shape: relative norm errors."""
     from effconv_kernels.moe.naive import naive_moe_experts
@@ -330,6 +373,7 @@ def main(argv=None):
     ap.add_argument("--count-launches", action="store_true",
                     help="count kernel launches per fwd and fwd+bwd (triton, dense) on the first shape")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--ceilings", action="store_true", help="measure copy TB/s and bf16 matmul TFLOP/s first")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -360,6 +404,9 @@ def main(argv=None):
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1))
 
+    if args.ceilings and device == "cuda":
+        report["ceilings"] = ceilings(timer)
+        print(json.dumps({"ceilings": report["ceilings"]}))
     first_name, first = next(iter(shapes.items()))
     if args.count_launches:
         report["launches"] = dict(shape=first_name, N=min(tokens), **count_launches(
@@ -376,7 +423,8 @@ def main(argv=None):
         for N in tokens:
             inp = make_inputs(N, D, I, E, k, dtype, device)
             flops = flops_fwd(N, D, I, k)
-            row = dict(shape=sname, N=N, D=D, I=I, E=E, k=k, fwd_gflop=flops / 1e9)
+            row = dict(shape=sname, N=N, D=D, I=I, E=E, k=k, fwd_gflop=flops / 1e9, floors_ms={
+                f"{m}_{ph}": floors_ms(N, D, I, E, k, m, ph) for m in ("triton", "dense") for ph in ("fwd", "fwdbwd")})
             for m in args.methods:
                 row[m] = run_method(m, inp, timer, flops)
                 if args.graph and device == "cuda" and m in GRAPH_METHODS and "skipped" not in row[m]:

@@ -36,7 +36,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   grep -hE "^(FAILED|ERROR)|passed|failed|exit=" /tmp/moeshard_*.log
 fi
 
-timeout "${EAGER_TIMEOUT:-80}" python3 bench/moe.py --quick --configs --count-launches --out "$OUT/moe_eager.json" \
+timeout "${EAGER_TIMEOUT:-80}" python3 bench/moe.py --quick --ceilings --configs --count-launches --out "$OUT/moe_eager.json" \
   > "$OUT/moe_eager.log" 2>&1
 echo "== bench eager exit=$? after $(( $(date +%s) - T0 ))s"
 timeout "${GRAPH_TIMEOUT:-55}" python3 bench/moe.py --quick --graph --skip-correctness --out "$OUT/moe_graph.json" \
@@ -44,7 +44,7 @@ timeout "${GRAPH_TIMEOUT:-55}" python3 bench/moe.py --quick --graph --skip-corre
 echo "== bench graph exit=$? after $(( $(date +%s) - T0 ))s"
 
 echo "== launches, correctness, autotuned configs (eager run)"
-grep -E '^\{"launches"|^\{"correctness' "$OUT/moe_eager.log"
+grep -E '^\{"ceilings"|^\{"launches"|^\{"correctness' "$OUT/moe_eager.log"
 sed -n '/^autotuned configs/,/^fwd \/ fwd+bwd ms/p' "$OUT/moe_eager.log" | sed '$d'
 grep -hE "Error|error" "$OUT/moe_eager.log" "$OUT/moe_graph.log" | head -10
 echo "== eager summary"
