@@ -253,7 +253,7 @@ def count_launches_cuda(fn):
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     names = Counter(e.name for e in prof.events() if e.device_type == DeviceType.CUDA)
@@ -409,11 +409,15 @@ def main(argv=None):
         print(json.dumps({"ceilings": report["ceilings"]}))
     first_name, first = next(iter(shapes.items()))
     if args.count_launches:
-        report["launches"] = dict(shape=first_name, N=min(tokens), **count_launches(
-            make_inputs(min(tokens), *first, dtype, device), device))
-        brief = {m: {k: v for k, v in r.items() if not k.endswith("names") and not k.endswith("ops")}
-                 for m, r in report["launches"].items() if isinstance(r, dict)}
-        print(json.dumps({"launches": brief}))
+        try:
+            report["launches"] = dict(shape=first_name, N=min(tokens), **count_launches(
+                make_inputs(min(tokens), *first, dtype, device), device))
+            brief = {m: {k: v for k, v in r.items() if not k.endswith("names") and not k.endswith("ops")}
+                     for m, r in report["launches"].items() if isinstance(r, dict)}
+            print(json.dumps({"launches": brief}))
+        except Exception as e:  # noqa: BLE001 - a profiler problem must not cost the timings
+            report["launches"] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+            print(json.dumps({"launches": report["launches"]}))
         save()
     if not args.skip_correctness:
         report["correctness"] = correctness(min(tokens), *first, device, dtype)
@@ -447,9 +451,10 @@ def main(argv=None):
     if args.configs:
         print("autotuned configs (kernel, key = [" + "; ".join(f"{n}: {', '.join(k)}" for n, k in mt.KEYS.items())
               + "] + tensor dtypes):")
-        for c in mt.tuned_configs():
-            print(f"  {c['kernel']:9s} key={c['key']} -> {c['config']} warps={c['num_warps']} "
-                  f"stages={c['num_stages']}")
+        for c in mt.tuned_configs():  # the key's dtypes are in the JSON
+            cfg = " ".join(f"{k}{v}" for k, v in c["config"].items())
+            print(f"  {c['kernel']:8s} {','.join(c['key'][:len(c['key_names'])])} -> {cfg} w{c['num_warps']} "
+                  f"s{c['num_stages']}")
     save()
     print(summary_table(results))
     return report
