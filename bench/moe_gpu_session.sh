@@ -41,7 +41,6 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   wait
   cat /tmp/moeshard_*.log > "$OUT/tests.log" 2>/dev/null || echo "no test logs (collection failed?)"
   echo "== tests: $(wc -l < /tmp/moe_test_ids) collected, done after $(( $(date +%s) - T0 ))s (exit 124 = timeout)"
-  grep -hE "^(FAILED|ERROR)|passed|failed|exit=" /tmp/moeshard_*.log
 fi
 
 timeout "$(left "${EAGER_TIMEOUT:-75}")" python3 bench/moe.py --quick --ceilings --configs --count-launches \
@@ -51,10 +50,19 @@ timeout "$(left "${GRAPH_TIMEOUT:-55}")" python3 bench/moe.py --quick --graph --
   --out "$OUT/moe_graph.json" > "$OUT/moe_graph.log" 2>&1
 echo "== bench graph exit=$? after $(( $(date +%s) - T0 ))s"
 
-echo "== ceilings, launches, correctness, autotuned configs (eager run)"
-grep -E '^\{"ceilings"|^\{"launches"|^\{"correctness' "$OUT/moe_eager.log"
-sed -n '/^autotuned configs/,/^fwd \/ fwd+bwd ms/p' "$OUT/moe_eager.log" | sed '$d'
-grep -hE "Traceback|[A-Za-z]Error|graph_error" "$OUT/moe_eager.log" "$OUT/moe_graph.log" | cut -c1-300 | head -10
+echo "== autotuned configs (eager run; kernel, key values -> config)"
+sed -n '/^autotuned configs/,/^fwd \/ fwd+bwd ms/p' "$OUT/moe_eager.log" | sed '1d;$d'
+echo "== tests (all shards)"
+if [ -f "$OUT/tests.log" ]; then
+  grep -hE "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-200 | head -6
+  grep -oE "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/tests.log" \
+    | awk '{n[$2]+=$1} END {for (k in n) printf "%s %d  ", k, n[k]; print ""}'
+  echo "shard exits: $(grep -hoE "exit=[0-9]+" "$OUT/tests.log" | tr '\n' ' ')"
+fi
+echo "== ceilings, launches, correctness (eager run)"
+grep -E '^\{"ceilings"|^\{"launches"|^\{"correctness' "$OUT/moe_eager.log" | cut -c1-700
+grep -hE "Traceback|[A-Za-z]Error|graph_error" "$OUT/moe_eager.log" "$OUT/moe_graph.log" | grep -v '^{"launches"' \
+  | cut -c1-300 | head -8
 echo "== eager summary"
 sed -n '/^fwd \/ fwd+bwd ms/,$p' "$OUT/moe_eager.log"
 echo "== graph summary (eager + CUDA-graph replay)"
