@@ -272,3 +272,26 @@ def test_autotune_glue_interpreted(monkeypatch):
     tuned = mt.tuned_configs()
     assert {c["kernel"] for c in tuned} == set(mt.KERNELS) and all(len(k.chosen) >= 1 for k in mt.KERNELS.values())
     assert len([c for c in tuned if c["kernel"] == "wgrad"]) == 2  # dW_gu and dW_d keys differ
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU check of the autotuner-failure fallback")
+def test_autotune_failure_falls_back_to_default(monkeypatch):
+    from effconv_kernels.moe import triton as mt
+    _as_on_gpu(monkeypatch, mt, bm=64)
+    monkeypatch.setenv("EFFCONV_MOE_AUTOTUNE", "1")
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                raise RuntimeError("config does not compile")
+            return launch
+    for k in mt.KERNELS.values():
+        monkeypatch.setattr(k, "tuned", Broken())
+        monkeypatch.setattr(k, "chosen", {})
+    x, idx, w, gu, dn, dout = make_inputs(30, 24, 20, 3, 2, torch.float32, "cpu")
+    with pytest.warns(UserWarning, match="autotuning"):
+        out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    ref_leaves = [t.detach().requires_grad_() for t in (x, w, gu, dn)]
+    ref, ref_grads = run(naive_moe_experts, ref_leaves[0], idx, *ref_leaves[1:], dout)
+    assert rel_err(out, ref) < TOL[torch.float32][0]
+    assert all(rel_err(g, rg) < TOL[torch.float32][1] for g, rg in zip(grads, ref_grads))

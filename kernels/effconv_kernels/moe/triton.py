@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections import Counter
 
 import torch
@@ -451,9 +452,15 @@ class _Kernel:
                 a.dtype for a in args if isinstance(a, torch.Tensor))
             cfg = self.chosen.get(key)
             if cfg is None:  # first call for this key: the autotuner times its configs, then launches
-                self.tuned[grid](*args, **kw)
-                self.chosen[key] = self.tuned.best_config
-                return self.tuned.best_config
+                try:
+                    self.tuned[grid](*args, **kw)
+                except Exception as e:  # noqa: BLE001 - a config that does not compile: keep going on the default
+                    warnings.warn(f"moe_experts: autotuning {self.name} failed ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); using its default config for key {key[:len(KEYS[self.name])]}")
+                    cfg = self.chosen[key] = DEFAULTS[self.name]
+                else:
+                    self.chosen[key] = self.tuned.best_config
+                    return self.tuned.best_config
         else:
             cfg = DEFAULTS[self.name]
         self.fn[grid](*args, **kw, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
