@@ -12,7 +12,7 @@ Forward (two grouped GEMMs over the sorted rows, x rows gathered by token inside
     gu = x[tok] W_gu[e]^T          -> h = w * silu(g) * u        (gate and up tiles share the x tile)
     y  = h W_d[e]^T                -> stored at the row's (token, slot) position; out = y.sum(slot)
 Backward:
-    dA = dout[tok] W_d[e]; dw partial = <dA, h> per column block; dh = w dA -> dg, du  (SwiGLU fused)
+    dA = dout[tok] W_d[e]; dw partial = <dA, silu(g) u> per column block; dh = w dA -> dg, du (SwiGLU)
     dx = dgu W_gu[e] stored at (token, slot), summed over slots; the same kernel sums the dw partials
     dW_gu[e] = dgu_e^T x_e,  dW_d[e] = dout[tok]_e^T h_e          (per-expert weight-gradient GEMMs)
 All dots accumulate in fp32; sums over slots, column blocks (dw) and row splits (weight grads) are done in a
