@@ -1,6 +1,8 @@
 """One linearize recipe (attention transfer + a short LoRA stage) through effconv's accelerate path, for scaling.
 
-Run under `accelerate launch --num_processes N` (bench/scale_gpu.sh runs N = 1 and 2). The teacher is a
+Run under `accelerate launch --num_processes N` (bench/scale_gpu.sh runs N = 1 and 2) with a DDP config
+(recipes/accelerate/ddp.yaml) or an FSDP one (fsdp.yaml: the model is built in CPU memory and sharded over the
+processes by effconv.fsdp, as `effconv linearize` does; 1 process is never sharded). The teacher is a
 SmolLM2-135M-shaped Llama with *random* weights (the device has no network and no model files), and the
 training data is *random token ids* from a seeded generator: the numbers measure throughput, memory and that
 N processes follow 1 process, not conversion quality. Every batch is a pure function of the step, so all
@@ -23,9 +25,9 @@ import torch
 import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from effconv import distributed  # noqa: E402
+from effconv import distributed, fsdp  # noqa: E402
 from effconv.linearize import (  # noqa: E402
-    LinearizeConfig, _add_lora, attention_transfer_loss, finetune_loss, make_student,
+    LinearizeConfig, _add_lora, finetune_loss, make_student, transfer_loss_fn,
 )
 from effconv.train import StageSpec, run_stage  # noqa: E402
 
@@ -60,13 +62,18 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = distributed.local_device(torch.device("cuda" if cuda else "cpu"))
     dtype = torch.bfloat16 if cuda else torch.float32
+    sharded = distributed.fsdp_requested()
+    build_device = torch.device("cpu") if sharded else device  # FSDP: each process moves only its shards
     torch.manual_seed(0)  # the same random teacher in every process
     config = teacher_config(args.size)
-    with torch.device(device):
+    with torch.device(build_device):
         teacher = tf.LlamaForCausalLM(config).to(dtype)
     cfg = LinearizeConfig(window=args.window, seq_len=args.seq_len, batch_size=args.batch, seed=0)
-    student = make_student(teacher, cfg, device)
+    student = make_student(teacher, cfg, build_device)
     del teacher
+    if sharded:
+        fsdp.shard(student, device)
+    parameter_bytes = fsdp.local_parameter_bytes(student)
     last = max(i for i, layer in enumerate(student.model.layers) if layer.self_attn.is_converted)
 
     def next_batch(step: int) -> torch.Tensor:  # random token ids, a pure function of the step
@@ -92,7 +99,8 @@ def main() -> None:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    report: dict = {"world_size": world, "size": args.size, "global_batch": args.batch, "seq_len": args.seq_len,
+    report: dict = {"world_size": world, "mode": "fsdp" if sharded else "ddp" if world > 1 else "single",
+                    "size": args.size, "global_batch": args.batch, "seq_len": args.seq_len,
                     "dtype": str(dtype), "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                     "data": "random token ids (random-weight teacher): throughput/agreement only, not quality",
                     "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
@@ -100,8 +108,9 @@ def main() -> None:
     stages = [("stage1", StageSpec("attention transfer", args.stage1_steps, 1e-2, warmup_steps=2,
                                    eval_every=10**9, checkpoint_every=10**9))]
     results = {}
-    r1 = run_stage(student, stages[0][1], loss_fn=lambda b: (attention_transfer_loss(student, b, last), {}),
-                   next_batch=timed_batches("stage1"), evaluate=None, checkpoint_path=None, progress=False)
+    loss_fn, backward = transfer_loss_fn(student, last)  # FSDP: layer by layer (effconv.fsdp.transfer_backward)
+    r1 = run_stage(student, stages[0][1], loss_fn=loss_fn, next_batch=timed_batches("stage1"), evaluate=None,
+                   checkpoint_path=None, progress=False, backward=backward)
     results["stage1"] = r1
     stage_end = {"stage1": synchronized_now()}
     if args.stage2_steps > 0:
@@ -121,10 +130,14 @@ def main() -> None:
         tokens = (r.steps - w) * args.batch * args.seq_len
         report[name] = {"steps": r.steps, "timed_steps": r.steps - w, "seconds": round(seconds, 3),
                         "tokens_per_second": round(tokens / seconds, 1), "losses": r.train_losses}
-    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0], device=device)
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
+                         parameter_bytes / 2**30], device=device)
     if acc is not None:
-        peak = acc.gather(peak)
-    report["peak_memory_gib_per_process"] = [round(float(x), 3) for x in peak.tolist()]
+        peak = acc.gather(peak[None])
+    peak = peak.reshape(-1, 2)
+    report["peak_memory_gib_per_process"] = [round(float(x), 3) for x in peak[:, 0].tolist()]
+    # the model's parameters each process holds (FSDP: its shards; before the LoRA stage adds its adapters)
+    report["parameter_gib_per_process"] = [round(float(x), 4) for x in peak[:, 1].tolist()]
     if distributed.is_main_process():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

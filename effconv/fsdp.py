@@ -94,6 +94,9 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
 
     if is_sharded(model):
         return model
+    from .train import console
+
+    full = local_parameter_bytes(model)
     mesh = device_mesh(device)
     reshard = distributed.fsdp_reshard_after_forward()
     for layer in model.model.layers:
@@ -102,6 +105,9 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
     fully_shard(root, mesh=mesh, reshard_after_forward=True)
     object.__setattr__(model, "_effconv_fsdp_root", root)
     root(lambda: None)  # FSDP initialises from the first forward, which must be the root's
+    console.print(f"FSDP: {len(model.model.layers)} decoder layers + root sharded over {mesh.size()} processes; "
+                  f"parameters per process {local_parameter_bytes(model) / 2**20:.2f} MiB of {full / 2**20:.2f} MiB",
+                  soft_wrap=True)
     return model
 
 

@@ -32,17 +32,18 @@ from pathlib import Path
 import torch
 
 from . import data as data_lib
+from . import distributed, fsdp
 from .errors import EffconvError
 from .export import check_output_dir
 from .linearize import (
     LinearizeConfig,
     _device_and_dtype,
     _steps,
-    attention_transfer_loss,
     converted_layer_indices,
     linearize,
     make_student,
     run_dir_for,
+    transfer_loss_fn,
 )
 from .loading import cache_root, load_teacher
 from .metrics import next_token_loss
@@ -275,12 +276,13 @@ def measure_layer_scores(student, train_blocks, val_blocks, cfg: HybridizeConfig
         loader = data_lib.BlockLoader(train_blocks, cfg.batch_size, seed=cfg.seed)
         spec = StageSpec("layer scoring", steps, cfg.stage1_lr, warmup_steps=min(10, steps // 10),
                          eval_every=max(steps, 1), checkpoint_every=max(steps, 1))
-        r = run_stage(student, spec, loss_fn=lambda b: (attention_transfer_loss(student, b, n - 1), {}),
-                      next_batch=lambda step: loader.batch(step).to(device), evaluate=None, checkpoint_path=None,
-                      progress=cfg.progress)
+        loss_fn, backward = transfer_loss_fn(student, n - 1)
+        r = run_stage(student, spec, loss_fn=loss_fn, next_batch=lambda step: loader.batch(step).to(device),
+                      evaluate=None, checkpoint_path=None, progress=cfg.progress, backward=backward)
         trained = r.tokens
     student.eval()
-    mse, rel = layer_transfer_errors(student, val_blocks, batch_size=cfg.batch_size, device=device)
+    mse, rel = fsdp.call(student, lambda: layer_transfer_errors(student, val_blocks, batch_size=cfg.batch_size,
+                                                                 device=device))
     scores = LayerScores("transfer_mse", mse, rel, trained_tokens=trained, val_tokens=val_blocks.numel())
     if cfg.score == "next-token":
         scores.teacher_val_loss, scores.next_token_delta = layer_next_token_deltas(
@@ -297,18 +299,22 @@ def score_layers(cfg: HybridizeConfig) -> LayerScores:
     device, dtype = _device_and_dtype(cfg)
     torch.manual_seed(cfg.seed)
     console.print(f"[bold]effconv hybridize[/bold]: scoring the layers of {cfg.model or 'the default model'}")
-    teacher, tokenizer, _ = load_teacher(cfg.model, dtype=dtype, device=device)
-    train_blocks, val_blocks, description = data_lib.prepare_data(
-        cfg.data, tokenizer, seq_len=cfg.seq_len, teacher_factory=lambda: (teacher, tokenizer),
-        num_tokens=cfg.generate_tokens, cache_dir=cache_root() / "data", val_fraction=cfg.val_fraction,
-        seed=cfg.seed, text_field=cfg.text_field, generation_batch_size=cfg.generation_batch_size,
-        progress=cfg.progress,
-    )
+    sharded = distributed.fsdp_requested()  # FSDP: built in CPU memory, each process keeps its shards
+    teacher, tokenizer, _ = load_teacher(cfg.model, dtype=dtype, device=torch.device("cpu") if sharded else device)
+    with distributed.main_process_first():  # the main process fills the data cache, the others read it
+        train_blocks, val_blocks, description = data_lib.prepare_data(
+            cfg.data, tokenizer, seq_len=cfg.seq_len, teacher_factory=lambda: (teacher, tokenizer),
+            num_tokens=cfg.generate_tokens, cache_dir=cache_root() / "data", val_fraction=cfg.val_fraction,
+            seed=cfg.seed, text_field=cfg.text_field, generation_batch_size=cfg.generation_batch_size,
+            progress=cfg.progress,
+        )
     val_blocks = val_blocks[: cfg.max_val_blocks]
     console.print(f"data: {description}; scoring on {val_blocks.shape[0]} validation blocks")
     all_layers = dataclasses.replace(cfg.linearize_config([]), layers=None)
-    student = make_student(teacher, all_layers, device)
+    student = make_student(teacher, all_layers, next(teacher.parameters()).device)
     del teacher
+    if sharded:
+        fsdp.shard(student, device)
     return measure_layer_scores(student, train_blocks, val_blocks, cfg, device)
 
 
@@ -467,22 +473,34 @@ def _prepare_state(cfg: HybridizeConfig, state_dir: Path, linearize_run: Path) -
 def hybridize(cfg: HybridizeConfig) -> HybridizeResult:
     """Score the layers, keep the most expensive ones as softmax, linearize the others, export with the scores."""
     cfg.validate()
+    distributed.check_launch(cfg.batch_size)
     out = Path(cfg.out)
     check_output_dir(out, cfg.overwrite)
     _device_and_dtype(cfg)  # a bad --device fails before any work
-    num_layers = _num_layers(cfg)
+    with distributed.main_process_first():  # a GGUF model is converted (and cached) once
+        num_layers = _num_layers(cfg)
     # Fixed selections are known (and checked) before anything is trained.
     kept = None if cfg.selection == "measured" else select_layers(
         cfg.selection, num_layers, ratio=cfg.ratio, softmax_layers=cfg.softmax_layers)
     if cfg.selection == "measured":
         kept_count(cfg.ratio, num_layers)  # a ratio that keeps nothing (or everything) fails before scoring
     state_dir, linearize_run = state_dir_for(out), run_dir_for(out)
-    scores = _prepare_state(cfg, state_dir, linearize_run)
+    main = distributed.is_main_process()  # under accelerate launch only the main process writes
+    scores = _prepare_state(cfg, state_dir, linearize_run) if main else None
+    distributed.wait_for_everyone()
+    scores_file = state_dir / "scores.json"
+    if not main and cfg.resume and scores_file.is_file():
+        scores = LayerScores.from_json(json.loads(scores_file.read_text()))
     if scores is None and cfg.score != "none":
-        scores = score_layers(cfg)
-        _write_atomic(state_dir / "scores.json", (json.dumps(scores.to_json(), indent=2) + "\n").encode())
+        scores = score_layers(cfg)  # every process trains its slice and measures the same scores
+        if main:
+            _write_atomic(scores_file, (json.dumps(scores.to_json(), indent=2) + "\n").encode())
+        distributed.wait_for_everyone()
+        # every process selects from the main process's scores: one selection even if a device's arithmetic
+        # differed in the last bits
+        scores = LayerScores.from_json(json.loads(scores_file.read_text()))
     elif scores is not None:
-        console.print(f"resuming: layer scores from {state_dir / 'scores.json'}")
+        console.print(f"resuming: layer scores from {scores_file}")
     if kept is None:
         kept = select_layers("measured", num_layers, ratio=cfg.ratio, scores=scores.scores)
     converted = [i for i in range(num_layers) if i not in kept]
@@ -493,14 +511,17 @@ def hybridize(cfg: HybridizeConfig) -> HybridizeResult:
 
     lin_cfg = cfg.linearize_config(converted)
     lin_cfg.resume = cfg.resume and linearize_run.exists()  # killed after scoring: linearize starts fresh
+    distributed.wait_for_everyone()  # every process has looked before the main one creates linearize's run dir
     result = linearize(lin_cfg, metadata={"command": "hybridize", "hybridize_config": dataclasses.asdict(cfg),
                                           "hybridize": report})
-    if scores is not None:
-        title = (f"{Path(cfg.model).name if cfg.model else 'SmolLM2-135M-Instruct'}: {len(kept)} of {num_layers} "
-                 f"layers kept as softmax ({cfg.selection})")
-        _write_atomic(out / "scores.png", plot_scores(scores, kept, title))
-    _write_atomic(out / "scores.json", (json.dumps(report, indent=2) + "\n").encode())
-    if not cfg.keep_run:
-        shutil.rmtree(state_dir, ignore_errors=True)
+    if main:
+        if scores is not None:
+            title = (f"{Path(cfg.model).name if cfg.model else 'SmolLM2-135M-Instruct'}: {len(kept)} of "
+                     f"{num_layers} layers kept as softmax ({cfg.selection})")
+            _write_atomic(out / "scores.png", plot_scores(scores, kept, title))
+        _write_atomic(out / "scores.json", (json.dumps(report, indent=2) + "\n").encode())
+        if not cfg.keep_run:
+            shutil.rmtree(state_dir, ignore_errors=True)
+    distributed.wait_for_everyone()
     return HybridizeResult(out=out, softmax_layers=kept, converted_layers=converted, scores=scores,
                            metrics=result.metrics)

@@ -34,13 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_lib
+from . import distributed, fsdp
 from .errors import EffconvError
 from .export import check_output_dir, export_model
 from .linearize import _device_and_dtype, _prepare_run_dir, run_dir_for
 from .loading import SUPPORTED_MODEL_TYPES, build_student, cache_root, effconv_config_from_teacher, load_causal_lm
 from .metrics import next_token_loss, perplexity
 from .modeling import EffconvConfig, EffconvForCausalLM
-from .modeling.moe import MoeMLP, load_balancing_loss
+from .modeling.moe import MoeMLP
 from .train import StageSpec, console, load_checkpoint, run_stage
 
 METHODS = ("split", "copy")
@@ -398,7 +399,7 @@ def distill_loss(student, teacher, batch: torch.Tensor, cfg: MoeUpcycleConfig) -
     hooks = _layer_outputs(teacher, t_hidden) if want_hidden else []
     try:
         with torch.no_grad():
-            t_logits = teacher(input_ids=batch, use_cache=False).logits.float()
+            t_logits = fsdp.call(teacher, lambda: teacher(input_ids=batch, use_cache=False).logits.float())
     finally:
         for h in hooks:
             h.remove()
@@ -419,20 +420,38 @@ def distill_loss(student, teacher, batch: torch.Tensor, cfg: MoeUpcycleConfig) -
         mse = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(s_hidden, t_hidden)]).mean()
         loss = loss + cfg.hidden_mse_weight * mse
     if cfg.load_balancing == "aux":
-        aux = torch.stack([load_balancing_loss(m.router_logits, m.top_k) for m in layers]).mean()
+        aux = torch.stack([global_balancing_loss(m.router_logits, m.top_k) for m in layers]).mean()
         loss = loss + cfg.aux_weight * aux
         for m in layers:
             m.keep_router_logits, m.router_logits = False, None
     elif cfg.load_balancing == "bias":
         with torch.no_grad():  # auxiliary-loss-free balancing: raise the bias of under-used experts
             for m in layers:
-                load = m.last_load.float()
+                load = distributed.sum_over_processes(m.last_load).float()  # the global batch's load
                 m.router_bias += cfg.bias_rate * torch.sign(load.mean() - load)
     return loss, logs
 
 
-@torch.no_grad()
+def global_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """modeling.moe.load_balancing_loss with the routed fractions f_e of the global batch: under accelerate launch
+    each process holds 1/N of the tokens, and the mean over processes of E * sum_e f_e(global) * P_e(local) is the
+    loss of the global batch (f_e carries no gradient), so N processes follow the 1-process run. One process: the
+    same as load_balancing_loss."""
+    num_experts = router_logits.shape[-1]
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    fraction = F.one_hot(chosen, num_experts).float().sum(1).mean(0) / top_k
+    fraction = distributed.mean_over_processes(fraction, distributed.get_accelerator())  # equal tokens per process
+    return num_experts * (fraction * probs.mean(0)).sum()
+
+
 def kl_to_teacher(student, teacher, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean KL(teacher || student) per token over `blocks` (sharded models run through their FSDP roots)."""
+    return fsdp.call_all([student, teacher], lambda: _kl_to_teacher(student, teacher, blocks, batch_size))
+
+
+@torch.no_grad()
+def _kl_to_teacher(student, teacher, blocks: torch.Tensor, batch_size: int) -> float:
     device = next(student.parameters()).device
     total, count = 0.0, 0
     for start in range(0, blocks.shape[0], batch_size):
@@ -444,9 +463,13 @@ def kl_to_teacher(student, teacher, blocks: torch.Tensor, batch_size: int) -> fl
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def expert_load(model, blocks: torch.Tensor, batch_size: int) -> list[float]:
     """Mean over layers of the largest expert's share of routed tokens (1/E is perfectly balanced)."""
+    return fsdp.call(model, lambda: _expert_load(model, blocks, batch_size))
+
+
+@torch.no_grad()
+def _expert_load(model, blocks: torch.Tensor, batch_size: int) -> list[float]:
     device = next(model.parameters()).device
     layers = moe_layers(model)
     loads = [torch.zeros(m.num_experts) for m in layers]
@@ -457,7 +480,8 @@ def expert_load(model, blocks: torch.Tensor, batch_size: int) -> list[float]:
     return [float(x.max() / x.sum()) for x in loads]
 
 
-def _set_trainable(model, cfg: MoeUpcycleConfig):
+def _mark_trainable(model, cfg: MoeUpcycleConfig) -> None:
+    """Routers (and with --train experts the experts) trainable, everything else frozen."""
     model.requires_grad_(False)
     for m in moe_layers(model):
         m.gate.weight.requires_grad_(True)
@@ -465,6 +489,10 @@ def _set_trainable(model, cfg: MoeUpcycleConfig):
             m.experts.requires_grad_(True)
             if m.shared_expert is not None:
                 m.shared_expert.requires_grad_(True)
+
+
+def _set_trainable(model, cfg: MoeUpcycleConfig):
+    _mark_trainable(model, cfg)
     if cfg.train != "router-lora":
         return model
     from peft import LoraConfig, get_peft_model
@@ -601,23 +629,33 @@ def _steps(cfg: MoeUpcycleConfig) -> int:
 def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
     """Upcycle, measure, distill, measure, export."""
     cfg.validate()
+    distributed.check_launch(cfg.batch_size)
     out = Path(cfg.out)
     check_output_dir(out, cfg.overwrite)
     device, dtype = _device_and_dtype(cfg)  # type: ignore[arg-type] - same fields as LinearizeConfig
     torch.manual_seed(cfg.seed)
+    main = distributed.is_main_process()  # under accelerate launch only the main process writes (and logs)
     console.print(f"[bold]effconv moe-upcycle[/bold]: loading {cfg.model or 'the default model'}")
-    loaded, tokenizer, source = load_causal_lm(cfg.model, dtype=dtype, device=device)
+    # FSDP: the model is upcycled in CPU memory, then each process moves only its shards to the device
+    sharded = distributed.fsdp_requested()
+    with distributed.main_process_first():  # a GGUF model is converted (and cached) once
+        loaded, tokenizer, source = load_causal_lm(cfg.model, dtype=dtype,
+                                                   device=torch.device("cpu") if sharded else device)
     dense = dense_effconv_model(loaded)
     if cfg.export_format == "native" and any(t != "softmax" for t in dense.config.attention_types):
         raise EffconvError("--export-format native: this model has linear attention layers; use auto or effconv")
     moe_config(dense.config, cfg)  # shape errors before any data work
     run_dir = run_dir_for(out)
-    _prepare_run_dir(cfg, run_dir)  # type: ignore[arg-type]
-    train_blocks, val_blocks, data_description = data_lib.prepare_data(
-        cfg.data, tokenizer, seq_len=cfg.seq_len, teacher_factory=lambda: (loaded, tokenizer),
-        num_tokens=cfg.generate_tokens, cache_dir=cache_root() / "data", val_fraction=cfg.val_fraction,
-        seed=cfg.seed, text_field=cfg.text_field, generation_batch_size=cfg.generation_batch_size, progress=cfg.progress,
-    )
+    if main:
+        _prepare_run_dir(cfg, run_dir)  # type: ignore[arg-type]
+    distributed.wait_for_everyone()
+    with distributed.main_process_first():  # the main process fills the data cache, the others read it
+        train_blocks, val_blocks, data_description = data_lib.prepare_data(
+            cfg.data, tokenizer, seq_len=cfg.seq_len, teacher_factory=lambda: (loaded, tokenizer),
+            num_tokens=cfg.generate_tokens, cache_dir=cache_root() / "data", val_fraction=cfg.val_fraction,
+            seed=cfg.seed, text_field=cfg.text_field, generation_batch_size=cfg.generation_batch_size,
+            progress=cfg.progress,
+        )
     del loaded
     val_blocks = val_blocks[: cfg.max_val_blocks]
     console.print(f"data: {data_description}; validating on {val_blocks.shape[0]} blocks")
@@ -625,6 +663,11 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
     calibration = collect_mlp_inputs(dense, train_blocks, cfg.calibration_tokens, cfg.batch_size) if cfg.calibration_tokens else []
     student = upcycle(dense, calibration, cfg)
     del calibration
+    steps = _steps(cfg)
+    if sharded:
+        _mark_trainable(student, cfg)  # FSDP fixes the trainable set's dtype per unit when it shards
+        fsdp.shard(dense, device)
+        fsdp.shard(student, device)
     bs = cfg.batch_size
     metrics: dict = {"source": source.description, "data": data_description}
     metrics["teacher_val_loss"] = next_token_loss(dense, val_blocks, batch_size=bs)
@@ -636,7 +679,6 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
     console.print(f"teacher validation perplexity {metrics['teacher_val_ppl']:.3f}; upcycled before training "
                   f"{metrics['upcycled_val_ppl']:.3f} (KL to teacher {metrics['upcycled_kl']:.4f})")
 
-    steps = _steps(cfg)
     model_to_export = student
     if steps > 0:
         trainee = _set_trainable(student, cfg)
@@ -662,28 +704,38 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
             "final_train_loss": result.train_losses[-1] if result.train_losses else None,
             "val_kl": result.val_losses,
         }
-        model_to_export = trainee.merge_and_unload() if cfg.train == "router-lora" else trainee
-        metrics["distilled_val_loss"] = next_token_loss(model_to_export, val_blocks, batch_size=bs)
+        # sharded: measured on the trained model itself (LoRA unmerged); the main process merges its gathered copy
+        measured = trainee if sharded else (trainee.merge_and_unload() if cfg.train == "router-lora" else trainee)
+        metrics["distilled_val_loss"] = next_token_loss(measured, val_blocks, batch_size=bs)
         metrics["distilled_val_ppl"] = perplexity(metrics["distilled_val_loss"])
-        metrics["distilled_kl"] = kl_to_teacher(model_to_export, dense, val_blocks, bs)
-        metrics["distilled_max_expert_share"] = expert_load(model_to_export, val_blocks, bs)
+        metrics["distilled_kl"] = kl_to_teacher(measured, dense, val_blocks, bs)
+        metrics["distilled_max_expert_share"] = expert_load(measured, val_blocks, bs)
         console.print(f"after distillation: validation perplexity {metrics['distilled_val_ppl']:.3f} "
                       f"(KL to teacher {metrics['distilled_kl']:.4f})")
+        model_to_export = measured
+    if sharded:
+        model_to_export = fsdp.plain_copy(model_to_export)  # on the main process; None on the others
+        if model_to_export is not None and cfg.train == "router-lora" and steps > 0:
+            model_to_export = model_to_export.merge_and_unload()
 
-    model_to_export.requires_grad_(False)
-    native_type, why = native_layout(model_to_export)
     fmt = cfg.export_format
-    if fmt == "native" and native_type is None:
-        raise EffconvError(f"--export-format native is not possible: {why}")
-    use_native = native_type is not None and fmt != "effconv"
-    metadata = {"command": "moe-upcycle", "config": dataclasses.asdict(cfg), "metrics": metrics,
-                "export_format": native_type if use_native else "effconv",
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if use_native:
-        export_native(model_to_export, native_type, tokenizer, out, overwrite=cfg.overwrite, metadata=metadata)
-    else:
-        export_model(model_to_export, tokenizer, out, overwrite=cfg.overwrite, metadata=metadata)
-    if not cfg.keep_run:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    console.print(f"[green]wrote {out}[/green] ({metadata['export_format']} format)")
-    return MoeUpcycleResult(out=out, export_format=metadata["export_format"], metrics=metrics, model=model_to_export)
+    metadata: dict = {}
+    if main:
+        model_to_export.requires_grad_(False)
+        native_type, why = native_layout(model_to_export)
+        if fmt == "native" and native_type is None:
+            raise EffconvError(f"--export-format native is not possible: {why}")
+        use_native = native_type is not None and fmt != "effconv"
+        metadata = {"command": "moe-upcycle", "config": dataclasses.asdict(cfg), "metrics": metrics,
+                    "export_format": native_type if use_native else "effconv",
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if use_native:
+            export_native(model_to_export, native_type, tokenizer, out, overwrite=cfg.overwrite, metadata=metadata)
+        else:
+            export_model(model_to_export, tokenizer, out, overwrite=cfg.overwrite, metadata=metadata)
+        if not cfg.keep_run:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        console.print(f"[green]wrote {out}[/green] ({metadata['export_format']} format)")
+    distributed.wait_for_everyone()
+    return MoeUpcycleResult(out=out, export_format=metadata.get("export_format", ""), metrics=metrics,
+                            model=model_to_export)
