@@ -45,6 +45,16 @@ def teacher_config(size: str) -> tf.LlamaConfig:
     )
 
 
+def resident_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["smollm2", "tiny"], default="smollm2")
@@ -131,19 +141,23 @@ def main() -> None:
         report[name] = {"steps": r.steps, "timed_steps": r.steps - w, "seconds": round(seconds, 3),
                         "tokens_per_second": round(tokens / seconds, 1), "losses": r.train_losses}
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
-                         parameter_bytes / 2**30], device=device)
+                         parameter_bytes / 2**20, resident_mib()], device=device)
     if acc is not None:
         peak = acc.gather(peak[None])
-    peak = peak.reshape(-1, 2)
+    peak = peak.reshape(-1, 3)
     report["peak_memory_gib_per_process"] = [round(float(x), 3) for x in peak[:, 0].tolist()]
     # the model's parameters each process holds (FSDP: its shards; before the LoRA stage adds its adapters)
-    report["parameter_gib_per_process"] = [round(float(x), 4) for x in peak[:, 1].tolist()]
+    report["parameter_mib_per_process"] = [round(float(x), 3) for x in peak[:, 1].tolist()]
+    # host memory resident at the end (VmRSS): on the CPU this includes the model; every process builds the whole
+    # model in CPU memory first, so it also depends on what the allocator gave back after sharding
+    report["resident_mib_per_process"] = [round(float(x), 1) for x in peak[:, 2].tolist()]
     if distributed.is_main_process():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({k: v for k, v in report.items() if k not in ("stage1", "stage2")}))
         for name in results:
             print(name, {k: v for k, v in report[name].items() if k != "losses"})
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

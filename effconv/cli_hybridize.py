@@ -106,6 +106,12 @@ def main() -> None:
     register(app)
     try:
         app()
+    except SystemExit as e:  # typer ends a successful command with SystemExit(0)
+        if e.code in (None, 0):
+            from .distributed import shutdown
+
+            shutdown()
+        raise
     except EffconvError as e:
         from .distributed import report_error
 

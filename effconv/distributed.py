@@ -94,6 +94,22 @@ def get_accelerator():
     return _accelerator
 
 
+def shutdown() -> None:
+    """The normal end of a multi-process run: every process waits for the others, then tears the process group
+    down while the interpreter is fully alive (left to interpreter exit, gloo's worker threads can abort the
+    process: "terminate called without an active exception"). Only on success: after an error the other
+    processes may never arrive."""
+    global _accelerator
+    if _accelerator is None:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        _accelerator.wait_for_everyone()
+        dist.destroy_process_group()
+    _accelerator = None
+
+
 def is_main_process() -> bool:
     acc = get_accelerator()
     return acc is None or acc.is_main_process

@@ -227,6 +227,7 @@ CLIP_WORKER = textwrap.dedent(
     state = trainable_state(peft)
     if distributed.is_main_process():
         torch.save({"losses": r1.train_losses + r2.train_losses, "norms": norms, "state": state}, out)
+    distributed.shutdown()
     """
 )
 
@@ -256,17 +257,20 @@ def test_fsdp_clips_by_the_global_gradient_norm(tiny_model_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_hybridize_under_two_processes_follows_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("config", [DDP_CPU, FSDP_CPU], ids=["ddp", "fsdp"])
+def test_hybridize_under_two_processes_follows_one_process(tiny_model_dir, tmp_path, config):
     settings = dict(model=tiny_model_dir, data=tiny_model_dir / "train.txt", ratio=0.34, window=4, seq_len=32,
                     batch_size=4, score_tokens=32 * 4 * 4, stage1_tokens=32 * 4 * 4, stage2_tokens=32 * 4 * 2,
                     checkpoint_every=2, eval_every=4)
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     hybridize(HybridizeConfig(**_api(settings), out=str(tmp_path / "one" / "out"), keep_run=True, progress=False))
-    two = _launch(DDP_CPU, "-m", "effconv.cli", "hybridize", *_flags(settings), "--out", tmp_path / "two" / "out",
+    two = _launch(config, "-m", "effconv.cli", "hybridize", *_flags(settings), "--out", tmp_path / "two" / "out",
                   "--keep-run", "--no-progress")
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count("keeping softmax attention in layers") == 1
+    # FSDP: the scoring student and the linearize student are both sharded
+    assert two.stderr.count("sharded over 2 processes") == (2 if config == FSDP_CPU else 0)
     sa = json.loads((tmp_path / "one" / "out" / "scores.json").read_text())
     sb = json.loads((tmp_path / "two" / "out" / "scores.json").read_text())
     assert sb["softmax_layers"] == sa["softmax_layers"] and sb["score_tokens"] == sa["score_tokens"] > 0
