@@ -190,8 +190,8 @@ def collect_mlp_inputs(model: EffconvForCausalLM, blocks: torch.Tensor, max_toke
 
 def _neuron_activations(mlp, x: torch.Tensor) -> torch.Tensor:
     """(tokens, I) intermediate activations act(gate x) * up x of a dense gated MLP, fp32."""
-    gate = F.linear(x, mlp.gate_proj.weight.float())
-    up = F.linear(x, mlp.up_proj.weight.float())
+    gate = F.linear(x, mlp.gate_proj.weight.float().to(x.device))
+    up = F.linear(x, mlp.up_proj.weight.float().to(x.device))
     return mlp.act_fn(gate) * up
 
 
@@ -248,7 +248,7 @@ def split_neurons(mlp, x: torch.Tensor, cfg: MoeUpcycleConfig, generator: torch.
     if cfg.split == "random" or cfg.experts == 1:
         labels = torch.arange(len(neurons))[torch.randperm(len(neurons), generator=generator)] % cfg.experts
     elif cfg.split == "balanced":
-        rows = torch.cat([F.normalize(mlp.gate_proj.weight.float(), dim=-1), F.normalize(mlp.up_proj.weight.float(), dim=-1)], -1)
+        rows = torch.cat([F.normalize(mlp.gate_proj.weight.float(), dim=-1), F.normalize(mlp.up_proj.weight.float(), dim=-1)], -1).cpu()
         labels = balanced_kmeans(rows[neurons], cfg.experts, generator=generator)
     else:
         if acts is None:
@@ -315,8 +315,11 @@ def moe_config(dense_config: EffconvConfig, cfg: MoeUpcycleConfig) -> EffconvCon
 
 @torch.no_grad()
 def upcycle_mlp(mlp, x: torch.Tensor, moe: MoeMLP, cfg: MoeUpcycleConfig, generator: torch.Generator) -> None:
-    """Fill `moe` (a fresh MoeMLP) from the dense gated `mlp`; x: the layer's calibration inputs (tokens, D)."""
-    gate_w, up_w, down_w = (p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    """Fill `moe` (a fresh MoeMLP) from the dense gated `mlp`; x: the layer's calibration inputs (tokens, D).
+
+    The statistics (splits, router fits) are computed in fp32 on the CPU, where the calibration inputs live; the
+    results are copied into `moe` on its own device."""
+    gate_w, up_w, down_w = (p.weight.float().cpu() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     dtype = moe.gate.weight.dtype
     router_init = cfg.router_init if cfg.router_init != "auto" else ("activation" if cfg.method == "split" else "kmeans")
     if router_init != "uniform" and x.numel() == 0:
