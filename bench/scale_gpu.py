@@ -46,6 +46,13 @@ def teacher_config(size: str) -> tf.LlamaConfig:
 
 
 def resident_mib() -> float:
+    """VmRSS after glibc's malloc_trim (freed heap memory handed back), so that it shows what is held."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -84,6 +91,7 @@ def main() -> None:
     if sharded:
         fsdp.shard(student, device)
     parameter_bytes = fsdp.local_parameter_bytes(student)
+    resident_after_build = resident_mib()
     last = max(i for i, layer in enumerate(student.model.layers) if layer.self_attn.is_converted)
 
     def next_batch(step: int) -> torch.Tensor:  # random token ids, a pure function of the step
@@ -141,16 +149,17 @@ def main() -> None:
         report[name] = {"steps": r.steps, "timed_steps": r.steps - w, "seconds": round(seconds, 3),
                         "tokens_per_second": round(tokens / seconds, 1), "losses": r.train_losses}
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
-                         parameter_bytes / 2**20, resident_mib()], device=device)
+                         parameter_bytes / 2**20, resident_after_build, resident_mib()], device=device)
     if acc is not None:
         peak = acc.gather(peak[None])
-    peak = peak.reshape(-1, 3)
+    peak = peak.reshape(-1, 4)
     report["peak_memory_gib_per_process"] = [round(float(x), 3) for x in peak[:, 0].tolist()]
     # the model's parameters each process holds (FSDP: its shards; before the LoRA stage adds its adapters)
     report["parameter_mib_per_process"] = [round(float(x), 3) for x in peak[:, 1].tolist()]
-    # host memory resident at the end (VmRSS): on the CPU this includes the model; every process builds the whole
-    # model in CPU memory first, so it also depends on what the allocator gave back after sharding
-    report["resident_mib_per_process"] = [round(float(x), 1) for x in peak[:, 2].tolist()]
+    # host memory resident (VmRSS after malloc_trim) once the model is built (and sharded) and at the end; on the
+    # CPU it holds the model (every process builds the whole model in CPU memory before sharding it)
+    report["resident_mib_after_build_per_process"] = [round(float(x), 1) for x in peak[:, 2].tolist()]
+    report["resident_mib_per_process"] = [round(float(x), 1) for x in peak[:, 3].tolist()]
     if distributed.is_main_process():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

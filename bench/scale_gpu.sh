@@ -45,8 +45,10 @@ summary["peak_memory_gib_per_gpu"] = {"1gpu": one["peak_memory_gib_per_process"]
                                       f"{ngpu}gpu": two["peak_memory_gib_per_process"]}
 summary["parameter_mib_per_gpu"] = {"1gpu": one["parameter_mib_per_process"],
                                     f"{ngpu}gpu": two["parameter_mib_per_process"]}
-summary["host_resident_mib_per_process"] = {"1gpu": one["resident_mib_per_process"],
-                                            f"{ngpu}gpu": two["resident_mib_per_process"]}
+summary["host_resident_mib_per_process"] = {
+    "after_build_1gpu": one["resident_mib_after_build_per_process"],
+    f"after_build_{ngpu}gpu": two["resident_mib_after_build_per_process"],
+    "end_1gpu": one["resident_mib_per_process"], f"end_{ngpu}gpu": two["resident_mib_per_process"]}
 # two points of peak memory vs tokens per GPU (1 GPU: the whole batch, N GPUs: 1/N) -> fixed + per-token cost;
 # only meaningful for DDP, where the fixed part (the model) is the same on 1 and N GPUs
 tokens_1, tokens_2 = one["global_batch"] * one["seq_len"], two["global_batch"] * two["seq_len"] / ngpu
