@@ -23,3 +23,23 @@ def test_there_is_a_recipe_per_issue_target():
     for expected in ("smollm2-135m-linearize-w64.yaml", "smollm2-135m-linearize-w0.yaml",
                      "smollm2-135m-hybridize-r25.yaml"):
         assert expected in names
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*-linearize-*.yaml")), ids=lambda p: p.name)
+def test_linearize_recipes_are_valid(recipe):
+    from effconv.linearize import LinearizeConfig
+    from effconv.recipes import build_config
+
+    cfg = build_config(LinearizeConfig, recipe, {})
+    cfg.validate()
+    assert cfg.out.startswith("out/") and cfg.stage1_tokens > 0
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*-moe*.yaml")), ids=lambda p: p.name)
+def test_moe_recipes_are_valid(recipe):
+    from effconv.moe_upcycle import MoeUpcycleConfig
+    from effconv.recipes import build_config
+
+    cfg = build_config(MoeUpcycleConfig, recipe, {})
+    cfg.validate()
+    assert cfg.out.startswith("out/") and cfg.experts == 8 and cfg.top_k == 2
