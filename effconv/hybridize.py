@@ -20,6 +20,7 @@ measurement's role but, unless `score="none"`, still record the scores for compa
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import json
 import math
@@ -493,6 +494,7 @@ def hybridize(cfg: HybridizeConfig) -> HybridizeResult:
         scores = LayerScores.from_json(json.loads(scores_file.read_text()))
     if scores is None and cfg.score != "none":
         scores = score_layers(cfg)  # every process trains its slice and measures the same scores
+        gc.collect()  # a sharded scoring student (model <-> FSDP root cycle) frees its shards before linearize
         if main:
             _write_atomic(scores_file, (json.dumps(scores.to_json(), indent=2) + "\n").encode())
         distributed.wait_for_everyone()
