@@ -8,7 +8,7 @@
 set -u
 OUT=${OUT:-/tmp/effconv-recipes}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
 MODEL=${MODEL:?set MODEL to the teacher (GGUF file or HF directory)}
 GEN_TOKENS=${GEN_TOKENS:-1000000}
 GEN_BATCH=${GEN_BATCH:-2048}
@@ -53,11 +53,23 @@ for r in $RUNS; do
                 --set tokens=${LMOE_TOKENS:-2000000} --set out=/root/runs/linear-moe ) & ;;
     r25) run r25 recipes/smollm2-135m-hybridize-r25.yaml $GEN --set stage1_tokens=${R25_S1:-3000000} \
            --set stage2_tokens=${R25_S2:-3000000} --set out=/root/runs/r25 & ;;
+    mqa) run mqa recipes/smollm2-135m-hybridize-r25.yaml $GEN --set attention=gqa --set kv_heads=1 --set ratio=0.1 \
+           --set select=interval --set score=none --set stage1_tokens=${MQA_S1:-2000000} \
+           --set stage2_tokens=${MQA_S2:-1000000} --set out=/root/runs/mqa & ;;
+    w64-long) run w64-long recipes/smollm2-135m-linearize-w64.yaml $GEN --set stage1_tokens=${LONG_S1:-5000000} \
+           --set stage2_tokens=${LONG_S2:-3000000} --set out=/root/runs/w64-long & ;;
+    r25-long) run r25-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set stage1_tokens=${LONG_S1:-5000000} \
+           --set stage2_tokens=${LONG_S2:-3000000} --set out=/root/runs/r25-long & ;;
     w0) run w0 recipes/smollm2-135m-linearize-w0.yaml $GEN --set kernel=auto --set stage1_tokens=${W0_S1:-6000000} \
            --set stage2_tokens=${W0_S2:-3000000} --set out=/root/runs/w0 & ;;
     *) echo "unknown run $r" ;;
   esac
 done
+if [ -n "${WITH_MOE_SPLITS:-}" ]; then  # bench/gpu_ablations_session.sh's moe part on the same text, side by side
+  ( OUT="$OUT" WORK=/root/abl MODEL="$MODEL" TEXT="$TEXT" SKIP=linearize RUN_TIMEOUT="$RUN_TIMEOUT" \
+      MOE_TOKENS=${SPLIT_TOKENS:-1000000} bash bench/gpu_ablations_session.sh > "$OUT/moe-splits-session.log" 2>&1
+    echo "== moe split ablation done after $(( $(date +%s) - T0 ))s"; tail -8 "$OUT/moe-splits-session.log" ) &
+fi
 wait
 ls "$OUT"/*.jsonl > /dev/null 2>&1 && python3 bench/recipes.py report "$OUT"/*.jsonl | tee "$OUT/report.md"
 for f in "$OUT"/*.log; do echo "--- $f"; grep -E "Error|error:|Traceback" "$f" | head -3; done
