@@ -14,6 +14,7 @@ one forward+backward (torch.cuda.max_memory_allocated, MiB, inputs included).
     python bench/moe.py --quick --graph                # + CUDA-graph replay times (GPU time without host overhead)
     python bench/moe.py --quick --configs              # + the autotuner's chosen tile configs per kernel / key
     python bench/moe.py --count-launches               # kernel launches per fwd and fwd+bwd (profiler on CUDA)
+    python bench/moe.py --profile --profile-only --shapes large --tokens 16384   # GPU ms per kernel + floors
     TRITON_INTERPRET=1 python bench/moe.py --tiny      # CPU smoke test of the script (timings meaningless)
 
 Methods
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from collections import Counter
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 SHAPES = {"smol_split": (576, 192, 8, 2), "smol_copy": (576, 1536, 8, 2), "large": (2048, 1024, 8, 2)}
 METHODS = ("triton", "loop", "dense")
 GRAPH_METHODS = ("triton", "dense")
+PROFILE_METHODS = ("triton", "dense")
 
 
 def flops_fwd(N, D, I, k):
@@ -324,17 +327,97 @@ def correctness(N, D, I, E, k, device, dtype):
     return res
 
 
-def profile_once(inp):
+def kernel_floors(N, D, I, E, k, elem=2):
+    """Per Triton kernel of one fwd+bwd (names as the profile labels them): (GFLOP, MB of fewest bytes), each
+    tensor read / written once, gathered rows once per (token, slot)."""
+    M = N * k
+    wgu, wd = E * 2 * I * D, E * D * I
+    mb = lambda n: n * elem / 1e6  # noqa: E731
+    return {
+        "moe_route_hist_kernel": (0.0, M * 8 / 1e6),
+        "moe_route_scatter_kernel": (0.0, M * 8 / 1e6),
+        "moe_up_kernel": (2 * M * D * 2 * I / 1e9, mb(M * D + wgu + M * I + M * 2 * I)),
+        "moe_down_kernel": (2 * M * I * D / 1e9, mb(M * I + wd + M * D)),
+        "slot sum (fwd y, bwd dx)": (0.0, 2 * mb(M * D + N * D)),
+        "moe_down_bwd_kernel": (2 * M * D * I / 1e9, mb(M * D + wd + 2 * M * 2 * I) + M * 4 * (I // 64) / 1e6),
+        "moe_dx_kernel": (2 * M * 2 * I * D / 1e9, mb(M * 2 * I + wgu + M * D)),
+        "moe_weight_grad_kernel dW_gu": (2 * M * 2 * I * D / 1e9, mb(M * 2 * I + M * D + wgu)),
+        "moe_weight_grad_kernel dW_d": (2 * M * D * I / 1e9, mb(M * D + M * I + wd)),
+    }
+
+
+def _kernel_label(name, nth):
+    """Short label of a CUDA kernel; the two weight-grad launches of one backward alternate dW_gu, dW_d."""
+    if name == "moe_weight_grad_kernel":
+        return name + (" dW_gu" if nth % 2 == 0 else " dW_d")
+    if "reduce_kernel" in name and "sum" in name.lower():
+        return "slot sum (fwd y, bwd dx)"
+    short = re.sub(r"<.*", "", name.replace("void ", ""))
+    return short[:60]
+
+
+def profile_kernels(name, inp, shape_dims, iters=5, tflops=801.0, tb_s=4.2):
+    """torch.profiler over `iters` fwd+bwd of one method, L2 flushed before each (a bitwise_not over 256 MB,
+    left out of the table): per kernel label the launches and GPU ms per iteration, the share of the summed
+    kernel time, and for the Triton kernels the compute / memory floors at the ceilings. Also the wall ms per
+    iteration (synchronized), so wall - kernel sum = host / launch gaps."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    fwd, leaves = build("triton", inp)
-    for _ in range(3):
+    fwd, leaves = build(name, inp)
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+
+    def step():
         fwd().backward(inp["dout"])
+        for t in leaves:
+            t.grad = None
+    for _ in range(3):
+        step()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / iters * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fwd().backward(inp["dout"])
+        for _ in range(iters):
+            flush.bitwise_not_()
+            step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+    evs = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    per, seen = {}, Counter()
+    for e in evs:
+        if "bitwise_not" in e.name:
+            continue
+        label = _kernel_label(e.name, seen[e.name])
+        seen[e.name] += 1
+        c, us = per.get(label, (0, 0.0))
+        per[label] = (c + 1, us + e.time_range.elapsed_us())
+    floors = kernel_floors(*shape_dims) if name == "triton" else {}
+    total = sum(us for _, us in per.values()) / iters / 1e3
+    rows = []
+    for label, (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+        ms = us / iters / 1e3
+        gf, mbytes = floors.get(label, (None, None))
+        row = dict(kernel=label, calls=c / iters, ms=ms, share=ms / total if total else None)
+        if gf is not None:
+            row.update(gflop=gf, mb=mbytes, floor_flop_ms=gf / tflops, floor_mem_ms=mbytes / (tb_s * 1e3),
+                       tflops=gf / ms if ms and gf else None, tb_s=mbytes / ms / 1e3 if ms else None)
+        rows.append(row)
+    return dict(method=name, iters=iters, wall_ms=wall, kernel_ms=total, kernels=rows)
+
+
+def profile_table(p, shape, N):
+    lines = [f"profile {p['method']} {shape} N={N}: kernel sum {p['kernel_ms']:.3f} ms / fwd+bwd, wall "
+             f"{p['wall_ms']:.3f} ms (eager, synchronized; floors at 801 TFLOP/s, 4.2 TB/s)",
+             f"  {'kernel':44s} {'calls':>5s} {'ms':>7s} {'share':>6s} {'TF/s':>6s} {'TB/s':>5s} "
+             f"{'floorF':>7s} {'floorB':>7s} {'x floor':>7s}"]
+    for r in p["kernels"]:
+        fl = max(r.get("floor_flop_ms", 0) or 0, r.get("floor_mem_ms", 0) or 0)
+        lines.append(f"  {r['kernel'][:44]:44s} {r['calls']:5.1f} {r['ms']:7.4f} {r['share']:6.1%} "
+                     f"{_f(r.get('tflops'), '{:.0f}'):>6s} {_f(r.get('tb_s'), '{:.2f}'):>5s} "
+                     f"{_f(r.get('floor_flop_ms'), '{:.4f}'):>7s} {_f(r.get('floor_mem_ms'), '{:.4f}'):>7s} "
+                     f"{_f(r['ms'] / fl if fl else None, '{:.1f}'):>7s}")
+    return "\n".join(lines)
 
 
 def _f(v, fmt="{:.3f}"):
@@ -367,7 +450,11 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke test")
     ap.add_argument("--tokens", type=int, nargs="*", default=None)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--profile", action="store_true", help="print the CUDA kernel table of one triton fwd+bwd")
+    ap.add_argument("--profile", action="store_true",
+                    help="per row: torch.profiler kernel table of triton and dense fwd+bwd (GPU ms per kernel, "
+                         "floors), printed after the summary")
+    ap.add_argument("--profile-only", action="store_true", help="with --profile: no timings, only the tables")
+    ap.add_argument("--profile-iters", type=int, default=5)
     ap.add_argument("--graph", action="store_true", help="also time triton and dense by CUDA-graph replay")
     ap.add_argument("--configs", action="store_true", help="print (and store) the autotuner's chosen configs")
     ap.add_argument("--count-launches", action="store_true",
@@ -429,7 +516,7 @@ def main(argv=None):
             flops = flops_fwd(N, D, I, k)
             row = dict(shape=sname, N=N, D=D, I=I, E=E, k=k, fwd_gflop=flops / 1e9, floors_ms={
                 f"{m}_{ph}": floors_ms(N, D, I, E, k, m, ph) for m in ("triton", "dense") for ph in ("fwd", "fwdbwd")})
-            for m in args.methods:
+            for m in ([] if args.profile_only else args.methods):
                 row[m] = run_method(m, inp, timer, flops)
                 if args.graph and device == "cuda" and m in GRAPH_METHODS and "skipped" not in row[m]:
                     row[m].update(graph_method(m, inp, timer, flops))
@@ -443,9 +530,13 @@ def main(argv=None):
                 if g in tri and g in dense:
                     row[f"triton_over_dense_graph_{phase}"] = tri[g] / dense[g]
             if args.profile and device == "cuda":
-                profile_once(inp)
+                try:
+                    row["profile"] = [profile_kernels(m, inp, (N, D, I, E, k), iters=args.profile_iters)
+                                      for m in PROFILE_METHODS]
+                except Exception as e:  # noqa: BLE001 - a profiler problem must not cost the timings
+                    row["profile"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             results.append(row)
-            print(json.dumps(row))
+            print(json.dumps({k: v for k, v in row.items() if k != "profile"}))
             save()
             del inp
     if args.configs:
@@ -456,7 +547,14 @@ def main(argv=None):
             print(f"  {c['kernel']:8s} {','.join(c['key'][:len(c['key_names'])])} -> {cfg} w{c['num_warps']} "
                   f"s{c['num_stages']}")
     save()
-    print(summary_table(results))
+    if not args.profile_only:
+        print(summary_table(results))
+    for r in results:
+        prof = r.get("profile")
+        if isinstance(prof, dict):
+            print(f"profile {r['shape']} N={r['N']} failed: {prof['error']}")
+        for p in prof if isinstance(prof, list) else ():
+            print(profile_table(p, r["shape"], r["N"]))
     return report
 
 

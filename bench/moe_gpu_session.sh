@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # One GPU call for the MoE expert kernel (docs/kernels.md, "MoE experts"): (a) tests/kernels/test_moe.py on
 # CUDA, (b1) bench/moe.py --quick eager (+ ceilings, launch counts, autotuned configs), (b2) --quick --graph
-# (CUDA-graph replay = GPU time). Every step runs under `timeout`, capped by what is left of BUDGET (235 s),
-# so the script ends in ~240 s whatever compiles. Run from the repo root:
+# (CUDA-graph replay = GPU time), (c) bench/moe.py --profile --profile-only at large and smol_split N 16384
+# (torch.profiler: GPU ms per kernel of triton and dense fwd+bwd, with per-kernel floors), printed last. Every
+# step runs under `timeout`, capped by what is left of BUDGET (235 s; the bench steps leave PROFILE_TIMEOUT
+# for the profile), so the script ends in ~240 s whatever compiles. Run from the repo root:
 #   bash bench/moe_gpu_session.sh
-# Output under $OUT (default ./moe-out): env.txt, tests.log, moe_eager.{json,log}, moe_graph.{json,log}.
+# Output under $OUT (default ./moe-out): env.txt, tests.log, moe_eager.{json,log}, moe_graph.{json,log},
+# moe_profile.{json,log}.
 # Compiles: the tests' test_every_tile_config_matches_loop[0..4] compile every config of every kernel with the
 # benchmark's specialization (bf16, BM 128, D/I multiples of 16, E 8, k 2) in parallel pytest shards, so the
 # benchmark's autotuner finds them in Triton's cache and only times them (~35 ms per config and key).
-# Knobs: BUDGET (235), SHARDS (8), TEST_TIMEOUT (90), EAGER_TIMEOUT (75), GRAPH_TIMEOUT (55), SKIP_TESTS=1.
+# Knobs: BUDGET (235), SHARDS (8), TEST_TIMEOUT (90), EAGER_TIMEOUT (75), GRAPH_TIMEOUT (55),
+# PROFILE_TIMEOUT (35), SKIP_TESTS=1.
 set -u
 OUT=${OUT:-./moe-out}
 mkdir -p "$OUT"
@@ -16,8 +20,9 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
 T0=$(date +%s)
 BUDGET=${BUDGET:-235}
-left() {  # min(wanted, what is left of the budget), at least 5 s
-  local rem=$(( BUDGET - ($(date +%s) - T0) ))
+PT=${PROFILE_TIMEOUT:-35}
+left() {  # min(wanted, what is left of the budget minus a reserve $2), at least 5 s
+  local rem=$(( BUDGET - ${2:-0} - ($(date +%s) - T0) ))
   local t=$(( $1 < rem ? $1 : rem ))
   echo $(( t > 5 ? t : 5 ))
 }
@@ -32,7 +37,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     -p no:cacheprovider 2>/dev/null | grep '::' > /tmp/moe_test_ids
   rm -f /tmp/moeshard_*
   split -n r/"${SHARDS:-8}" /tmp/moe_test_ids /tmp/moeshard_
-  TT=$(left "${TEST_TIMEOUT:-90}")
+  TT=$(left "${TEST_TIMEOUT:-90}" "$PT")
   for f in /tmp/moeshard_*; do
     [ -s "$f" ] || continue  # an empty shard would make pytest collect the whole repository
     ( EFFCONV_POISON=1 timeout "$TT" python3 -m pytest -q -p no:cacheprovider --confcutdir tests/kernels \
@@ -43,12 +48,15 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "== tests: $(wc -l < /tmp/moe_test_ids) collected, done after $(( $(date +%s) - T0 ))s (exit 124 = timeout)"
 fi
 
-timeout "$(left "${EAGER_TIMEOUT:-75}")" python3 bench/moe.py --quick --ceilings --configs --count-launches \
+timeout "$(left "${EAGER_TIMEOUT:-75}" "$PT")" python3 bench/moe.py --quick --ceilings --configs --count-launches \
   --out "$OUT/moe_eager.json" > "$OUT/moe_eager.log" 2>&1
 echo "== bench eager exit=$? after $(( $(date +%s) - T0 ))s"
-timeout "$(left "${GRAPH_TIMEOUT:-55}")" python3 bench/moe.py --quick --graph --skip-correctness \
+timeout "$(left "${GRAPH_TIMEOUT:-55}" "$PT")" python3 bench/moe.py --quick --graph --skip-correctness \
   --out "$OUT/moe_graph.json" > "$OUT/moe_graph.log" 2>&1
 echo "== bench graph exit=$? after $(( $(date +%s) - T0 ))s"
+timeout "$(left "$PT")" python3 bench/moe.py --profile --profile-only --skip-correctness --shapes large smol_split \
+  --tokens 16384 --out "$OUT/moe_profile.json" > "$OUT/moe_profile.log" 2>&1
+echo "== bench profile exit=$? after $(( $(date +%s) - T0 ))s"
 
 echo "== autotuned configs (eager run; kernel, key values -> config)"
 sed -n '/^autotuned configs/,/^fwd \/ fwd+bwd ms/p' "$OUT/moe_eager.log" | sed '1d;$d'
@@ -61,9 +69,11 @@ if [ -f "$OUT/tests.log" ]; then
 fi
 echo "== ceilings, launches, correctness (eager run)"
 grep -E '^\{"ceilings"|^\{"launches"|^\{"correctness' "$OUT/moe_eager.log" | cut -c1-700
-grep -hE "Traceback|[A-Za-z]Error|graph_error" "$OUT/moe_eager.log" "$OUT/moe_graph.log" | grep -v '^{"launches"' \
+grep -hE "Traceback|[A-Za-z]Error|graph_error" "$OUT/moe_eager.log" "$OUT/moe_graph.log" "$OUT/moe_profile.log" | grep -v '^{"launches"' \
   | cut -c1-300 | head -8
 echo "== eager summary"
 sed -n '/^fwd \/ fwd+bwd ms/,$p' "$OUT/moe_eager.log"
 echo "== graph summary (eager + CUDA-graph replay)"
 sed -n '/^fwd \/ fwd+bwd ms/,$p' "$OUT/moe_graph.log"
+echo "== per-kernel profile (GPU ms per fwd+bwd; x floor = ms / max(FLOP floor, byte floor))"
+grep -vE '^\{|USDT|Warning|warn' "$OUT/moe_profile.log" | grep -E '^(profile|  )' | cut -c1-150
