@@ -181,14 +181,22 @@ def test_triton_is_deterministic(device):
     assert torch.equal(a_out, b_out) and all(torch.equal(a, b) for a, b in zip(a_g, b_g))
 
 
+def _n_configs():
+    from effconv_kernels.moe import triton as mt
+    return max(len(v) for v in mt.CONFIGS.values())
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA: every tile config of the autotuner's lists (bf16, BM 128)")
-@pytest.mark.parametrize("cfg", range(5))
-def test_every_tile_config_matches_loop(cfg, monkeypatch):
-    """The shapes' divisibility matches bench/moe.py (D, I multiples of 16, E 8, k 2, N*k a multiple of 16), so
-    the compiled kernels are shared with the benchmark through Triton's cache."""
+@pytest.mark.parametrize("D,I", [(576, 192), (512, 256)])
+@pytest.mark.parametrize("cfg", range(_n_configs()))
+def test_every_tile_config_matches_loop(cfg, D, I, monkeypatch):
+    """The shapes' divisibility matches bench/moe.py (D, I multiples of 16, E 8, k 2, N*k a multiple of 16), and
+    the two (D, I) give every (EVEN_K, EVEN_N) specialization the bench shapes (576 x 192, 576 x 1536, 2048 x
+    1024) need (test_even_specializations_cover_the_bench), so the compiled kernels are shared with the
+    benchmark through Triton's cache."""
     from effconv_kernels.moe import triton as mt
     monkeypatch.setattr(mt, "FORCE_CONFIG", cfg)
-    N, D, I, E, k = 2056, 576, 192, 8, 2
+    N, E, k = 2056, 8, 2
     x, idx, w, gu, dn, dout = make_inputs(N, D, I, E, k, torch.bfloat16, "cuda", skip_experts=(3,))
     assert mt.block_rows(N * k, E) == 128
     out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
@@ -228,7 +236,7 @@ def _as_on_gpu(monkeypatch, mt, bm=128):
 
 
 @pytest.mark.skipif(ON_CUDA, reason="the CUDA run covers this natively (test_every_tile_config_matches_loop)")
-@pytest.mark.parametrize("cfg", range(5))
+@pytest.mark.parametrize("cfg", range(_n_configs()))
 def test_every_tile_config_interpreted(cfg, monkeypatch):
     """The autotuner's big tiles (BN up to 256, BK 128, BP/BQ 128/256) on awkward dims: masks and indexing."""
     from effconv_kernels.moe import triton as mt
@@ -295,3 +303,39 @@ def test_autotune_failure_falls_back_to_default(monkeypatch):
     ref, ref_grads = run(naive_moe_experts, ref_leaves[0], idx, *ref_leaves[1:], dout)
     assert rel_err(out, ref) < TOL[torch.float32][0]
     assert all(rel_err(g, rg) < TOL[torch.float32][1] for g, rg in zip(grads, ref_grads))
+
+
+def test_even_specializations_cover_the_bench():
+    """Every (kernel, config, EVEN_K, EVEN_N) the bench shapes compile is compiled by the CUDA tile-config test's
+    two shapes first (so the bench's autotuner only times cached kernels)."""
+    from effconv_kernels.moe import triton as mt
+    bench, tests = [(576, 192), (576, 1536), (2048, 1024)], [(576, 192), (512, 256)]
+    for name in mt.EVEN_DIMS:
+        for c in mt.CONFIGS[name]:
+            def flags(shapes):
+                return {mt.even_flags(name, dict(D=d, I=i), c.kwargs["BK"], c.kwargs["BN"]) for d, i in shapes}
+            assert flags(bench) <= flags(tests), (name, c)
+
+
+EVEN_SHAPES = [(64, 32), (32, 48), (40, 32), (24, 20), (32, 24), (32, 20)]
+
+
+def test_even_shapes_cover_all_specializations():
+    from effconv_kernels.moe import triton as mt
+    for name, c in mt.INTERP.items():
+        if name in mt.EVEN_DIMS:
+            got = {mt.even_flags(name, dict(D=d, I=i), c.kwargs["BK"], c.kwargs["BN"]) for d, i in EVEN_SHAPES}
+            assert len(got) == 4, (name, got)
+
+
+@pytest.mark.parametrize("D,I", EVEN_SHAPES)
+def test_even_k_n_specializations_match_loop(D, I, device):
+    """D, I multiples and non-multiples of the tiles: each row-block GEMM runs with unmasked (EVEN_K / EVEN_N)
+    and masked weight loads (all four combinations over these shapes under the interpreter's tiles)."""
+    x, idx, w, gu, dn, dout = make_inputs(44, D, I, 3, 2, torch.float32, device, skip_experts=(2,))
+    out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    ref_leaves = [t.detach().requires_grad_() for t in (x, w, gu, dn)]
+    ref, ref_grads = run(naive_moe_experts, ref_leaves[0], idx, *ref_leaves[1:], dout)
+    assert rel_err(out, ref) < TOL[torch.float32][0]
+    for name, g, rg in zip(("hidden", "top_k_weights", "gate_up_proj", "down_proj"), grads, ref_grads):
+        assert rel_err(g, rg) < TOL[torch.float32][1], name

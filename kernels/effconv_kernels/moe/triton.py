@@ -185,25 +185,39 @@ def route_reference(top_k_index: torch.Tensor, num_experts: int, bm: int):
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _block_rows(table, pid_m, BM: tl.constexpr):
+    """(expert, rows, row mask, load rows): the load rows repeat the block's last row past its end, so operand
+    loads need no row mask (a row only feeds its own output row, and those are masked at the store)."""
     e = tl.load(table + pid_m * 3)
     start = tl.load(table + pid_m * 3 + 1)
     end = tl.load(table + pid_m * 3 + 2)
     rows = start + tl.arange(0, BM)
-    return e, rows, rows < end
+    return e, rows, rows < end, tl.minimum(rows, end - 1)
 
 
 @triton.jit
-def _rows_times_weight(a_ptr, a_row_off, row_mask, w_ptr, stride_wk, stride_wn, cols, col_mask, K,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """acc[BM, BN] = sum_k A[rows, k] * W[k, cols] in fp32; A rows contiguous in k at a_ptr + a_row_off."""
+def _rows_times_weight(a_ptr, a_row_off, w_ptr, stride_wk, stride_wn, cols, col_mask, K,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                       EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """acc[BM, BN] = sum_k A[rows, k] * W[k, cols] in fp32; A rows (all in bounds) contiguous in k at a_ptr +
+    a_row_off. EVEN_K (K % BK == 0) / EVEN_N (N % BN == 0): the loop's loads carry no k / column masks."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     o_k = tl.arange(0, BK)
     a_ptrs = a_ptr + a_row_off[:, None] + o_k[None, :]
     w_ptrs = w_ptr + o_k[:, None].to(tl.int64) * stride_wk + cols[None, :].to(tl.int64) * stride_wn
     for k0 in range(0, K, BK):
-        m_k = (k0 + o_k) < K
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & m_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=m_k[:, None] & col_mask[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            if EVEN_N:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            m_k = (k0 + o_k) < K
+            a = tl.load(a_ptrs, mask=m_k[None, :], other=0.0)
+            if EVEN_N:
+                w = tl.load(w_ptrs, mask=m_k[:, None], other=0.0)
+            else:
+                w = tl.load(w_ptrs, mask=m_k[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PREC)
         a_ptrs += BK
         w_ptrs += BK * stride_wk
@@ -213,16 +227,16 @@ def _rows_times_weight(a_ptr, a_row_off, row_mask, w_ptr, stride_wk, stride_wn, 
 @triton.jit(do_not_specialize=["ROWS_KEY"])
 def moe_up_kernel(x, order, table, w_gu, topw, h, gu_out, D, I, K_SLOTS, E, ROWS_KEY,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SAVE_GU: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     """h[r, cols] = w_r * silu(x[tok_r] Wg[e]^T) * (x[tok_r] Wu[e]^T) for one row block and one column block
     (the routing weight applied here, so the down GEMM and dW_d need no scaling)."""
     pid = tl.program_id(0)
     n_col = tl.cdiv(I, BN)
     pid_m, pid_n = pid // n_col, pid % n_col
-    e, rows, m_r = _block_rows(table, pid_m, BM)
+    e, rows, m_r, rows_ld = _block_rows(table, pid_m, BM)
     if e >= E:
         return
-    flat = tl.load(order + rows, mask=m_r, other=0)
+    flat = tl.load(order + rows_ld)
     tok = flat // K_SLOTS
     cols = pid_n * BN + tl.arange(0, BN)
     m_c = cols < I
@@ -233,16 +247,25 @@ def moe_up_kernel(x, order, table, w_gu, topw, h, gu_out, D, I, K_SLOTS, E, ROWS
     g = tl.zeros([BM, BN], dtype=tl.float32)
     u = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, D, BK):  # one x tile feeds both the gate and the up dot
-        m_k = (k0 + o_k) < D
-        a = tl.load(a_ptrs, mask=m_r[:, None] & m_k[None, :], other=0.0)
-        m_w = m_k[:, None] & m_c[None, :]
-        wg = tl.load(wg_ptrs, mask=m_w, other=0.0)
-        wu = tl.load(wg_ptrs + I * D, mask=m_w, other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            if EVEN_N:
+                wg = tl.load(wg_ptrs)
+                wu = tl.load(wg_ptrs + I * D)
+            else:
+                wg = tl.load(wg_ptrs, mask=m_c[None, :], other=0.0)
+                wu = tl.load(wg_ptrs + I * D, mask=m_c[None, :], other=0.0)
+        else:
+            m_k = (k0 + o_k) < D
+            a = tl.load(a_ptrs, mask=m_k[None, :], other=0.0)
+            m_w = m_k[:, None] & m_c[None, :]
+            wg = tl.load(wg_ptrs, mask=m_w, other=0.0)
+            wu = tl.load(wg_ptrs + I * D, mask=m_w, other=0.0)
         g = tl.dot(a, wg, g, input_precision=PREC)
         u = tl.dot(a, wu, u, input_precision=PREC)
         a_ptrs += BK
         wg_ptrs += BK
-    wr = tl.load(topw + flat, mask=m_r, other=0.0).to(tl.float32)
+    wr = tl.load(topw + flat).to(tl.float32)
     hv = g * tl.sigmoid(g) * u * wr[:, None]
     out_off = rows[:, None].to(tl.int64) * I + cols[None, :]
     m_o = m_r[:, None] & m_c[None, :]
@@ -255,42 +278,44 @@ def moe_up_kernel(x, order, table, w_gu, topw, h, gu_out, D, I, K_SLOTS, E, ROWS
 
 @triton.jit(do_not_specialize=["ROWS_KEY"])
 def moe_down_kernel(h, order, table, w_d, y, D, I, E, ROWS_KEY,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     """y[flat_r, cols] = (h[r] W_d[e]^T)[cols] (h already carries w_r), written at the row's (token, slot)
     position flat_r."""
     pid = tl.program_id(0)
     n_col = tl.cdiv(D, BN)
     pid_m, pid_n = pid // n_col, pid % n_col
-    e, rows, m_r = _block_rows(table, pid_m, BM)
+    e, rows, m_r, rows_ld = _block_rows(table, pid_m, BM)
     if e >= E:
         return
     flat = tl.load(order + rows, mask=m_r, other=0)
     cols = pid_n * BN + tl.arange(0, BN)
     m_c = cols < D
     # W_d[e] is (D, I): W^T[k, n] = W[n, k]
-    acc = _rows_times_weight(h, rows.to(tl.int64) * I, m_r, w_d + e.to(tl.int64) * D * I, 1, I, cols, m_c, I,
-                             BM, BN, BK, PREC)
+    acc = _rows_times_weight(h, rows_ld.to(tl.int64) * I, w_d + e.to(tl.int64) * D * I, 1, I, cols, m_c, I,
+                             BM, BN, BK, PREC, EVEN_K, EVEN_N)
     tl.store(y + flat[:, None].to(tl.int64) * D + cols[None, :], acc.to(y.dtype.element_ty),
              mask=m_r[:, None] & m_c[None, :])
 
 
 @triton.jit(do_not_specialize=["ROWS_KEY"])
 def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, D, I, K_SLOTS, E, M, ROWS_KEY,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     """dA = dout[tok] W_d[e] (cols of I); dw_part[col block, flat] = <dA, h>; dgu = SwiGLU bwd of w * dA."""
     pid = tl.program_id(0)
     n_col = tl.cdiv(I, BN)
     pid_m, pid_n = pid // n_col, pid % n_col
-    e, rows, m_r = _block_rows(table, pid_m, BM)
+    e, rows, m_r, rows_ld = _block_rows(table, pid_m, BM)
     if e >= E:
         return
-    flat = tl.load(order + rows, mask=m_r, other=0)
+    flat = tl.load(order + rows_ld)
     tok = flat // K_SLOTS
     cols = pid_n * BN + tl.arange(0, BN)
     m_c = cols < I
     # W_d[e] is (D, I): used untransposed, stride_wk = I, stride_wn = 1
-    da = _rows_times_weight(dout, tok.to(tl.int64) * D, m_r, w_d + e.to(tl.int64) * D * I, I, 1, cols, m_c, D,
-                            BM, BN, BK, PREC)
+    da = _rows_times_weight(dout, tok.to(tl.int64) * D, w_d + e.to(tl.int64) * D * I, I, 1, cols, m_c, D,
+                            BM, BN, BK, PREC, EVEN_K, EVEN_N)
     gu_off = rows[:, None].to(tl.int64) * 2 * I + cols[None, :]
     m_o = m_r[:, None] & m_c[None, :]
     g = tl.load(gu + gu_off, mask=m_o, other=0.0).to(tl.float32)
@@ -298,7 +323,7 @@ def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, D, I, K
     sg = tl.sigmoid(g)
     silu = g * sg
     tl.store(dw_part + pid_n.to(tl.int64) * M + flat, tl.sum(da * silu * u, 1), mask=m_r)
-    wr = tl.load(topw + flat, mask=m_r, other=0.0).to(tl.float32)
+    wr = tl.load(topw + flat).to(tl.float32)
     dh = da * wr[:, None]
     dg = dh * u * sg * (1.0 + g * (1.0 - sg))
     du = dh * silu
@@ -308,21 +333,22 @@ def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, D, I, K
 
 @triton.jit(do_not_specialize=["N_PART", "ROWS_KEY"])
 def moe_dx_kernel(dgu, order, table, w_gu, dx, dw_part, d_topw, D, I, E, M, N_PART, ROWS_KEY,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, DW: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, DW: tl.constexpr,
+                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     """dx[flat_r, cols] = dgu[r] W_gu[e] (K = 2I), written at the row's (token, slot) position; with DW the
     column-block-0 programs also write d_topw[flat_r] = sum_j dw_part[j, flat_r] (fixed order)."""
     pid = tl.program_id(0)
     n_col = tl.cdiv(D, BN)
     pid_m, pid_n = pid // n_col, pid % n_col
-    e, rows, m_r = _block_rows(table, pid_m, BM)
+    e, rows, m_r, rows_ld = _block_rows(table, pid_m, BM)
     if e >= E:
         return
     flat = tl.load(order + rows, mask=m_r, other=0)
     cols = pid_n * BN + tl.arange(0, BN)
     m_c = cols < D
     # W_gu[e] is (2I, D): used untransposed, stride_wk = D, stride_wn = 1
-    acc = _rows_times_weight(dgu, rows.to(tl.int64) * 2 * I, m_r, w_gu + e.to(tl.int64) * 2 * I * D, D, 1,
-                             cols, m_c, 2 * I, BM, BN, BK, PREC)
+    acc = _rows_times_weight(dgu, rows_ld.to(tl.int64) * 2 * I, w_gu + e.to(tl.int64) * 2 * I * D, D, 1,
+                             cols, m_c, 2 * I, BM, BN, BK, PREC, EVEN_K, EVEN_N)
     tl.store(dx + flat[:, None].to(tl.int64) * D + cols[None, :], acc.to(dx.dtype.element_ty),
              mask=m_r[:, None] & m_c[None, :])
     if DW:
@@ -383,13 +409,15 @@ def _wg(p, q, r, warps, stages):
 
 # Short lists for sm_90 (227 KB shared memory; configs over ~200 KB for the dtype at hand are pruned). The up
 # kernel holds two fp32 accumulators (gate, up): BN 128 needs 8 warps at BM 128 (2 x 64 registers/thread).
+# Second H200 iteration: configs no shape chose were swapped for deeper pipelines of the winners (down / dx BN
+# 256 x 4 stages, wgrad 128 x 128 x 4 stages, 256 x 128 tiles, BR 128 for the small-P/Q weight grads).
 CONFIGS = {
     "up": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(128, 32, 8, 5)],
-    "down": [_cfg(128, 64, 8, 3), _cfg(256, 64, 8, 3), _cfg(128, 64, 4, 4), _cfg(64, 64, 4, 4), _cfg(128, 128, 8, 3)],
+    "down": [_cfg(128, 64, 8, 3), _cfg(256, 64, 8, 3), _cfg(256, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(128, 64, 8, 4)],
     "down_bwd": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3)],
-    "dx": [_cfg(128, 64, 8, 3), _cfg(256, 64, 8, 3), _cfg(128, 64, 4, 4), _cfg(64, 64, 4, 4)],
-    "wgrad": [_wg(128, 128, 64, 8, 3), _wg(128, 256, 64, 8, 3), _wg(128, 128, 32, 8, 4), _wg(64, 128, 64, 4, 3),
-              _wg(64, 64, 64, 4, 4)],
+    "dx": [_cfg(128, 64, 8, 3), _cfg(256, 64, 8, 3), _cfg(256, 64, 8, 4), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4)],
+    "wgrad": [_wg(128, 128, 64, 8, 3), _wg(128, 256, 64, 8, 3), _wg(128, 128, 64, 8, 4), _wg(256, 128, 64, 8, 3),
+              _wg(64, 64, 64, 4, 4), _wg(64, 64, 128, 4, 3)],
 }
 DEFAULTS = {  # CUDA, small calls (M < AUTOTUNE_MIN_ROWS) or EFFCONV_MOE_AUTOTUNE=0
     "up": _cfg(64, 64, 4, 3), "down": _cfg(64, 64, 4, 3), "down_bwd": _cfg(64, 64, 4, 3), "dx": _cfg(64, 64, 4, 3),
@@ -467,9 +495,29 @@ class _Kernel:
         return cfg
 
 
-KERNELS = {n: _Kernel(n, f) for n, f in (("up", moe_up_kernel), ("down", moe_down_kernel),
-                                          ("down_bwd", moe_down_bwd_kernel), ("dx", moe_dx_kernel),
-                                          ("wgrad", moe_weight_grad_kernel))}
+# (K, N) of each row-block GEMM: EVEN_K = K % BK == 0, EVEN_N = N % BN == 0 (their loops' loads go unmasked)
+EVEN_DIMS = {"up": ("D", "I"), "down": ("I", "D"), "down_bwd": ("D", "I"), "dx": ("2I", "D")}
+
+
+def _dim(args, name):
+    return 2 * args["I"] if name == "2I" else args[name]
+
+
+def even_flags(name, dims, bk, bn) -> tuple[bool, bool]:
+    k, n = EVEN_DIMS[name]
+    return _dim(dims, k) % bk == 0, _dim(dims, n) % bn == 0
+
+
+def _with_even(name, fn):
+    if name not in EVEN_DIMS:
+        return fn
+    return triton.heuristics({"EVEN_K": lambda a: even_flags(name, a, a["BK"], a["BN"])[0],
+                              "EVEN_N": lambda a: even_flags(name, a, a["BK"], a["BN"])[1]})(fn)
+
+
+KERNELS = {n: _Kernel(n, _with_even(n, f)) for n, f in (("up", moe_up_kernel), ("down", moe_down_kernel),
+                                                        ("down_bwd", moe_down_bwd_kernel), ("dx", moe_dx_kernel),
+                                                        ("wgrad", moe_weight_grad_kernel))}
 
 
 def tuned_configs() -> list[dict]:
