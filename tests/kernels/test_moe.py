@@ -199,7 +199,11 @@ def test_every_tile_config_matches_loop(cfg, D, I, monkeypatch):
     N, E, k = 2056, 8, 2
     x, idx, w, gu, dn, dout = make_inputs(N, D, I, E, k, torch.bfloat16, "cuda", skip_experts=(3,))
     assert mt.block_rows(N * k, E) == 128
-    out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    from triton.runtime.errors import OutOfResources
+    try:
+        out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    except OutOfResources as e:  # the autotuner skips such a config (timed as inf): report, do not fail
+        pytest.skip(f"config {cfg} out of resources on this GPU (the autotuner drops it): {str(e)[:120]}")
     with torch.no_grad():
         out_ng = ek.moe_experts(x, idx, w, gu, dn, backend="triton")
     ref_leaves = [t.detach().float().requires_grad_() for t in (x, w, gu, dn)]
