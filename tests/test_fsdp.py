@@ -84,8 +84,10 @@ STEPS1, STEPS2 = 12, 4
 
 
 def _lin_settings(model_dir: Path) -> dict:
+    # kl_weight: stage 2 also runs teacher-mode passes of the sharded student (the KL targets)
     return dict(model=model_dir, data=model_dir / "train.txt", window=4, seq_len=32, batch_size=4,
-                stage1_tokens=32 * 4 * STEPS1, stage2_tokens=32 * 4 * STEPS2, checkpoint_every=2, eval_every=4)
+                stage1_tokens=32 * 4 * STEPS1, stage2_tokens=32 * 4 * STEPS2, kl_weight=0.5, checkpoint_every=2,
+                eval_every=4)
 
 
 @pytest.fixture(scope="module")
