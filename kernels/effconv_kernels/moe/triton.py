@@ -20,7 +20,10 @@ fixed order (no atomics), so results are deterministic.
 
 Tiles: BM (rows per block) is chosen per call from the mean rows per expert (128 from 512 rows, else 64; 16
 under TRITON_INTERPRET); on CUDA `triton.autotune` picks BN/BK/warps/stages per kernel from a short list
-(keyed on the dims, a rows bucket and BM) once M >= AUTOTUNE_MIN_ROWS, else a fixed default config. Every
+(keyed on the dims, a rows bucket and BM) once M >= AUTOTUNE_MIN_ROWS, else a fixed default config. The
+row-block GEMMs specialize on EVEN_K / EVEN_N (K % BK, N % BN == 0: unmasked weight loads) and load clamped
+rows (past a block's end its last row again; those output rows stay masked), so their k loops carry no masks
+when EVEN_K. Every
 autotuned kernel only writes its outputs (nothing accumulates into or reads back what it writes), so the
 autotuner's repeated runs are safe. `tuned_configs()` lists the autotuner's choices (to freeze them later).
 """
