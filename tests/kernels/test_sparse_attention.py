@@ -34,20 +34,29 @@ def check_grads(o, o_ref, leaves, dtype, device):
 
 
 WINDOW_CASES = [
-    # B, H, Hkv, T, D, window, sinks, dtype
-    (1, 2, 2, 37, 16, 5, 0, torch.float32),      # GQA 1, T not a multiple of the block, window < block
-    (2, 3, 1, 45, 32, 20, 3, torch.float32),     # GQA 3, window spans blocks, sinks
-    (1, 3, 1, 40, 16, 1, 17, torch.float32),     # window 1 (the token itself) + sinks over a block boundary
-    (1, 3, 1, 33, 32, 64, 2, torch.bfloat16),    # window larger than T: full causal attention
-    (1, 2, 2, 50, 16, 9, 4, torch.bfloat16),
+    # B, H, Hkv, T, D, window, sinks, dtype, block (None = the public op's choice, 64 above T = 32)
+    (1, 2, 2, 37, 16, 5, 0, torch.float32, 16),      # GQA 1, T not a multiple of the block, window < block
+    (2, 3, 1, 45, 32, 20, 3, torch.float32, 16),     # GQA 3, window spans blocks, sinks
+    (1, 3, 1, 40, 16, 1, 17, torch.float32, 16),     # window 1 (the token itself) + sinks over a block boundary
+    (1, 3, 1, 33, 32, 64, 2, torch.bfloat16, 16),    # window larger than T: full causal attention
+    (1, 2, 2, 50, 16, 9, 4, torch.bfloat16, 16),
+    (1, 2, 1, 100, 16, 20, 5, torch.float32, 16),    # GQA 2; the sink block is seen by query blocks past the window
+    (1, 2, 2, 70, 16, 30, 3, torch.bfloat16, None),  # the public op, block 64: 2 query blocks, last partial
 ]
 
 
-@pytest.mark.parametrize("B,H,Hkv,T,D,window,sinks,dtype", WINDOW_CASES)
-def test_sliding_window_matches_naive(B, H, Hkv, T, D, window, sinks, dtype, device):
+def sliding(q, k, v, *, block, **kw):
+    if block is None:
+        return ek.sliding_window_attention(q, k, v, backend="triton", **kw)
+    from effconv_kernels.sparse_window.triton import triton_sliding_window_attention
+    return triton_sliding_window_attention(q, k, v, block=block, **kw)
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,window,sinks,dtype,block", WINDOW_CASES)
+def test_sliding_window_matches_naive(B, H, Hkv, T, D, window, sinks, dtype, block, device):
     q, k, v = make_qkv(B, H, Hkv, T, D, dtype, device)
     kw = dict(window=window, sinks=sinks, scale=D ** -0.5)
-    o = ek.sliding_window_attention(q, k, v, backend="triton", **kw)
+    o = sliding(q, k, v, block=block, **kw)
     o_ref = naive_sliding_window_attention(q, k, v, **kw)
     assert o.dtype == dtype and o.shape == q.shape
     assert rel_err(o, o_ref) < TOL[dtype][0]
@@ -111,6 +120,50 @@ def test_block_selection_is_anchor_topk_and_causal():
     assert mask.sum(-1).max() <= 3 * bs and mask.diagonal(dim1=-2, dim2=-1).all()
 
 
+def test_inverse_block_lists_match_brute_force(device):
+    from effconv_kernels.common.block_list_attn import invert_block_lists
+
+    g = torch.Generator().manual_seed(3)
+    B, H, G, nq, nsel = 2, 6, 3, 9, 4
+    idx = torch.randint(-1, nq, (B, H, nq, nsel), generator=g)
+    m = torch.arange(nq)[None, None, :, None]
+    idx = torch.where(idx <= m, idx, torch.full_like(idx, -1))  # causal lists, with gaps (-1)
+    idx[..., -1] = m[..., 0]                                     # own block, like the real lists
+    flat = idx.view(-1, nsel)
+    for a in range(flat.shape[0]):  # no repeated block in a list (the ops never make one)
+        seen = set()
+        for c in range(nsel - 1, -1, -1):
+            if int(flat[a, c]) in seen:
+                flat[a, c] = -1
+            seen.add(int(flat[a, c]))
+    end, cnt, ent, order = invert_block_lists(idx.to(device=device, dtype=torch.int32), nq, G)
+    end, cnt, ent, order = end.cpu(), cnt.cpu(), ent.cpu(), order.cpu()
+    for b in range(B):
+        for hk in range(H // G):
+            for n in range(nq):
+                r = (b * (H // G) + hk) * nq + n
+                expect = [gg * nq + mm for gg in range(G) for mm in range(nq)
+                          if (idx[b, hk * G + gg, mm] == n).any()]
+                assert ent[end[r] - cnt[r]:end[r]].tolist() == expect, (b, hk, n)
+    assert sorted(order.tolist()) == list(range(B * (H // G) * nq))
+    assert cnt[order].tolist() == sorted(cnt.tolist(), reverse=True)
+
+
+@pytest.mark.parametrize("op", ["window", "topk"])
+def test_sparse_backward_is_deterministic(op, device):
+    """No atomics in the backward: two runs give bitwise-equal gradients (GQA 3, sinks / popular blocks)."""
+    q, k, v = make_qkv(1, 3, 1, 75, 16, torch.bfloat16, device, seed=4)
+    if op == "window":
+        fn = lambda: sliding(q, k, v, block=16, window=20, sinks=18, scale=0.25)  # noqa: E731
+    else:
+        fn = lambda: ek.block_sparse_attention(q, k, v, block_size=16, topk=2, scale=0.25,  # noqa: E731
+                                               backend="triton")
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=q.dtype)
+    runs = [torch.autograd.grad(fn(), [q, k, v], do) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_sparse_ops_reject_bad_input():
     q, k, v = make_qkv(1, 3, 2, 8, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="multiple of kv heads"):
@@ -132,8 +185,11 @@ def test_sparse_bench_runs_tiny_on_cpu(tmp_path):
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "sparse.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([sys.executable, str(root / "bench" / "sparse.py"), "--tiny", "--out", str(out)], check=True,
-                   cwd=root, env=env, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(root / "bench" / "sparse.py"), "--tiny", "--out", str(out)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["method"] for r in rows} == {"sdpa", "window512", "window2048", "topk8"} and len(rows) == 4
-    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and "error" not in r for r in rows)
+    for r in rows:
+        assert "error" not in r and "skipped" not in r, f"{r['method']}: {r.get('error') or r.get('skipped')}"
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0, r

@@ -1,17 +1,37 @@
 """Sliding-window + sink attention in Triton: each query block visits only the key blocks its window
-reaches plus the sink blocks (common/block_list_attn.py), so the cost is O(T (window + sinks))."""
+reaches plus the sink blocks (common/block_list_attn.py), so the cost is O(T (window + sinks)).
+
+The block list and its inverse (for the dk/dv backward: the query blocks that see each key block, a
+contiguous range plus, for a sink key block, every later query block) depend only on (T, block, window,
+sinks), so they are built once per device and cached: a call launches only the attention kernels."""
 from __future__ import annotations
 
-from ..common.block_list_attn import block_list_attention
+from ..common.block_list_attn import block_list_attention, invert_block_lists
 from .naive import sliding_window_block_list
+
+_LISTS: dict = {}
+_MAX_CACHED = 64
 
 
 def block_for(t: int) -> int:
     return 64 if t > 32 else 16
 
 
+def cached_block_lists(t: int, block: int, window: int, sinks: int, device):
+    """(idx (1, 1, nq, NSEL) int32, inverse CSR lists) for these settings, built on `device` once."""
+    key = (t, block, window, sinks, str(device))
+    hit = _LISTS.get(key)
+    if hit is None:
+        if len(_LISTS) >= _MAX_CACHED:
+            _LISTS.pop(next(iter(_LISTS)))
+        idx = sliding_window_block_list(t, block, window, sinks, device)
+        hit = (idx, invert_block_lists(idx, idx.shape[2], 1))
+        _LISTS[key] = hit
+    return hit
+
+
 def triton_sliding_window_attention(q, k, v, *, window: int, sinks: int = 0, scale: float, block: int | None = None):
     t = q.shape[2]
     block = block or block_for(t)
-    idx = sliding_window_block_list(t, block, window, sinks, q.device)
-    return block_list_attention(q, k, v, idx, block=block, window=window, sinks=sinks, scale=scale)
+    idx, inverse = cached_block_lists(t, block, window, sinks, q.device)
+    return block_list_attention(q, k, v, idx, block=block, window=window, sinks=sinks, scale=scale, inverse=inverse)
