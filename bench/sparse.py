@@ -11,12 +11,17 @@ Methods
     window512   sliding_window_attention, window 512, 64 sink tokens
     window2048  sliding_window_attention, window 2048, 64 sink tokens
     topk8       block_sparse_attention, 64-token blocks, top-8 earlier blocks + own (576 keys per query),
-                selection (pooling + top-k in PyTorch) included in the time
+                selection (block sums + one matmul + a Triton top-k) included in the time; the row also
+                has select_ms (the selection alone) and attn_fwd_ms (the forward with the selection given)
+
+Off CUDA (--tiny) the Triton kernels run through the interpreter: TRITON_INTERPRET=1 is set if missing, and
+nothing touches torch.cuda.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -65,6 +70,21 @@ def time_ms(fn, on_gpu: bool, rep_ms: int) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def topk_split(q, k, v, n: int, on_gpu: bool, rep_ms: int) -> dict:
+    """The top-k forward in two parts: the selection alone, and the attention with the selection given."""
+    import effconv_kernels as ek
+    from effconv_kernels.block_sparse.triton import triton_select_key_blocks
+
+    def select():
+        return triton_select_key_blocks(q, k, block_size=64, topk=n)
+
+    idx = select()
+    with torch.no_grad():
+        attn = time_ms(lambda: ek.block_sparse_attention(q, k, v, block_size=64, topk=n, scale=HEAD_DIM ** -0.5,
+                                                         idx=idx, backend="triton"), on_gpu, rep_ms)
+    return {"select_ms": time_ms(select, on_gpu, rep_ms), "attn_fwd_ms": attn}
+
+
 def run(lengths, on_gpu: bool, rep_ms: int, budget_s: float) -> list[dict]:
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -91,6 +111,8 @@ def run(lengths, on_gpu: bool, rep_ms: int, budget_s: float) -> list[dict]:
                     fn(q, k, v).backward(do)
 
                 row["fwd_bwd_ms"] = time_ms(fwd_bwd, on_gpu, rep_ms)
+                if name.startswith("topk"):
+                    row.update(topk_split(q, k, v, int(name[4:]), on_gpu, rep_ms))
                 if on_gpu:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -112,7 +134,9 @@ def main(argv=None) -> None:
     p.add_argument("--rep-ms", type=int, default=50)
     p.add_argument("--budget-s", type=float, default=100.0, help="skip remaining rows after this long")
     args = p.parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not args.tiny
+    on_gpu = not args.tiny and torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before effconv_kernels' Triton modules are imported
     if not on_gpu and not args.tiny:
         p.error("needs CUDA; use --tiny (with TRITON_INTERPRET=1) for a CPU smoke test")
     global TOKENS, HEADS, HEAD_DIM

@@ -164,6 +164,20 @@ def test_sparse_backward_is_deterministic(op, device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("B,H,Hkv,T,D,block,topk", [(1, 4, 2, 70, 8, 8, 2), (2, 3, 1, 61, 16, 16, 1),
+                                                    (1, 2, 2, 48, 16, 16, 5), (1, 2, 1, 40, 8, 16, 0)])
+def test_triton_block_selection_matches_naive(B, H, Hkv, T, D, block, topk, device):
+    from effconv_kernels.block_sparse.triton import triton_select_key_blocks
+
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, _ = make_qkv(B, H, Hkv, T, D, dtype, device, seed=6)
+        a = triton_select_key_blocks(q, k, block_size=block, topk=topk).cpu()
+        b = select_key_blocks(q, k, block_size=block, topk=topk).cpu()
+        assert a.shape == b.shape and a.dtype == torch.int32
+        assert torch.equal(a[..., -1], b[..., -1])
+        assert torch.equal(a[..., :-1].sort(-1).values, b[..., :-1].sort(-1).values), dtype
+
+
 def test_sparse_ops_reject_bad_input():
     q, k, v = make_qkv(1, 3, 2, 8, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="multiple of kv heads"):
