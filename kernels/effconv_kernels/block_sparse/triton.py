@@ -18,7 +18,7 @@ from ..utils import next_pow2
 
 
 @triton.jit
-def topk_block_select_kernel(scores, out, NB, NBF, KK: tl.constexpr, BM: tl.constexpr, NKP: tl.constexpr):
+def topk_block_select_kernel(scores, out, NB, NBF, KK, BM: tl.constexpr, NKP: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     o_m = i_m * BM + tl.arange(0, BM)
     o_n = tl.arange(0, NKP)
@@ -54,7 +54,7 @@ def triton_select_key_blocks(q, k, *, block_size: int, topk: int) -> torch.Tenso
     out = torch.empty(b, h, nb, kk + 1, dtype=torch.int32, device=q.device)
     nkp = max(16, next_pow2(nbf))
     bm = max(1, min(16, 4096 // nkp))
-    topk_block_select_kernel[(triton.cdiv(nb, bm), b * h)](scores, out, nb, nbf, KK=kk, BM=bm, NKP=nkp,
+    topk_block_select_kernel[(triton.cdiv(nb, bm), b * h)](scores, out, nb, nbf, kk, BM=bm, NKP=nkp,
                                                           num_warps=4)
     return out
 

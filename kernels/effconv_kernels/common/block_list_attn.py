@@ -60,9 +60,9 @@ def _prec(dtype: torch.dtype) -> str:
 @triton.jit
 def block_list_attn_fwd_kernel(
     q, k, v, idx, o, lse,
-    T, H, G, window, sinks, scale,
+    T, H, G, NSEL, window, sinks, scale,
     s_ib, s_ih, s_im,
-    NSEL: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -119,9 +119,9 @@ def bla_delta_kernel(o, do, delta, T, D: tl.constexpr, BT: tl.constexpr, BD: tl.
 @triton.jit
 def block_list_attn_bwd_dq_kernel(
     q, k, v, do, lse, delta, idx, dq,
-    T, H, G, window, sinks, scale,
+    T, H, G, NSEL, window, sinks, scale,
     s_ib, s_ih, s_im,
-    NSEL: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -229,8 +229,8 @@ def block_list_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def bla_invert_kernel(
-    idx, cnt, end, ent, NQ, NK, GL,
-    NSEL: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, FILL: tl.constexpr,
+    idx, cnt, end, ent, NQ, NK, GL, NSEL,
+    SP: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, FILL: tl.constexpr,
 ):
     """Inverse of the block lists idx (BL, HKVL * GL, NQ, NSEL) contiguous: for key block n of list group
     (bl, hkv) (row r = (bl * HKVL + hkv) * NK + n), the entries g * NQ + m of the (g, m) whose list holds n,
@@ -278,10 +278,10 @@ def invert_block_lists(idx: torch.Tensor, nk: int, gl: int):
     bn = 16
     be = max(1, min(64, 4096 // (bn * sp)))
     grid = (triton.cdiv(nk, bn), groups)
-    meta = dict(NSEL=nsel, SP=sp, BN=bn, BE=be, num_warps=4)
-    bla_invert_kernel[grid](idx, cnt, cnt, ent, nq, nk, gl, FILL=False, **meta)
+    meta = dict(SP=sp, BN=bn, BE=be, num_warps=4)
+    bla_invert_kernel[grid](idx, cnt, cnt, ent, nq, nk, gl, nsel, FILL=False, **meta)
     end = torch.cumsum(cnt, 0, dtype=torch.int32)
-    bla_invert_kernel[grid](idx, cnt, end, ent, nq, nk, gl, FILL=True, **meta)
+    bla_invert_kernel[grid](idx, cnt, end, ent, nq, nk, gl, nsel, FILL=True, **meta)
     order = torch.argsort(cnt, descending=True, stable=True)
     return end, cnt, ent, order
 
@@ -304,8 +304,8 @@ class BlockListAttention(torch.autograd.Function):
         s_ib, s_ih, s_im, _ = idx_full.stride()
         grid = (nq, B * H)
         block_list_attn_fwd_kernel[grid](
-            q, k, v, idx_full, o, lse, T, H, G, window, sinks, scale, s_ib, s_ih, s_im,
-            NSEL=idx.shape[-1], D=D, BLOCK=block, BD=max(16, next_pow2(D)), PREC=_prec(q.dtype),
+            q, k, v, idx_full, o, lse, T, H, G, idx.shape[-1], window, sinks, scale, s_ib, s_ih, s_im,
+            D=D, BLOCK=block, BD=max(16, next_pow2(D)), PREC=_prec(q.dtype),
             num_warps=_num_warps(block),
         )
         ctx.save_for_backward(q, k, v, o, lse, idx)
@@ -332,8 +332,8 @@ class BlockListAttention(torch.autograd.Function):
         idx_full = idx.expand(B, H, *idx.shape[2:])
         s_ib, s_ih, s_im, _ = idx_full.stride()
         block_list_attn_bwd_dq_kernel[(nq, B * H)](
-            q, k, v, do, lse, delta, idx_full, dq, T, H, G, window, sinks, scale, s_ib, s_ih, s_im,
-            NSEL=idx.shape[-1], **meta,
+            q, k, v, do, lse, delta, idx_full, dq, T, H, G, idx.shape[-1], window, sinks, scale, s_ib, s_ih, s_im,
+            **meta,
         )
 
         shared = idx.shape[0] == 1 and idx.shape[1] == 1
