@@ -63,6 +63,23 @@ def test_sliding_window_matches_naive(B, H, Hkv, T, D, window, sinks, dtype, blo
     check_grads(o, o_ref, [q, k, v], dtype, device)
 
 
+def test_sliding_window_split_sink_lists(device):
+    """Long dk/dv lists (sink key blocks) split over several programs, partials reduced in a fixed order."""
+    from effconv_kernels.common.block_list_attn import block_list_attention, invert_block_lists, plan_split
+    from effconv_kernels.sparse_window.naive import sliding_window_block_list
+
+    B, H, Hkv, T, D, W, S, bs = 2, 4, 2, 100, 16, 20, 20, 16
+    q, k, v = make_qkv(B, H, Hkv, T, D, torch.float32, device, seed=7)
+    idx = sliding_window_block_list(T, bs, W, S, device)
+    inv = plan_split(invert_block_lists(idx, idx.shape[2], 1), min_iters=1)
+    assert inv[4] >= 1 and inv[5] >= 2  # split rows, programs per split row
+    kw = dict(window=W, sinks=S, scale=D ** -0.5)
+    o = block_list_attention(q, k, v, idx, block=bs, inverse=inv, **kw)
+    o_ref = naive_sliding_window_attention(q, k, v, **kw)
+    assert rel_err(o, o_ref) < TOL[torch.float32][0]
+    check_grads(o, o_ref, [q, k, v], torch.float32, device)
+
+
 def test_sliding_window_large_window_is_causal_softmax():
     q, k, v = make_qkv(1, 4, 2, 21, 8, torch.float32, "cpu")
     o = naive_sliding_window_attention(q, k, v, window=100, sinks=0, scale=0.3)
@@ -136,7 +153,7 @@ def test_inverse_block_lists_match_brute_force(device):
             if int(flat[a, c]) in seen:
                 flat[a, c] = -1
             seen.add(int(flat[a, c]))
-    end, cnt, ent, order = invert_block_lists(idx.to(device=device, dtype=torch.int32), nq, G)
+    end, cnt, ent, order = invert_block_lists(idx.to(device=device, dtype=torch.int32), nq, G)[:4]
     end, cnt, ent, order = end.cpu(), cnt.cpu(), ent.cpu(), order.cpu()
     for b in range(B):
         for hk in range(H // G):

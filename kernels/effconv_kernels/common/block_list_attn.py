@@ -160,15 +160,26 @@ def block_list_attn_bwd_dq_kernel(
 
 @triton.jit
 def block_list_attn_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, inv_end, inv_cnt, inv_ent, order, dk, dv,
-    T, H, G, NQ, NK, BHKV, window, sinks, scale,
-    SHARED: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    q, k, v, do, lse, delta, inv_end, inv_cnt, inv_ent, order, dk, dv, part_dk, part_dv,
+    T, H, G, NQ, NK, BHKV, NSPLIT, window, sinks, scale,
+    SHARED: tl.constexpr, SPLIT: tl.constexpr,
+    D: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (key block, batch, kv head), longest inverse list first (`order`). SHARED: one list
     for all batch rows and heads (entries = query blocks; loop over the G query heads), else per (b, kv head)
-    lists (entries = g * NQ + query block)."""
+    lists (entries = g * NQ + query block). SPLIT (SHARED only): program (i, s, bhkv) takes every NSPLIT-th
+    iteration, from s, of the list of row order[i] and stores its unscaled fp32 dk/dv partial sums in
+    part_dk/part_dv[(i * NSPLIT + s) * BHKV + bhkv] (bla_reduce_split_kernel adds them in a fixed order):
+    a sink key block's list (every later query block) would otherwise be one long serial program."""
     pid = tl.program_id(0)
-    if SHARED:
+    i_s = 0
+    if SPLIT:
+        bhkv = pid % BHKV
+        i_s = (pid // BHKV) % NSPLIT
+        i_row = pid // BHKV // NSPLIT
+        row = tl.load(order + i_row).to(tl.int32)
+        n = row
+    elif SHARED:
         row = tl.load(order + pid // BHKV).to(tl.int32)
         bhkv = pid % BHKV
         n = row
@@ -196,7 +207,11 @@ def block_list_attn_bwd_dkdv_kernel(
         n_iter = cnt * G
     else:
         n_iter = cnt
-    for it in range(0, n_iter):
+    if SPLIT:
+        it_step = NSPLIT
+    else:
+        it_step = 1
+    for it in range(i_s, n_iter, it_step):
         if SHARED:
             g = it // cnt
             m = tl.load(inv_ent + start + it % cnt)
@@ -223,6 +238,34 @@ def block_list_attn_bwd_dkdv_kernel(
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    if SPLIT:
+        o_r = tl.arange(0, BLOCK)
+        p_ptr = (pid.to(tl.int64) * BLOCK + o_r[:, None]) * BD + o_d[None, :]
+        tl.store(part_dk + p_ptr, b_dk)
+        tl.store(part_dv + p_ptr, b_dv)
+    else:
+        tl.store(dk + kv_ptr, (b_dk * scale).to(dk.dtype.element_ty), mask=kv_mask)
+        tl.store(dv + kv_ptr, b_dv.to(dv.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def bla_reduce_split_kernel(part_dk, part_dv, order, dk, dv, T, BHKV, NSPLIT, scale,
+                            D: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr):
+    """dk/dv of key block order[i] = the sum over s = 0 .. NSPLIT-1 (in this order) of its split partials."""
+    i_row, bhkv = tl.program_id(0), tl.program_id(1)
+    n = tl.load(order + i_row).to(tl.int32)
+    o_r = tl.arange(0, BLOCK)
+    o_d = tl.arange(0, BD)
+    b_dk = tl.zeros([BLOCK, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK, BD], dtype=tl.float32)
+    for s in range(0, NSPLIT):
+        pid = (i_row * NSPLIT + s) * BHKV + bhkv
+        p_ptr = (pid.to(tl.int64) * BLOCK + o_r[:, None]) * BD + o_d[None, :]
+        b_dk += tl.load(part_dk + p_ptr)
+        b_dv += tl.load(part_dv + p_ptr)
+    o_j = n * BLOCK + o_r
+    kv_mask = (o_j < T)[:, None] & (o_d < D)[None, :]
+    kv_ptr = bhkv.to(tl.int64) * T * D + o_j[:, None] * D + o_d[None, :]
     tl.store(dk + kv_ptr, (b_dk * scale).to(dk.dtype.element_ty), mask=kv_mask)
     tl.store(dv + kv_ptr, b_dv.to(dv.dtype.element_ty), mask=kv_mask)
 
@@ -283,7 +326,21 @@ def invert_block_lists(idx: torch.Tensor, nk: int, gl: int):
     end = torch.cumsum(cnt, 0, dtype=torch.int32)
     bla_invert_kernel[grid](idx, cnt, end, ent, nq, nk, gl, nsel, FILL=True, **meta)
     order = torch.argsort(cnt, descending=True, stable=True)
-    return end, cnt, ent, order
+    return end, cnt, ent, order, 0, 1
+
+
+def plan_split(inverse, min_iters: int = 16):
+    """For a list built once (host sync allowed): split the rows whose list is over twice the typical length
+    (max(min_iters, median count)) into NSPLIT programs each. Returns the inverse with (n_split_rows, NSPLIT);
+    the split rows are the first of `order` (the longest lists)."""
+    end, cnt, ent, order = inverse[:4]
+    c = cnt.cpu().to(torch.int64)
+    if c.numel() == 0:
+        return end, cnt, ent, order, 0, 1
+    ref = max(int(min_iters), int(c.median()))
+    nsr = int((c > 2 * ref).sum())
+    nsplit = -(-int(c.max()) // ref) if nsr else 1
+    return end, cnt, ent, order, nsr, nsplit
 
 
 def _num_warps(block: int) -> int:
@@ -341,19 +398,31 @@ class BlockListAttention(torch.autograd.Function):
             inv = ctx.inverse if ctx.inverse is not None else invert_block_lists(idx, nq, 1)
         else:
             inv = invert_block_lists(idx_full, nq, G)
-        end, cnt, ent, order = inv
+        end, cnt, ent, order, nsr, nsplit = inv
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
-        block_list_attn_bwd_dkdv_kernel[(B * Hkv * nq,)](
-            q, k, v, do, lse, delta, end, cnt, ent, order, dk, dv, T, H, G, nq, nq, B * Hkv, window, sinks, scale,
-            SHARED=shared, **meta,
+        bhkv = B * Hkv
+        args = (T, H, G, nq, nq, bhkv)
+        if nsr:  # the longest shared lists (sink key blocks), split over nsplit programs each
+            part_dk = torch.empty(nsr * nsplit * bhkv, block, BD, dtype=torch.float32, device=q.device)
+            part_dv = torch.empty_like(part_dk)
+            block_list_attn_bwd_dkdv_kernel[(nsr * nsplit * bhkv,)](
+                q, k, v, do, lse, delta, end, cnt, ent, order, dk, dv, part_dk, part_dv, *args, nsplit,
+                window, sinks, scale, SHARED=True, SPLIT=True, **meta,
+            )
+            bla_reduce_split_kernel[(nsr, bhkv)](part_dk, part_dv, order, dk, dv, T, bhkv, nsplit, scale,
+                                                 D=D, BLOCK=block, BD=BD, num_warps=4)
+        block_list_attn_bwd_dkdv_kernel[((nq - nsr) * bhkv,)](
+            q, k, v, do, lse, delta, end, cnt, ent, order[nsr:], dk, dv, dk, dv, *args, 1, window, sinks, scale,
+            SHARED=shared, SPLIT=False, **meta,
         )
         return dq, dk, dv, None, None, None, None, None, None
 
 
 def block_list_attention(q, k, v, idx, *, block: int, window: int, sinks: int, scale: float, inverse=None):
     """q (B,H,T,D), k/v (B,Hkv,T,D), idx (B|1, H|1, ceil(T/block), NSEL) int32 key blocks (-1 = none).
-    inverse: invert_block_lists(idx, nq, 1) of a (1, 1, ...) idx, to reuse across calls (sliding window)."""
+    inverse: invert_block_lists(idx, nq, 1) (optionally through plan_split) of a (1, 1, ...) idx, to reuse
+    across calls (the sliding window's)."""
     if v.shape[-1] != q.shape[-1]:
         raise ValueError("the sparse kernels need value head dim == query head dim")
     if idx.dtype != torch.int32:

@@ -3,10 +3,12 @@ reaches plus the sink blocks (common/block_list_attn.py), so the cost is O(T (wi
 
 The block list and its inverse (for the dk/dv backward: the query blocks that see each key block, a
 contiguous range plus, for a sink key block, every later query block) depend only on (T, block, window,
-sinks), so they are built once per device and cached: a call launches only the attention kernels."""
+sinks), so they are built once per device and cached: a call launches only the attention kernels. The
+sink key blocks' lists (all later query blocks) are split over several dk/dv programs (plan_split, decided
+once on the host) so that they do not run as one long serial tail."""
 from __future__ import annotations
 
-from ..common.block_list_attn import block_list_attention, invert_block_lists
+from ..common.block_list_attn import block_list_attention, invert_block_lists, plan_split
 from .naive import sliding_window_block_list
 
 _LISTS: dict = {}
@@ -25,7 +27,7 @@ def cached_block_lists(t: int, block: int, window: int, sinks: int, device):
         if len(_LISTS) >= _MAX_CACHED:
             _LISTS.pop(next(iter(_LISTS)))
         idx = sliding_window_block_list(t, block, window, sinks, device)
-        hit = (idx, invert_block_lists(idx, idx.shape[2], 1))
+        hit = (idx, plan_split(invert_block_lists(idx, idx.shape[2], 1)))
         _LISTS[key] = hit
     return hit
 
