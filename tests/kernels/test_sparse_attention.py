@@ -70,7 +70,7 @@ def test_sliding_window_split_sink_lists(device):
 
     B, H, Hkv, T, D, W, S, bs = 2, 4, 2, 100, 16, 20, 20, 16
     q, k, v = make_qkv(B, H, Hkv, T, D, torch.float32, device, seed=7)
-    idx = sliding_window_block_list(T, bs, W, S, device)
+    idx = sliding_window_block_list(T, bs, W, S, device)  # not compacted: block_list_attention does it
     inv = plan_split(invert_block_lists(idx, idx.shape[2], 1), min_iters=1)
     assert inv[4] >= 1 and inv[5] >= 2  # split rows, programs per split row
     kw = dict(window=W, sinks=S, scale=D ** -0.5)
@@ -108,6 +108,19 @@ def test_block_sparse_matches_naive(B, H, Hkv, T, D, block, topk, dtype, device)
     assert o.dtype == dtype
     assert rel_err(o, o_ref) < TOL[dtype][0]
     check_grads(o, o_ref, [q, k, v], dtype, device)
+
+
+def test_block_sparse_given_idx_with_gaps(device):
+    """A caller's idx in naive layout (chosen, -1 gaps, own block last) is compacted before the kernels."""
+    B, H, Hkv, T, D, bs = 1, 4, 2, 90, 16, 16
+    q, k, v = make_qkv(B, H, Hkv, T, D, torch.bfloat16, device, seed=8)
+    idx = select_key_blocks(q, k, block_size=bs, topk=3)
+    assert (idx[..., :-1] < 0).any()  # the first query blocks have gaps
+    kw = dict(block_size=bs, topk=3, scale=D ** -0.5, idx=idx)
+    o = ek.block_sparse_attention(q, k, v, backend="triton", **kw)
+    o_ref = naive_block_sparse_attention(q, k, v, **kw)
+    assert rel_err(o, o_ref) < TOL[torch.bfloat16][0]
+    check_grads(o, o_ref, [q, k, v], torch.bfloat16, device)
 
 
 def test_block_selection_is_anchor_topk_and_causal():
@@ -188,11 +201,15 @@ def test_triton_block_selection_matches_naive(B, H, Hkv, T, D, block, topk, devi
 
     for dtype in (torch.float32, torch.bfloat16):
         q, k, _ = make_qkv(B, H, Hkv, T, D, dtype, device, seed=6)
-        a = triton_select_key_blocks(q, k, block_size=block, topk=topk).cpu()
+        a, n = triton_select_key_blocks(q, k, block_size=block, topk=topk, with_counts=True)
+        a, n = a.cpu(), n.cpu()
         b = select_key_blocks(q, k, block_size=block, topk=topk).cpu()
-        assert a.shape == b.shape and a.dtype == torch.int32
-        assert torch.equal(a[..., -1], b[..., -1])
-        assert torch.equal(a[..., :-1].sort(-1).values, b[..., :-1].sort(-1).values), dtype
+        assert a.shape == b.shape and a.dtype == torch.int32 and n.shape == a.shape[:-1]
+        assert torch.equal(n, (b >= 0).sum(-1).int())                       # valid entries per list
+        pos = torch.arange(a.shape[-1])
+        assert torch.equal(a >= 0, pos < n[..., None])                      # left-compacted
+        assert torch.equal(a.sort(-1).values, b.sort(-1).values), dtype    # same blocks (own block included)
+        assert torch.equal(a.gather(-1, (n[..., None] - 1).long())[..., 0], b[..., -1])  # own block last valid
 
 
 def test_sparse_ops_reject_bad_input():

@@ -1,8 +1,8 @@
 """Flash attention over a list of key blocks per query block (Triton, forward and backward).
 
 The shared engine of the sparse ops: sparse_window/ (sliding window + sink tokens) and block_sparse/
-(dynamic top-k blocks). Each (batch, query head, query block m) visits the key blocks idx[b, h, m, :]
-(-1 = skip) with the element mask
+(dynamic top-k blocks). Each (batch, query head, query block m) visits the nsel[b, h, m] key blocks
+idx[b, h, m, :nsel] (lists are left-compacted: valid entries first, -1 after) with the element mask
     j <= i  and  j < T  and  (i - j < window  or  j < sinks),
 so block_sparse passes window = T + 1, sinks = 0 (whole selected blocks, causal in the local one).
 GQA: query head h reads kv head h // G; K/V are never repeated. Scores, softmax statistics and
@@ -59,9 +59,9 @@ def _prec(dtype: torch.dtype) -> str:
 
 @triton.jit
 def block_list_attn_fwd_kernel(
-    q, k, v, idx, o, lse,
-    T, H, G, NSEL, window, sinks, scale,
-    s_ib, s_ih, s_im,
+    q, k, v, idx, nsel, o, lse,
+    T, H, G, window, sinks, scale,
+    s_ib, s_ih, s_im, c_b, c_h,
     D: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -79,24 +79,24 @@ def block_list_attn_fwd_kernel(
     l_run = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, BD], dtype=tl.float32)
     idx_base = idx + i_b.to(tl.int64) * s_ib + i_h.to(tl.int64) * s_ih + i_m.to(tl.int64) * s_im
-    for s in range(NSEL):
+    n_sel = tl.load(nsel + i_b.to(tl.int64) * c_b + i_h.to(tl.int64) * c_h + i_m)  # valid entries come first
+    for s in range(0, n_sel):
         kb = tl.load(idx_base + s)
-        if kb >= 0:
-            o_j = kb * BLOCK + tl.arange(0, BLOCK)
-            m_j_ok = o_j < T
-            kv_mask = m_j_ok[:, None] & m_d[None, :]
-            b_k = tl.load(k + kv_base + o_j[:, None] * D + o_d[None, :], mask=kv_mask, other=0.0)
-            b_v = tl.load(v + kv_base + o_j[:, None] * D + o_d[None, :], mask=kv_mask, other=0.0)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
-            dist = o_i[:, None] - o_j[None, :]
-            allowed = (dist >= 0) & m_j_ok[None, :] & ((dist < window) | (o_j[None, :] < sinks))
-            b_s = tl.where(allowed, b_s, float("-inf"))
-            m_new = tl.maximum(m_run, tl.max(b_s, 1))
-            b_p = tl.exp(b_s - m_new[:, None])
-            corr = tl.exp(m_run - m_new)
-            l_run = l_run * corr + tl.sum(b_p, 1)
-            acc = acc * corr[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-            m_run = m_new
+        o_j = kb * BLOCK + tl.arange(0, BLOCK)
+        m_j_ok = o_j < T
+        kv_mask = m_j_ok[:, None] & m_d[None, :]
+        b_k = tl.load(k + kv_base + o_j[:, None] * D + o_d[None, :], mask=kv_mask, other=0.0)
+        b_v = tl.load(v + kv_base + o_j[:, None] * D + o_d[None, :], mask=kv_mask, other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+        dist = o_i[:, None] - o_j[None, :]
+        allowed = (dist >= 0) & m_j_ok[None, :] & ((dist < window) | (o_j[None, :] < sinks))
+        b_s = tl.where(allowed, b_s, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(b_s, 1))
+        b_p = tl.exp(b_s - m_new[:, None])
+        corr = tl.exp(m_run - m_new)
+        l_run = l_run * corr + tl.sum(b_p, 1)
+        acc = acc * corr[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        m_run = m_new
     l_safe = tl.where(l_run > 0, l_run, 1.0)
     b_o = acc / l_safe[:, None]
     tl.store(o + q_base + o_i[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_i_ok[:, None] & m_d[None, :])
@@ -118,9 +118,9 @@ def bla_delta_kernel(o, do, delta, T, D: tl.constexpr, BT: tl.constexpr, BD: tl.
 
 @triton.jit
 def block_list_attn_bwd_dq_kernel(
-    q, k, v, do, lse, delta, idx, dq,
-    T, H, G, NSEL, window, sinks, scale,
-    s_ib, s_ih, s_im,
+    q, k, v, do, lse, delta, idx, nsel, dq,
+    T, H, G, window, sinks, scale,
+    s_ib, s_ih, s_im, c_b, c_h,
     D: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -139,22 +139,22 @@ def block_list_attn_bwd_dq_kernel(
     b_delta = tl.load(delta + i_bh.to(tl.int64) * T + o_i, mask=m_i_ok, other=0.0)
     b_dq = tl.zeros([BLOCK, BD], dtype=tl.float32)
     idx_base = idx + i_b.to(tl.int64) * s_ib + i_h.to(tl.int64) * s_ih + i_m.to(tl.int64) * s_im
-    for s in range(NSEL):
+    n_sel = tl.load(nsel + i_b.to(tl.int64) * c_b + i_h.to(tl.int64) * c_h + i_m)  # valid entries come first
+    for s in range(0, n_sel):
         kb = tl.load(idx_base + s)
-        if kb >= 0:
-            o_j = kb * BLOCK + tl.arange(0, BLOCK)
-            m_j_ok = o_j < T
-            kv_mask = m_j_ok[:, None] & m_d[None, :]
-            kv_ptr = kv_base + o_j[:, None] * D + o_d[None, :]
-            b_k = tl.load(k + kv_ptr, mask=kv_mask, other=0.0)
-            b_v = tl.load(v + kv_ptr, mask=kv_mask, other=0.0)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
-            dist = o_i[:, None] - o_j[None, :]
-            allowed = (dist >= 0) & m_j_ok[None, :] & m_i_ok[:, None] & ((dist < window) | (o_j[None, :] < sinks))
-            b_p = tl.where(allowed, tl.exp(b_s - b_lse[:, None]), 0.0)
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+        o_j = kb * BLOCK + tl.arange(0, BLOCK)
+        m_j_ok = o_j < T
+        kv_mask = m_j_ok[:, None] & m_d[None, :]
+        kv_ptr = kv_base + o_j[:, None] * D + o_d[None, :]
+        b_k = tl.load(k + kv_ptr, mask=kv_mask, other=0.0)
+        b_v = tl.load(v + kv_ptr, mask=kv_mask, other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+        dist = o_i[:, None] - o_j[None, :]
+        allowed = (dist >= 0) & m_j_ok[None, :] & m_i_ok[:, None] & ((dist < window) | (o_j[None, :] < sinks))
+        b_p = tl.where(allowed, tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
     tl.store(dq + q_base + o_i[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=q_mask)
 
 
@@ -349,7 +349,7 @@ def _num_warps(block: int) -> int:
 
 class BlockListAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, block, window, sinks, scale, inverse):
+    def forward(ctx, q, k, v, idx, nsel, block, window, sinks, scale, inverse):
         B, H, T, D = q.shape
         G = H // k.shape[1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -359,20 +359,21 @@ class BlockListAttention(torch.autograd.Function):
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         idx_full = idx.expand(B, H, *idx.shape[2:])  # stride-0 broadcast, no copy
         s_ib, s_ih, s_im, _ = idx_full.stride()
+        c_b, c_h, _ = nsel.expand(B, H, nq).stride()
         grid = (nq, B * H)
         block_list_attn_fwd_kernel[grid](
-            q, k, v, idx_full, o, lse, T, H, G, idx.shape[-1], window, sinks, scale, s_ib, s_ih, s_im,
+            q, k, v, idx_full, nsel, o, lse, T, H, G, window, sinks, scale, s_ib, s_ih, s_im, c_b, c_h,
             D=D, BLOCK=block, BD=max(16, next_pow2(D)), PREC=_prec(q.dtype),
             num_warps=_num_warps(block),
         )
-        ctx.save_for_backward(q, k, v, o, lse, idx)
+        ctx.save_for_backward(q, k, v, o, lse, idx, nsel)
         ctx.cfg = (block, window, sinks, scale)
         ctx.inverse = inverse
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, idx = ctx.saved_tensors
+        q, k, v, o, lse, idx, nsel = ctx.saved_tensors
         block, window, sinks, scale = ctx.cfg
         B, H, T, D = q.shape
         Hkv = k.shape[1]
@@ -388,8 +389,9 @@ class BlockListAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         idx_full = idx.expand(B, H, *idx.shape[2:])
         s_ib, s_ih, s_im, _ = idx_full.stride()
+        c_b, c_h, _ = nsel.expand(B, H, nq).stride()
         block_list_attn_bwd_dq_kernel[(nq, B * H)](
-            q, k, v, do, lse, delta, idx_full, dq, T, H, G, idx.shape[-1], window, sinks, scale, s_ib, s_ih, s_im,
+            q, k, v, do, lse, delta, idx_full, nsel, dq, T, H, G, window, sinks, scale, s_ib, s_ih, s_im, c_b, c_h,
             **meta,
         )
 
@@ -416,17 +418,32 @@ class BlockListAttention(torch.autograd.Function):
             q, k, v, do, lse, delta, end, cnt, ent, order[nsr:], dk, dv, dk, dv, *args, 1, window, sinks, scale,
             SHARED=shared, SPLIT=False, **meta,
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def block_list_attention(q, k, v, idx, *, block: int, window: int, sinks: int, scale: float, inverse=None):
-    """q (B,H,T,D), k/v (B,Hkv,T,D), idx (B|1, H|1, ceil(T/block), NSEL) int32 key blocks (-1 = none).
+def compact_block_lists(idx: torch.Tensor):
+    """(idx with its valid entries first, in decreasing block order, -1 after; int32 count of valid entries per
+    list). The forward and dq kernels loop over exactly count entries, with no branch in the loop (so Triton
+    can pipeline its loads)."""
+    idx = idx.to(torch.int32)
+    nsel = (idx >= 0).sum(-1, dtype=torch.int32)
+    return idx.sort(-1, descending=True).values.contiguous(), nsel.contiguous()
+
+
+def block_list_attention(q, k, v, idx, *, block: int, window: int, sinks: int, scale: float, nsel=None,
+                         inverse=None):
+    """q (B,H,T,D), k/v (B,Hkv,T,D), idx (B|1, H|1, ceil(T/block), NSEL) int32 key blocks (-1 = none, any order,
+    no block twice in a list).
+    nsel: (B|1, H|1, ceil(T/block)) int32 number of valid entries per list when idx is already left-compacted
+    (valid entries first), else None (compact_block_lists is applied).
     inverse: invert_block_lists(idx, nq, 1) (optionally through plan_split) of a (1, 1, ...) idx, to reuse
     across calls (the sliding window's)."""
     if v.shape[-1] != q.shape[-1]:
         raise ValueError("the sparse kernels need value head dim == query head dim")
-    if idx.dtype != torch.int32:
-        idx = idx.to(torch.int32)
     if idx.shape[0] not in (1, q.shape[0]) or idx.shape[1] not in (1, q.shape[1]):
         raise ValueError(f"idx {tuple(idx.shape)} does not broadcast to (B={q.shape[0]}, H={q.shape[1]}, ...)")
-    return BlockListAttention.apply(q, k, v, idx, int(block), int(window), int(sinks), float(scale), inverse)
+    if nsel is None:
+        idx, nsel = compact_block_lists(idx)
+    elif idx.dtype != torch.int32:
+        idx = idx.to(torch.int32)
+    return BlockListAttention.apply(q, k, v, idx, nsel, int(block), int(window), int(sinks), float(scale), inverse)

@@ -8,7 +8,7 @@ sink key blocks' lists (all later query blocks) are split over several dk/dv pro
 once on the host) so that they do not run as one long serial tail."""
 from __future__ import annotations
 
-from ..common.block_list_attn import block_list_attention, invert_block_lists, plan_split
+from ..common.block_list_attn import block_list_attention, compact_block_lists, invert_block_lists, plan_split
 from .naive import sliding_window_block_list
 
 _LISTS: dict = {}
@@ -20,14 +20,15 @@ def block_for(t: int) -> int:
 
 
 def cached_block_lists(t: int, block: int, window: int, sinks: int, device):
-    """(idx (1, 1, nq, NSEL) int32, inverse CSR lists) for these settings, built on `device` once."""
+    """(idx (1, 1, nq, NSEL) int32 left-compacted, nsel (1, 1, nq), inverse CSR lists + split plan) for these
+    settings, built on `device` once."""
     key = (t, block, window, sinks, str(device))
     hit = _LISTS.get(key)
     if hit is None:
         if len(_LISTS) >= _MAX_CACHED:
             _LISTS.pop(next(iter(_LISTS)))
-        idx = sliding_window_block_list(t, block, window, sinks, device)
-        hit = (idx, plan_split(invert_block_lists(idx, idx.shape[2], 1)))
+        idx, nsel = compact_block_lists(sliding_window_block_list(t, block, window, sinks, device))
+        hit = (idx, nsel, plan_split(invert_block_lists(idx, idx.shape[2], 1)))
         _LISTS[key] = hit
     return hit
 
@@ -35,5 +36,6 @@ def cached_block_lists(t: int, block: int, window: int, sinks: int, device):
 def triton_sliding_window_attention(q, k, v, *, window: int, sinks: int = 0, scale: float, block: int | None = None):
     t = q.shape[2]
     block = block or block_for(t)
-    idx, inverse = cached_block_lists(t, block, window, sinks, q.device)
-    return block_list_attention(q, k, v, idx, block=block, window=window, sinks=sinks, scale=scale, inverse=inverse)
+    idx, nsel, inverse = cached_block_lists(t, block, window, sinks, q.device)
+    return block_list_attention(q, k, v, idx, block=block, window=window, sinks=sinks, scale=scale, nsel=nsel,
+                                inverse=inverse)
