@@ -71,17 +71,18 @@ def time_ms(fn, on_gpu: bool, rep_ms: int) -> float:
 
 
 def topk_split(q, k, v, n: int, on_gpu: bool, rep_ms: int) -> dict:
-    """The top-k forward in two parts: the selection alone, and the attention with the selection given."""
-    import effconv_kernels as ek
+    """The top-k forward in two parts: the selection alone, and the attention kernel with the selection given."""
     from effconv_kernels.block_sparse.triton import triton_select_key_blocks
+    from effconv_kernels.common.block_list_attn import block_list_attention
 
     def select():
-        return triton_select_key_blocks(q, k, block_size=64, topk=n)
+        return triton_select_key_blocks(q, k, block_size=64, topk=n, with_counts=True)
 
-    idx = select()
+    idx, nsel = select()
+    t = q.shape[2]
     with torch.no_grad():
-        attn = time_ms(lambda: ek.block_sparse_attention(q, k, v, block_size=64, topk=n, scale=HEAD_DIM ** -0.5,
-                                                         idx=idx, backend="triton"), on_gpu, rep_ms)
+        attn = time_ms(lambda: block_list_attention(q, k, v, idx, block=64, window=t + 1, sinks=0,
+                                                    scale=HEAD_DIM ** -0.5, nsel=nsel), on_gpu, rep_ms)
     return {"select_ms": time_ms(select, on_gpu, rep_ms), "attn_fwd_ms": attn}
 
 
