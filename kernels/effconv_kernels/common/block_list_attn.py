@@ -16,7 +16,9 @@ Backward (FlashAttention-2 layout, no atomics, bitwise deterministic):
 The inverse list is CSR, built on the GPU without a host sync (bla_invert_kernel: count, cumsum, fill;
 entries in (head, query block) order, so the summation order is fixed). A list shared by every batch row
 and head (the sliding window's) is inverted once and each dk/dv program loops over the G query heads of
-its kv head. dk/dv programs run longest-list first (a sink key block is seen by every later query block).
+its kv head. dk/dv programs run longest-list first (a sink key block is seen by every later query block);
+for a list built once (plan_split) the longest lists are split over several programs whose fp32 partials
+bla_reduce_split_kernel adds in a fixed order.
 """
 from __future__ import annotations
 
