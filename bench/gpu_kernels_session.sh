@@ -18,7 +18,7 @@ cat "$W/env.txt" >> "$W/summary.txt"
 
 # the sparse tests compile on the CPU while the MoE session's tests do the same (16 cores); timings come after
 if [[ " $SKIP " != *" sparse "* ]]; then
-  ( timeout "${SPARSE_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider --confcutdir tests/kernels \
+  ( timeout "${SPARSE_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -n "${SPARSE_SHARDS:-4}" --confcutdir tests/kernels \
       tests/kernels/test_sparse_attention.py > "$W/sparse-tests.log" 2>&1; echo "exit=$?" >> "$W/sparse-tests.log" ) &
 fi
 if [[ " $SKIP " != *" moe "* ]]; then
@@ -29,7 +29,7 @@ fi
 wait
 if [[ " $SKIP " != *" sparse "* ]]; then
   stamp "sparse tests ($(tail -2 "$W/sparse-tests.log" | tr '\n' ' '))"
-  timeout "${SPARSE_BENCH_TIMEOUT:-100}" python3 bench/sparse.py --out "$W/sparse.json" > "$W/sparse.log" 2>&1
+  timeout "${SPARSE_BENCH_TIMEOUT:-100}" python3 bench/sparse.py --budget-s 60 --out "$W/sparse.json" > "$W/sparse.log" 2>&1
   stamp "sparse bench exit=$?"
   tail -25 "$W/sparse.log" >> "$W/summary.txt"
 fi
