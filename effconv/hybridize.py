@@ -43,10 +43,11 @@ from .linearize import (
     converted_layer_indices,
     linearize,
     make_student,
+    prepare_run_data,
     run_dir_for,
     transfer_loss_fn,
 )
-from .loading import cache_root, load_teacher
+from .loading import load_teacher
 from .metrics import next_token_loss
 from .train import StageSpec, console, run_stage
 
@@ -302,13 +303,7 @@ def score_layers(cfg: HybridizeConfig) -> LayerScores:
     console.print(f"[bold]effconv hybridize[/bold]: scoring the layers of {cfg.model or 'the default model'}")
     sharded = distributed.fsdp_requested()  # FSDP: built in CPU memory, each process keeps its shards
     teacher, tokenizer, _ = load_teacher(cfg.model, dtype=dtype, device=torch.device("cpu") if sharded else device)
-    with distributed.main_process_first():  # the main process fills the data cache, the others read it
-        train_blocks, val_blocks, description = data_lib.prepare_data(
-            cfg.data, tokenizer, seq_len=cfg.seq_len, teacher_factory=lambda: (teacher, tokenizer),
-            num_tokens=cfg.generate_tokens, cache_dir=cache_root() / "data", val_fraction=cfg.val_fraction,
-            seed=cfg.seed, text_field=cfg.text_field, generation_batch_size=cfg.generation_batch_size,
-            progress=cfg.progress,
-        )
+    train_blocks, val_blocks, description = prepare_run_data(cfg, tokenizer, lambda: (teacher, tokenizer))
     val_blocks = val_blocks[: cfg.max_val_blocks]
     console.print(f"data: {description}; scoring on {val_blocks.shape[0]} validation blocks")
     all_layers = dataclasses.replace(cfg.linearize_config([]), layers=None)

@@ -140,6 +140,18 @@ class LinearizeResult:
     metrics: dict = field(default_factory=dict)
 
 
+def prepare_run_data(cfg, tokenizer, teacher_factory):
+    """(train_blocks, val_blocks, description) for a command's config (the data fields linearize, hybridize and
+    moe-upcycle share). Under accelerate the main process fills the data cache first, the others then read it."""
+    with distributed.main_process_first():
+        return data_lib.prepare_data(
+            cfg.data, tokenizer, seq_len=cfg.seq_len, teacher_factory=teacher_factory,
+            num_tokens=cfg.generate_tokens, cache_dir=cache_root() / "data", val_fraction=cfg.val_fraction,
+            seed=cfg.seed, text_field=cfg.text_field, generation_batch_size=cfg.generation_batch_size,
+            progress=cfg.progress,
+        )
+
+
 def _device_and_dtype(cfg: LinearizeConfig) -> tuple[torch.device, torch.dtype]:
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -309,23 +321,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
         from . import blockwise as blockwise_lib
 
         blockwise_lib.check_layers_per_block(cfg.layers_per_block, teacher.config.num_hidden_layers)
-    if not distributed.is_main_process():
-        distributed.wait_for_everyone()  # the main process fills the data cache first, the others read it
-    train_blocks, val_blocks, data_description = data_lib.prepare_data(
-        cfg.data,
-        tokenizer,
-        seq_len=cfg.seq_len,
-        teacher_factory=lambda: (teacher, tokenizer),
-        num_tokens=cfg.generate_tokens,
-        cache_dir=cache_root() / "data",
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-        text_field=cfg.text_field,
-        generation_batch_size=cfg.generation_batch_size,
-        progress=cfg.progress,
-    )
-    if distributed.is_main_process():
-        distributed.wait_for_everyone()
+    train_blocks, val_blocks, data_description = prepare_run_data(cfg, tokenizer, lambda: (teacher, tokenizer))
     val_blocks = val_blocks[: cfg.max_val_blocks]
     console.print(f"data: {data_description}; validating on {val_blocks.shape[0]} blocks")
     student = make_student(teacher, cfg, next(teacher.parameters()).device)

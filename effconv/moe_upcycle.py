@@ -37,8 +37,8 @@ from . import data as data_lib
 from . import distributed, fsdp
 from .errors import EffconvError
 from .export import check_output_dir, export_model
-from .linearize import _device_and_dtype, _prepare_run_dir, run_dir_for
-from .loading import SUPPORTED_MODEL_TYPES, build_student, cache_root, effconv_config_from_teacher, load_causal_lm
+from .linearize import _device_and_dtype, _prepare_run_dir, prepare_run_data, run_dir_for
+from .loading import SUPPORTED_MODEL_TYPES, build_student, effconv_config_from_teacher, load_causal_lm
 from .metrics import next_token_loss, perplexity
 from .modeling import EffconvConfig, EffconvForCausalLM
 from .modeling.moe import MoeMLP
@@ -652,13 +652,7 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
     if main:
         _prepare_run_dir(cfg, run_dir)  # type: ignore[arg-type]
     distributed.wait_for_everyone()
-    with distributed.main_process_first():  # the main process fills the data cache, the others read it
-        train_blocks, val_blocks, data_description = data_lib.prepare_data(
-            cfg.data, tokenizer, seq_len=cfg.seq_len, teacher_factory=lambda: (loaded, tokenizer),
-            num_tokens=cfg.generate_tokens, cache_dir=cache_root() / "data", val_fraction=cfg.val_fraction,
-            seed=cfg.seed, text_field=cfg.text_field, generation_batch_size=cfg.generation_batch_size,
-            progress=cfg.progress,
-        )
+    train_blocks, val_blocks, data_description = prepare_run_data(cfg, tokenizer, lambda: (loaded, tokenizer))
     del loaded
     val_blocks = val_blocks[: cfg.max_val_blocks]
     console.print(f"data: {data_description}; validating on {val_blocks.shape[0]} blocks")
