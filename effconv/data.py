@@ -398,7 +398,8 @@ def generate_teacher_samples(
         num_tokens=num_tokens,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
-        sampling={"temperature": temperature, "top_p": top_p, "top_k": top_k},
+        generate_kwargs={"temperature": temperature, "top_p": top_p, "top_k": top_k,
+                         **_cache_kwargs(cache_implementation)},
         seed=seed,
         progress=progress,
     )
@@ -512,7 +513,7 @@ def _generate_samples(
     num_tokens: int,
     max_new_tokens: int,
     batch_size: int,
-    sampling: dict[str, float],
+    generate_kwargs: dict[str, Any],
     seed: int,
     progress: bool,
 ) -> list[TeacherSample]:
@@ -562,7 +563,7 @@ def _generate_samples(
                 next_prompt += count
 
                 torch.manual_seed(_mix_seed(seed, batch_index))
-                new_ids = _generate_batch(model, batch, pad_id, stop_ids, max_new_tokens, sampling, device)
+                new_ids = _generate_batch(model, batch, pad_id, stop_ids, max_new_tokens, generate_kwargs, device)
                 for prompt_ids, response_ids in zip(batch, new_ids):
                     text = tokenizer.decode(
                         prompt_ids + response_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
@@ -593,6 +594,13 @@ def _generation_cache_implementation(model: Any) -> str:
     return choice
 
 
+def _cache_kwargs(cache_implementation: str) -> dict[str, Any]:
+    """`generate` arguments for a GENERATION_CACHES choice."""
+    if cache_implementation == "dynamic":
+        return {}
+    return {"cache_implementation": "static", "disable_compile": cache_implementation != "static-compile"}
+
+
 def _cuda_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
@@ -609,7 +617,7 @@ def _generate_batch(
     pad_id: int,
     stop_ids: Sequence[int],
     max_new_tokens: int,
-    sampling: dict[str, float],
+    generate_kwargs: dict[str, Any],
     device: torch.device,
 ) -> list[list[int]]:
     """Sample one batch; return each row's new tokens up to and including its first stop token."""
@@ -621,18 +629,14 @@ def _generate_batch(
         input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids):] = 1
 
-    cache = _generation_cache_implementation(model)
-    cache_kwargs = {} if cache == "dynamic" else {"cache_implementation": "static",
-                                                  "disable_compile": cache != "static-compile"}
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         do_sample=True,
-        **cache_kwargs,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=list(stop_ids) or None,
-        **sampling,
+        **generate_kwargs,
     )
     responses: list[list[int]] = []
     stop_set = set(stop_ids)
