@@ -71,6 +71,17 @@ def _assert_same_export(a: Path, b: Path, rtol: float = 1e-4, atol: float = 1e-6
         torch.testing.assert_close(wb[key], wa[key], rtol=rtol, atol=atol, msg=key)
 
 
+def _one_and_launched(root: Path, run_api, cfg_cls, command: str, settings: dict, config: Path,
+                      launched: str = "two") -> subprocess.CompletedProcess:
+    """The 1-process reference run in this process (root/one/out) and the same settings under accelerate launch
+    (root/<launched>/out); returns the launch's result."""
+    (root / "one").mkdir()
+    run_api(cfg_cls(**_api(settings), out=str(root / "one" / "out"), keep_run=True, progress=False))
+    (root / launched).mkdir()
+    return _launch(config, "-m", "effconv.cli", command, *_flags(settings), "--out", root / launched / "out",
+                   "--keep-run", "--no-progress")
+
+
 def _only(parent: Path, *names: str) -> None:
     """Exactly these entries (one output directory, its run state; no temporary or duplicate directories)."""
     assert sorted(p.name for p in parent.iterdir()) == sorted(names)
@@ -94,18 +105,13 @@ def _lin_settings(model_dir: Path) -> dict:
 def lin_runs(tiny_model_dir, tmp_path_factory):
     """The 1-process reference (in this process) and the unbroken 2-process FSDP run of the same settings."""
     root = tmp_path_factory.mktemp("fsdp-linearize")
-    settings = _lin_settings(tiny_model_dir)
-    (root / "one").mkdir()
-    linearize(LinearizeConfig(**_api(settings), out=str(root / "one" / "out"), keep_run=True, progress=False))
-    (root / "fsdp").mkdir()
-    t0 = time.perf_counter()
-    run = _launch(FSDP_CPU, "-m", "effconv.cli", "linearize", *_flags(settings), "--out", root / "fsdp" / "out",
-                  "--keep-run", "--no-progress")
-    return root, run, time.perf_counter() - t0
+    run = _one_and_launched(root, linearize, LinearizeConfig, "linearize", _lin_settings(tiny_model_dir), FSDP_CPU,
+                            launched="fsdp")
+    return root, run
 
 
 def test_fsdp_two_processes_follow_one_process_and_export_the_same_model(lin_runs):
-    root, run, _ = lin_runs
+    root, run = lin_runs
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("teacher validation perplexity") == 1  # only the main process logs
     # the weights really are sharded: each process holds about half of the parameters
@@ -148,7 +154,7 @@ def _workers(launcher_pid: int) -> list[int]:
 
 
 def test_fsdp_run_killed_mid_stage_resumes_to_the_unbroken_result(lin_runs, tiny_model_dir):
-    root, unbroken, _ = lin_runs
+    root, unbroken = lin_runs
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     out = root / "killed" / "out"
     out.parent.mkdir()
@@ -264,11 +270,7 @@ def test_hybridize_under_two_processes_follows_one_process(tiny_model_dir, tmp_p
     settings = dict(model=tiny_model_dir, data=tiny_model_dir / "train.txt", ratio=0.34, window=4, seq_len=32,
                     batch_size=4, score_tokens=32 * 4 * 4, stage1_tokens=32 * 4 * 4, stage2_tokens=32 * 4 * 2,
                     checkpoint_every=2, eval_every=4)
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    hybridize(HybridizeConfig(**_api(settings), out=str(tmp_path / "one" / "out"), keep_run=True, progress=False))
-    two = _launch(config, "-m", "effconv.cli", "hybridize", *_flags(settings), "--out", tmp_path / "two" / "out",
-                  "--keep-run", "--no-progress")
+    two = _one_and_launched(tmp_path, hybridize, HybridizeConfig, "hybridize", settings, config)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count("keeping softmax attention in layers") == 1
     # FSDP: the scoring student and the linearize student are both sharded
@@ -290,11 +292,7 @@ def test_moe_upcycle_under_fsdp_follows_one_process(tiny_model_dir, tmp_path):
     settings = dict(model=tiny_model_dir, data=tiny_model_dir / "train.txt", experts=4, top_k=2, train="experts",
                     load_balancing="aux", calibration_tokens=512, seq_len=32, batch_size=4, tokens=32 * 4 * 8,
                     checkpoint_every=2, eval_every=4)
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    moe_upcycle(MoeUpcycleConfig(**_api(settings), out=str(tmp_path / "one" / "out"), keep_run=True, progress=False))
-    two = _launch(FSDP_CPU, "-m", "effconv.cli", "moe-upcycle", *_flags(settings), "--out", tmp_path / "two" / "out",
-                  "--keep-run", "--no-progress")
+    two = _one_and_launched(tmp_path, moe_upcycle, MoeUpcycleConfig, "moe-upcycle", settings, FSDP_CPU)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count("sharded over 2 processes") == 2  # the dense teacher and the MoE student
     assert two.stderr.count("after distillation") == 1

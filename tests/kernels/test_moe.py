@@ -43,6 +43,21 @@ def run(fn, x, idx, w, gu, dn, dout, **kw):
     return out, grads
 
 
+GRAD_NAMES = ("hidden", "top_k_weights", "gate_up_proj", "down_proj")
+
+
+def loop_reference(x, idx, w, gu, dn, dout):
+    """The per-expert loop in fp32 on the same (rounded) inputs: (out, grads)."""
+    leaves = [t.detach().float().requires_grad_() for t in (x, w, gu, dn)]
+    return run(naive_moe_experts, leaves[0], idx, *leaves[1:], dout.float())
+
+
+def assert_matches_loop(out, grads, ref, ref_grads, dtype):
+    assert rel_err(out, ref) < TOL[dtype][0]
+    for name, g, rg in zip(GRAD_NAMES, grads, ref_grads):
+        assert rel_err(g, rg) < TOL[dtype][1], name
+
+
 CASES = [
     # N, D, I, E, k, dtype, experts that receive no token
     (37, 32, 48, 4, 2, torch.float32, ()),
@@ -60,12 +75,11 @@ def test_moe_triton_matches_naive_loop(N, D, I, E, k, dtype, skip, device):
     x, idx, w, gu, dn, dout = make_inputs(N, D, I, E, k, dtype, device, skip_experts=skip)
     out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
     # the oracle in fp32 from the same (rounded) inputs
-    ref_leaves = [t.detach().float().requires_grad_() for t in (x, w, gu, dn)]
-    ref, ref_grads = run(naive_moe_experts, ref_leaves[0], idx, *ref_leaves[1:], dout.float())
+    ref, ref_grads = loop_reference(x, idx, w, gu, dn, dout)
     assert out.dtype == dtype and out.shape == (N, D)
     tol_o, tol_g = TOL[dtype]
     assert rel_err(out, ref) < tol_o
-    for name, g, rg in zip(("hidden", "top_k_weights", "gate_up_proj", "down_proj"), grads, ref_grads):
+    for name, g, rg in zip(GRAD_NAMES, grads, ref_grads):
         assert g.dtype == dtype, name
         assert rel_err(g, rg) < tol_g, name
     for e in skip:  # experts without tokens get exactly zero weight gradients
@@ -206,11 +220,8 @@ def test_every_tile_config_matches_loop(cfg, D, I, monkeypatch):
         pytest.skip(f"config {cfg} out of resources on this GPU (the autotuner drops it): {str(e)[:120]}")
     with torch.no_grad():
         out_ng = ek.moe_experts(x, idx, w, gu, dn, backend="triton")
-    ref_leaves = [t.detach().float().requires_grad_() for t in (x, w, gu, dn)]
-    ref, ref_grads = run(naive_moe_experts, ref_leaves[0], idx, *ref_leaves[1:], dout.float())
-    assert rel_err(out, ref) < TOL[torch.bfloat16][0] and torch.equal(out, out_ng)
-    for name, g, rg in zip(("hidden", "top_k_weights", "gate_up_proj", "down_proj"), grads, ref_grads):
-        assert rel_err(g, rg) < TOL[torch.bfloat16][1], name
+    assert torch.equal(out, out_ng)
+    assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.bfloat16)
     assert grads[2][3].abs().max() == 0 and grads[3][3].abs().max() == 0
 
 
@@ -248,11 +259,7 @@ def test_every_tile_config_interpreted(cfg, monkeypatch):
     monkeypatch.setattr(mt, "FORCE_CONFIG", cfg)
     x, idx, w, gu, dn, dout = make_inputs(90, 40, 36, 3, 2, torch.float32, "cpu", skip_experts=(1,))
     out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
-    ref_leaves = [t.detach().requires_grad_() for t in (x, w, gu, dn)]
-    ref, ref_grads = run(naive_moe_experts, ref_leaves[0], idx, *ref_leaves[1:], dout)
-    assert rel_err(out, ref) < TOL[torch.float32][0]
-    for name, g, rg in zip(("hidden", "top_k_weights", "gate_up_proj", "down_proj"), grads, ref_grads):
-        assert rel_err(g, rg) < TOL[torch.float32][1], name
+    assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
 
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU check of the autotuner glue with a fake timer")
@@ -274,13 +281,10 @@ def test_autotune_glue_interpreted(monkeypatch):
                                                         prune_configs_by={"early_config_prune": mt._prune(name)})(k.fn))
         monkeypatch.setattr(k, "chosen", {})
     x, idx, w, gu, dn, dout = make_inputs(70, 40, 36, 3, 2, torch.float32, "cpu")
-    ref_leaves = [t.detach().requires_grad_() for t in (x, w, gu, dn)]
-    ref, ref_grads = run(naive_moe_experts, ref_leaves[0], idx, *ref_leaves[1:], dout)
+    ref, ref_grads = loop_reference(x, idx, w, gu, dn, dout)
     for _ in range(2):  # tuning call, then the cached configs
         out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
-        assert rel_err(out, ref) < TOL[torch.float32][0]
-        for g, rg in zip(grads, ref_grads):
-            assert rel_err(g, rg) < TOL[torch.float32][1]
+        assert_matches_loop(out, grads, ref, ref_grads, torch.float32)
     tuned = mt.tuned_configs()
     assert {c["kernel"] for c in tuned} == set(mt.KERNELS) and all(len(k.chosen) >= 1 for k in mt.KERNELS.values())
     assert len([c for c in tuned if c["kernel"] == "wgrad"]) == 2  # dW_gu and dW_d keys differ
@@ -303,10 +307,7 @@ def test_autotune_failure_falls_back_to_default(monkeypatch):
     x, idx, w, gu, dn, dout = make_inputs(30, 24, 20, 3, 2, torch.float32, "cpu")
     with pytest.warns(UserWarning, match="autotuning"):
         out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
-    ref_leaves = [t.detach().requires_grad_() for t in (x, w, gu, dn)]
-    ref, ref_grads = run(naive_moe_experts, ref_leaves[0], idx, *ref_leaves[1:], dout)
-    assert rel_err(out, ref) < TOL[torch.float32][0]
-    assert all(rel_err(g, rg) < TOL[torch.float32][1] for g, rg in zip(grads, ref_grads))
+    assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
 
 
 def test_even_specializations_cover_the_bench():
@@ -338,8 +339,4 @@ def test_even_k_n_specializations_match_loop(D, I, device):
     and masked weight loads (all four combinations over these shapes under the interpreter's tiles)."""
     x, idx, w, gu, dn, dout = make_inputs(44, D, I, 3, 2, torch.float32, device, skip_experts=(2,))
     out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
-    ref_leaves = [t.detach().requires_grad_() for t in (x, w, gu, dn)]
-    ref, ref_grads = run(naive_moe_experts, ref_leaves[0], idx, *ref_leaves[1:], dout)
-    assert rel_err(out, ref) < TOL[torch.float32][0]
-    for name, g, rg in zip(("hidden", "top_k_weights", "gate_up_proj", "down_proj"), grads, ref_grads):
-        assert rel_err(g, rg) < TOL[torch.float32][1], name
+    assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
