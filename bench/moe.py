@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import sys
@@ -338,7 +339,8 @@ def kernel_floors(N, D, I, E, k, elem=2):
         "moe_route_scatter_kernel": (0.0, M * 8 / 1e6),
         "moe_up_kernel": (2 * M * D * 2 * I / 1e9, mb(M * D + wgu + M * I + M * 2 * I)),
         "moe_down_kernel": (2 * M * I * D / 1e9, mb(M * I + wd + M * D)),
-        "slot sum (fwd y, bwd dx)": (0.0, 2 * mb(M * D + N * D)),
+        "moe_slot_sum_kernel": (0.0, 2 * mb(M * D + N * D)),
+        "moe_swiglu_bwd_kernel": (0.0, mb(M * I + 2 * M * 2 * I) + M * 8 / 1e6),
         "moe_down_bwd_kernel": (2 * M * D * I / 1e9, mb(M * D + wd + 2 * M * 2 * I) + M * 4 * (I // 64) / 1e6),
         "moe_dx_kernel": (2 * M * 2 * I * D / 1e9, mb(M * 2 * I + wgu + M * D)),
         "moe_weight_grad_kernel dW_gu": (2 * M * 2 * I * D / 1e9, mb(M * 2 * I + M * D + wgu)),
@@ -351,7 +353,11 @@ def _kernel_label(name, nth):
     if name == "moe_weight_grad_kernel":
         return name + (" dW_gu" if nth % 2 == 0 else " dW_d")
     if "reduce_kernel" in name and "sum" in name.lower():
-        return "slot sum (fwd y, bwd dx)"
+        return "torch sum"
+    if "index" in name.lower() and ("gather" in name.lower() or "select" in name.lower()):
+        return "gather rows (index_select)"
+    if "cutlass" in name.lower() or "grouped" in name.lower() or "Sm90" in name:
+        return "grouped GEMM (torch._grouped_mm): " + re.sub(r"<.*", "", name.replace("void ", ""))[:40]
     short = re.sub(r"<.*", "", name.replace("void ", ""))
     return short[:60]
 
@@ -443,6 +449,24 @@ def summary_table(results):
     return "\n".join(lines)
 
 
+def plans_table(results, plans):
+    """triton fwd+bwd per backward plan (WGRAD:DGRAD) against dense, eager and graph."""
+    lines = ["backward plans: triton fwd+bwd ms (eager / graph) and triton/dense (eager / graph); "
+             "'auto' = the row's default plan", "shape | N | plan | tri fb | tri g-fb | tri/dense fb | tri/dense g-fb"]
+    for r in results:
+        d = r.get("dense", {})
+        for label, t in [(f"auto={r.get('plan')}", r.get("triton", {}))] + [(p, r.get(f"triton[{p}]", {}))
+                                                                             for p in plans]:
+            if "error" in t:
+                lines.append(f"{r['shape']} | {r['N']} | {label} | error: {t['error'][:120]}")
+                continue
+            ratio = lambda a, b: (t.get(a) / d[b]) if t.get(a) and d.get(b) else None  # noqa: E731
+            lines.append(" | ".join((r["shape"], str(r["N"]), label, _f(t.get("fwdbwd_ms")),
+                                     _f(t.get("graph_fwdbwd_ms")), _f(ratio("fwdbwd_ms", "fwdbwd_ms"), "{:.2f}"),
+                                     _f(ratio("graph_fwdbwd_ms", "graph_fwdbwd_ms"), "{:.2f}"))))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON output path (default: print only)")
@@ -462,6 +486,9 @@ def main(argv=None):
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--ceilings", action="store_true", help="measure copy TB/s and bf16 matmul TFLOP/s first")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--plans", nargs="*", default=[],
+                    help="also time triton with these backward plans WGRAD:DGRAD (e.g. triton:fused "
+                         "grouped_mm:grouped_mm; EFFCONV_MOE_WGRAD / EFFCONV_MOE_DGRAD), stored as triton[PLAN]")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -520,6 +547,26 @@ def main(argv=None):
                 row[m] = run_method(m, inp, timer, flops)
                 if args.graph and device == "cuda" and m in GRAPH_METHODS and "skipped" not in row[m]:
                     row[m].update(graph_method(m, inp, timer, flops))
+            row["plan"] = ":".join(mt.backward_plan(inp["x"], D, I))
+            for plan in args.plans:
+                wg, dg = plan.split(":")
+                saved = {v: os.environ.get(v) for v in mt.BACKWARD_MODES}
+                os.environ.update(EFFCONV_MOE_WGRAD=wg, EFFCONV_MOE_DGRAD=dg)
+                try:
+                    key = f"triton[{plan}]"
+                    row[key] = {} if args.profile_only else run_method("triton", inp, timer, flops)
+                    if args.graph and device == "cuda" and "skipped" not in row[key]:
+                        row[key].update(graph_method("triton", inp, timer, flops))
+                    if args.profile and device == "cuda":
+                        row[key]["profile"] = profile_kernels("triton", inp, (N, D, I, E, k), iters=args.profile_iters)
+                except Exception as e:  # noqa: BLE001 - one plan failing must not cost the others
+                    row[f"triton[{plan}]"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                finally:
+                    for v, val in saved.items():
+                        if val is None:
+                            os.environ.pop(v, None)
+                        else:
+                            os.environ[v] = val
             tri, loop, dense = (row.get(m, {}) for m in METHODS)
             for phase in ("fwd", "fwdbwd"):
                 if f"{phase}_ms" in tri and f"{phase}_ms" in loop:
@@ -536,7 +583,8 @@ def main(argv=None):
                 except Exception as e:  # noqa: BLE001 - a profiler problem must not cost the timings
                     row["profile"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             results.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "profile"}))
+            print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "profile"} if isinstance(v, dict) else v)
+                              for k, v in row.items() if k != "profile"}))
             save()
             del inp
     if args.configs:
@@ -549,12 +597,18 @@ def main(argv=None):
     save()
     if not args.profile_only:
         print(summary_table(results))
+    if args.plans:
+        print(plans_table(results, args.plans))
     for r in results:
         prof = r.get("profile")
         if isinstance(prof, dict):
             print(f"profile {r['shape']} N={r['N']} failed: {prof['error']}")
         for p in prof if isinstance(prof, list) else ():
             print(profile_table(p, r["shape"], r["N"]))
+        for plan in args.plans:
+            p = r.get(f"triton[{plan}]", {}).get("profile")
+            if p:
+                print(profile_table(p, r["shape"], f"{r['N']} plan {plan}"))
     return report
 
 

@@ -15,6 +15,7 @@
 # PROFILE_TIMEOUT (35), SKIP_TESTS=1.
 set -u
 OUT=${OUT:-./moe-out}
+GRAPH_EXTRA=${GRAPH_EXTRA:-}  # e.g. "--ceilings --configs --count-launches" when SKIP_EAGER=1
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
@@ -48,14 +49,18 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "== tests: $(wc -l < /tmp/moe_test_ids) collected, done after $(( $(date +%s) - T0 ))s (exit 124 = timeout)"
 fi
 
-timeout "$(left "${EAGER_TIMEOUT:-75}" "$PT")" python3 bench/moe.py --quick --ceilings --configs --count-launches \
-  --out "$OUT/moe_eager.json" > "$OUT/moe_eager.log" 2>&1
-echo "== bench eager exit=$? after $(( $(date +%s) - T0 ))s"
-timeout "$(left "${GRAPH_TIMEOUT:-55}" "$PT")" python3 bench/moe.py --quick --graph --skip-correctness \
-  --out "$OUT/moe_graph.json" > "$OUT/moe_graph.log" 2>&1
+# PLANS: backward plans WGRAD:DGRAD timed beside the default (auto) one (docs/kernels.md, "backward plans")
+PLANS=${PLANS:-"triton:fused grouped_mm:fused triton:grouped_mm"}
+if [ "${SKIP_EAGER:-0}" != 1 ]; then
+  timeout "$(left "${EAGER_TIMEOUT:-75}" "$PT")" python3 bench/moe.py --quick --ceilings --configs --count-launches \
+    --out "$OUT/moe_eager.json" > "$OUT/moe_eager.log" 2>&1
+  echo "== bench eager exit=$? after $(( $(date +%s) - T0 ))s"
+fi
+timeout "$(left "${GRAPH_TIMEOUT:-55}" "$PT")" python3 bench/moe.py --quick --graph --skip-correctness --plans $PLANS \
+  $GRAPH_EXTRA --out "$OUT/moe_graph.json" > "$OUT/moe_graph.log" 2>&1
 echo "== bench graph exit=$? after $(( $(date +%s) - T0 ))s"
 timeout "$(left "$PT")" python3 bench/moe.py --profile --profile-only --skip-correctness --shapes large smol_split \
-  --tokens 16384 --out "$OUT/moe_profile.json" > "$OUT/moe_profile.log" 2>&1
+  --tokens 16384 --plans $PLANS --out "$OUT/moe_profile.json" > "$OUT/moe_profile.log" 2>&1
 echo "== bench profile exit=$? after $(( $(date +%s) - T0 ))s"
 
 echo "== autotuned configs (eager run; kernel, key values -> config)"
@@ -73,7 +78,7 @@ grep -hE "Traceback|[A-Za-z]Error|graph_error" "$OUT/moe_eager.log" "$OUT/moe_gr
   | cut -c1-300 | head -8
 echo "== eager summary"
 sed -n '/^fwd \/ fwd+bwd ms/,$p' "$OUT/moe_eager.log"
-echo "== graph summary (eager + CUDA-graph replay)"
+echo "== graph summary (eager + CUDA-graph replay), then the backward plans"
 sed -n '/^fwd \/ fwd+bwd ms/,$p' "$OUT/moe_graph.log"
 echo "== per-kernel profile (GPU ms per fwd+bwd; x floor = ms / max(FLOP floor, byte floor))"
 grep -vE '^\{|USDT|Warning|warn' "$OUT/moe_profile.log" | grep -E '^(profile|  )' | cut -c1-150

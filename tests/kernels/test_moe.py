@@ -86,6 +86,71 @@ def test_moe_triton_matches_naive_loop(N, D, I, E, k, dtype, skip, device):
         assert grads[2][e].abs().max() == 0 and grads[3][e].abs().max() == 0
 
 
+BACKWARD_PLANS = [("triton", "grouped_mm"), ("grouped_mm", "fused"), ("grouped_mm", "grouped_mm")]
+
+
+@pytest.mark.parametrize("wgrad,dgrad", BACKWARD_PLANS)
+@pytest.mark.parametrize("N,D,I,E,k,dtype,skip", [CASES[1], CASES[2], CASES[4], CASES[5]])
+def test_backward_plans_match_loop(N, D, I, E, k, dtype, skip, wgrad, dgrad, device, monkeypatch):
+    """torch._grouped_mm for the weight grads and/or dA (+ the SwiGLU backward kernel) equals the loop, empty
+    experts included (their weight grads exactly zero)."""
+    if device == "cuda" and (dtype != torch.bfloat16 or D % 8 or I % 8):
+        pytest.skip("CUDA grouped GEMM: bf16 with 16-byte row strides only (auto never picks it otherwise)")
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD", wgrad)
+    monkeypatch.setenv("EFFCONV_MOE_DGRAD", dgrad)
+    x, idx, w, gu, dn, dout = make_inputs(N, D, I, E, k, dtype, device, skip_experts=skip)
+    out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), dtype)
+    for name, g in zip(GRAD_NAMES, grads):
+        assert g.dtype == dtype, name
+    for e in skip:
+        assert grads[2][e].abs().max() == 0 and grads[3][e].abs().max() == 0
+
+
+@pytest.mark.parametrize("needs", [(False, True, True, True), (True, False, False, True), (False, True, False, False)])
+def test_grouped_dgrad_partial_grads(needs, device, monkeypatch):
+    """The grouped-GEMM dA path with some inputs frozen (d_topw from the SwiGLU kernel, no dx launch)."""
+    if device == "cuda":
+        pytest.skip("covered on CUDA by test_backward_plans_match_loop (bf16 only there)")
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD", "grouped_mm")
+    monkeypatch.setenv("EFFCONV_MOE_DGRAD", "grouped_mm")
+    x, idx, w, gu, dn, dout = make_inputs(29, 24, 20, 5, 2, torch.float32, device, skip_experts=(2,))
+    leaves = [t.detach().requires_grad_(r) for t, r in zip((x, w, gu, dn), needs)]
+    out = ek.moe_experts(leaves[0], idx, *leaves[1:], backend="triton")
+    grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], dout)
+    ref_leaves = [t.detach().requires_grad_(r) for t, r in zip((x, w, gu, dn), needs)]
+    ref = naive_moe_experts(ref_leaves[0], idx, *ref_leaves[1:])
+    ref_grads = torch.autograd.grad(ref, [t for t in ref_leaves if t.requires_grad], dout)
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < TOL[torch.float32][1]
+
+
+def test_backward_plan_choice(monkeypatch):
+    from effconv_kernels.moe import triton as mt
+    x = torch.zeros(2, 16, dtype=torch.bfloat16)
+    monkeypatch.delenv("EFFCONV_MOE_WGRAD", raising=False)
+    monkeypatch.delenv("EFFCONV_MOE_DGRAD", raising=False)
+    assert mt.backward_plan(x, 16, 16) == ("triton", "fused")  # auto off CUDA: this file's kernels
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD", "grouped_mm")
+    assert mt.backward_plan(x, 16, 16) == ("grouped_mm", "fused")
+    monkeypatch.setenv("EFFCONV_MOE_DGRAD", "cublas")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_DGRAD"):
+        mt.backward_plan(x, 16, 16)
+
+
+@pytest.mark.parametrize("N,D,k", [(1, 8, 2), (37, 40, 2), (33, 130, 3), (16, 32, 4)])
+def test_slot_sum_matches_torch(N, D, k, device):
+    from effconv_kernels.moe.triton import slot_sum
+    for dtype in (torch.float32, torch.bfloat16):
+        y = torch.randn(N * k, D, generator=torch.Generator().manual_seed(N)).to(device=device, dtype=dtype)
+        slots = y.view(N, k, D).float()
+        want = slots[:, 0]
+        for j in range(1, k):  # the kernel's order: slot 0 + slot 1 + ... in fp32
+            want = want + slots[:, j]
+        want = want.to(dtype)
+        assert torch.equal(slot_sum(y, N, k, D), want)
+
+
 @pytest.mark.parametrize("needs", [(False, True, True, True), (True, False, False, True), (False, True, False, False)])
 def test_triton_partial_grads(needs, device):
     """Only some inputs need grads (frozen weights, no d_hidden): the d_topw fallback path and skipped GEMMs."""
@@ -210,6 +275,8 @@ def test_every_tile_config_matches_loop(cfg, D, I, monkeypatch):
     benchmark through Triton's cache."""
     from effconv_kernels.moe import triton as mt
     monkeypatch.setattr(mt, "FORCE_CONFIG", cfg)
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD", "triton")  # this file's backward kernels, not the grouped GEMMs
+    monkeypatch.setenv("EFFCONV_MOE_DGRAD", "fused")
     N, E, k = 2056, 8, 2
     x, idx, w, gu, dn, dout = make_inputs(N, D, I, E, k, torch.bfloat16, "cuda", skip_experts=(3,))
     assert mt.block_rows(N * k, E) == 128
@@ -241,7 +308,7 @@ def test_moe_bench_runs_tiny_on_cpu(tmp_path):
     row = rep["results"][0]
     assert all(row[m]["fwd_ms"] > 0 and row[m]["fwdbwd_ms"] > 0 for m in ("triton", "loop", "dense"))
     assert rep["correctness"]["triton"]["out"] < 1e-4
-    assert rep["launches"]["triton"]["fwd_triton"] == 4  # route x2, up, down
+    assert rep["launches"]["triton"]["fwd_triton"] == 5  # route x2, up, down, slot sum (no aten op left)
 
 
 def _as_on_gpu(monkeypatch, mt, bm=128):

@@ -399,6 +399,48 @@ def moe_weight_grad_kernel(a, b, order, offsets, dw, P, Q, K_SLOTS, SPLITS, ROWS
              mask=m_p[:, None] & m_q[None, :])
 
 
+@triton.jit(do_not_specialize=["N"])
+def moe_slot_sum_kernel(y, out, N, D, K_SLOTS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """out[n, :] = sum_j y[n * K_SLOTS + j, :] in fp32 (slots in order: deterministic), stored in out's dtype."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    m = (rows < N)[:, None] & (cols < D)[None, :]
+    base = rows.to(tl.int64)[:, None] * K_SLOTS * D + cols[None, :]
+    acc = tl.zeros([BR, BD], dtype=tl.float32)
+    for j in tl.static_range(K_SLOTS):
+        acc += tl.load(y + base + j * D, mask=m, other=0.0).to(tl.float32)
+    tl.store(out + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["M"])
+def moe_swiglu_bwd_kernel(da, gu, order, topw, dgu, d_topw, M, I, BM: tl.constexpr, BN: tl.constexpr,
+                          DW: tl.constexpr):
+    """SwiGLU backward over the sorted rows, given dA = dL/dh (dout[tok] W_d[e], from a grouped GEMM) where
+    h = w * silu(g) * u: dgu = (dg, du) of w * dA, and with DW d_topw[flat_r] = <dA, silu(g) u>, each row's sum
+    over all I columns taken inside one program (fixed order, no partials)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    m_r = rows < M
+    flat = tl.load(order + rows, mask=m_r, other=0)
+    wr = tl.load(topw + flat, mask=m_r, other=0.0).to(tl.float32)
+    s = tl.zeros([BM], dtype=tl.float32)
+    for c0 in range(0, I, BN):
+        cols = c0 + tl.arange(0, BN)
+        m = m_r[:, None] & (cols < I)[None, :]
+        off = rows.to(tl.int64)[:, None] * 2 * I + cols[None, :]
+        a = tl.load(da + rows.to(tl.int64)[:, None] * I + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        g = tl.load(gu + off, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu + off + I, mask=m, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(g)
+        silu = g * sg
+        if DW:
+            s += tl.sum(a * silu * u, 1)
+        dh = a * wr[:, None]
+        tl.store(dgu + off, (dh * u * sg * (1.0 + g * (1.0 - sg))).to(dgu.dtype.element_ty), mask=m)
+        tl.store(dgu + off + I, (dh * silu).to(dgu.dtype.element_ty), mask=m)
+    if DW:
+        tl.store(d_topw + flat, s.to(d_topw.dtype.element_ty), mask=m_r)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # configs and launching
 # ----------------------------------------------------------------------------------------------------------
@@ -573,6 +615,45 @@ def _weight_grad_splits(num_experts: int, p: int, q: int, m: int, device: torch.
     return max(1, min(8, triton.cdiv(2 * sms, tiles), rows // 1024))
 
 
+def slot_sum(y: torch.Tensor, n: int, k: int, d: int) -> torch.Tensor:
+    """(N, D) sums of the k (token, slot) rows of y (N*k, D): one Triton launch (fp32, slots in order)."""
+    if k == 1:
+        return y.view(n, d)
+    out = torch.empty(n, d, dtype=y.dtype, device=y.device)
+    br, bd = (16, 32) if interpreting() else (32, 128)
+    LAUNCHES["slot_sum"] += 1
+    moe_slot_sum_kernel[(triton.cdiv(n, br), triton.cdiv(d, bd))](y, out, n, d, K_SLOTS=k, BR=br, BD=bd,
+                                                                  num_warps=4)
+    return out
+
+
+BACKWARD_MODES = {"EFFCONV_MOE_WGRAD": ("auto", "triton", "grouped_mm"),
+                  "EFFCONV_MOE_DGRAD": ("auto", "fused", "grouped_mm")}
+
+
+def grouped_mm_suits(x: torch.Tensor, d: int, inter: int) -> bool:
+    """Where torch's grouped GEMM (CUTLASS on sm_90) is the default for the backward GEMMs: CUDA bf16 on a
+    Hopper GPU, every row stride a multiple of 16 bytes (its TMA alignment)."""
+    return (hasattr(torch, "_grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] == 9 and d % 8 == 0 and inter % 8 == 0)
+
+
+def backward_plan(x: torch.Tensor, d: int, inter: int) -> tuple[str, str]:
+    """(weight-grad GEMMs, dA GEMM + SwiGLU backward): "triton" / "fused" are this file's kernels, "grouped_mm"
+    torch._grouped_mm on the expert-sorted rows. EFFCONV_MOE_WGRAD / EFFCONV_MOE_DGRAD override "auto"."""
+    plan = []
+    for var, choices in BACKWARD_MODES.items():
+        mode = os.environ.get(var, "auto") or "auto"
+        if mode not in choices:
+            raise ValueError(f"{var}={mode!r}: expected one of {', '.join(choices)}")
+        if mode == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+            raise ValueError(f"{var}=grouped_mm needs torch._grouped_mm (torch >= 2.8)")
+        if mode == "auto":
+            mode = "grouped_mm" if grouped_mm_suits(x, d, inter) else choices[1]
+        plan.append(mode)
+    return plan[0], plan[1]
+
+
 class MoEExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, top_k_index, top_k_weights, gate_up_proj, down_proj):
@@ -599,7 +680,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         y = torch.empty(m, d, dtype=x.dtype, device=x.device)
         KERNELS["down"](lambda meta: (nblk * triton.cdiv(d, meta["BN"]),), h, order, table, w_d, y, d, inter,
                         num_experts, rk, autotune=tune, BM=bm, PREC=prec)
-        out = y.view(n, k, d).sum(1) if k > 1 else y.view(n, d)  # fp32 accumulation inside torch's sum
+        out = slot_sum(y, n, k, d)
         if need_grad:
             ctx.save_for_backward(x, topw, w_gu, w_d, order, offsets, table, h, gu)
             ctx.shape = (n, d, k, num_experts, inter, bm)
@@ -614,30 +695,56 @@ class MoEExpertsFunction(torch.autograd.Function):
         n, d, k, num_experts, inter, bm = ctx.shape
         m, nblk = n * k, table.shape[0]
         tune, rk, prec = _autotune_on(m), _rows_key(m, num_experts), _prec(x)
+        wgrad, dgrad = backward_plan(x, d, inter)
         dout = dout.contiguous().to(x.dtype)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        need_dgu_w, need_dd_w = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        ends = offsets[1:]  # cumulative row ends per expert: torch._grouped_mm's offs
+        # token of each sorted row (only the grouped GEMMs read gathered copies; the Triton kernels gather)
+        tok = (order // k if k > 1 else order) if "grouped_mm" in (wgrad, dgrad) else None
+        # dout rows in sorted order, for the grouped GEMMs (dA and dW_d) that read them
+        ds = dout.index_select(0, tok) if dgrad == "grouped_mm" or (wgrad == "grouped_mm" and need_dd_w) else None
         dgu = torch.empty_like(gu)
-        dw_part = torch.empty(triton.cdiv(inter, 16), m, dtype=torch.float32, device=x.device)  # BN >= 16
-        cfg = KERNELS["down_bwd"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), dout, order, table, w_d,
-                                  topw, gu, dgu, dw_part, d, inter, k, num_experts, m, rk, autotune=tune, BM=bm,
-                                  PREC=prec)
-        n_part = triton.cdiv(inter, cfg.kwargs["BN"])  # rows of dw_part written (the chosen BN)
-        need_dw = ctx.needs_input_grad[2]
         d_hidden = d_topw = d_gu = d_down = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty(m, d, dtype=x.dtype, device=x.device)
-            d_topw = torch.empty(m, dtype=ctx.weights_dtype, device=x.device) if need_dw else dx
-            KERNELS["dx"](lambda meta: (nblk * triton.cdiv(d, meta["BN"]),), dgu, order, table, w_gu, dx, dw_part,
-                          d_topw, d, inter, num_experts, m, n_part, rk, autotune=tune, BM=bm, PREC=prec, DW=need_dw)
-            d_hidden = dx.view(n, k, d).sum(1) if k > 1 else dx.view(n, d)
+        if dgrad == "grouped_mm":  # dA = dout[tok] W_d[e] by the grouped GEMM, then the SwiGLU backward kernel
+            da = torch._grouped_mm(ds, w_d, offs=ends)
+            d_topw = torch.empty(m, dtype=ctx.weights_dtype, device=x.device) if need_dw else dgu
+            bm_s, bn_s = (16, 32) if interpreting() else (32, 128 if inter % 128 == 0 else 64)
+            LAUNCHES["swiglu_bwd"] += 1
+            moe_swiglu_bwd_kernel[(triton.cdiv(m, bm_s),)](da, gu, order, topw, dgu, d_topw, m, inter, BM=bm_s,
+                                                           BN=bn_s, DW=need_dw, num_warps=4)
+            del da
             d_topw = d_topw.view(n, k) if need_dw else None
-        elif need_dw:
-            d_topw = dw_part[:n_part].sum(0).view(n, k).to(ctx.weights_dtype)
-        if ctx.needs_input_grad[3]:  # dW_gu[e] (2I, D) = dgu_e^T x[tok]_e
-            d_gu = _weight_grad(dgu, x, order, offsets, 2 * inter, d, k, num_experts, m, w_gu.dtype, tune, rk,
-                                a_gather=False, b_gather=True)
-        if ctx.needs_input_grad[4]:  # dW_d[e] (D, I) = dout[tok]_e^T (w h)_e
-            d_down = _weight_grad(dout, h, order, offsets, d, inter, k, num_experts, m, w_d.dtype, tune, rk,
-                                  a_gather=True, b_gather=False)
+            dw_part, n_part, dx_dw = dgu, 0, False
+        else:
+            dw_part = torch.empty(triton.cdiv(inter, 16), m, dtype=torch.float32, device=x.device)  # BN >= 16
+            cfg = KERNELS["down_bwd"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), dout, order, table, w_d,
+                                      topw, gu, dgu, dw_part, d, inter, k, num_experts, m, rk, autotune=tune, BM=bm,
+                                      PREC=prec)
+            n_part = triton.cdiv(inter, cfg.kwargs["BN"])  # rows of dw_part written (the chosen BN)
+            dx_dw = need_dw
+            if need_dw and not need_dx:
+                d_topw = dw_part[:n_part].sum(0).view(n, k).to(ctx.weights_dtype)
+        if need_dx:
+            dx = torch.empty(m, d, dtype=x.dtype, device=x.device)
+            dtw = torch.empty(m, dtype=ctx.weights_dtype, device=x.device) if dx_dw else dx
+            KERNELS["dx"](lambda meta: (nblk * triton.cdiv(d, meta["BN"]),), dgu, order, table, w_gu, dx, dw_part,
+                          dtw, d, inter, num_experts, m, n_part, rk, autotune=tune, BM=bm, PREC=prec, DW=dx_dw)
+            d_hidden = slot_sum(dx, n, k, d)
+            if dx_dw:
+                d_topw = dtw.view(n, k)
+        if wgrad == "grouped_mm":  # per-expert GEMMs over each expert's rows: offs along the contraction
+            if need_dgu_w:  # dW_gu[e] (2I, D) = dgu_e^T x[tok]_e
+                d_gu = torch._grouped_mm(dgu.t(), x.index_select(0, tok), offs=ends)
+            if need_dd_w:  # dW_d[e] (D, I) = dout[tok]_e^T (w h)_e
+                d_down = torch._grouped_mm(ds.t(), h, offs=ends)
+        else:
+            if need_dgu_w:
+                d_gu = _weight_grad(dgu, x, order, offsets, 2 * inter, d, k, num_experts, m, w_gu.dtype, tune, rk,
+                                    a_gather=False, b_gather=True)
+            if need_dd_w:
+                d_down = _weight_grad(dout, h, order, offsets, d, inter, k, num_experts, m, w_d.dtype, tune, rk,
+                                      a_gather=True, b_gather=False)
         return d_hidden, None, d_topw, d_gu, d_down
 
 
