@@ -198,7 +198,10 @@ def blockwise_attention_transfer(
 ) -> tuple[StageResult, dict]:
     """Stage 1 block by block (see the module docstring). `student` sits in CPU memory; each block is moved to
     `device` while it trains and back afterwards. Returns the combined StageResult (losses summed over blocks:
-    the full-model curves) and per-block details. Resumes at the first block whose checkpoint is not final."""
+    the full-model curves) and per-block details. Resumes at the first block whose checkpoint is not final.
+    Every block trains `spec.steps` steps: a time budget (spec.max_seconds) is not supported here."""
+    if spec.max_seconds is not None:
+        raise EffconvError("a time budget (--stage1-max-seconds) is not supported with --layers-per-block")
     converted = [i for i, layer in enumerate(student.model.layers) if layer.self_attn.is_converted]
     blocks = plan_blocks(converted[-1], layers_per_block)
     store = BoundaryStore(run_dir / "blockwise")
@@ -279,7 +282,7 @@ def blockwise_attention_transfer(
 
 def _combine(spec: StageSpec, results: list[StageResult]) -> StageResult:
     """Per-step sums over blocks: each block's loss is its share of the full-model loss."""
-    combined = StageResult(spec.name, 0, 0, 0.0)
+    combined = StageResult(spec.name, 0, 0, 0.0, planned_steps=spec.steps)
     if not results:
         return combined
     combined.train_losses = [sum(vals) for vals in zip(*(r.train_losses for r in results), strict=True)]
@@ -288,4 +291,5 @@ def _combine(spec: StageSpec, results: list[StageResult]) -> StageResult:
     combined.steps = len(combined.train_losses)
     combined.tokens = results[0].tokens  # every block sees the same tokens
     combined.seconds = sum(r.seconds for r in results)
+    combined.wall_seconds = sum(r.wall_seconds for r in results)
     return combined

@@ -180,6 +180,18 @@ def mean_over_processes(value: torch.Tensor, accelerator) -> torch.Tensor:
     return accelerator.reduce(value.detach().clone(), reduction="mean")
 
 
+def max_over_processes(value: torch.Tensor, accelerator) -> torch.Tensor:
+    """Elementwise maximum of a (no-grad) tensor over the launched processes, on every process; the tensor itself
+    in one process. (The collective runs on the accelerator's device: NCCL takes GPU tensors only.)"""
+    if accelerator is None or accelerator.num_processes == 1:
+        return value
+    import torch.distributed as dist
+
+    out = value.detach().clone().to(accelerator.device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.to(value.device)
+
+
 def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
     """Sum of a (no-grad) tensor over the launched processes; the tensor itself in one process."""
     acc = get_accelerator()

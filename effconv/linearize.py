@@ -24,7 +24,7 @@ from .export import check_output_dir, export_model
 from .loading import build_student, cache_root, effconv_config_from_teacher, load_teacher
 from .metrics import next_token_loss, perplexity
 from .modeling.attention_ops import FEATURE_MAPS
-from .train import StageSpec, console, load_checkpoint, run_stage
+from .train import StageResult, StageSpec, console, load_checkpoint, run_stage
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -58,9 +58,11 @@ class LinearizeConfig:
     batch_size: int = 8
     stage1_tokens: int = 24_576
     stage1_lr: float = 1e-2
+    stage1_max_seconds: float | None = None  # wall-clock cap of stage 1: fewer steps, LR decayed at the new end
     attn_ce_weight: float = 0.0  # optional cross-entropy between attention maps (O(T^2), short sequences only)
     stage2_tokens: int = 12_288
     stage2_lr: float = 2e-4
+    stage2_max_seconds: float | None = None  # wall-clock cap of stage 2 (as stage1_max_seconds)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     kl_weight: float = 0.0  # stage 2: weight of KL(teacher || student) on logits, beside next-token loss
@@ -96,6 +98,12 @@ class LinearizeConfig:
             raise EffconvError(f"unknown --dtype {self.dtype!r}; choose auto, float32, bfloat16 or float16")
         if self.layers_per_block is not None and self.layers_per_block < 1:
             raise EffconvError(f"--layers-per-block must be >= 1, got {self.layers_per_block}")
+        for name in ("stage1_max_seconds", "stage2_max_seconds"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise EffconvError(f"--{name.replace('_', '-')} must be > 0 (seconds), got {getattr(self, name)}")
+        if self.stage1_max_seconds is not None and self.layers_per_block is not None:
+            raise EffconvError("--stage1-max-seconds is not supported with --layers-per-block (block-wise stage 1 "
+                               "trains every block for the same steps); size stage 1 by --stage1-tokens")
 
     def _validate_attention(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
@@ -129,7 +137,9 @@ class LinearizeConfig:
     def identity(self) -> dict:
         """The settings that must match for --resume to continue a run."""
         d = dataclasses.asdict(self)
-        for volatile in ("resume", "overwrite", "keep_run", "progress", "eval_every", "checkpoint_every"):
+        # a time budget may change on --resume: a checkpoint keeps its planned steps
+        for volatile in ("resume", "overwrite", "keep_run", "progress", "eval_every", "checkpoint_every",
+                         "stage1_max_seconds", "stage2_max_seconds"):
             d.pop(volatile)
         return d
 
@@ -292,6 +302,13 @@ def finetune_loss(peft_model, student, batch: torch.Tensor, kl_weight: float) ->
     return loss
 
 
+def stage_budget_metrics(result: StageResult) -> dict:
+    """A stage's steps against its plan, for the metrics: steps trained, steps requested (by the token budget),
+    whether the time budget (max_seconds) cut it, and its wall time (evals and checkpoints included)."""
+    return {"steps": result.steps, "planned_steps": result.planned_steps, "cut_by_time": result.cut_by_time,
+            "wall_seconds": round(result.wall_seconds, 2)}
+
+
 def _steps(tokens: int, cfg: LinearizeConfig) -> int:
     return math.ceil(tokens / (cfg.batch_size * cfg.seq_len)) if tokens > 0 else 0
 
@@ -355,7 +372,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
     stage1 = StageSpec(
         "attention transfer", _steps(cfg.stage1_tokens, cfg), cfg.stage1_lr,
         warmup_steps=min(10, _steps(cfg.stage1_tokens, cfg) // 10),
-        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, max_seconds=cfg.stage1_max_seconds,
     )
     stage1_ckpt = run_dir / "stage1.pt"
     if stage1.steps > 0 and any(p.requires_grad for p in student.parameters()) and blockwise:
@@ -364,7 +381,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
             batch_size=cfg.batch_size, device=device, run_dir=run_dir, resume=cfg.resume, progress=cfg.progress,
         )
         metrics["stage1"] = {
-            "steps": r1.steps, "tokens": r1.tokens, "seconds": round(r1.seconds, 2),
+            **stage_budget_metrics(r1), "tokens": r1.tokens, "seconds": round(r1.seconds, 2),
             "tokens_per_second": round(r1.tokens_per_second, 1),
             "final_train_mse": r1.train_losses[-1] if r1.train_losses else None, "val_mse": r1.val_losses,
         }
@@ -384,7 +401,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
             checkpoint_path=stage1_ckpt, resume_state=resume_state, progress=cfg.progress, backward=backward,
         )
         metrics["stage1"] = {
-            "steps": r1.steps, "tokens": r1.tokens, "seconds": round(r1.seconds, 2),
+            **stage_budget_metrics(r1), "tokens": r1.tokens, "seconds": round(r1.seconds, 2),
             "tokens_per_second": round(r1.tokens_per_second, 1),
             "final_train_mse": r1.train_losses[-1] if r1.train_losses else None, "val_mse": r1.val_losses,
         }
@@ -396,7 +413,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
     stage2 = StageSpec(
         "lora finetune", _steps(cfg.stage2_tokens, cfg), cfg.stage2_lr,
         warmup_steps=min(10, _steps(cfg.stage2_tokens, cfg) // 10),
-        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, max_seconds=cfg.stage2_max_seconds,
     )
     model_to_export = student
     if stage2.steps > 0:
@@ -413,7 +430,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
             checkpoint_path=stage2_ckpt, resume_state=resume_state, progress=cfg.progress,
         )
         metrics["stage2"] = {
-            "steps": r2.steps, "tokens": r2.tokens, "seconds": round(r2.seconds, 2),
+            **stage_budget_metrics(r2), "tokens": r2.tokens, "seconds": round(r2.seconds, 2),
             "tokens_per_second": round(r2.tokens_per_second, 1), "val_loss": r2.val_losses,
         }
         if sharded:  # measured with the adapters unmerged; the main process merges its gathered copy

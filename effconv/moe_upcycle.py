@@ -37,7 +37,7 @@ from . import data as data_lib
 from . import distributed, fsdp
 from .errors import EffconvError
 from .export import check_output_dir, export_model
-from .linearize import _device_and_dtype, _prepare_run_dir, prepare_run_data, run_dir_for
+from .linearize import _device_and_dtype, _prepare_run_dir, prepare_run_data, run_dir_for, stage_budget_metrics
 from .loading import SUPPORTED_MODEL_TYPES, build_student, effconv_config_from_teacher, load_causal_lm
 from .metrics import next_token_loss, perplexity
 from .modeling import EffconvConfig, EffconvForCausalLM
@@ -73,6 +73,7 @@ class MoeUpcycleConfig:
     calibration_tokens: int = 8192  # tokens of layer inputs for clustering and router init
     train: str = "router"  # router | router-lora | experts
     tokens: int = 0  # distillation budget (0: export the step-0 model)
+    max_seconds: float | None = None  # wall-clock cap of distillation: fewer steps, LR decayed at the new end
     lr: float = 1e-3
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -126,10 +127,13 @@ class MoeUpcycleConfig:
             raise EffconvError("--seq-len must be >= 2 and --batch-size >= 1")
         if self.lr <= 0 or self.router_init_std < 0:
             raise EffconvError("--lr must be > 0 and --router-init-std >= 0")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise EffconvError(f"--max-seconds must be > 0 (seconds), got {self.max_seconds}")
 
     def identity(self) -> dict:
-        """What must match for --resume: everything except output handling."""
-        skip = {"resume", "overwrite", "keep_run", "progress"}
+        """What must match for --resume: everything except output handling and the time budget (a checkpoint
+        keeps its planned steps)."""
+        skip = {"resume", "overwrite", "keep_run", "progress", "max_seconds"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -680,7 +684,8 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
     if steps > 0:
         trainee = _set_trainable(student, cfg)
         spec = StageSpec("moe distillation", steps, cfg.lr, warmup_steps=min(10, steps // 10),
-                         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
+                         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+                         max_seconds=cfg.max_seconds)
         ckpt = run_dir / "distill.pt"
         resume_state = load_checkpoint(ckpt) if cfg.resume and ckpt.is_file() else None
         layers = moe_layers(trainee)
@@ -696,7 +701,8 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
             extra_state=lambda: {"router_bias": [m.router_bias.detach().cpu().clone() for m in layers]},
         )
         metrics["distillation"] = {
-            "train": cfg.train, "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
+            "train": cfg.train, **stage_budget_metrics(result), "tokens": result.tokens,
+            "seconds": round(result.seconds, 2),
             "first_train_loss": result.train_losses[0] if result.train_losses else None,
             "final_train_loss": result.train_losses[-1] if result.train_losses else None,
             "val_kl": result.val_losses,

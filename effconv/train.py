@@ -3,6 +3,10 @@
 Resume is exact up to floating-point non-determinism of the backend: batches are a pure function of the step
 (data.BlockLoader), and a checkpoint holds the trainable weights, the optimizer and scheduler state and the
 loss history. Checkpoints are written to a temporary file and renamed, so a kill leaves the previous one intact.
+
+A stage may also have a wall-clock budget (`StageSpec.max_seconds`): its step count is then re-projected from the
+measured time per step, so that it ends, with its learning rate decayed and its final eval and checkpoint, within
+the budget (`run_stage`).
 """
 
 from __future__ import annotations
@@ -38,16 +42,26 @@ class StageSpec:
     grad_clip: float = 1.0
     eval_every: int = 50
     checkpoint_every: int = 50
+    max_seconds: float | None = None  # wall-clock budget of the stage (evals included); None: `steps` steps
+
+
+# Re-projection of the step count under a time budget: after the first PROJECT_FIRST measured steps of a run
+# (of a resumed run too), then every PROJECT_EVERY steps.
+PROJECT_FIRST = 5
+PROJECT_EVERY = 25
 
 
 @dataclass
 class StageResult:
     name: str
-    steps: int
+    steps: int  # steps trained (all of them, a resumed run's earlier ones included)
     tokens: int
-    seconds: float
+    seconds: float  # time in training steps (evals and checkpoints excluded)
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    planned_steps: int = 0  # the requested steps (StageSpec.steps)
+    cut_by_time: bool = False  # max_seconds cut the stage short of planned_steps
+    wall_seconds: float = 0.0  # the stage's wall time, evals and checkpoints included
 
     @property
     def tokens_per_second(self) -> float:
@@ -75,14 +89,35 @@ def load_checkpoint(path: Path) -> dict:
         raise EffconvError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
-def _lr_lambda(spec: StageSpec):
+def _now() -> float:
+    """The clock of run_stage (tests replace it)."""
+    return time.perf_counter()
+
+
+@dataclass
+class _Plan:
+    steps: int  # the stage's total steps as planned now; a time budget lowers it
+
+
+def _lr_lambda(spec: StageSpec, plan: _Plan | None = None):
+    """Linear warm-up, then cosine decay to 0.1 x lr at the planned end (read at each call: a time budget that
+    re-plans the stage moves the end, and the schedule follows)."""
+
     def fn(step: int) -> float:
         if step < spec.warmup_steps:
             return (step + 1) / spec.warmup_steps
-        progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+        total = spec.steps if plan is None else plan.steps
+        progress = (step - spec.warmup_steps) / max(1, total - spec.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return fn
+
+
+def project_steps(requested: int, done: int, max_seconds: float, elapsed: float, step_seconds: float) -> int:
+    """The stage's total steps under a time budget: the steps done plus as many more as fit in the remaining
+    time at `step_seconds` each, at least one more, at most `requested`."""
+    fit = done + math.floor((max_seconds - elapsed) / step_seconds) if step_seconds > 0 else requested
+    return min(requested, max(done + 1, fit))
 
 
 def run_stage(
@@ -101,6 +136,14 @@ def run_stage(
     backward: bool = True,
 ) -> StageResult:
     """Minimise loss_fn over `spec.steps` batches, checkpointing every `spec.checkpoint_every` steps.
+
+    `spec.max_seconds`: a wall-clock budget. After the first PROJECT_FIRST steps of the run and then every
+    PROJECT_EVERY steps the total is re-planned as project_steps(spec.steps, done, max_seconds, elapsed, t):
+    `elapsed` is the stage's wall time so far (a resumed checkpoint's included), `t` the mean wall time per step
+    over the steps since the last projection (evals and checkpoints included, so they are budgeted). The
+    learning-rate schedule and the final eval and checkpoint follow the planned total; under accelerate launch
+    every process plans from the largest `elapsed` and `t` of all processes, so they agree. A checkpoint holds
+    the planned total and a resumed run continues with it.
 
     `resume_state` is a checkpoint of this stage (load_checkpoint); training continues from its step.
     `stop_after_steps` ends the loop early (used by tests to simulate a crash without killing the process).
@@ -121,10 +164,14 @@ def run_stage(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise EffconvError(f"stage {spec.name}: nothing to train")
+    if spec.max_seconds is not None and not spec.max_seconds > 0:
+        raise EffconvError(f"stage {spec.name}: max_seconds must be > 0, got {spec.max_seconds}")
+    plan = _Plan(spec.steps)
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(spec))
-    result = StageResult(spec.name, 0, 0, 0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(spec, plan))
+    result = StageResult(spec.name, 0, 0, 0.0, planned_steps=spec.steps)
     start_step = 0
+    carried_seconds = 0.0  # wall time of the stage before this run (from a resumed checkpoint)
     if resume_state is not None:
         named = dict(model.named_parameters())
         for name, value in resume_state["trainable"].items():
@@ -137,6 +184,12 @@ def run_stage(
         result.val_losses = [tuple(x) for x in resume_state["val_losses"]]
         result.tokens = resume_state["tokens"]
         result.seconds = resume_state["seconds"]
+        carried_seconds = resume_state.get("wall_seconds", resume_state["seconds"])
+        plan.steps = min(spec.steps, resume_state.get("planned_steps", spec.steps))
+    t_start = _now()
+
+    def wall_seconds() -> float:
+        return carried_seconds + (_now() - t_start)
 
     def save(step: int) -> None:
         if checkpoint_path is None:
@@ -159,6 +212,8 @@ def run_stage(
             "val_losses": [list(x) for x in result.val_losses],
             "tokens": result.tokens,
             "seconds": result.seconds,
+            "wall_seconds": wall_seconds(),
+            "planned_steps": plan.steps,
         }
         if extra_state is not None:
             state.update(extra_state())
@@ -178,11 +233,14 @@ def run_stage(
     model.train()
     last_val = f"{result.val_losses[-1][1]:.4g}" if result.val_losses else "-"
     with Progress(*columns, console=console, disable=not (progress and is_main), transient=False) as bar:
-        task = bar.add_task(spec.name, total=spec.steps, completed=start_step, loss="-", val=last_val, tps="-")
-        for step in range(start_step, spec.steps):
+        task = bar.add_task(spec.name, total=plan.steps, completed=start_step, loss="-", val=last_val, tps="-")
+        window_start, window_steps = _now(), 0  # the steps since the last projection, and when they began
+        next_projection = PROJECT_FIRST
+        step = start_step
+        while step < plan.steps:
             if stop_after_steps is not None and step >= stop_after_steps:
                 break
-            t0 = time.perf_counter()
+            t0 = _now()
             batch = next_batch(step)
             local = distributed.shard_batch(batch, accelerator)
             optimizer.zero_grad(set_to_none=True)
@@ -200,21 +258,37 @@ def run_stage(
                 fsdp.clip_grad_norm_(params, spec.grad_clip)  # the global norm, sharded gradients included
             optimizer.step()
             scheduler.step()
-            dt = time.perf_counter() - t0
+            dt = _now() - t0
             result.seconds += dt
             tokens = math.prod(batch.shape[:2])  # token ids [B, T] or (block-wise stage 1) hidden states [B, T, d]
             result.tokens += tokens
             result.train_losses.append(float(global_loss.item()))
             done = step + 1
-            if evaluate is not None and (done % spec.eval_every == 0 or done == spec.steps):
+            if evaluate is not None and (done % spec.eval_every == 0 or done == plan.steps):
                 model.eval()
                 val = fsdp.call(model, evaluate)
                 model.train()
                 result.val_losses.append((done, val))
                 last_val = f"{val:.4g}"
-            bar.update(task, completed=done, loss=f"{global_loss.item():.4g}", val=last_val, tps=f"{tokens / dt:,.0f}")
-            if done % spec.checkpoint_every == 0 or done == spec.steps:
+            bar.update(task, completed=done, loss=f"{global_loss.item():.4g}", val=last_val,
+                       tps=f"{tokens / dt:,.0f}" if dt > 0 else "-")
+            if done % spec.checkpoint_every == 0 or done == plan.steps:
                 save(done)
+            window_steps += 1
+            if spec.max_seconds is not None and window_steps == next_projection and done < plan.steps:
+                now = _now()
+                # every process plans from the same (largest) numbers: no process leaves the loop alone
+                elapsed, window = distributed.max_over_processes(
+                    torch.tensor([carried_seconds + now - t_start, now - window_start], dtype=torch.float64),
+                    accelerator).tolist()
+                plan.steps = project_steps(spec.steps, done, spec.max_seconds, elapsed, window / window_steps)
+                bar.update(task, total=plan.steps)
+                window_start, window_steps, next_projection = now, 0, PROJECT_EVERY
+            step = done
     model.eval()
     result.steps = len(result.train_losses)
+    result.cut_by_time = plan.steps < spec.steps
+    if result.cut_by_time and result.steps == plan.steps:
+        console.print(f"{spec.name}: the time budget ended it after {plan.steps} of {spec.steps} steps")
+    result.wall_seconds = wall_seconds()
     return result
