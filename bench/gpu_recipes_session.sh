@@ -4,7 +4,8 @@
 # <run>.jsonl, <run>.log, gen.log, report.md. Run from the repo root with the GGUF at $MODEL.
 #   MODEL=/root/m.gguf bash bench/gpu_recipes_session.sh
 # Knobs (env): GEN_TOKENS, GEN_BATCH (teacher text, shared by every run through effconv's data cache),
-# RUNS (space-separated names from the case below), RUN_TIMEOUT (seconds per run), EFFCONV_GENERATION_CACHE.
+# RUNS (space-separated names from the case below), RUN_TIMEOUT (seconds per run), EFFCONV_GENERATION_CACHE,
+# SESSION_SECONDS (the *-long runs: wall-clock budgets that end every run by then; see left_s below).
 set -u
 OUT=${OUT:-/tmp/effconv-recipes}
 mkdir -p "$OUT"
@@ -17,6 +18,17 @@ RUNS=${RUNS:-"moe w64+linear-moe r25 w0 moe-copy"}
 EXTRA=${EXTRA:-}  # more --set overrides for every run (CPU smoke test: tiny budgets)
 T0=$(date +%s)
 GEN="--set model=$MODEL --set generate_tokens=$GEN_TOKENS --set generation_batch_size=$GEN_BATCH"
+# SESSION_SECONDS: every *-long run ends by T0 + SESSION_SECONDS (its stages get wall-clock budgets, max_seconds,
+# from what is left when it starts; RESERVE seconds are kept for setup, evaluation and export)
+SESSION_SECONDS=${SESSION_SECONDS:-}
+left_s() {  # seconds left before the deadline minus $1, at least 30
+  local rem=$(( T0 + ${SESSION_SECONDS:-100000} - $(date +%s) - $1 ))
+  echo $(( rem > 30 ? rem : 30 ))
+}
+stage_budgets() {  # linearize / hybridize: stage 1 gets 55 %, stage 2 45 % of what is left minus $1
+  local t; t=$(left_s "$1")
+  echo "--set stage1_max_seconds=$(( t * 55 / 100 )) --set stage2_max_seconds=$(( t * 45 / 100 ))"
+}
 
 # 1. the teacher writes the shared training text once (effconv caches it; every run below reads the cache)
 timeout 300 python3 - "$MODEL" "$GEN_TOKENS" "$GEN_BATCH" > "$OUT/gen.log" 2>&1 <<'EOF'
@@ -37,7 +49,9 @@ TEXT=$(ls -t "${EFFCONV_CACHE:-$HOME/.cache/effconv}"/data/teacher_text-*.jsonl 
 
 run() {  # name recipe [--set ...]
   local name=$1 recipe=$2; shift 2
-  timeout "$RUN_TIMEOUT" python3 bench/recipes.py run "$recipe" --name "$name" --log "$OUT/$name.jsonl" "$@" $EXTRA \
+  local cap=$RUN_TIMEOUT
+  [ -n "$SESSION_SECONDS" ] && cap=$(left_s -60)  # a hard stop one minute after the deadline
+  timeout "$cap" python3 bench/recipes.py run "$recipe" --name "$name" --log "$OUT/$name.jsonl" "$@" $EXTRA \
     > "$OUT/$name.log" 2>&1
   echo "== $name exit=$? after $(( $(date +%s) - T0 ))s: $(grep '^\[recipes\]' "$OUT/$name.log" | tail -1)"
 }
@@ -60,6 +74,19 @@ for r in $RUNS; do
            --set stage2_tokens=${LONG_S2:-3000000} --set out=/root/runs/w64-long & ;;
     r25-long) run r25-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set stage1_tokens=${LONG_S1:-5000000} \
            --set stage2_tokens=${LONG_S2:-3000000} --set out=/root/runs/r25-long & ;;
+    moe-long) run moe-long recipes/smollm2-135m-moe-8x2.yaml $GEN --set tokens=${MOE_TOKENS:-20000000} \
+           --set max_seconds=$(left_s "${MOE_RESERVE:-300}") --set out=/root/runs/moe-long & ;;
+    w64-long2) run w64-long recipes/smollm2-135m-linearize-w64.yaml $GEN --set stage1_tokens=${LONG_S1:-20000000} \
+           --set stage2_tokens=${LONG_S2:-10000000} $(stage_budgets "${RESERVE:-150}") --set out=/root/runs/w64-long & ;;
+    r25-long2) run r25-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set stage1_tokens=${LONG_S1:-20000000} \
+           --set stage2_tokens=${LONG_S2:-10000000} $(stage_budgets "${RESERVE:-180}") --set out=/root/runs/r25-long & ;;
+    w0-long) run w0-long recipes/smollm2-135m-linearize-w0.yaml $GEN --set kernel=auto \
+           --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
+           $(stage_budgets "${RESERVE:-150}") --set out=/root/runs/w0-long & ;;
+    w64+linear-moe-long) ( run w64 recipes/smollm2-135m-linearize-w64.yaml $GEN --set out=/root/runs/w64 \
+           && run linear-moe-long recipes/smollm2-135m-linear-moe.yaml --set model=/root/runs/w64 --set data="$TEXT" \
+                --set tokens=${LMOE_TOKENS:-20000000} --set max_seconds=$(left_s "${MOE_RESERVE:-300}") \
+                --set out=/root/runs/linear-moe-long ) & ;;
     w0) run w0 recipes/smollm2-135m-linearize-w0.yaml $GEN --set kernel=auto --set stage1_tokens=${W0_S1:-6000000} \
            --set stage2_tokens=${W0_S2:-3000000} --set out=/root/runs/w0 & ;;
     *) echo "unknown run $r" ;;

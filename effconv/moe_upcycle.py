@@ -209,8 +209,9 @@ def balanced_kmeans(features: torch.Tensor, k: int, *, iters: int = 15, generato
     for _ in range(iters):
         sim = feats @ centroids.T
         labels = _balanced_assign(sim, size)
+        on_device = labels.to(feats.device)
         for c in range(k):
-            centroids[c] = F.normalize(feats[labels == c].mean(0), dim=-1)
+            centroids[c] = F.normalize(feats[on_device == c].mean(0), dim=-1)
     return labels
 
 
@@ -247,12 +248,12 @@ def split_neurons(mlp, x: torch.Tensor, cfg: MoeUpcycleConfig, generator: torch.
         if acts is None:
             raise EffconvError("--shared with --method split needs calibration text (--calibration-tokens > 0)")
         mass = acts.abs().mean(0)
-        shared = torch.sort(torch.topk(mass, cfg.shared * expert_size).indices).values
+        shared = torch.sort(torch.topk(mass, cfg.shared * expert_size).indices).values.cpu()
         neurons = neurons[~torch.isin(neurons, shared)]
     if cfg.split == "random" or cfg.experts == 1:
         labels = torch.arange(len(neurons))[torch.randperm(len(neurons), generator=generator)] % cfg.experts
     elif cfg.split == "balanced":
-        rows = torch.cat([F.normalize(mlp.gate_proj.weight.float(), dim=-1), F.normalize(mlp.up_proj.weight.float(), dim=-1)], -1).cpu()
+        rows = torch.cat([F.normalize(mlp.gate_proj.weight.float(), dim=-1), F.normalize(mlp.up_proj.weight.float(), dim=-1)], -1)
         labels = balanced_kmeans(rows[neurons], cfg.experts, generator=generator)
     else:
         if acts is None:
@@ -275,7 +276,7 @@ def activation_router(x: torch.Tensor, expert_outputs_norm: torch.Tensor, std: f
     target = torch.log(expert_outputs_norm + 1e-6)
     target = target - target.mean(-1, keepdim=True)
     d = x.shape[1]
-    gram = x.T @ x + 1e-2 * x.pow(2).mean() * x.shape[0] * torch.eye(d)
+    gram = x.T @ x + 1e-2 * x.pow(2).mean() * x.shape[0] * torch.eye(d, device=x.device)
     w = torch.linalg.solve(gram, x.T @ target).T
     return _scaled_rows(w, x, std)
 
@@ -321,9 +322,11 @@ def moe_config(dense_config: EffconvConfig, cfg: MoeUpcycleConfig) -> EffconvCon
 def upcycle_mlp(mlp, x: torch.Tensor, moe: MoeMLP, cfg: MoeUpcycleConfig, generator: torch.Generator) -> None:
     """Fill `moe` (a fresh MoeMLP) from the dense gated `mlp`; x: the layer's calibration inputs (tokens, D).
 
-    The statistics (splits, router fits) are computed in fp32 on the CPU, where the calibration inputs live; the
-    results are copied into `moe` on its own device."""
-    gate_w, up_w, down_w = (p.weight.float().cpu() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    The statistics (splits, router fits) are computed in fp32 on the dense weights' device (the GPU when the model
+    is there: ~30x faster than the CPU at SmolLM2's 32K calibration tokens); the calibration inputs are moved there
+    one layer at a time. Index tensors (the neuron groups) stay on the CPU."""
+    gate_w, up_w, down_w = (p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    x = x.to(gate_w.device)
     dtype = moe.gate.weight.dtype
     router_init = cfg.router_init if cfg.router_init != "auto" else ("activation" if cfg.method == "split" else "kmeans")
     if router_init != "uniform" and x.numel() == 0:
