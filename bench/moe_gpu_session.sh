@@ -49,6 +49,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "== tests: $(wc -l < /tmp/moe_test_ids) collected, done after $(( $(date +%s) - T0 ))s (exit 124 = timeout)"
 fi
 
+# BEFORE_BENCH: a command run after the tests, before any timing (e.g. wait for a side job to end)
+[ -n "${BEFORE_BENCH:-}" ] && { eval "$BEFORE_BENCH"; echo "== before-bench done after $(( $(date +%s) - T0 ))s"; }
 # PLANS: backward plans WGRAD:DGRAD timed beside the default (auto) one (docs/kernels.md, "backward plans")
 PLANS=${PLANS:-"triton:fused grouped_mm:fused triton:grouped_mm"}
 if [ "${SKIP_EAGER:-0}" != 1 ]; then

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -325,8 +326,9 @@ def upcycle_mlp(mlp, x: torch.Tensor, moe: MoeMLP, cfg: MoeUpcycleConfig, genera
     The statistics (splits, router fits) are computed in fp32 on the dense weights' device (the GPU when the model
     is there: ~30x faster than the CPU at SmolLM2's 32K calibration tokens); the calibration inputs are moved there
     one layer at a time. Index tensors (the neuron groups) stay on the CPU."""
-    gate_w, up_w, down_w = (p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    x = x.to(gate_w.device)
+    stats_device = os.environ.get("EFFCONV_MOE_STATS_DEVICE") or mlp.gate_proj.weight.device  # e.g. "cpu"
+    gate_w, up_w, down_w = (p.weight.float().to(stats_device) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    x = x.to(stats_device)
     dtype = moe.gate.weight.dtype
     router_init = cfg.router_init if cfg.router_init != "auto" else ("activation" if cfg.method == "split" else "kmeans")
     if router_init != "uniform" and x.numel() == 0:
