@@ -631,11 +631,16 @@ BACKWARD_MODES = {"EFFCONV_MOE_WGRAD": ("auto", "triton", "grouped_mm"),
                   "EFFCONV_MOE_DGRAD": ("auto", "fused", "grouped_mm")}
 
 
+GROUPED_MIN_INTER = 512  # measured on the H200 (docs/kernels.md): I 1024 / 1536 gain 17-38 %, I 192 none
+
+
 def grouped_mm_suits(x: torch.Tensor, d: int, inter: int) -> bool:
     """Where torch's grouped GEMM (CUTLASS on sm_90) is the default for the backward GEMMs: CUDA bf16 on a
-    Hopper GPU, every row stride a multiple of 16 bytes (its TMA alignment)."""
+    Hopper GPU, every row stride a multiple of 16 bytes (its TMA alignment), and experts wide enough
+    (I >= GROUPED_MIN_INTER) to pay for the two gathered copies it reads."""
     return (hasattr(torch, "_grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device)[0] == 9 and d % 8 == 0 and inter % 8 == 0)
+            and torch.cuda.get_device_capability(x.device)[0] == 9 and d % 8 == 0 and inter % 8 == 0
+            and inter >= GROUPED_MIN_INTER)
 
 
 def backward_plan(x: torch.Tensor, d: int, inter: int) -> tuple[str, str]:
