@@ -123,21 +123,34 @@ def _val(meta: dict) -> tuple[float | None, float | None]:
     return final, m.get("teacher_val_ppl")
 
 
+def trained_tokens(record: dict) -> tuple[list[int], list[int], bool]:
+    """(tokens trained per stage, tokens asked for per stage, whether a wall-clock budget cut a stage): from the
+    run's own metrics, since a stage with max_seconds can end before its token budget."""
+    s, m = record["settings"], record["metadata"].get("metrics", record["metadata"])
+    stages = [k for k in ("stage1", "stage2", "distillation") if isinstance(m.get(k), dict)]
+    asked = [s.get("tokens", 0)] if "tokens" in s else [s.get("stage1_tokens", 0), s.get("stage2_tokens", 0)]
+    if not stages:  # no training stage ran (a step-0 export, or a record without stage metrics)
+        return [0] * len(asked), asked, False
+    done = [int(m[k].get("tokens", 0)) for k in stages]
+    return done, asked, any(m[k].get("cut_by_time") for k in stages)
+
+
 def report(logs: list[Path]) -> str:
-    lines = ["| run | command | tokens trained | held-out teacher text ppl (x teacher) | before training / after stage 1 "
-             "(x teacher) | held-out prose ppl (x reference) | wall s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | command | tokens trained (asked) | held-out teacher text ppl (x teacher) | before training / after "
+             "stage 1 (x teacher) | held-out prose ppl (x reference) | wall s |", "|---|---|---|---|---|---|---|"]
     for log in logs:
         for line in log.read_text().splitlines():
             r = json.loads(line)
-            s = r["settings"]
-            tokens = s.get("tokens") or (s.get("stage1_tokens", 0) + s.get("stage2_tokens", 0))
+            done, asked, cut = trained_tokens(r)
+            tokens = " + ".join(f"{t / 1e6:.2f}M" for t in done) + f" ({' + '.join(f'{t / 1e6:.1f}M' for t in asked)}" \
+                + (", time-cut)" if cut else ")")
             final, teacher = _val(r["metadata"])
             val = f"{final:.3f} ({final / teacher:.3f}x)" if final and teacher else "-"
             m = r["metadata"].get("metrics", r["metadata"])
             early = m.get("upcycled_val_ppl", m.get("stage1_val_ppl"))
             early = f"{early:.3f} ({early / teacher:.3f}x)" if early and teacher else "-"
             p, ref = r["prose"]["perplexity"], r["reference_prose"]["perplexity"]
-            lines.append(f"| {r['name']} | {r['command']} | {tokens / 1e6:.2f}M | {val} | {early} | {p:.2f} ({p / ref:.3f}x)"
+            lines.append(f"| {r['name']} | {r['command']} | {tokens} | {val} | {early} | {p:.2f} ({p / ref:.3f}x)"
                          f" | {r['wall_seconds']} |")
     return "\n".join(lines)
 

@@ -43,3 +43,29 @@ def test_moe_recipes_are_valid(recipe):
     cfg = build_config(MoeUpcycleConfig, recipe, {})
     cfg.validate()
     assert cfg.out.startswith("out/") and cfg.experts == 8 and cfg.top_k == 2
+
+
+def _bench_recipes():
+    import importlib.util
+    import sys
+    path = Path(__file__).resolve().parents[1] / "bench" / "recipes.py"
+    if str(path.parent) not in sys.path:  # it imports its neighbour bench/ablations.py
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("bench_recipes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_report_counts_the_tokens_actually_trained():
+    """A stage cut by its wall-clock budget reports what it trained, not what the recipe asked for."""
+    trained_tokens = _bench_recipes().trained_tokens
+    lin = {"settings": {"stage1_tokens": 20_000_000, "stage2_tokens": 1_500_000},
+           "metadata": {"metrics": {"stage1": {"tokens": 9_977_856, "cut_by_time": True},
+                                    "stage2": {"tokens": 1_507_328, "cut_by_time": False}}}}
+    assert trained_tokens(lin) == ([9_977_856, 1_507_328], [20_000_000, 1_500_000], True)
+    moe = {"settings": {"tokens": 20_000_000},
+           "metadata": {"metrics": {"distillation": {"tokens": 8_847_360, "cut_by_time": True}}}}
+    assert trained_tokens(moe) == ([8_847_360], [20_000_000], True)
+    step0 = {"settings": {"tokens": 0}, "metadata": {"metrics": {}}}
+    assert trained_tokens(step0) == ([0], [0], False)
