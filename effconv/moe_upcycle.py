@@ -84,6 +84,7 @@ class MoeUpcycleConfig:
     text_field: str = "text"
     generate_tokens: int = 10_000
     generation_batch_size: int = 48
+    generation_mode: str = "static"  # teacher text: static (padded generate batches) | continuous (refilled rows)
     seq_len: int = 256
     batch_size: int = 8
     val_fraction: float = 0.1
@@ -130,11 +131,14 @@ class MoeUpcycleConfig:
             raise EffconvError("--lr must be > 0 and --router-init-std >= 0")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise EffconvError(f"--max-seconds must be > 0 (seconds), got {self.max_seconds}")
+        data_lib.check_generation_mode(self.generation_mode)
 
     def identity(self) -> dict:
         """What must match for --resume: everything except output handling and the time budget (a checkpoint
         keeps its planned steps)."""
         skip = {"resume", "overwrite", "keep_run", "progress", "max_seconds"}
+        if self.generation_mode == "static":  # the default: absent, so runs from before it existed still resume
+            skip.add("generation_mode")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -707,7 +711,7 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
         )
         metrics["distillation"] = {
             "train": cfg.train, **stage_budget_metrics(result), "tokens": result.tokens,
-            "seconds": round(result.seconds, 2),
+            "seconds": round(result.seconds, 2), "tokens_per_second": round(result.tokens_per_second, 1),
             "first_train_loss": result.train_losses[0] if result.train_losses else None,
             "final_train_loss": result.train_losses[-1] if result.train_losses else None,
             "val_kl": result.val_losses,
