@@ -44,6 +44,7 @@ def linearize(
     text_field: Annotated[Optional[str], Opt(help="JSONL / dataset field holding the text")] = None,
     generate_tokens: Annotated[Optional[int], Opt(help="Tokens of teacher-generated text when --data is not given")] = None,
     generation_batch_size: Annotated[Optional[int], Opt(help="Batch size of teacher text generation")] = None,
+    generation_mode: Annotated[Optional[str], Opt(help="Teacher text generation: static (padded generate batches) | continuous (transformers' continuous batching: finished rows refilled at once)")] = None,
     feature_map: Annotated[Optional[str], Opt(help="hedgehog | t2r | elu")] = None,
     feature_dim: Annotated[Optional[int], Opt(help="Feature-map projection size per head (default: head dim)")] = None,
     window: Annotated[Optional[int], Opt(help="Sliding softmax window of the hybrid; 0 = pure linear attention")] = None,
@@ -80,7 +81,7 @@ def linearize(
 
     overrides = dict(
         model=model, out=str(out) if out else None, data=data, text_field=text_field,
-        generate_tokens=generate_tokens, generation_batch_size=generation_batch_size, feature_map=feature_map, feature_dim=feature_dim, window=window,
+        generate_tokens=generate_tokens, generation_batch_size=generation_batch_size, generation_mode=generation_mode, feature_map=feature_map, feature_dim=feature_dim, window=window,
         layers=_split_ints(layers, "--layers"), layers_per_block=layers_per_block, kernel=kernel, seq_len=seq_len, batch_size=batch_size,
         stage1_tokens=stage1_tokens, stage1_lr=stage1_lr, stage1_max_seconds=stage1_max_seconds,
         attn_ce_weight=attn_ce_weight, stage2_tokens=stage2_tokens, stage2_lr=stage2_lr,

@@ -14,6 +14,8 @@ asks for an ``hf:`` dataset; by default the training text is written by the teac
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import importlib.resources
 import json
@@ -51,6 +53,14 @@ DIRECTORY_SUFFIXES = (".txt", ".md", ".jsonl")
 MAX_DOCUMENT_CHARS = 20_000
 #: Bump when the teacher-generation procedure changes, so old caches are not reused.
 TEACHER_CACHE_VERSION = 1
+#: How teacher text is generated: "static" (padded batches through `model.generate`; every batch runs until its
+#: longest row ends) or "continuous" (transformers' continuous batching: a finished row is refilled at once).
+GENERATION_MODES = ("static", "continuous")
+#: Continuous mode queues the requests in waves of at most this many generation batches. All of a wave is queued
+#: before transformers' loop starts, so the batches it forms, and so the sampled tokens, never depend on thread
+#: timing; its scheduler's per-step work grows with the waiting requests, which the cap bounds. A wave's last
+#: requests run on a draining batch, so larger waves waste less. The samples depend on it: it is in the cache key.
+CONTINUOUS_WAVE_BATCHES = 8
 
 HF_PREFIX = "hf:"
 
@@ -315,6 +325,8 @@ def generate_teacher_texts(
     seed: int = 0,
     prompts: list[str] | None = None,
     progress: bool = True,
+    generation_mode: str = "static",
+    do_sample: bool = True,
 ) -> list[str]:
     """Texts written by the teacher: prompt + sampled response, until ``num_tokens`` are generated.
 
@@ -333,6 +345,8 @@ def generate_teacher_texts(
         seed=seed,
         prompts=prompts,
         progress=progress,
+        generation_mode=generation_mode,
+        do_sample=do_sample,
     )
     return [sample.text for sample in samples]
 
@@ -351,6 +365,8 @@ def generate_teacher_samples(
     seed: int = 0,
     prompts: list[str] | None = None,
     progress: bool = True,
+    generation_mode: str = "static",
+    do_sample: bool = True,
 ) -> list[TeacherSample]:
     """Sample responses from the teacher until at least ``num_tokens`` new tokens are generated.
 
@@ -361,7 +377,14 @@ def generate_teacher_samples(
     batch is shrunk to what is still needed, so the total overshoots by less than
     ``batch_size * max_new_tokens``.
 
-    The result is deterministic for a fixed seed and is cached in
+    ``generation_mode`` "static" (default) samples padded batches of ``batch_size`` rows with
+    ``model.generate``; "continuous" uses transformers' continuous batching (``batch_size`` sequences
+    at most at once, a finished one replaced by the next prompt at once; see
+    :func:`_generate_samples_continuous`): the same kind of samples, not the same tokens, and its
+    overshoot is bounded by its last wave's size estimate instead.
+    ``do_sample=False`` decodes greedily (for tests: both modes then write the same tokens).
+
+    The result is deterministic for a fixed seed (on one device) and is cached in
     ``cache_dir/teacher_text-<key>.jsonl``, keyed on the model, tokenizer, prompts and all
     generation parameters; a cache hit returns without calling ``model.generate``.
     """
@@ -369,11 +392,12 @@ def generate_teacher_samples(
         raise EffconvError(f"num_tokens must be at least 1, got {num_tokens}")
     if max_new_tokens < 1 or batch_size < 1:
         raise EffconvError("max_new_tokens and batch_size must be at least 1")
+    check_generation_mode(generation_mode)
     prompts = load_default_prompts() if prompts is None else [p for p in prompts if p.strip()]
     if not prompts:
         raise EffconvError("no prompts given for teacher text generation")
 
-    generation_params = {
+    generation_params: dict[str, Any] = {
         "num_tokens": num_tokens,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
@@ -382,29 +406,58 @@ def generate_teacher_samples(
         "top_k": top_k,
         "seed": seed,
     }
-    cache_implementation = _generation_cache_implementation(model)
-    if cache_implementation != "dynamic":  # other numerics, other samples: a key of their own
-        generation_params["cache_implementation"] = cache_implementation
+    # Keys only for non-default settings, so caches written before these settings existed stay valid.
+    if not do_sample:
+        generation_params["do_sample"] = False
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        if do_sample else {"do_sample": False}
+    )
+    if generation_mode == "static":
+        cache_implementation = _generation_cache_implementation(model)
+        if cache_implementation != "dynamic":  # other numerics, other samples: a key of their own
+            generation_params["cache_implementation"] = cache_implementation
+    else:
+        generation_params["generation_mode"] = generation_mode
+        generation_params["continuous_wave_batches"] = CONTINUOUS_WAVE_BATCHES
     cache_key = _teacher_cache_key(model, tokenizer, generation_params, prompts)
     cache_path = Path(cache_dir) / f"teacher_text-{cache_key}.jsonl"
     cached = _read_teacher_cache(cache_path)
     if cached is not None:
         return cached
 
-    samples = _generate_samples(
-        model,
-        tokenizer,
-        prompts=prompts,
-        num_tokens=num_tokens,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        generate_kwargs={"temperature": temperature, "top_p": top_p, "top_k": top_k,
-                         **_cache_kwargs(cache_implementation)},
-        seed=seed,
-        progress=progress,
-    )
+    if generation_mode == "static":
+        samples = _generate_samples(
+            model,
+            tokenizer,
+            prompts=prompts,
+            num_tokens=num_tokens,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            generate_kwargs={**sampling, **_cache_kwargs(cache_implementation)},
+            seed=seed,
+            progress=progress,
+        )
+    else:
+        samples = _generate_samples_continuous(
+            model,
+            tokenizer,
+            prompts=prompts,
+            num_tokens=num_tokens,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            sampling=sampling,
+            seed=seed,
+            progress=progress,
+        )
     _write_teacher_cache(cache_path, samples)
     return samples
+
+
+def check_generation_mode(mode: str) -> None:
+    """Raise the one-line error for an unknown teacher-generation mode."""
+    if mode not in GENERATION_MODES:
+        raise EffconvError(f"--generation-mode must be one of {', '.join(GENERATION_MODES)}, got {mode!r}")
 
 
 def _model_fingerprint(model: Any) -> str:
@@ -505,6 +558,47 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(stop_ids)
 
 
+def _ordered_prompt_ids(tokenizer: Any, prompts: Sequence[str], seed: int) -> list[list[int]]:
+    """The prompts' token ids, shuffled with ``seed``: the order both generation modes cycle through."""
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [_format_prompt_ids(tokenizer, prompts[index]) for index in order]
+
+
+def _pad_token_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = stop_ids[0] if stop_ids else 0
+    return pad_id
+
+
+def _teacher_sample(tokenizer: Any, prompt_ids: list[int], response_ids: list[int]) -> TeacherSample:
+    """Prompt and prompt + response decoded with special tokens kept: the format the student sees at use time."""
+    text = tokenizer.decode(prompt_ids + response_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return TeacherSample(prompt=prompt_text, text=text, generated_tokens=len(response_ids))
+
+
+def _progress_bar(progress: bool) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("teacher text"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+    )
+
+
 def _generate_samples(
     model: Any,
     tokenizer: Any,
@@ -517,21 +611,9 @@ def _generate_samples(
     seed: int,
     progress: bool,
 ) -> list[TeacherSample]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-    formatted = [_format_prompt_ids(tokenizer, prompts[index]) for index in order]
+    formatted = _ordered_prompt_ids(tokenizer, prompts, seed)
     stop_ids = _stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = stop_ids[0] if stop_ids else 0
+    pad_id = _pad_token_id(tokenizer, stop_ids)
     device = next(model.parameters()).device
 
     samples: list[TeacherSample] = []
@@ -539,15 +621,7 @@ def _generate_samples(
     next_prompt = 0
     was_training = model.training
     model.eval()
-    progress_bar = Progress(
-        TextColumn("teacher text"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-    )
+    progress_bar = _progress_bar(progress)
     try:
         # fork_rng: seed generation without disturbing the caller's global RNG state.
         with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(device)), progress_bar:
@@ -565,13 +639,7 @@ def _generate_samples(
                 torch.manual_seed(_mix_seed(seed, batch_index))
                 new_ids = _generate_batch(model, batch, pad_id, stop_ids, max_new_tokens, generate_kwargs, device)
                 for prompt_ids, response_ids in zip(batch, new_ids):
-                    text = tokenizer.decode(
-                        prompt_ids + response_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
-                    )
-                    prompt_text = tokenizer.decode(
-                        prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
-                    )
-                    samples.append(TeacherSample(prompt=prompt_text, text=text, generated_tokens=len(response_ids)))
+                    samples.append(_teacher_sample(tokenizer, prompt_ids, response_ids))
                     generated_total += len(response_ids)
                 progress_bar.update(task, completed=min(generated_total, num_tokens))
                 batch_index += 1
@@ -632,7 +700,6 @@ def _generate_batch(
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
-        do_sample=True,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=list(stop_ids) or None,
@@ -645,6 +712,201 @@ def _generate_batch(
         end = next((i + 1 for i, token in enumerate(row) if token in stop_set), len(row))
         responses.append(row[:end])
     return responses
+
+
+def _generate_samples_continuous(
+    model: Any,
+    tokenizer: Any,
+    *,
+    prompts: Sequence[str],
+    num_tokens: int,
+    max_new_tokens: int,
+    batch_size: int,
+    sampling: dict[str, Any],
+    seed: int,
+    progress: bool,
+) -> list[TeacherSample]:
+    """Teacher samples through transformers' continuous batching (``model.init_continuous_batching``).
+
+    At most ``batch_size`` sequences run at once; one that stops (stop token or ``max_new_tokens``) is replaced by
+    a waiting prompt in the next forward pass, so no row idles until the longest one of its batch ends, and nothing
+    is padded. Prompts go in waves of at most ``CONTINUOUS_WAVE_BATCHES * batch_size``, each sized like the static
+    path's batches from the mean response length seen so far (``max_new_tokens`` before the first), so no more is
+    queued than ``num_tokens`` still needs; a wave is queued whole before the loop starts and seeded with
+    (seed, wave), which keeps the result reproducible for a fixed seed on one device. Samples come back in prompt
+    order, in the static path's format.
+    """
+    cb_config_class = _continuous_batching_support(model)
+    formatted = _ordered_prompt_ids(tokenizer, prompts, seed)
+    stop_ids = _stop_token_ids(model, tokenizer)
+    generation_config = _continuous_generation_config(
+        model, sampling, max_new_tokens, stop_ids, _pad_token_id(tokenizer, stop_ids)
+    )
+    max_prompt_len = max(len(ids) for ids in formatted)
+    wave_limit = batch_size * CONTINUOUS_WAVE_BATCHES
+
+    samples: list[TeacherSample] = []
+    generated_total = 0
+    next_prompt = 0
+    was_training = model.training
+    model.eval()
+    progress_bar = _progress_bar(progress)
+    device = next(model.parameters()).device
+    try:
+        # fork_rng: transformers seeds the global RNG for sampling; the caller's RNG state is restored afterwards.
+        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(device)), progress_bar:
+            task = progress_bar.add_task("generate", total=num_tokens)
+            wave_index = 0
+            while generated_total < num_tokens:
+                remaining = num_tokens - generated_total
+                per_sample = generated_total / len(samples) if samples else max_new_tokens
+                count = max(1, min(wave_limit, math.ceil(remaining / max(per_sample, 1.0))))
+                wave = [formatted[(next_prompt + i) % len(formatted)] for i in range(count)]
+                next_prompt += count
+                cb_config = _continuous_batching_config(
+                    cb_config_class, batch_size=batch_size, max_prompt_len=max_prompt_len,
+                    max_new_tokens=max_new_tokens, seed=_mix_seed(seed, wave_index),
+                )
+                wave_tokens = [generated_total]  # running count for the progress bar, updated per finished request
+
+                def advance(tokens: int, wave_tokens: list[int] = wave_tokens) -> None:
+                    wave_tokens[0] += tokens
+                    progress_bar.update(task, completed=min(wave_tokens[0], num_tokens))
+
+                responses = _run_continuous_wave(
+                    model, wave, generation_config, cb_config, stop_ids, max_new_tokens, advance
+                )
+                for prompt_ids, response_ids in zip(wave, responses):
+                    samples.append(_teacher_sample(tokenizer, prompt_ids, response_ids))
+                    generated_total += len(response_ids)
+                progress_bar.update(task, completed=min(generated_total, num_tokens))
+                wave_index += 1
+    finally:
+        model.train(was_training)
+    return samples
+
+
+def _continuous_batching_support(model: Any) -> Any:
+    """transformers' ContinuousBatchingConfig class, or the one-line error saying what is missing."""
+    import transformers
+
+    version = getattr(transformers, "__version__", "?")
+    if not callable(getattr(model, "init_continuous_batching", None)):
+        raise EffconvError(
+            f"--generation-mode continuous needs transformers' continuous batching (model.init_continuous_batching), "
+            f"which {type(model).__name__} under transformers {version} lacks; use --generation-mode static"
+        )
+    try:
+        from transformers import ContinuousBatchingConfig
+    except ImportError as error:
+        raise EffconvError(
+            f"--generation-mode continuous needs transformers.ContinuousBatchingConfig, missing in transformers "
+            f"{version}; use --generation-mode static"
+        ) from error
+    fields = {field.name for field in dataclasses.fields(ContinuousBatchingConfig)}
+    missing = sorted({"num_blocks", "max_batch_tokens", "max_requests_per_batch", "seed"} - fields)
+    if missing or not {"page_size", "block_size"} & fields:
+        raise EffconvError(
+            f"--generation-mode continuous: transformers {version}'s ContinuousBatchingConfig lacks "
+            f"{', '.join(missing) or 'page_size/block_size'}; use --generation-mode static"
+        )
+    return ContinuousBatchingConfig
+
+
+def _continuous_batching_config(
+    config_class: Any, *, batch_size: int, max_prompt_len: int, max_new_tokens: int, seed: int
+) -> Any:
+    """Continuous-batching settings that make ``batch_size`` the number of sequences at once, sized from the
+    workload rather than from free memory (so that the schedule, and the samples, do not depend on it)."""
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    page_field = "page_size" if "page_size" in fields else "block_size"  # its name up to transformers 5.17
+    page = int(getattr(config_class(), page_field, 0) or 256)
+    settings: dict[str, Any] = {
+        # room for batch_size sequences of the longest prompt plus max_new_tokens, so one never waits for cache
+        "num_blocks": batch_size * math.ceil((max_prompt_len + max_new_tokens) / page) + 1,
+        # a forward pass holds every running sequence's next token plus new prompts (up to a whole batch of them)
+        "max_batch_tokens": batch_size + min(8192, batch_size * max_prompt_len),
+        "max_requests_per_batch": batch_size,
+        "seed": seed,
+        # the cache is sized for the whole batch, so no headroom is kept back from new prompts
+        "safety_margin": 0.0,
+        # prompts share a chat-template prefix; reusing its cache blocks saves little and adds version-dependent paths
+        "allow_block_sharing": False,
+        # no tensor parallelism here: leave NCCL's environment alone in a multi-process (accelerate) run
+        "disable_nccl_graph_mixing": False,
+    }
+    return config_class(**{name: value for name, value in settings.items() if name in fields})
+
+
+def _continuous_generation_config(
+    model: Any, sampling: dict[str, Any], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int
+) -> Any:
+    """The model's generation config with our settings on top, as ``model.generate`` merges them."""
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None)
+    config = copy.deepcopy(base) if isinstance(base, GenerationConfig) else GenerationConfig()
+    config.update(
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_ids) if stop_ids else -1,  # -1: no stop token, generate max_new_tokens
+        pad_token_id=pad_id,
+    )
+    return config
+
+
+def _run_continuous_wave(
+    model: Any,
+    prompt_ids: Sequence[list[int]],
+    generation_config: Any,
+    cb_config: Any,
+    stop_ids: Sequence[int],
+    max_new_tokens: int,
+    on_result: Callable[[int], None],
+) -> list[list[int]]:
+    """Generate one wave; each prompt's new tokens, up to and including its first stop token, in prompt order."""
+    manager = model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=cb_config)
+    request_ids = [f"effconv-{index}" for index in range(len(prompt_ids))]
+    pending = set(request_ids)
+    results: dict[str, list[int]] = {}
+    started = finished = False
+    try:
+        # The whole wave is queued before the loop starts: its first scheduling step sees all of it.
+        for request_id, ids in zip(request_ids, prompt_ids):
+            accepted = manager.add_request(
+                list(ids), request_id=request_id, max_new_tokens=max_new_tokens,
+                eos_token_id=list(stop_ids) if stop_ids else -1,
+            )
+            if accepted is None:
+                raise EffconvError("transformers' continuous batching refused a request (see its log above)")
+        manager.start()
+        started = True
+        while len(results) < len(request_ids):
+            output = manager.get_result(timeout=1.0)
+            if output is None:
+                if not manager.is_running():
+                    raise EffconvError(
+                        f"transformers' continuous batching stopped after {len(results)} of {len(request_ids)} "
+                        "requests (see its log above); --generation-mode static avoids it"
+                    )
+                continue
+            if not output.is_finished() or output.request_id not in pending:
+                continue
+            if output.error is not None:
+                raise EffconvError(f"continuous batching failed on a request: {_one_line(RuntimeError(output.error))}")
+            pending.discard(output.request_id)
+            results[output.request_id] = list(output.generated_tokens)
+            on_result(len(output.generated_tokens))
+        finished = True
+    finally:
+        if started:
+            manager.stop(block=True, hard_stop=not finished)
+        elif getattr(manager, "_original_attn_impl", None) is not None:  # stop() restores it only once started
+            model.set_attn_implementation(manager._original_attn_impl)
+        destroy = getattr(manager, "destroy", None)
+        if callable(destroy):
+            destroy()
+    return [results[request_id] for request_id in request_ids]
 
 
 # --------------------------------------------------------------------------------------------
@@ -802,12 +1064,14 @@ def prepare_data(
     max_documents: int | None = None,
     max_new_tokens: int = 256,
     generation_batch_size: int = 16,
+    generation_mode: str = "static",
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Load or generate training text and return ``(train_blocks, val_blocks, description)``.
 
     With ``spec`` None the teacher from ``teacher_factory()`` (called only then) writes about
-    ``num_tokens`` tokens of responses (cached in ``cache_dir``); otherwise ``spec`` is read with
+    ``num_tokens`` tokens of responses (cached in ``cache_dir``; ``generation_mode`` as in
+    :func:`generate_teacher_samples`); otherwise ``spec`` is read with
     :func:`load_texts`. Text is packed with ``tokenizer`` into blocks of ``seq_len`` tokens.
     """
     if spec is None:
@@ -821,6 +1085,7 @@ def prepare_data(
             batch_size=generation_batch_size,
             seed=seed,
             progress=progress,
+            generation_mode=generation_mode,
         )
         source = f"{len(texts):,} teacher-generated texts"
     else:

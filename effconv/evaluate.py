@@ -692,7 +692,8 @@ def _teacher_text_blocks(cfg: EvalConfig, student_source, tokenizer, models: dic
     recorded = _linearize_metadata(student_source)
     defaults = dataclasses.asdict(LinearizeConfig())
     settings = {k: (recorded or {}).get(k, defaults[k]) for k in
-                ("generate_tokens", "generation_batch_size", "seq_len", "val_fraction", "seed", "max_val_blocks")}
+                ("generate_tokens", "generation_batch_size", "generation_mode", "seq_len", "val_fraction", "seed",
+                 "max_val_blocks")}
     if recorded is not None and recorded.get("data") is not None:
         note = (f"the student was trained on {recorded['data']!r}, not on teacher text; "
                 "teacher-generated text is new to it")
@@ -714,7 +715,8 @@ def _teacher_text_blocks(cfg: EvalConfig, student_source, tokenizer, models: dic
     _, val_blocks, description = data_lib.prepare_data(
         None, tokenizer, settings["seq_len"], teacher_factory=lambda: (gen_model, gen_tokenizer),
         num_tokens=settings["generate_tokens"], cache_dir=cache_root() / "data", val_fraction=settings["val_fraction"],
-        seed=settings["seed"], generation_batch_size=settings["generation_batch_size"], progress=progress,
+        seed=settings["seed"], generation_batch_size=settings["generation_batch_size"],
+        generation_mode=settings["generation_mode"], progress=progress,
     )
     val_blocks = val_blocks[: settings["max_val_blocks"]]
     description = (f"held-out teacher-generated text: {val_blocks.shape[0]} validation blocks of {settings['seq_len']} "

@@ -42,6 +42,7 @@ class LinearizeConfig:
     text_field: str = "text"
     generate_tokens: int = 10_000  # teacher-generated training text when data is None
     generation_batch_size: int = 48
+    generation_mode: str = "static"  # teacher text: static (padded generate batches) | continuous (refilled rows)
     feature_map: str = "hedgehog"
     feature_dim: int | None = None  # hedgehog/t2r projection size per head (default: head dim)
     window: int = 64  # sliding softmax window of the hybrid (0 = pure linear); of "sliding" layers
@@ -84,6 +85,7 @@ class LinearizeConfig:
         if self.window < 0:
             raise EffconvError(f"--window must be >= 0 (0 = pure linear attention), got {self.window}")
         self._validate_attention()
+        data_lib.check_generation_mode(self.generation_mode)
         if self.kernel not in KERNEL_CHOICES:
             raise EffconvError(f"unknown --kernel {self.kernel!r}; choose one of {', '.join(KERNEL_CHOICES)}")
         for name in ("seq_len", "batch_size", "lora_rank", "eval_every", "checkpoint_every", "generation_batch_size"):
@@ -141,6 +143,8 @@ class LinearizeConfig:
         for volatile in ("resume", "overwrite", "keep_run", "progress", "eval_every", "checkpoint_every",
                          "stage1_max_seconds", "stage2_max_seconds"):
             d.pop(volatile)
+        if d["generation_mode"] == "static":  # the default: absent, so runs from before it existed still resume
+            d.pop("generation_mode")
         return d
 
 
@@ -158,7 +162,7 @@ def prepare_run_data(cfg, tokenizer, teacher_factory):
             cfg.data, tokenizer, seq_len=cfg.seq_len, teacher_factory=teacher_factory,
             num_tokens=cfg.generate_tokens, cache_dir=cache_root() / "data", val_fraction=cfg.val_fraction,
             seed=cfg.seed, text_field=cfg.text_field, generation_batch_size=cfg.generation_batch_size,
-            progress=cfg.progress,
+            generation_mode=cfg.generation_mode, progress=cfg.progress,
         )
 
 

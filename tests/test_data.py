@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import copy
 import json
 import sys
 import time
@@ -526,3 +527,92 @@ def test_teacher_generation_with_static_cache(tiny_model, tokenizer, tmp_path, m
     monkeypatch.setenv("EFFCONV_GENERATION_CACHE", "paged")
     with pytest.raises(EffconvError, match="EFFCONV_GENERATION_CACHE"):
         generate_teacher_samples(tiny_model, tokenizer, **generation_kwargs(tmp_path / "x"))
+
+
+# ------------------------------------------------------------------------------------------
+# Continuous batching (generation_mode="continuous")
+# ------------------------------------------------------------------------------------------
+
+
+def record_token_ids(monkeypatch) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) of every sample built from now on, in order."""
+    recorded: list[tuple[list[int], list[int]]] = []
+    original = data._teacher_sample
+
+    def spy(tokenizer, prompt_ids, response_ids):
+        recorded.append((list(prompt_ids), list(response_ids)))
+        return original(tokenizer, prompt_ids, response_ids)
+
+    monkeypatch.setattr(data, "_teacher_sample", spy)
+    return recorded
+
+
+def test_continuous_greedy_matches_static(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """Greedy decoding writes the same responses in both modes; a stop token ends a response where static ends it."""
+    ids = record_token_ids(monkeypatch)
+    kwargs = generation_kwargs(tmp_path, do_sample=False)
+    static = generate_teacher_samples(tiny_model, tokenizer, **kwargs)
+    static_ids, ids[:] = list(ids), []
+    continuous = generate_teacher_samples(tiny_model, tokenizer, generation_mode="continuous", **kwargs)
+    assert len(list(tmp_path.glob("teacher_text-*.jsonl"))) == 2  # the mode is part of the cache key
+    assert continuous == static and ids == static_ids  # same prompts in the same order, same tokens
+    assert len({tuple(response) for _, response in ids}) > 1  # not a degenerate model writing one thing
+
+    # A token the model writes mid-response becomes a stop token: responses end right after its first occurrence.
+    stop = next(response[3] for _, response in static_ids if len(response) > 4 and response[3] != tokenizer.eos_token_id)
+    stopping = copy.deepcopy(tiny_model)
+    stopping.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    results = {}
+    for mode in ("static", "continuous"):
+        ids[:] = []
+        generate_teacher_samples(stopping, tokenizer, generation_mode=mode, **generation_kwargs(tmp_path / mode, do_sample=False))
+        results[mode] = list(ids)
+    assert results["continuous"] == results["static"]
+    cut = [response for _, response in results["continuous"] if stop in response]
+    assert cut and all(response.index(stop) == len(response) - 1 for response in cut)
+    assert all(len(response) <= 12 for _, response in results["continuous"])
+
+
+def test_continuous_generation_token_count_format_and_determinism(tiny_model, tokenizer, tmp_path, monkeypatch):
+    concurrency = []
+    original = tiny_model.init_continuous_batching
+
+    def spy(**kw):
+        concurrency.append(kw["continuous_batching_config"].max_requests_per_batch)
+        return original(**kw)
+
+    monkeypatch.setattr(tiny_model, "init_continuous_batching", spy)
+    kwargs = generation_kwargs(tmp_path / "a", generation_mode="continuous")
+    rng_state = torch.get_rng_state()
+    samples = generate_teacher_samples(tiny_model, tokenizer, **kwargs)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's RNG is left alone
+    assert concurrency and set(concurrency) == {kwargs["batch_size"]}  # batch_size = sequences at once
+    total = sum(sample.generated_tokens for sample in samples)
+    wave = data.CONTINUOUS_WAVE_BATCHES * kwargs["batch_size"]
+    assert kwargs["num_tokens"] <= total < kwargs["num_tokens"] + wave * kwargs["max_new_tokens"]
+    assert all(1 <= sample.generated_tokens <= kwargs["max_new_tokens"] for sample in samples)
+    for sample in samples:
+        assert sample.text.startswith(sample.prompt) and len(sample.text) > len(sample.prompt)
+        assert sample.prompt.startswith("<s>user\n") and sample.prompt.endswith("</s>\n<s>assistant\n")
+    assert {sample.prompt.split("\n")[1].removesuffix("</s>") for sample in samples} == set(PROMPTS)
+
+    torch.manual_seed(1234)  # global RNG state must not matter
+    assert generate_teacher_samples(tiny_model, tokenizer, **{**kwargs, "cache_dir": tmp_path / "b"}) == samples
+    assert generate_teacher_samples(tiny_model, tokenizer, **{**kwargs, "cache_dir": tmp_path / "c", "seed": 1}) != samples
+    # A budget below max_new_tokens queues one request at a time, so it overshoots by less than one response.
+    few = generate_teacher_samples(tiny_model, tokenizer, **{**kwargs, "cache_dir": tmp_path / "d", "num_tokens": 5})
+    assert 5 <= sum(sample.generated_tokens for sample in few) < 5 + kwargs["max_new_tokens"]
+
+
+def test_static_cache_key_is_unchanged_and_modes_are_checked(tiny_model, tokenizer, tmp_path):
+    kwargs = generation_kwargs(tmp_path, num_tokens=10)
+    generate_teacher_samples(tiny_model, tokenizer, **kwargs)
+    # The static key is the one written before generation modes existed (existing caches stay valid).
+    old_params = {name: kwargs[name] for name in ("num_tokens", "max_new_tokens", "batch_size", "seed")}
+    old_params.update(temperature=0.8, top_p=0.95, top_k=50)
+    old_key = data._teacher_cache_key(tiny_model, tokenizer, old_params, PROMPTS)
+    assert [path.name for path in tmp_path.glob("teacher_text-*.jsonl")] == [f"teacher_text-{old_key}.jsonl"]
+    with pytest.raises(EffconvError, match="--generation-mode must be one of static, continuous, got 'paged'"):
+        generate_teacher_samples(tiny_model, tokenizer, generation_mode="paged", **kwargs)
+    with pytest.raises(EffconvError, match="continuous batching"):
+        data._continuous_batching_support(types.SimpleNamespace())

@@ -182,7 +182,39 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
     assert r.stderr.strip().splitlines() == [f"effconv: error: output directory {tmp_path / 'exists'} already exists; pass --overwrite to replace it"]
     r = _cli("linearize", "--model", tiny_model_dir, "--out", tmp_path / "x", "--feature-map", "nope")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = _cli("linearize", "--model", tiny_model_dir, "--out", tmp_path / "x", "--generation-mode", "fast")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "effconv: error: --generation-mode must be one of static, continuous, got 'fast'"]
     assert not (tmp_path / "x").exists()
+
+
+def test_generation_mode_setting(monkeypatch):
+    from typer.testing import CliRunner
+
+    from effconv import linearize as lin
+    from effconv.cli import app
+    from effconv.hybridize import HybridizeConfig
+    from effconv.moe_upcycle import MoeUpcycleConfig
+
+    for config_class in (LinearizeConfig, MoeUpcycleConfig):
+        with pytest.raises(EffconvError, match="--generation-mode must be one of static, continuous, got 'fast'"):
+            config_class(generation_mode="fast").validate()
+        config_class(generation_mode="continuous").validate()
+        assert "generation_mode" not in config_class().identity()  # the default: runs from before it still resume
+        assert config_class(generation_mode="continuous").identity()["generation_mode"] == "continuous"
+    hybrid = HybridizeConfig(ratio=0.5, generation_mode="continuous")
+    assert hybrid.linearize_config([0]).generation_mode == "continuous"
+    # The CLI flag reaches the config and its check, for each command that generates teacher text.
+    for command in (["linearize"], ["hybridize", "--ratio", "0.5"], ["moe-upcycle"]):
+        result = CliRunner().invoke(app, [*command, "--generation-mode", "fast", "--out", "unused-out"])
+        assert isinstance(result.exception, EffconvError), result.output
+        assert "--generation-mode must be one of static, continuous" in str(result.exception)
+    seen = {}
+    monkeypatch.setattr(lin.data_lib, "prepare_data", lambda *args, **kwargs: seen.update(kwargs))
+    for cfg in (LinearizeConfig(generation_mode="continuous"), MoeUpcycleConfig(generation_mode="continuous"), hybrid):
+        seen.clear()
+        lin.prepare_run_data(cfg, None, None)
+        assert seen["generation_mode"] == "continuous"
 
 
 def test_recipe_is_used_and_options_override(tiny_model_dir, tmp_path):
