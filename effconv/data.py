@@ -616,33 +616,58 @@ def _generate_samples(
     pad_id = _pad_token_id(tokenizer, stop_ids)
     device = next(model.parameters()).device
 
+    def generate_chunk(index: int, batch: list[list[int]], advance: Callable[[int], None]) -> list[list[int]]:
+        torch.manual_seed(_mix_seed(seed, index))
+        return _generate_batch(model, batch, pad_id, stop_ids, max_new_tokens, generate_kwargs, device)
+
+    return _generation_loop(model, tokenizer, formatted, num_tokens=num_tokens, max_new_tokens=max_new_tokens,
+                            chunk_limit=batch_size, progress=progress, generate_chunk=generate_chunk)
+
+
+def _generation_loop(
+    model: Any,
+    tokenizer: Any,
+    formatted: Sequence[list[int]],
+    *,
+    num_tokens: int,
+    max_new_tokens: int,
+    chunk_limit: int,
+    progress: bool,
+    generate_chunk: Callable[[int, list[list[int]], Callable[[int], None]], list[list[int]]],
+) -> list[TeacherSample]:
+    """The driver both generation modes share: prompts (cycled) in chunks of at most `chunk_limit`, the last
+    chunks shrunk to what `num_tokens` still needs (tokens per sample estimated from what was seen so far,
+    max_new_tokens before the first), samples in prompt order, one progress bar. `generate_chunk(index, prompts,
+    advance)` returns each prompt's response ids; `advance(tokens)` may move the bar within a chunk."""
     samples: list[TeacherSample] = []
     generated_total = 0
     next_prompt = 0
     was_training = model.training
     model.eval()
     progress_bar = _progress_bar(progress)
+    device = next(model.parameters()).device
     try:
-        # fork_rng: seed generation without disturbing the caller's global RNG state.
+        # fork_rng: seeding for generation does not disturb the caller's global RNG state.
         with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(device)), progress_bar:
             task = progress_bar.add_task("generate", total=num_tokens)
-            batch_index = 0
+            index = 0
             while generated_total < num_tokens:
-                # Shrink the last batch(es) to what is still needed, estimating tokens per sample
-                # from what we have seen so far (max_new_tokens before the first batch).
                 remaining = num_tokens - generated_total
                 per_sample = generated_total / len(samples) if samples else max_new_tokens
-                count = max(1, min(batch_size, math.ceil(remaining / max(per_sample, 1.0))))
-                batch = [formatted[(next_prompt + i) % len(formatted)] for i in range(count)]
+                count = max(1, min(chunk_limit, math.ceil(remaining / max(per_sample, 1.0))))
+                chunk = [formatted[(next_prompt + i) % len(formatted)] for i in range(count)]
                 next_prompt += count
+                chunk_tokens = [generated_total]  # running count for the progress bar within the chunk
 
-                torch.manual_seed(_mix_seed(seed, batch_index))
-                new_ids = _generate_batch(model, batch, pad_id, stop_ids, max_new_tokens, generate_kwargs, device)
-                for prompt_ids, response_ids in zip(batch, new_ids):
+                def advance(tokens: int, chunk_tokens: list[int] = chunk_tokens) -> None:
+                    chunk_tokens[0] += tokens
+                    progress_bar.update(task, completed=min(chunk_tokens[0], num_tokens))
+
+                for prompt_ids, response_ids in zip(chunk, generate_chunk(index, chunk, advance)):
                     samples.append(_teacher_sample(tokenizer, prompt_ids, response_ids))
                     generated_total += len(response_ids)
                 progress_bar.update(task, completed=min(generated_total, num_tokens))
-                batch_index += 1
+                index += 1
     finally:
         model.train(was_training)
     return samples
@@ -743,47 +768,17 @@ def _generate_samples_continuous(
         model, sampling, max_new_tokens, stop_ids, _pad_token_id(tokenizer, stop_ids)
     )
     max_prompt_len = max(len(ids) for ids in formatted)
-    wave_limit = batch_size * CONTINUOUS_WAVE_BATCHES
 
-    samples: list[TeacherSample] = []
-    generated_total = 0
-    next_prompt = 0
-    was_training = model.training
-    model.eval()
-    progress_bar = _progress_bar(progress)
-    device = next(model.parameters()).device
-    try:
-        # fork_rng: transformers seeds the global RNG for sampling; the caller's RNG state is restored afterwards.
-        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(device)), progress_bar:
-            task = progress_bar.add_task("generate", total=num_tokens)
-            wave_index = 0
-            while generated_total < num_tokens:
-                remaining = num_tokens - generated_total
-                per_sample = generated_total / len(samples) if samples else max_new_tokens
-                count = max(1, min(wave_limit, math.ceil(remaining / max(per_sample, 1.0))))
-                wave = [formatted[(next_prompt + i) % len(formatted)] for i in range(count)]
-                next_prompt += count
-                cb_config = _continuous_batching_config(
-                    cb_config_class, batch_size=batch_size, max_prompt_len=max_prompt_len,
-                    max_new_tokens=max_new_tokens, seed=_mix_seed(seed, wave_index),
-                )
-                wave_tokens = [generated_total]  # running count for the progress bar, updated per finished request
+    def generate_chunk(index: int, wave: list[list[int]], advance: Callable[[int], None]) -> list[list[int]]:
+        cb_config = _continuous_batching_config(
+            cb_config_class, batch_size=batch_size, max_prompt_len=max_prompt_len,
+            max_new_tokens=max_new_tokens, seed=_mix_seed(seed, index),
+        )
+        return _run_continuous_wave(model, wave, generation_config, cb_config, stop_ids, max_new_tokens, advance)
 
-                def advance(tokens: int, wave_tokens: list[int] = wave_tokens) -> None:
-                    wave_tokens[0] += tokens
-                    progress_bar.update(task, completed=min(wave_tokens[0], num_tokens))
-
-                responses = _run_continuous_wave(
-                    model, wave, generation_config, cb_config, stop_ids, max_new_tokens, advance
-                )
-                for prompt_ids, response_ids in zip(wave, responses):
-                    samples.append(_teacher_sample(tokenizer, prompt_ids, response_ids))
-                    generated_total += len(response_ids)
-                progress_bar.update(task, completed=min(generated_total, num_tokens))
-                wave_index += 1
-    finally:
-        model.train(was_training)
-    return samples
+    return _generation_loop(model, tokenizer, formatted, num_tokens=num_tokens, max_new_tokens=max_new_tokens,
+                            chunk_limit=batch_size * CONTINUOUS_WAVE_BATCHES, progress=progress,
+                            generate_chunk=generate_chunk)
 
 
 def _continuous_batching_support(model: Any) -> Any:
