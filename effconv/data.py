@@ -54,8 +54,9 @@ MAX_DOCUMENT_CHARS = 20_000
 #: Bump when the teacher-generation procedure changes, so old caches are not reused.
 TEACHER_CACHE_VERSION = 1
 #: How teacher text is generated: "static" (padded batches through `model.generate`; every batch runs until its
-#: longest row ends) or "continuous" (transformers' continuous batching: a finished row is refilled at once).
-GENERATION_MODES = ("static", "continuous")
+#: longest row ends), "continuous" (transformers' continuous batching: a finished row is refilled at once) or
+#: "graph" (effconv.graph_sampling: a static cache and the decode step replayed from a CUDA graph; eager off CUDA).
+GENERATION_MODES = ("static", "continuous", "graph")
 #: Continuous mode queues the requests in waves of at most this many generation batches. All of a wave is queued
 #: before transformers' loop starts, so the batches it forms, and so the sampled tokens, never depend on thread
 #: timing; its scheduler's per-step work grows with the waiting requests, which the cap bounds. A wave's last
@@ -417,9 +418,11 @@ def generate_teacher_samples(
         cache_implementation = _generation_cache_implementation(model)
         if cache_implementation != "dynamic":  # other numerics, other samples: a key of their own
             generation_params["cache_implementation"] = cache_implementation
-    else:
+    elif generation_mode == "continuous":
         generation_params["generation_mode"] = generation_mode
         generation_params["continuous_wave_batches"] = CONTINUOUS_WAVE_BATCHES
+    else:
+        generation_params["generation_mode"] = generation_mode
     cache_key = _teacher_cache_key(model, tokenizer, generation_params, prompts)
     cache_path = Path(cache_dir) / f"teacher_text-{cache_key}.jsonl"
     cached = _read_teacher_cache(cache_path)
@@ -439,7 +442,8 @@ def generate_teacher_samples(
             progress=progress,
         )
     else:
-        samples = _generate_samples_continuous(
+        generate = _generate_samples_continuous if generation_mode == "continuous" else _generate_samples_graph
+        samples = generate(
             model,
             tokenizer,
             prompts=prompts,
@@ -737,6 +741,42 @@ def _generate_batch(
         end = next((i + 1 for i, token in enumerate(row) if token in stop_set), len(row))
         responses.append(row[:end])
     return responses
+
+
+def _generate_samples_graph(
+    model: Any,
+    tokenizer: Any,
+    *,
+    prompts: Sequence[str],
+    num_tokens: int,
+    max_new_tokens: int,
+    batch_size: int,
+    sampling: dict[str, Any],
+    seed: int,
+    progress: bool,
+) -> list[TeacherSample]:
+    """Teacher samples through effconv.graph_sampling.GraphSampler: batches of `batch_size` rows (the last one
+    padded with repeats, so one captured graph serves every batch) decoded from a static cache, each batch seeded
+    with (seed, batch) like the static path's. The same kind of samples as `generate` draws, not the same tokens;
+    greedy (do_sample=False) gives the same tokens."""
+    from effconv.graph_sampling import GraphSampler
+
+    formatted = _ordered_prompt_ids(tokenizer, prompts, seed)
+    stop_ids = _stop_token_ids(model, tokenizer)
+    sampler = GraphSampler(
+        model, batch_size=batch_size, max_prompt_len=max(len(ids) for ids in formatted),
+        max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=_pad_token_id(tokenizer, stop_ids),
+        do_sample=bool(sampling.get("do_sample")), temperature=float(sampling.get("temperature", 1.0)),
+        top_k=int(sampling.get("top_k", 0) or 0), top_p=float(sampling.get("top_p", 1.0)),
+    )
+
+    def generate_chunk(index: int, batch: list[list[int]], advance: Callable[[int], None]) -> list[list[int]]:
+        torch.manual_seed(_mix_seed(seed, index))
+        return sampler.generate(batch)
+
+    with _quiet_transformers():  # the per-call deprecation notes of newer transformers' cache arguments
+        return _generation_loop(model, tokenizer, formatted, num_tokens=num_tokens, max_new_tokens=max_new_tokens,
+                                chunk_limit=batch_size, progress=progress, generate_chunk=generate_chunk)
 
 
 def _generate_samples_continuous(

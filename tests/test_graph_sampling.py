@@ -1,0 +1,130 @@
+"""effconv.graph_sampling: the static-cache teacher sampler (CUDA graph on GPUs, the same step eagerly here)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: make helpers importable
+
+from helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
+
+from effconv import data  # noqa: E402
+from effconv.graph_sampling import GraphSampler  # noqa: E402
+
+STOP, PAD = 5, 0
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=STOP,
+                    pad_token_id=PAD)
+    settings.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+# prompts of different lengths: the batch is left-padded, so padding must not leak into any row
+PROMPTS = [[1, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35, 36, 37], [1, 44]]
+
+
+def reference_greedy(model, prompt, max_new_tokens, stop_ids):
+    """Each prompt alone (no padding at all) through model.generate, cut after the first stop token."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD,
+                         eos_token_id=list(stop_ids))[0, len(prompt):].tolist()
+    end = next((i + 1 for i, token in enumerate(out) if token in stop_ids), len(out))
+    return out[:end]
+
+
+def test_greedy_matches_generate_on_padded_batches_and_reuses_its_cache():
+    model = tiny_llama()
+    # batch 6 > 4 prompts: the sampler pads the batch with repeats and drops them
+    sampler = GraphSampler(model, batch_size=6, max_prompt_len=10, max_new_tokens=20, stop_ids=[STOP], pad_id=PAD,
+                           do_sample=False)
+    expected = [reference_greedy(model, prompt, 20, [STOP]) for prompt in PROMPTS]
+    assert len({tuple(response) for response in expected}) == len(PROMPTS)  # distinct: the check can fail
+    assert sampler.generate(PROMPTS) == expected
+    # a second batch (other order, other widths) reuses the preallocated cache: stale slots must not leak in
+    assert sampler.generate(PROMPTS[::-1][:3]) == expected[::-1][:3]
+    assert sampler.generate([PROMPTS[3]]) == [expected[3]]
+
+
+def test_stop_tokens_end_responses_and_the_batch():
+    model = tiny_llama()
+    greedy = reference_greedy(model, PROMPTS[0], 20, [STOP])
+    stop = greedy[3]  # a token the model writes mid-response becomes a stop token
+    sampler = GraphSampler(model, batch_size=4, max_prompt_len=10, max_new_tokens=20, stop_ids=[STOP, stop],
+                           pad_id=PAD, do_sample=False, check_every=2)
+    calls = []
+    original = sampler._step
+    sampler._step = lambda: calls.append(1) or original()
+    responses = sampler.generate([PROMPTS[0]] * 4)
+    assert responses == [greedy[:4]] * 4
+    # the host sees every row finished at the next check and stops instead of running all 20 steps
+    assert len(calls) < 8
+
+
+def test_sampling_draws_from_the_processed_distribution():
+    """Temperature, top-k and top-p as transformers' warpers define them: empirical frequencies of 60K draws."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    vocab, rows = 40, 60_000
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 2.0
+    processed = logits.clone()
+    for warper in (TemperatureLogitsWarper(0.8), TopKLogitsWarper(12), TopPLogitsWarper(0.9)):
+        processed = warper(None, processed)
+    expected = processed.softmax(-1)[0]
+    assert 3 <= int((expected > 0).sum()) < 12  # top-p cut inside the top-k set: both limits are exercised
+
+    sampler = GraphSampler.__new__(GraphSampler)  # only _choose: no model needed
+    sampler.do_sample, sampler.temperature, sampler.top_k, sampler.top_p = True, 0.8, 12, 0.9
+    torch.manual_seed(0)
+    tokens = sampler._choose(logits.expand(rows, vocab)).flatten()
+    frequencies = torch.bincount(tokens, minlength=vocab).double() / rows
+    assert float((frequencies - expected.double()).abs().max()) < 0.012  # ~5 standard errors at p = 0.5
+    assert bool((frequencies[expected == 0] == 0).all())  # nothing outside the kept set is ever drawn
+
+
+def test_sampling_is_seeded_and_varies():
+    model = tiny_llama()
+    sampler = GraphSampler(model, batch_size=4, max_prompt_len=10, max_new_tokens=16, stop_ids=[STOP], pad_id=PAD,
+                           do_sample=True, temperature=1.0, top_k=50, top_p=0.95)
+    torch.manual_seed(0)
+    first = sampler.generate(PROMPTS)
+    torch.manual_seed(0)
+    assert sampler.generate(PROMPTS) == first
+    torch.manual_seed(1)
+    assert sampler.generate(PROMPTS) != first
+    greedy = [reference_greedy(model, prompt, 16, [STOP]) for prompt in PROMPTS]
+    assert first != greedy
+
+
+def test_prompt_longer_than_the_cache_is_refused():
+    sampler = GraphSampler(tiny_llama(), batch_size=2, max_prompt_len=4, max_new_tokens=4, stop_ids=[STOP],
+                           pad_id=PAD, do_sample=False)
+    with pytest.raises(ValueError, match="does not fit"):
+        sampler.generate([list(range(1, 30))])
+    with pytest.raises(ValueError, match="takes 1..2 prompts"):
+        sampler.generate([[1, 2]] * 3)
+
+
+def test_teacher_text_in_graph_mode_matches_static_greedy(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(num_tokens=60, max_new_tokens=12, batch_size=3, seed=0, progress=False, do_sample=False,
+                  prompts=["Explain why the sky is blue.", "Write a haiku.", "What is 2 + 3?", "Tell a story."])
+    static = data.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "s", **kwargs)
+    graph = data.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "g", generation_mode="graph", **kwargs)
+    assert graph == static
+    assert sum(sample.generated_tokens for sample in graph) >= 60
+    # sampled: a cache entry of its own, deterministic for the seed
+    sampled = dict(kwargs, do_sample=True)
+    first = data.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "a", generation_mode="graph", **sampled)
+    again = data.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "b", generation_mode="graph", **sampled)
+    assert first == again and first != graph
