@@ -13,11 +13,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:
 MODEL=${MODEL:?set MODEL to the teacher (GGUF file or HF directory)}
 GEN_TOKENS=${GEN_TOKENS:-1000000}
 GEN_BATCH=${GEN_BATCH:-2048}
+GEN_MODE=${GEN_MODE:-static}  # teacher-text generation mode (graph: effconv.graph_sampling, the fast one on a GPU)
 RUN_TIMEOUT=${RUN_TIMEOUT:-420}
 RUNS=${RUNS:-"moe w64+linear-moe r25 w0 moe-copy"}
 EXTRA=${EXTRA:-}  # more --set overrides for every run (CPU smoke test: tiny budgets)
 T0=$(date +%s)
 GEN="--set model=$MODEL --set generate_tokens=$GEN_TOKENS --set generation_batch_size=$GEN_BATCH"
+[ "$GEN_MODE" != static ] && GEN="$GEN --set generation_mode=$GEN_MODE"
 # SESSION_SECONDS: every *-long run ends by T0 + SESSION_SECONDS (its stages get wall-clock budgets, max_seconds,
 # from what is left when it starts; RESERVE seconds are kept for setup, evaluation and export)
 SESSION_SECONDS=${SESSION_SECONDS:-}
@@ -31,7 +33,7 @@ stage_budgets() {  # linearize / hybridize: stage 1 gets 55 %, stage 2 45 % of w
 }
 
 # 1. the teacher writes the shared training text once (effconv caches it; every run below reads the cache)
-timeout 300 python3 - "$MODEL" "$GEN_TOKENS" "$GEN_BATCH" > "$OUT/gen.log" 2>&1 <<'EOF'
+timeout ${GEN_TIMEOUT:-300} python3 - "$MODEL" "$GEN_TOKENS" "$GEN_BATCH" "$GEN_MODE" > "$OUT/gen.log" 2>&1 <<'EOF'
 import sys, time, torch
 from effconv.data import generate_teacher_samples
 from effconv.loading import cache_root, load_teacher
@@ -39,7 +41,7 @@ cuda = torch.cuda.is_available()
 model, tok, _ = load_teacher(sys.argv[1], dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
 t0 = time.time()
 samples = generate_teacher_samples(model, tok, num_tokens=int(sys.argv[2]), batch_size=int(sys.argv[3]),
-                                   cache_dir=cache_root() / "data", progress=False)
+                                   cache_dir=cache_root() / "data", progress=False, generation_mode=sys.argv[4])
 dt = time.time() - t0
 n = sum(s.generated_tokens for s in samples)
 print(f"teacher text: {len(samples)} samples, {n} generated tokens in {dt:.1f}s = {n / dt:.0f} tokens/s")
@@ -80,6 +82,15 @@ for r in $RUNS; do
            --set stage2_tokens=${LONG_S2:-10000000} $(stage_budgets "${RESERVE:-150}") --set out=/root/runs/w64-long & ;;
     r25-long2) run r25-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set stage1_tokens=${LONG_S1:-20000000} \
            --set stage2_tokens=${LONG_S2:-10000000} $(stage_budgets "${RESERVE:-180}") --set out=/root/runs/r25-long & ;;
+    r25w128-long2) run r25w128-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set window=128 \
+           --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
+           $(stage_budgets "${RESERVE:-180}") --set out=/root/runs/r25w128-long & ;;
+    w64-long2+linear-moe) ( run w64-long recipes/smollm2-135m-linearize-w64.yaml $GEN \
+           --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
+           $(stage_budgets "${W64_RESERVE:-500}") --set out=/root/runs/w64-long \
+           && run linear-moe-long recipes/smollm2-135m-linear-moe.yaml --set model=/root/runs/w64-long --set data="$TEXT" \
+                --set tokens=${LMOE_TOKENS:-20000000} \
+                --set max_seconds=$(left_s "${MOE_RESERVE:-300}") --set out=/root/runs/linear-moe-long ) & ;;
     w0-long) run w0-long recipes/smollm2-135m-linearize-w0.yaml $GEN --set kernel=auto \
            --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
            $(stage_budgets "${RESERVE:-150}") --set out=/root/runs/w0-long & ;;

@@ -128,3 +128,23 @@ def test_teacher_text_in_graph_mode_matches_static_greedy(tmp_path):
     first = data.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "a", generation_mode="graph", **sampled)
     again = data.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "b", generation_mode="graph", **sampled)
     assert first == again and first != graph
+
+
+def test_decode_attention_equals_repeated_kv_sdpa():
+    """The packed one-token path against plain SDPA on key/value heads repeated per query head (GQA 9/3)."""
+    from effconv.graph_sampling import decode_attention
+
+    torch.manual_seed(0)
+    b, heads, kv_heads, slots, dim = 3, 9, 3, 37, 16
+    query = torch.randn(b, heads, 1, dim)
+    key, value = torch.randn(b, kv_heads, slots, dim), torch.randn(b, kv_heads, slots, dim)
+    mask = torch.rand(b, 1, 1, slots) > 0.4
+    mask[..., 0] = True
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    out, _ = decode_attention(module, query, key, value, mask, scaling=0.3)
+    repeat = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1), attn_mask=mask, scale=0.3)
+    assert out.shape == (b, 1, heads, dim)
+    torch.testing.assert_close(out, expected.transpose(1, 2))
