@@ -761,6 +761,7 @@ def _generate_samples_graph(
     greedy (do_sample=False) gives the same tokens."""
     from effconv.graph_sampling import GraphSampler
 
+    _check_graph_generation_config(model)
     formatted = _ordered_prompt_ids(tokenizer, prompts, seed)
     stop_ids = _stop_token_ids(model, tokenizer)
     sampler = GraphSampler(
@@ -777,6 +778,28 @@ def _generate_samples_graph(
     with _quiet_transformers():  # the per-call deprecation notes of newer transformers' cache arguments
         return _generation_loop(model, tokenizer, formatted, num_tokens=num_tokens, max_new_tokens=max_new_tokens,
                                 chunk_limit=batch_size, progress=progress, generate_chunk=generate_chunk)
+
+
+#: generation_config settings `generate` would apply and graph mode does not, with their neutral values.
+_GRAPH_UNSUPPORTED_GENERATION = {
+    "repetition_penalty": (None, 1, 1.0), "encoder_repetition_penalty": (None, 1, 1.0),
+    "no_repeat_ngram_size": (None, 0), "min_p": (None, 0, 0.0), "typical_p": (None, 1, 1.0),
+    "epsilon_cutoff": (None, 0, 0.0), "eta_cutoff": (None, 0, 0.0), "bad_words_ids": (None,),
+    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "min_new_tokens": (None, 0), "min_length": (None, 0), "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,), "num_beams": (None, 1), "guidance_scale": (None, 1, 1.0),
+}
+
+
+def _check_graph_generation_config(model: Any) -> None:
+    """Graph mode samples with temperature/top-k/top-p only: refuse a model whose generation_config asks for more,
+    rather than write text from another distribution than `generate` would."""
+    config = getattr(model, "generation_config", None)
+    active = [f"{name}={getattr(config, name)!r}" for name, neutral in _GRAPH_UNSUPPORTED_GENERATION.items()
+              if getattr(config, name, None) not in neutral and getattr(config, name, None) != []]
+    if active:
+        raise EffconvError(f"--generation-mode graph samples with temperature/top-k/top-p only; the model's "
+                           f"generation_config also sets {', '.join(active)}: use --generation-mode static")
 
 
 def _generate_samples_continuous(

@@ -148,3 +148,18 @@ def test_decode_attention_equals_repeated_kv_sdpa():
         query, key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1), attn_mask=mask, scale=0.3)
     assert out.shape == (b, 1, heads, dim)
     torch.testing.assert_close(out, expected.transpose(1, 2))
+
+
+def test_graph_mode_refuses_generation_settings_it_cannot_apply(tmp_path):
+    from effconv.errors import EffconvError
+
+    tokenizer = make_tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    model.generation_config.repetition_penalty = 1.3
+    with pytest.raises(EffconvError, match="repetition_penalty=1.3: use --generation-mode static"):
+        data.generate_teacher_samples(model, tokenizer, num_tokens=8, cache_dir=tmp_path, max_new_tokens=4,
+                                      batch_size=2, progress=False, prompts=["Hi."], generation_mode="graph")
+    model.generation_config.repetition_penalty = 1.0  # neutral: accepted
+    samples = data.generate_teacher_samples(model, tokenizer, num_tokens=8, cache_dir=tmp_path, max_new_tokens=4,
+                                            batch_size=2, progress=False, prompts=["Hi."], generation_mode="graph")
+    assert sum(sample.generated_tokens for sample in samples) >= 8
