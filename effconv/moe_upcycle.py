@@ -431,7 +431,7 @@ def distill_loss(student, teacher, batch: torch.Tensor, cfg: MoeUpcycleConfig) -
     kl = F.kl_div(F.log_softmax(s_logits, -1).flatten(0, 1), F.log_softmax(t_logits, -1).flatten(0, 1),
                   log_target=True, reduction="batchmean")
     loss = kl
-    logs = {"kl": float(kl)}
+    logs = {"kl": kl.detach()}  # no float(): a host sync every step (the training loop drops logs anyway)
     if want_hidden:
         mse = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(s_hidden, t_hidden)]).mean()
         loss = loss + cfg.hidden_mse_weight * mse
