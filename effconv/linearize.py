@@ -67,6 +67,7 @@ class LinearizeConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     kl_weight: float = 0.0  # stage 2: weight of KL(teacher || student) on logits, beside next-token loss
+    ce_weight: float = 1.0  # stage 2: weight of the next-token loss on the text (0 with kl_weight > 0: pure KL)
     val_fraction: float = 0.1
     max_val_blocks: int = 16
     eval_every: int = 4
@@ -91,9 +92,11 @@ class LinearizeConfig:
         for name in ("seq_len", "batch_size", "lora_rank", "eval_every", "checkpoint_every", "generation_batch_size"):
             if getattr(self, name) <= 0:
                 raise EffconvError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("stage1_tokens", "stage2_tokens", "generate_tokens", "attn_ce_weight", "kl_weight"):
+        for name in ("stage1_tokens", "stage2_tokens", "generate_tokens", "attn_ce_weight", "kl_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 raise EffconvError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.stage2_tokens > 0 and self.ce_weight == 0 and self.kl_weight == 0:
+            raise EffconvError("--ce-weight 0 and --kl-weight 0 leave stage 2 without a loss; set one of them")
         if not 0 < self.val_fraction < 1:
             raise EffconvError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -145,6 +148,8 @@ class LinearizeConfig:
             d.pop(volatile)
         if d["generation_mode"] == "static":  # the default: absent, so runs from before it existed still resume
             d.pop("generation_mode")
+        if d["ce_weight"] == 1.0:  # likewise
+            d.pop("ce_weight")
         return d
 
 
@@ -288,9 +293,15 @@ def _add_lora(student, cfg: LinearizeConfig):
     return peft_model
 
 
-def finetune_loss(peft_model, student, batch: torch.Tensor, kl_weight: float) -> torch.Tensor:
+def finetune_loss(peft_model, student, batch: torch.Tensor, kl_weight: float, ce_weight: float = 1.0) -> torch.Tensor:
+    """Stage 2: ce_weight x next-token loss on the text + kl_weight x KL(teacher || student) on every position's
+    next-token distribution (the teacher: the same weights, adapters off, softmax attention). The next-token term
+    fits the text, which for teacher-generated text is the teacher's *sampled* distribution; the KL term fits the
+    teacher's own distribution."""
     logits = peft_model(input_ids=batch, use_cache=False).logits.float()
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+    loss = logits.new_zeros(())
+    if ce_weight > 0:
+        loss = ce_weight * F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
     if kl_weight > 0:
         with torch.no_grad(), peft_model.disable_adapter():
             student.set_attention_mode("teacher")
@@ -428,7 +439,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None) -> Lineariz
         stage2_ckpt = run_dir / "stage2.pt"
         resume_state = load_checkpoint(stage2_ckpt) if cfg.resume and stage2_ckpt.is_file() else None
         r2 = run_stage(
-            peft_model, stage2, loss_fn=lambda b: (finetune_loss(peft_model, student, b, cfg.kl_weight), {}),
+            peft_model, stage2, loss_fn=lambda b: (finetune_loss(peft_model, student, b, cfg.kl_weight, cfg.ce_weight), {}),
             next_batch=next_batch,
             evaluate=lambda: next_token_loss(peft_model, val_blocks, batch_size=cfg.batch_size),
             checkpoint_path=stage2_ckpt, resume_state=resume_state, progress=cfg.progress,

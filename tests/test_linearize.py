@@ -184,7 +184,7 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     r = _cli("linearize", "--model", tiny_model_dir, "--out", tmp_path / "x", "--generation-mode", "fast")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "effconv: error: --generation-mode must be one of static, continuous, got 'fast'"]
+        "effconv: error: --generation-mode must be one of static, continuous, graph, got 'fast'"]
     assert not (tmp_path / "x").exists()
 
 
@@ -197,7 +197,7 @@ def test_generation_mode_setting(monkeypatch):
     from effconv.moe_upcycle import MoeUpcycleConfig
 
     for config_class in (LinearizeConfig, MoeUpcycleConfig):
-        with pytest.raises(EffconvError, match="--generation-mode must be one of static, continuous, got 'fast'"):
+        with pytest.raises(EffconvError, match="--generation-mode must be one of static, continuous, graph, got 'fast'"):
             config_class(generation_mode="fast").validate()
         config_class(generation_mode="continuous").validate()
         assert "generation_mode" not in config_class().identity()  # the default: runs from before it still resume
@@ -239,3 +239,39 @@ def test_every_recipe_is_a_valid_linearize_config(recipe):
     cfg = build_config(LinearizeConfig, recipe, {})
     cfg.validate()
     assert cfg.out.startswith("out/")
+
+
+def test_stage2_loss_weights(tiny_model_dir, tmp_path):
+    """finetune_loss = ce_weight x next-token loss + kl_weight x KL(teacher || student): each term alone, and their
+    sum; pure distillation (ce_weight 0) trains and exports; no loss at all is refused."""
+    import torch.nn.functional as F
+
+    from effconv import linearize as lin
+    from effconv.loading import load_teacher
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "unused", kl_weight=1.0, ce_weight=0.0)
+    teacher, _, _ = load_teacher(str(tiny_model_dir), dtype=torch.float32, device="cpu")
+    student = make_student(teacher, cfg, torch.device("cpu"))
+    peft_model = lin._add_lora(student, cfg)
+    batch = torch.randint(0, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = peft_model(input_ids=batch, use_cache=False).logits.float()
+        with peft_model.disable_adapter():
+            student.set_attention_mode("teacher")
+            teacher_logits = student(input_ids=batch, use_cache=False).logits.float()
+            student.set_attention_mode("student")
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(teacher_logits, -1).flatten(0, 1),
+                      log_target=True, reduction="batchmean")
+        assert float(kl) > 1e-4  # the converted student differs from its teacher: the check can fail
+        torch.testing.assert_close(lin.finetune_loss(peft_model, student, batch, 0.0, 1.0), ce)
+        torch.testing.assert_close(lin.finetune_loss(peft_model, student, batch, 1.0, 0.0), kl)
+        torch.testing.assert_close(lin.finetune_loss(peft_model, student, batch, 0.5, 2.0), 2.0 * ce + 0.5 * kl)
+
+    result = linearize(tiny_cfg(tiny_model_dir, tmp_path / "out", kl_weight=1.0, ce_weight=0.0))
+    assert (tmp_path / "out" / "model.safetensors").is_file() and result.metrics["stage2"]["tokens"] == 32 * 4 * 4
+    assert LinearizeConfig(ce_weight=0.5).identity()["ce_weight"] == 0.5 and "ce_weight" not in LinearizeConfig().identity()
+    with pytest.raises(EffconvError, match="leave stage 2 without a loss"):
+        linearize(tiny_cfg(tiny_model_dir, tmp_path / "none", ce_weight=0.0))
+    with pytest.raises(EffconvError, match="--ce-weight must be >= 0"):
+        linearize(tiny_cfg(tiny_model_dir, tmp_path / "neg", ce_weight=-1.0))
