@@ -6,6 +6,7 @@
 # Knobs (env): GEN_TOKENS, GEN_BATCH (teacher text, shared by every run through effconv's data cache),
 # RUNS (space-separated names from the case below), RUN_TIMEOUT (seconds per run), EFFCONV_GENERATION_CACHE,
 # SESSION_SECONDS (the *-long runs: wall-clock budgets that end every run by then; see left_s below).
+# r25-long2 runs the r25 recipe as it is (window 128 since 2026-12-02; r25w64-long2 is the window-64 variant).
 set -u
 OUT=${OUT:-/tmp/effconv-recipes}
 mkdir -p "$OUT"
@@ -82,6 +83,9 @@ for r in $RUNS; do
            --set stage2_tokens=${LONG_S2:-10000000} $(stage_budgets "${RESERVE:-150}") --set out=/root/runs/w64-long & ;;
     r25-long2) run r25-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set stage1_tokens=${LONG_S1:-20000000} \
            --set stage2_tokens=${LONG_S2:-10000000} $(stage_budgets "${RESERVE:-180}") --set out=/root/runs/r25-long & ;;
+    r25w64-long2) run r25w64-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set window=64 \
+           --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
+           $(stage_budgets "${RESERVE:-180}") --set out=/root/runs/r25w64-long & ;;
     r25w128-long2) run r25w128-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set window=128 \
            --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
            $(stage_budgets "${RESERVE:-180}") --set out=/root/runs/r25w128-long & ;;
@@ -91,6 +95,12 @@ for r in $RUNS; do
            && run linear-moe-long recipes/smollm2-135m-linear-moe.yaml --set model=/root/runs/w64-long --set data="$TEXT" \
                 --set tokens=${LMOE_TOKENS:-20000000} \
                 --set max_seconds=$(left_s "${MOE_RESERVE:-300}") --set out=/root/runs/linear-moe-long ) & ;;
+    w64-kl-long2) run w64-kl-long recipes/smollm2-135m-linearize-w64.yaml $GEN --set ce_weight=0 --set kl_weight=1 \
+           --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
+           $(stage_budgets "${RESERVE:-150}") --set out=/root/runs/w64-kl-long & ;;
+    r25w128-kl-long2) run r25w128-kl-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set ce_weight=0 \
+           --set kl_weight=1 --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
+           $(stage_budgets "${RESERVE:-180}") --set out=/root/runs/r25w128-kl-long & ;;
     w0-long) run w0-long recipes/smollm2-135m-linearize-w0.yaml $GEN --set kernel=auto \
            --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
            $(stage_budgets "${RESERVE:-150}") --set out=/root/runs/w0-long & ;;
