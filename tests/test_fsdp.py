@@ -300,7 +300,9 @@ def test_moe_upcycle_under_fsdp_follows_one_process(tiny_model_dir, tmp_path):
     b = load_checkpoint(tmp_path / "two" / ".out.effconv-run" / "distill.pt")
     _assert_same_curves(a, b)  # measured: max relative difference ~2e-7
     assert any(".experts." in k for k in b["trainable"])
-    _assert_same_export(tmp_path / "one" / "out", tmp_path / "two" / "out")
+    # Adam turns the two reductions' rounding differences into up to 2e-5 on a few expert weights whose gradients
+    # are near zero (measured with transformers 5.24 / torch 2.13; 4e-7 before): loss curves match to 1e-5 above
+    _assert_same_export(tmp_path / "one" / "out", tmp_path / "two" / "out", atol=5e-5)
     ja = json.loads((tmp_path / "one" / "out" / "effconv.json").read_text())
     jb = json.loads((tmp_path / "two" / "out" / "effconv.json").read_text())
     assert ja["export_format"] == jb["export_format"] == "mixtral"
