@@ -2,6 +2,7 @@
 
     python bench/recipes.py run recipes/smollm2-135m-moe-8x2.yaml --log runs/recipes.jsonl [--set tokens=8000000 ...]
     python bench/recipes.py report runs/recipes.jsonl [more.jsonl ...]
+    python bench/recipes.py plot --out stage2.png runs/*.jsonl [--exclude "window 0"]   # ratios vs stage-2 tokens
 
 `run` builds the command's config from the recipe exactly as `effconv <command> --recipe` does (the command is
 read from the recipe's file name: linearize, hybridize, moe / linear-moe -> moe-upcycle), with `--set KEY=VALUE`
@@ -155,6 +156,61 @@ def report(logs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def series_of(record: dict) -> str:
+    """The family a linearize / hybridize record belongs to in the plot: command, ratio and window."""
+    s = record["settings"]
+    name = "linearize" if record["command"] == "linearize" else f"hybridize r{round(100 * s.get('ratio', 0))}"
+    loss = ", KL stage 2" if s.get("ce_weight", 1.0) == 0 else ""
+    return f"{name}, window {s.get('window')}{loss}"
+
+
+def stage2_points(logs: list[Path]) -> dict[str, list[tuple[float, float, float, float]]]:
+    """Per series: (stage-2 tokens trained, stage-1 tokens trained, prose ratio, held-out teacher-text ratio)."""
+    points: dict[str, list[tuple[float, float, float, float]]] = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            if r["command"] not in ("linearize", "hybridize"):
+                continue
+            done, _, _ = trained_tokens(r)
+            final, teacher = _val(r["metadata"])
+            prose = r["prose"]["perplexity"] / r["reference_prose"]["perplexity"]
+            stage2 = done[1] if len(done) > 1 else 0
+            points.setdefault(series_of(r), []).append(
+                (stage2, done[0], prose, final / teacher if final and teacher else float("nan")))
+    return {k: sorted(v) for k, v in points.items()}
+
+
+def plot(logs: list[Path], out: Path, exclude: tuple[str, ...] = ()) -> dict:
+    """Prose and held-out teacher-text perplexity (x teacher) against the stage-2 tokens trained, one line per
+    series, each point labelled with its stage-1 tokens. Returns the points it drew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = {k: v for k, v in stage2_points(logs).items() if not any(x in k for x in exclude)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for series, pts in points.items():
+        xs = [p[0] / 1e6 for p in pts]
+        for ax, column in zip(axes, (2, 3)):
+            line, = ax.plot(xs, [p[column] for p in pts], "o-", label=series)
+            for p in pts:
+                ax.annotate(f"{p[1] / 1e6:.0f}M", (p[0] / 1e6, p[column]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points", color=line.get_color())
+    axes[0].set_title("held-out prose (x teacher)")
+    axes[1].set_title("held-out teacher text (x teacher)")
+    for ax in axes:
+        ax.set_xlabel("stage-2 tokens trained (M); labels: stage-1 tokens")
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return points
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -165,9 +221,16 @@ def main() -> None:
     r.add_argument("--name", default=None)
     g = sub.add_parser("report")
     g.add_argument("logs", type=Path, nargs="+")
+    q = sub.add_parser("plot")
+    q.add_argument("logs", type=Path, nargs="+")
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--exclude", action="append", default=[], help="leave out series whose name contains this")
     a = p.parse_args()
     if a.cmd == "run":
         run(a.recipe, a.log, parse_sets(a.sets), a.name)
+    elif a.cmd == "plot":
+        for series, pts in plot(a.logs, a.out, tuple(a.exclude)).items():
+            print(series, [(f"{p[0] / 1e6:.2f}M", f"{p[2]:.3f}x") for p in pts])
     else:
         print(report(a.logs))
 

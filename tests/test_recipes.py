@@ -69,3 +69,29 @@ def test_bench_report_counts_the_tokens_actually_trained():
     assert trained_tokens(moe) == ([8_847_360], [20_000_000], True)
     step0 = {"settings": {"tokens": 0}, "metadata": {"metrics": {}}}
     assert trained_tokens(step0) == ([0], [0], False)
+
+
+def test_bench_plot_of_stage2_length(tmp_path):
+    """bench/recipes.py plot: one series per command/ratio/window/loss, points sorted by stage-2 tokens, a PNG."""
+    import json
+
+    bench = _bench_recipes()
+
+    def record(command, window, stage2, prose, ce_weight=1.0):
+        settings = {"stage1_tokens": 10_000_000, "stage2_tokens": stage2, "window": window, "ratio": 0.25,
+                    "ce_weight": ce_weight}
+        metrics = {"stage1": {"tokens": 9_000_000}, "stage2": {"tokens": stage2}, "stage2_val_ppl": 3.0,
+                   "teacher_val_ppl": 4.0}
+        return {"command": command, "settings": settings, "metadata": {"metrics": metrics},
+                "prose": {"perplexity": prose}, "reference_prose": {"perplexity": 20.0}}
+
+    log = tmp_path / "runs.jsonl"
+    rows = [record("linearize", 64, 4_000_000, 25.0), record("linearize", 64, 1_500_000, 24.0),
+            record("hybridize", 128, 1_500_000, 22.0), record("hybridize", 128, 1_500_000, 21.0, ce_weight=0.0),
+            {"command": "moe-upcycle", "settings": {"tokens": 1}, "metadata": {}, "prose": {}, "reference_prose": {}}]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    points = bench.plot([log], tmp_path / "p.png", exclude=("KL",))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert set(points) == {"linearize, window 64", "hybridize r25, window 128"}
+    assert points["linearize, window 64"] == [(1_500_000, 9_000_000, 1.2, 0.75), (4_000_000, 9_000_000, 1.25, 0.75)]
+    assert "hybridize r25, window 128, KL stage 2" in bench.stage2_points([log])
