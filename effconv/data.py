@@ -764,12 +764,15 @@ def _generate_samples_graph(
     _check_graph_generation_config(model)
     formatted = _ordered_prompt_ids(tokenizer, prompts, seed)
     stop_ids = _stop_token_ids(model, tokenizer)
-    sampler = GraphSampler(
-        model, batch_size=batch_size, max_prompt_len=max(len(ids) for ids in formatted),
-        max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=_pad_token_id(tokenizer, stop_ids),
-        do_sample=bool(sampling.get("do_sample")), temperature=float(sampling.get("temperature", 1.0)),
-        top_k=int(sampling.get("top_k", 0) or 0), top_p=float(sampling.get("top_p", 1.0)),
-    )
+    try:
+        sampler = GraphSampler(
+            model, batch_size=batch_size, max_prompt_len=max(len(ids) for ids in formatted),
+            max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=_pad_token_id(tokenizer, stop_ids),
+            do_sample=bool(sampling.get("do_sample")), temperature=float(sampling.get("temperature", 1.0)),
+            top_k=int(sampling.get("top_k", 0) or 0), top_p=float(sampling.get("top_p", 1.0)),
+        )
+    except ValueError as error:
+        raise EffconvError(f"--generation-mode graph: {error}; use --generation-mode static") from error
 
     def generate_chunk(index: int, batch: list[list[int]], advance: Callable[[int], None]) -> list[list[int]]:
         torch.manual_seed(_mix_seed(seed, index))

@@ -57,6 +57,26 @@ def _register_decode_attention() -> None:
     AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 
 
+def _full_attention_config(config, length: int):
+    """The config the cache is built from: sliding-window layers (Mistral, Qwen2) get a full static layer, which
+    is exact while every sequence fits the window (no key is ever further back than `length` tokens); a longer one
+    is refused rather than attended wrongly (the one mask of the step is not a per-layer window)."""
+    import copy
+
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    sliding = window is not None and (layer_types is None or "sliding_attention" in layer_types)
+    if not sliding:
+        return config
+    if length > window:
+        raise ValueError(f"graph sampling covers sliding-window models only while prompt + new tokens ({length}) "
+                         f"fit the window ({window})")
+    full = copy.deepcopy(config)
+    full.sliding_window = None
+    full.layer_types = ["full_attention"] * (len(layer_types) if layer_types else config.num_hidden_layers)
+    return full
+
+
 class GraphSampler:
     """Sampled (or greedy) continuations for batches of at most `batch_size` prompts (see module docstring)."""
 
@@ -96,7 +116,8 @@ class GraphSampler:
         self.graph_error: str | None = None
 
         device, b = self.device, batch_size
-        self.cache = StaticCache(config=model.config, max_cache_len=self.cache_len)
+        self.cache = StaticCache(config=_full_attention_config(model.config, max_prompt_len + max_new_tokens),
+                                 max_cache_len=self.cache_len)
         # static buffers the captured step reads and advances
         self.slots = torch.arange(self.cache_len, device=device)
         self.stop_ids = torch.tensor(list(stop_ids) or [-1], dtype=torch.long, device=device)

@@ -163,3 +163,20 @@ def test_graph_mode_refuses_generation_settings_it_cannot_apply(tmp_path):
     samples = data.generate_teacher_samples(model, tokenizer, num_tokens=8, cache_dir=tmp_path, max_new_tokens=4,
                                             batch_size=2, progress=False, prompts=["Hi."], generation_mode="graph")
     assert sum(sample.generated_tokens for sample in samples) >= 8
+
+
+def test_greedy_matches_generate_on_every_architecture(arch):
+    """Llama, Mistral and Qwen2 (sliding-window layers, whose cache is built full while sequences fit the window),
+    Qwen3 (q/k norms, attention bias): the sampler's greedy tokens are generate's."""
+    from conftest import tiny_teacher
+
+    model = tiny_teacher(arch)
+    prompts = [[1] + list(range(10, 10 + n)) for n in (5, 2, 9, 1)]
+    sampler = GraphSampler(model, batch_size=4, max_prompt_len=10, max_new_tokens=6, stop_ids=[], pad_id=0,
+                           do_sample=False)
+    expected = [model.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert sampler.generate(prompts) == expected
+    if arch in ("mistral", "qwen2"):  # window 16: a longer sequence is refused, not attended wrongly
+        with pytest.raises(ValueError, match="fit the window"):
+            GraphSampler(model, batch_size=4, max_prompt_len=12, max_new_tokens=6, stop_ids=[], pad_id=0)
