@@ -14,13 +14,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:
 MODEL=${MODEL:?set MODEL to the teacher (GGUF file or HF directory)}
 GEN_TOKENS=${GEN_TOKENS:-1000000}
 GEN_BATCH=${GEN_BATCH:-2048}
-GEN_MODE=${GEN_MODE:-static}  # teacher-text generation mode (graph: effconv.graph_sampling, the fast one on a GPU)
+GEN_MODE=${GEN_MODE:-graph}  # teacher-text generation mode (graph: effconv.graph_sampling, the fast one on a GPU)
 RUN_TIMEOUT=${RUN_TIMEOUT:-420}
 RUNS=${RUNS:-"moe w64+linear-moe r25 w0 moe-copy"}
 EXTRA=${EXTRA:-}  # more --set overrides for every run (CPU smoke test: tiny budgets)
 T0=$(date +%s)
 GEN="--set model=$MODEL --set generate_tokens=$GEN_TOKENS --set generation_batch_size=$GEN_BATCH"
-[ "$GEN_MODE" != static ] && GEN="$GEN --set generation_mode=$GEN_MODE"
+GEN="$GEN --set generation_mode=$GEN_MODE"  # every run reads the text step 1 wrote (the mode is in its cache key)
 # SESSION_SECONDS: every *-long run ends by T0 + SESSION_SECONDS (its stages get wall-clock budgets, max_seconds,
 # from what is left when it starts; RESERVE seconds are kept for setup, evaluation and export)
 SESSION_SECONDS=${SESSION_SECONDS:-}

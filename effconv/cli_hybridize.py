@@ -35,7 +35,7 @@ def hybridize(
     text_field: Annotated[Optional[str], Opt(help="JSONL / dataset field holding the text")] = None,
     generate_tokens: Annotated[Optional[int], Opt(help="Tokens of teacher-generated text when --data is not given")] = None,
     generation_batch_size: Annotated[Optional[int], Opt(help="Batch size of teacher text generation")] = None,
-    generation_mode: Annotated[Optional[str], Opt(help="Teacher text generation: static (padded generate batches) | continuous (transformers' continuous batching: finished rows refilled at once) | graph (static cache, decode step replayed from a CUDA graph: fastest on a GPU)")] = None,
+    generation_mode: Annotated[Optional[str], Opt(help="Teacher text generation: auto (default: graph on CUDA where it applies, else static) | static (padded generate batches) | continuous (transformers' continuous batching: finished rows refilled at once) | graph (static cache, decode step replayed from a CUDA graph: fastest on a GPU)")] = None,
     feature_map: Annotated[Optional[str], Opt(help="hedgehog | t2r | elu")] = None,
     feature_dim: Annotated[Optional[int], Opt(help="Feature-map projection size per head (default: head dim)")] = None,
     window: Annotated[Optional[int], Opt(help="Sliding softmax window of the converted layers; 0 = pure linear attention")] = None,

@@ -36,7 +36,7 @@ def moe_upcycle(
     text_field: Annotated[Optional[str], Opt(help="JSONL / dataset field holding the text")] = None,
     generate_tokens: Annotated[Optional[int], Opt(help="Tokens of teacher-generated text when --data is not given")] = None,
     generation_batch_size: Annotated[Optional[int], Opt(help="Batch size of teacher text generation")] = None,
-    generation_mode: Annotated[Optional[str], Opt(help="Teacher text generation: static (padded generate batches) | continuous (transformers' continuous batching: finished rows refilled at once) | graph (static cache, decode step replayed from a CUDA graph: fastest on a GPU)")] = None,
+    generation_mode: Annotated[Optional[str], Opt(help="Teacher text generation: auto (default: graph on CUDA where it applies, else static) | static (padded generate batches) | continuous (transformers' continuous batching: finished rows refilled at once) | graph (static cache, decode step replayed from a CUDA graph: fastest on a GPU)")] = None,
     seq_len: Annotated[Optional[int], Opt(help="Training sequence length")] = None,
     batch_size: Annotated[Optional[int], Opt(help="Sequences per step")] = None,
     val_fraction: Annotated[Optional[float], Opt(help="Held-out fraction of the data")] = None,

@@ -54,9 +54,10 @@ MAX_DOCUMENT_CHARS = 20_000
 #: Bump when the teacher-generation procedure changes, so old caches are not reused.
 TEACHER_CACHE_VERSION = 1
 #: How teacher text is generated: "static" (padded batches through `model.generate`; every batch runs until its
-#: longest row ends), "continuous" (transformers' continuous batching: a finished row is refilled at once) or
-#: "graph" (effconv.graph_sampling: a static cache and the decode step replayed from a CUDA graph; eager off CUDA).
-GENERATION_MODES = ("static", "continuous", "graph")
+#: longest row ends), "continuous" (transformers' continuous batching: a finished row is refilled at once),
+#: "graph" (effconv.graph_sampling: a static cache and the decode step replayed from a CUDA graph; eager off CUDA)
+#: or "auto" (the default: graph for a transformers model on CUDA whose settings it covers, static otherwise).
+GENERATION_MODES = ("auto", "static", "continuous", "graph")
 #: Continuous mode queues the requests in waves of at most this many generation batches. All of a wave is queued
 #: before transformers' loop starts, so the batches it forms, and so the sampled tokens, never depend on thread
 #: timing; its scheduler's per-step work grows with the waiting requests, which the cap bounds. A wave's last
@@ -326,7 +327,7 @@ def generate_teacher_texts(
     seed: int = 0,
     prompts: list[str] | None = None,
     progress: bool = True,
-    generation_mode: str = "static",
+    generation_mode: str = "auto",
     do_sample: bool = True,
 ) -> list[str]:
     """Texts written by the teacher: prompt + sampled response, until ``num_tokens`` are generated.
@@ -366,7 +367,7 @@ def generate_teacher_samples(
     seed: int = 0,
     prompts: list[str] | None = None,
     progress: bool = True,
-    generation_mode: str = "static",
+    generation_mode: str = "auto",
     do_sample: bool = True,
 ) -> list[TeacherSample]:
     """Sample responses from the teacher until at least ``num_tokens`` new tokens are generated.
@@ -378,7 +379,8 @@ def generate_teacher_samples(
     batch is shrunk to what is still needed, so the total overshoots by less than
     ``batch_size * max_new_tokens``.
 
-    ``generation_mode`` "static" (default) samples padded batches of ``batch_size`` rows with
+    ``generation_mode`` "auto" (default) is "graph" where :func:`resolve_generation_mode` finds it applies (a
+    transformers model on CUDA) and "static" otherwise; "static" samples padded batches of ``batch_size`` rows with
     ``model.generate``; "continuous" uses transformers' continuous batching (``batch_size`` sequences
     at most at once, a finished one replaced by the next prompt at once; see
     :func:`_generate_samples_continuous`): the same kind of samples, not the same tokens, and its
@@ -397,6 +399,7 @@ def generate_teacher_samples(
     prompts = load_default_prompts() if prompts is None else [p for p in prompts if p.strip()]
     if not prompts:
         raise EffconvError("no prompts given for teacher text generation")
+    generation_mode = resolve_generation_mode(model, tokenizer, generation_mode, prompts, max_new_tokens)
 
     generation_params: dict[str, Any] = {
         "num_tokens": num_tokens,
@@ -456,6 +459,25 @@ def generate_teacher_samples(
         )
     _write_teacher_cache(cache_path, samples)
     return samples
+
+
+def resolve_generation_mode(model: Any, tokenizer: Any, mode: str, prompts: Sequence[str], max_new_tokens: int) -> str:
+    """The mode "auto" stands for here: "graph" for a transformers model (not an effconv one) on CUDA whose
+    generation_config and window graph mode covers, else "static". Other modes are returned as they are."""
+    if mode != "auto":
+        return mode
+    if next(model.parameters()).device.type != "cuda" or hasattr(model, "converted_attentions"):
+        return "static"
+    if _unsupported_generation_settings(model):
+        return "static"
+    from effconv.graph_sampling import _full_attention_config
+
+    longest = max(len(_format_prompt_ids(tokenizer, prompt)) for prompt in prompts)
+    try:
+        _full_attention_config(model.config, longest + max_new_tokens)
+    except ValueError:
+        return "static"
+    return "graph"
 
 
 def check_generation_mode(mode: str) -> None:
@@ -794,12 +816,16 @@ _GRAPH_UNSUPPORTED_GENERATION = {
 }
 
 
+def _unsupported_generation_settings(model: Any) -> list[str]:
+    config = getattr(model, "generation_config", None)
+    return [f"{name}={getattr(config, name)!r}" for name, neutral in _GRAPH_UNSUPPORTED_GENERATION.items()
+            if getattr(config, name, None) not in neutral and getattr(config, name, None) != []]
+
+
 def _check_graph_generation_config(model: Any) -> None:
     """Graph mode samples with temperature/top-k/top-p only: refuse a model whose generation_config asks for more,
     rather than write text from another distribution than `generate` would."""
-    config = getattr(model, "generation_config", None)
-    active = [f"{name}={getattr(config, name)!r}" for name, neutral in _GRAPH_UNSUPPORTED_GENERATION.items()
-              if getattr(config, name, None) not in neutral and getattr(config, name, None) != []]
+    active = _unsupported_generation_settings(model)
     if active:
         raise EffconvError(f"--generation-mode graph samples with temperature/top-k/top-p only; the model's "
                            f"generation_config also sets {', '.join(active)}: use --generation-mode static")
@@ -1125,7 +1151,7 @@ def prepare_data(
     max_documents: int | None = None,
     max_new_tokens: int = 256,
     generation_batch_size: int = 16,
-    generation_mode: str = "static",
+    generation_mode: str = "auto",
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Load or generate training text and return ``(train_blocks, val_blocks, description)``.

@@ -694,6 +694,8 @@ def _teacher_text_blocks(cfg: EvalConfig, student_source, tokenizer, models: dic
     settings = {k: (recorded or {}).get(k, defaults[k]) for k in
                 ("generate_tokens", "generation_batch_size", "generation_mode", "seq_len", "val_fraction", "seed",
                  "max_val_blocks")}
+    if recorded is not None and "generation_mode" not in recorded:
+        settings["generation_mode"] = "static"  # exports from before the setting existed generated with static
     if recorded is not None and recorded.get("data") is not None:
         note = (f"the student was trained on {recorded['data']!r}, not on teacher text; "
                 "teacher-generated text is new to it")

@@ -42,7 +42,7 @@ class LinearizeConfig:
     text_field: str = "text"
     generate_tokens: int = 10_000  # teacher-generated training text when data is None
     generation_batch_size: int = 48
-    generation_mode: str = "static"  # teacher text: static (padded generate batches) | continuous (refilled rows)
+    generation_mode: str = "auto"  # teacher text: auto (graph on CUDA) | static | continuous | graph
     feature_map: str = "hedgehog"
     feature_dim: int | None = None  # hedgehog/t2r projection size per head (default: head dim)
     window: int = 64  # sliding softmax window of the hybrid (0 = pure linear); of "sliding" layers
@@ -146,7 +146,9 @@ class LinearizeConfig:
         for volatile in ("resume", "overwrite", "keep_run", "progress", "eval_every", "checkpoint_every",
                          "stage1_max_seconds", "stage2_max_seconds"):
             d.pop(volatile)
-        if d["generation_mode"] == "static":  # the default: absent, so runs from before it existed still resume
+        # static, the mode of runs from before the setting existed: absent, so they still resume. "auto" stays: it
+        # may mean graph on a GPU, whose text is not an older run's
+        if d["generation_mode"] == "static":
             d.pop("generation_mode")
         if d["ce_weight"] == 1.0:  # likewise
             d.pop("ce_weight")

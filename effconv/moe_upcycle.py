@@ -84,7 +84,7 @@ class MoeUpcycleConfig:
     text_field: str = "text"
     generate_tokens: int = 10_000
     generation_batch_size: int = 48
-    generation_mode: str = "static"  # teacher text: static (padded generate batches) | continuous (refilled rows)
+    generation_mode: str = "auto"  # teacher text: auto (graph on CUDA) | static | continuous | graph
     seq_len: int = 256
     batch_size: int = 8
     val_fraction: float = 0.1
@@ -137,7 +137,7 @@ class MoeUpcycleConfig:
         """What must match for --resume: everything except output handling and the time budget (a checkpoint
         keeps its planned steps)."""
         skip = {"resume", "overwrite", "keep_run", "progress", "max_seconds"}
-        if self.generation_mode == "static":  # the default: absent, so runs from before it existed still resume
+        if self.generation_mode == "static":  # runs from before the setting existed: absent, so they still resume
             skip.add("generation_mode")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 

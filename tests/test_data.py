@@ -612,7 +612,7 @@ def test_static_cache_key_is_unchanged_and_modes_are_checked(tiny_model, tokeniz
     old_params.update(temperature=0.8, top_p=0.95, top_k=50)
     old_key = data._teacher_cache_key(tiny_model, tokenizer, old_params, PROMPTS)
     assert [path.name for path in tmp_path.glob("teacher_text-*.jsonl")] == [f"teacher_text-{old_key}.jsonl"]
-    with pytest.raises(EffconvError, match="--generation-mode must be one of static, continuous, graph, got 'paged'"):
+    with pytest.raises(EffconvError, match="--generation-mode must be one of auto, static, continuous, graph, got 'paged'"):
         generate_teacher_samples(tiny_model, tokenizer, generation_mode="paged", **kwargs)
     with pytest.raises(EffconvError, match="continuous batching"):
         data._continuous_batching_support(types.SimpleNamespace())

@@ -180,3 +180,35 @@ def test_greedy_matches_generate_on_every_architecture(arch):
     if arch in ("mistral", "qwen2"):  # window 16: a longer sequence is refused, not attended wrongly
         with pytest.raises(ValueError, match="fit the window"):
             GraphSampler(model, batch_size=4, max_prompt_len=12, max_new_tokens=6, stop_ids=[], pad_id=0)
+
+
+def test_auto_generation_mode_picks_graph_only_where_it_applies():
+    """auto = graph for a transformers model on CUDA whose generation settings and window graph mode covers."""
+    import copy
+    import types
+
+    from conftest import tiny_teacher
+
+    tokenizer = make_tiny_tokenizer()
+    prompts = ["Explain why the sky is blue.", "Write a haiku."]
+
+    def on(device, model):
+        stub = types.SimpleNamespace(config=model.config, generation_config=copy.deepcopy(model.generation_config))
+        stub.parameters = lambda: iter([types.SimpleNamespace(device=torch.device(device))])
+        return stub
+
+    llama = tiny_teacher("llama")
+    resolve = data.resolve_generation_mode
+    assert resolve(llama, tokenizer, "auto", prompts, 8) == "static"  # CPU
+    assert resolve(on("cuda", llama), tokenizer, "auto", prompts, 8) == "graph"
+    for explicit in ("static", "continuous", "graph"):
+        assert resolve(on("cuda", llama), tokenizer, explicit, prompts, 8) == explicit
+    penalised = on("cuda", llama)
+    penalised.generation_config.repetition_penalty = 1.2
+    assert resolve(penalised, tokenizer, "auto", prompts, 8) == "static"
+    effconv_like = on("cuda", llama)
+    effconv_like.converted_attentions = lambda: []
+    assert resolve(effconv_like, tokenizer, "auto", prompts, 8) == "static"
+    mistral = on("cuda", tiny_teacher("mistral"))  # window 16
+    assert resolve(mistral, tokenizer, "auto", ["Hi"], 4) == "graph"
+    assert resolve(mistral, tokenizer, "auto", prompts, 64) == "static"

@@ -184,7 +184,7 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     r = _cli("linearize", "--model", tiny_model_dir, "--out", tmp_path / "x", "--generation-mode", "fast")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "effconv: error: --generation-mode must be one of static, continuous, graph, got 'fast'"]
+        "effconv: error: --generation-mode must be one of auto, static, continuous, graph, got 'fast'"]
     assert not (tmp_path / "x").exists()
 
 
@@ -197,10 +197,13 @@ def test_generation_mode_setting(monkeypatch):
     from effconv.moe_upcycle import MoeUpcycleConfig
 
     for config_class in (LinearizeConfig, MoeUpcycleConfig):
-        with pytest.raises(EffconvError, match="--generation-mode must be one of static, continuous, graph, got 'fast'"):
+        with pytest.raises(EffconvError, match="--generation-mode must be one of auto, static, continuous, graph, got 'fast'"):
             config_class(generation_mode="fast").validate()
         config_class(generation_mode="continuous").validate()
-        assert "generation_mode" not in config_class().identity()  # the default: runs from before it still resume
+        # static, the mode of runs from before the setting existed, is left out so that they still resume; the default
+        # auto may mean graph on a GPU, so it stays in
+        assert "generation_mode" not in config_class(generation_mode="static").identity()
+        assert config_class().identity()["generation_mode"] == "auto"
         assert config_class(generation_mode="continuous").identity()["generation_mode"] == "continuous"
     hybrid = HybridizeConfig(ratio=0.5, generation_mode="continuous")
     assert hybrid.linearize_config([0]).generation_mode == "continuous"
@@ -208,7 +211,7 @@ def test_generation_mode_setting(monkeypatch):
     for command in (["linearize"], ["hybridize", "--ratio", "0.5"], ["moe-upcycle"]):
         result = CliRunner().invoke(app, [*command, "--generation-mode", "fast", "--out", "unused-out"])
         assert isinstance(result.exception, EffconvError), result.output
-        assert "--generation-mode must be one of static, continuous" in str(result.exception)
+        assert "--generation-mode must be one of auto, static, continuous, graph" in str(result.exception)
     seen = {}
     monkeypatch.setattr(lin.data_lib, "prepare_data", lambda *args, **kwargs: seen.update(kwargs))
     for cfg in (LinearizeConfig(generation_mode="continuous"), MoeUpcycleConfig(generation_mode="continuous"), hybrid):
