@@ -783,6 +783,9 @@ def _generate_samples_graph(
     greedy (do_sample=False) gives the same tokens."""
     from effconv.graph_sampling import GraphSampler
 
+    if hasattr(model, "converted_attentions"):
+        raise EffconvError("--generation-mode graph covers transformers' own models; an effconv model (linearized, "
+                           "hybridized or MoE) writes its text with --generation-mode static")
     _check_graph_generation_config(model)
     formatted = _ordered_prompt_ids(tokenizer, prompts, seed)
     stop_ids = _stop_token_ids(model, tokenizer)

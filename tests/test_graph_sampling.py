@@ -212,3 +212,14 @@ def test_auto_generation_mode_picks_graph_only_where_it_applies():
     mistral = on("cuda", tiny_teacher("mistral"))  # window 16
     assert resolve(mistral, tokenizer, "auto", ["Hi"], 4) == "graph"
     assert resolve(mistral, tokenizer, "auto", prompts, 64) == "static"
+
+
+def test_graph_mode_refuses_an_effconv_model():
+    import types
+
+    from effconv.errors import EffconvError
+
+    stub = types.SimpleNamespace(converted_attentions=lambda: [])
+    with pytest.raises(EffconvError, match="effconv model .* --generation-mode static"):
+        data._generate_samples_graph(stub, make_tiny_tokenizer(), prompts=["Hi."], num_tokens=4, max_new_tokens=4,
+                                     batch_size=2, sampling={"do_sample": False}, seed=0, progress=False)
