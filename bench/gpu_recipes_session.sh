@@ -59,6 +59,12 @@ run() {  # name recipe [--set ...]
   echo "== $name exit=$? after $(( $(date +%s) - T0 ))s: $(grep '^\[recipes\]' "$OUT/$name.log" | tail -1)"
 }
 
+long_run() {  # name recipe reserve [--set ...]: LONG_S1 + LONG_S2 tokens, stage budgets ending by the deadline
+  local name=$1 recipe=$2 reserve=$3; shift 3
+  run "$name" "$recipe" $GEN "$@" --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
+    $(stage_budgets "$reserve") --set out=/root/runs/$name
+}
+
 for r in $RUNS; do
   case $r in
     moe) run moe-8x2 recipes/smollm2-135m-moe-8x2.yaml $GEN --set tokens=${MOE_TOKENS:-6000000} \
@@ -79,31 +85,19 @@ for r in $RUNS; do
            --set stage2_tokens=${LONG_S2:-3000000} --set out=/root/runs/r25-long & ;;
     moe-long) run moe-long recipes/smollm2-135m-moe-8x2.yaml $GEN --set tokens=${MOE_TOKENS:-20000000} \
            --set max_seconds=$(left_s "${MOE_RESERVE:-300}") --set out=/root/runs/moe-long & ;;
-    w64-long2) run w64-long recipes/smollm2-135m-linearize-w64.yaml $GEN --set stage1_tokens=${LONG_S1:-20000000} \
-           --set stage2_tokens=${LONG_S2:-10000000} $(stage_budgets "${RESERVE:-150}") --set out=/root/runs/w64-long & ;;
-    r25-long2) run r25-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set stage1_tokens=${LONG_S1:-20000000} \
-           --set stage2_tokens=${LONG_S2:-10000000} $(stage_budgets "${RESERVE:-180}") --set out=/root/runs/r25-long & ;;
-    r25w64-long2) run r25w64-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set window=64 \
-           --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
-           $(stage_budgets "${RESERVE:-180}") --set out=/root/runs/r25w64-long & ;;
-    r25w128-long2) run r25w128-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set window=128 \
-           --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
-           $(stage_budgets "${RESERVE:-180}") --set out=/root/runs/r25w128-long & ;;
-    w64-long2+linear-moe) ( run w64-long recipes/smollm2-135m-linearize-w64.yaml $GEN \
-           --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
-           $(stage_budgets "${W64_RESERVE:-500}") --set out=/root/runs/w64-long \
+    w64-long2) long_run w64-long recipes/smollm2-135m-linearize-w64.yaml "${RESERVE:-150}" & ;;
+    r25-long2) long_run r25-long recipes/smollm2-135m-hybridize-r25.yaml "${RESERVE:-180}" & ;;
+    r25w64-long2) long_run r25w64-long recipes/smollm2-135m-hybridize-r25.yaml "${RESERVE:-180}" --set window=64 & ;;
+    r25w128-long2) long_run r25w128-long recipes/smollm2-135m-hybridize-r25.yaml "${RESERVE:-180}" --set window=128 & ;;
+    w64-long2+linear-moe) ( long_run w64-long recipes/smollm2-135m-linearize-w64.yaml "${W64_RESERVE:-500}" \
            && run linear-moe-long recipes/smollm2-135m-linear-moe.yaml --set model=/root/runs/w64-long --set data="$TEXT" \
                 --set tokens=${LMOE_TOKENS:-20000000} \
                 --set max_seconds=$(left_s "${MOE_RESERVE:-300}") --set out=/root/runs/linear-moe-long ) & ;;
-    w64-kl-long2) run w64-kl-long recipes/smollm2-135m-linearize-w64.yaml $GEN --set ce_weight=0 --set kl_weight=1 \
-           --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
-           $(stage_budgets "${RESERVE:-150}") --set out=/root/runs/w64-kl-long & ;;
-    r25w128-kl-long2) run r25w128-kl-long recipes/smollm2-135m-hybridize-r25.yaml $GEN --set ce_weight=0 \
-           --set kl_weight=1 --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
-           $(stage_budgets "${RESERVE:-180}") --set out=/root/runs/r25w128-kl-long & ;;
-    w0-long) run w0-long recipes/smollm2-135m-linearize-w0.yaml $GEN --set kernel=auto \
-           --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
-           $(stage_budgets "${RESERVE:-150}") --set out=/root/runs/w0-long & ;;
+    w64-kl-long2) long_run w64-kl-long recipes/smollm2-135m-linearize-w64.yaml "${RESERVE:-150}" \
+           --set ce_weight=0 --set kl_weight=1 & ;;
+    r25w128-kl-long2) long_run r25w128-kl-long recipes/smollm2-135m-hybridize-r25.yaml "${RESERVE:-180}" \
+           --set ce_weight=0 --set kl_weight=1 & ;;
+    w0-long) long_run w0-long recipes/smollm2-135m-linearize-w0.yaml "${RESERVE:-150}" --set kernel=auto & ;;
     w64+linear-moe-long) ( run w64 recipes/smollm2-135m-linearize-w64.yaml $GEN --set out=/root/runs/w64 \
            && run linear-moe-long recipes/smollm2-135m-linear-moe.yaml --set model=/root/runs/w64 --set data="$TEXT" \
                 --set tokens=${LMOE_TOKENS:-20000000} --set max_seconds=$(left_s "${MOE_RESERVE:-300}") \

@@ -421,11 +421,10 @@ def generate_teacher_samples(
         cache_implementation = _generation_cache_implementation(model)
         if cache_implementation != "dynamic":  # other numerics, other samples: a key of their own
             generation_params["cache_implementation"] = cache_implementation
-    elif generation_mode == "continuous":
-        generation_params["generation_mode"] = generation_mode
-        generation_params["continuous_wave_batches"] = CONTINUOUS_WAVE_BATCHES
     else:
         generation_params["generation_mode"] = generation_mode
+        if generation_mode == "continuous":
+            generation_params["continuous_wave_batches"] = CONTINUOUS_WAVE_BATCHES
     cache_key = _teacher_cache_key(model, tokenizer, generation_params, prompts)
     cache_path = Path(cache_dir) / f"teacher_text-{cache_key}.jsonl"
     cached = _read_teacher_cache(cache_path)
@@ -466,18 +465,10 @@ def resolve_generation_mode(model: Any, tokenizer: Any, mode: str, prompts: Sequ
     generation_config and window graph mode covers, else "static". Other modes are returned as they are."""
     if mode != "auto":
         return mode
-    if next(model.parameters()).device.type != "cuda" or hasattr(model, "converted_attentions"):
+    if next(model.parameters()).device.type != "cuda":
         return "static"
-    if _unsupported_generation_settings(model):
-        return "static"
-    from effconv.graph_sampling import _full_attention_config
-
-    longest = max(len(_format_prompt_ids(tokenizer, prompt)) for prompt in prompts)
-    try:
-        _full_attention_config(model.config, longest + max_new_tokens)
-    except ValueError:
-        return "static"
-    return "graph"
+    prompt_ids = [_format_prompt_ids(tokenizer, prompt) for prompt in prompts]
+    return "static" if _graph_mode_obstacle(model, prompt_ids, max_new_tokens) else "graph"
 
 
 def check_generation_mode(mode: str) -> None:
@@ -783,21 +774,17 @@ def _generate_samples_graph(
     greedy (do_sample=False) gives the same tokens."""
     from effconv.graph_sampling import GraphSampler
 
-    if hasattr(model, "converted_attentions"):
-        raise EffconvError("--generation-mode graph covers transformers' own models; an effconv model (linearized, "
-                           "hybridized or MoE) writes its text with --generation-mode static")
-    _check_graph_generation_config(model)
     formatted = _ordered_prompt_ids(tokenizer, prompts, seed)
+    obstacle = _graph_mode_obstacle(model, formatted, max_new_tokens)
+    if obstacle:
+        raise EffconvError(obstacle)
     stop_ids = _stop_token_ids(model, tokenizer)
-    try:
-        sampler = GraphSampler(
-            model, batch_size=batch_size, max_prompt_len=max(len(ids) for ids in formatted),
-            max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=_pad_token_id(tokenizer, stop_ids),
-            do_sample=bool(sampling.get("do_sample")), temperature=float(sampling.get("temperature", 1.0)),
-            top_k=int(sampling.get("top_k", 0) or 0), top_p=float(sampling.get("top_p", 1.0)),
-        )
-    except ValueError as error:
-        raise EffconvError(f"--generation-mode graph: {error}; use --generation-mode static") from error
+    sampler = GraphSampler(
+        model, batch_size=batch_size, max_prompt_len=max(len(ids) for ids in formatted),
+        max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=_pad_token_id(tokenizer, stop_ids),
+        do_sample=bool(sampling.get("do_sample")), temperature=float(sampling.get("temperature", 1.0)),
+        top_k=int(sampling.get("top_k", 0) or 0), top_p=float(sampling.get("top_p", 1.0)),
+    )
 
     def generate_chunk(index: int, batch: list[list[int]], advance: Callable[[int], None]) -> list[list[int]]:
         torch.manual_seed(_mix_seed(seed, index))
@@ -819,19 +806,27 @@ _GRAPH_UNSUPPORTED_GENERATION = {
 }
 
 
-def _unsupported_generation_settings(model: Any) -> list[str]:
+def _graph_mode_obstacle(model: Any, prompt_ids: Sequence[list[int]], max_new_tokens: int) -> str | None:
+    """Why graph mode cannot write this model's text (None: it can), the one list both "auto" (which then picks
+    static) and an explicit "graph" (which then fails with it) read: an effconv model; generation settings beyond
+    temperature/top-k/top-p, which `generate` would apply (refused rather than sampling another distribution); a
+    sliding window the longest sequence does not fit."""
+    if hasattr(model, "converted_attentions"):
+        return ("--generation-mode graph covers transformers' own models; an effconv model (linearized, hybridized "
+                "or MoE) writes its text with --generation-mode static")
     config = getattr(model, "generation_config", None)
-    return [f"{name}={getattr(config, name)!r}" for name, neutral in _GRAPH_UNSUPPORTED_GENERATION.items()
-            if getattr(config, name, None) not in neutral and getattr(config, name, None) != []]
-
-
-def _check_graph_generation_config(model: Any) -> None:
-    """Graph mode samples with temperature/top-k/top-p only: refuse a model whose generation_config asks for more,
-    rather than write text from another distribution than `generate` would."""
-    active = _unsupported_generation_settings(model)
+    active = [f"{name}={getattr(config, name)!r}" for name, neutral in _GRAPH_UNSUPPORTED_GENERATION.items()
+              if getattr(config, name, None) not in neutral and getattr(config, name, None) != []]
     if active:
-        raise EffconvError(f"--generation-mode graph samples with temperature/top-k/top-p only; the model's "
-                           f"generation_config also sets {', '.join(active)}: use --generation-mode static")
+        return (f"--generation-mode graph samples with temperature/top-k/top-p only; the model's generation_config "
+                f"also sets {', '.join(active)}: use --generation-mode static")
+    from effconv.graph_sampling import _full_attention_config
+
+    try:
+        _full_attention_config(model.config, max(len(ids) for ids in prompt_ids) + max_new_tokens)
+    except ValueError as error:
+        return f"--generation-mode graph: {error}; use --generation-mode static"
+    return None
 
 
 def _generate_samples_continuous(

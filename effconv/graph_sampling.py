@@ -114,6 +114,7 @@ class GraphSampler:
         self.use_cuda_graph = bool(self.use_cuda_graph) and self.device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
+        _register_decode_attention()
 
         device, b = self.device, batch_size
         self.cache = StaticCache(config=_full_attention_config(model.config, max_prompt_len + max_new_tokens),
@@ -196,7 +197,6 @@ class GraphSampler:
 
     def generate(self, prompts: Sequence[list[int]]) -> list[list[int]]:
         """New tokens for each prompt (at most max_new_tokens), cut after its first stop token."""
-        _register_decode_attention()
         config = self.model.config
         previous = config._attn_implementation
         with torch.no_grad(), warnings.catch_warnings():
