@@ -59,10 +59,10 @@ run() {  # name recipe [--set ...]
   echo "== $name exit=$? after $(( $(date +%s) - T0 ))s: $(grep '^\[recipes\]' "$OUT/$name.log" | tail -1)"
 }
 
-long_run() {  # name recipe reserve [--set ...]: LONG_S1 + LONG_S2 tokens, stage budgets ending by the deadline
-  local name=$1 recipe=$2 reserve=$3; shift 3
-  run "$name" "$recipe" $GEN "$@" --set stage1_tokens=${LONG_S1:-20000000} --set stage2_tokens=${LONG_S2:-10000000} \
-    $(stage_budgets "$reserve") --set out=/root/runs/$name
+long_run() {  # name recipe reserve [--set ...]: LONG_S1 + LONG_S2 tokens (S2=... for one run), stage budgets
+  local name=$1 recipe=$2 reserve=$3; shift 3  # ending by the deadline
+  run "$name" "$recipe" $GEN "$@" --set stage1_tokens=${LONG_S1:-20000000} \
+    --set stage2_tokens=${S2:-${LONG_S2:-10000000}} $(stage_budgets "$reserve") --set out=/root/runs/$name
 }
 
 for r in $RUNS; do
@@ -97,6 +97,9 @@ for r in $RUNS; do
            --set ce_weight=0 --set kl_weight=1 & ;;
     r25w128-kl-long2) long_run r25w128-kl-long recipes/smollm2-135m-hybridize-r25.yaml "${RESERVE:-180}" \
            --set ce_weight=0 --set kl_weight=1 & ;;
+    w64-kl4-long2) S2=4000000 long_run w64-kl4-long recipes/smollm2-135m-linearize-w64.yaml "${RESERVE:-150}" \
+           --set ce_weight=0 --set kl_weight=1 & ;;
+    r25w256-long2) long_run r25w256-long recipes/smollm2-135m-hybridize-r25.yaml "${RESERVE:-180}" --set window=256 & ;;
     w0-long) long_run w0-long recipes/smollm2-135m-linearize-w0.yaml "${RESERVE:-150}" --set kernel=auto & ;;
     w64+linear-moe-long) ( run w64 recipes/smollm2-135m-linearize-w64.yaml $GEN --set out=/root/runs/w64 \
            && run linear-moe-long recipes/smollm2-135m-linear-moe.yaml --set model=/root/runs/w64 --set data="$TEXT" \

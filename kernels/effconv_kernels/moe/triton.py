@@ -464,6 +464,19 @@ CONFIGS = {
     "wgrad": [_wg(128, 128, 64, 8, 3), _wg(128, 256, 64, 8, 3), _wg(128, 128, 64, 8, 4), _wg(256, 128, 64, 8, 3),
               _wg(64, 64, 64, 4, 4), _wg(64, 64, 128, 4, 3)],
 }
+# Candidates for a wider search (EFFCONV_MOE_WIDE_TUNING=1 at import appends them; bench/moe_sweep_gpu.sh): smaller
+# tiles and more warps per tile for the small-I shapes, where the autotuner picked the smallest listed configs.
+WIDE_CONFIGS = {
+    "up": [_cfg(64, 64, 8, 4), _cfg(32, 64, 4, 4), _cfg(64, 32, 4, 5)],
+    "down": [_cfg(64, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 4)],
+    "down_bwd": [_cfg(64, 64, 8, 3), _cfg(64, 64, 8, 4), _cfg(32, 64, 4, 4), _cfg(64, 32, 4, 5), _cfg(32, 64, 2, 4)],
+    "dx": [_cfg(64, 64, 8, 4), _cfg(128, 32, 8, 5), _cfg(64, 128, 4, 3)],
+    "wgrad": [_wg(64, 64, 64, 4, 5), _wg(64, 64, 32, 4, 6), _wg(32, 64, 64, 4, 4), _wg(64, 32, 64, 4, 4),
+              _wg(64, 64, 64, 8, 4), _wg(128, 64, 64, 4, 4), _wg(64, 128, 64, 4, 4), _wg(64, 64, 128, 8, 3)],
+}
+if os.environ.get("EFFCONV_MOE_WIDE_TUNING") == "1":
+    for _name, _extra in WIDE_CONFIGS.items():
+        CONFIGS[_name] = CONFIGS[_name] + _extra
 DEFAULTS = {  # CUDA, small calls (M < AUTOTUNE_MIN_ROWS) or EFFCONV_MOE_AUTOTUNE=0
     "up": _cfg(64, 64, 4, 3), "down": _cfg(64, 64, 4, 3), "down_bwd": _cfg(64, 64, 4, 3), "dx": _cfg(64, 64, 4, 3),
     "wgrad": _wg(64, 64, 64, 4, 3),
@@ -582,9 +595,22 @@ def _autotune_on(m: int) -> bool:
     return m >= AUTOTUNE_MIN_ROWS
 
 
+def _env_int(name: str, allowed) -> int | None:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) not in allowed:
+        raise ValueError(f"{name}={raw!r}: expected one of {', '.join(map(str, allowed))}")
+    return int(raw)
+
+
 def block_rows(m: int, num_experts: int) -> int:
+    """Rows per block of the sorted order (BM); EFFCONV_MOE_BM overrides it on CUDA (a tuning knob)."""
     if interpreting():
         return 16
+    forced = _env_int("EFFCONV_MOE_BM", (32, 64, 128, 256))
+    if forced is not None:
+        return forced
     return 128 if m >= 512 * num_experts else 64
 
 
@@ -606,6 +632,9 @@ def _weight_grad_splits(num_experts: int, p: int, q: int, m: int, device: torch.
     """Row splits of the weight-grad GEMMs: only when E x (64 x 64 tiles) is less than one wave and every
     split keeps >= 1024 rows (a split costs an fp32 partial buffer and two torch launches: sum, cast)."""
     rows = m // num_experts
+    forced = _env_int("EFFCONV_MOE_WGRAD_SPLITS", (1, 2, 3, 4, 6, 8))  # a tuning knob
+    if forced is not None:
+        return forced
     if interpreting() or device.type != "cuda":
         return 2 if rows >= 64 else 1  # the tests exercise both the split and the direct path
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
