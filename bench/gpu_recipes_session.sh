@@ -99,6 +99,10 @@ for r in $RUNS; do
            --set ce_weight=0 --set kl_weight=1 & ;;
     w64-kl4-long2) S2=4000000 long_run w64-kl4-long recipes/smollm2-135m-linearize-w64.yaml "${RESERVE:-150}" \
            --set ce_weight=0 --set kl_weight=1 & ;;
+    w64-kl-r32-long2) long_run w64-kl-r32-long recipes/smollm2-135m-linearize-w64.yaml "${RESERVE:-150}" \
+           --set ce_weight=0 --set kl_weight=1 --set lora_rank=32 & ;;
+    w0-kl-long2) long_run w0-kl-long recipes/smollm2-135m-linearize-w0.yaml "${RESERVE:-150}" --set kernel=auto \
+           --set ce_weight=0 --set kl_weight=1 & ;;
     r25w256-long2) long_run r25w256-long recipes/smollm2-135m-hybridize-r25.yaml "${RESERVE:-180}" --set window=256 & ;;
     w0-long) long_run w0-long recipes/smollm2-135m-linearize-w0.yaml "${RESERVE:-150}" --set kernel=auto & ;;
     w64+linear-moe-long) ( run w64 recipes/smollm2-135m-linearize-w64.yaml $GEN --set out=/root/runs/w64 \
