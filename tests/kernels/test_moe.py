@@ -407,3 +407,44 @@ def test_even_k_n_specializations_match_loop(D, I, device):
     x, idx, w, gu, dn, dout = make_inputs(44, D, I, 3, 2, torch.float32, device, skip_experts=(2,))
     out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
     assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
+
+
+def test_tuning_knobs(monkeypatch):
+    """EFFCONV_MOE_BM / EFFCONV_MOE_WGRAD_SPLITS override the block rows and weight-grad splits (bench knobs),
+    bad values raise one clear error, and the forced splits still match the loop."""
+    from effconv_kernels.moe import triton as mt
+    monkeypatch.setattr(mt, "interpreting", lambda: False)
+    assert mt.block_rows(100_000, 8) == 128
+    monkeypatch.setenv("EFFCONV_MOE_BM", "64")
+    assert mt.block_rows(100_000, 8) == 64
+    monkeypatch.setenv("EFFCONV_MOE_BM", "48")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_BM='48'"):
+        mt.block_rows(100_000, 8)
+    monkeypatch.undo()
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", "3")
+    assert mt._weight_grad_splits(4, 32, 24, 400, torch.device("cpu")) == 3
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD", "triton")
+    x, idx, w, gu, dn, dout = make_inputs(70, 40, 36, 4, 2, torch.float32, "cpu", skip_experts=(2,))
+    out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", "two")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_WGRAD_SPLITS"):
+        mt._weight_grad_splits(4, 32, 24, 400, torch.device("cpu"))
+
+
+def test_wide_tuning_appends_candidates():
+    """EFFCONV_MOE_WIDE_TUNING=1 at import gives the autotuner CONFIGS + WIDE_CONFIGS (a fresh interpreter)."""
+    import subprocess
+    import sys
+    code = ("from effconv_kernels.moe import triton as mt; "
+            "print(all(mt.CONFIGS[n][-len(e):] == e for n, e in mt.WIDE_CONFIGS.items()))")
+    env = {**os.environ, "EFFCONV_MOE_WIDE_TUNING": "1", "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "True", res.stderr[-500:]
+    env.pop("EFFCONV_MOE_WIDE_TUNING")
+    code = "from effconv_kernels.moe import triton as mt; print(sum(len(v) for v in mt.CONFIGS.values()))"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    from effconv_kernels.moe import triton as mt
+    wide = sum(len(v) for v in mt.WIDE_CONFIGS.values())
+    assert int(res.stdout.strip()) == sum(len(v) for v in mt.CONFIGS.values()) - (
+        wide if os.environ.get("EFFCONV_MOE_WIDE_TUNING") == "1" else 0)

@@ -457,21 +457,25 @@ def _wg(p, q, r, warps, stages):
 # Second H200 iteration: configs no shape chose were swapped for deeper pipelines of the winners (down / dx BN
 # 256 x 4 stages, wgrad 128 x 128 x 4 stages, 256 x 128 tiles, BR 128 for the small-P/Q weight grads).
 CONFIGS = {
-    "up": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(128, 32, 8, 5)],
-    "down": [_cfg(128, 64, 8, 3), _cfg(256, 64, 8, 3), _cfg(256, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(128, 64, 8, 4)],
-    "down_bwd": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3)],
-    "dx": [_cfg(128, 64, 8, 3), _cfg(256, 64, 8, 3), _cfg(256, 64, 8, 4), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4)],
+    "up": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(128, 32, 8, 5),
+           _cfg(64, 32, 4, 5)],
+    "down": [_cfg(128, 64, 8, 3), _cfg(256, 64, 8, 3), _cfg(256, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(128, 64, 8, 4),
+             _cfg(128, 32, 8, 4)],
+    "down_bwd": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(64, 64, 8, 4)],
+    "dx": [_cfg(128, 64, 8, 3), _cfg(256, 64, 8, 3), _cfg(256, 64, 8, 4), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4),
+           _cfg(128, 32, 8, 5)],
     "wgrad": [_wg(128, 128, 64, 8, 3), _wg(128, 256, 64, 8, 3), _wg(128, 128, 64, 8, 4), _wg(256, 128, 64, 8, 3),
-              _wg(64, 64, 64, 4, 4), _wg(64, 64, 128, 4, 3)],
+              _wg(64, 64, 64, 4, 4), _wg(64, 64, 128, 4, 3), _wg(64, 64, 64, 4, 5)],
 }
 # Candidates for a wider search (EFFCONV_MOE_WIDE_TUNING=1 at import appends them; bench/moe_sweep_gpu.sh): smaller
-# tiles and more warps per tile for the small-I shapes, where the autotuner picked the smallest listed configs.
+# tiles and more warps per tile for the small-I shapes, where the autotuner picked the smallest listed configs. The
+# H200 sweep of 2026-12-02 (smol_split) moved the five configs it chose into CONFIGS (the last entry of each list).
 WIDE_CONFIGS = {
-    "up": [_cfg(64, 64, 8, 4), _cfg(32, 64, 4, 4), _cfg(64, 32, 4, 5)],
-    "down": [_cfg(64, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 4)],
-    "down_bwd": [_cfg(64, 64, 8, 3), _cfg(64, 64, 8, 4), _cfg(32, 64, 4, 4), _cfg(64, 32, 4, 5), _cfg(32, 64, 2, 4)],
-    "dx": [_cfg(64, 64, 8, 4), _cfg(128, 32, 8, 5), _cfg(64, 128, 4, 3)],
-    "wgrad": [_wg(64, 64, 64, 4, 5), _wg(64, 64, 32, 4, 6), _wg(32, 64, 64, 4, 4), _wg(64, 32, 64, 4, 4),
+    "up": [_cfg(64, 64, 8, 4), _cfg(32, 64, 4, 4)],
+    "down": [_cfg(64, 64, 8, 3), _cfg(64, 64, 4, 3)],
+    "down_bwd": [_cfg(64, 64, 8, 3), _cfg(32, 64, 4, 4), _cfg(64, 32, 4, 5), _cfg(32, 64, 2, 4)],
+    "dx": [_cfg(64, 64, 8, 4), _cfg(64, 128, 4, 3)],
+    "wgrad": [_wg(64, 64, 32, 4, 6), _wg(32, 64, 64, 4, 4), _wg(64, 32, 64, 4, 4),
               _wg(64, 64, 64, 8, 4), _wg(128, 64, 64, 4, 4), _wg(64, 128, 64, 4, 4), _wg(64, 64, 128, 8, 3)],
 }
 if os.environ.get("EFFCONV_MOE_WIDE_TUNING") == "1":
