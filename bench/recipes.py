@@ -161,7 +161,8 @@ def series_of(record: dict) -> str:
     s = record["settings"]
     name = "linearize" if record["command"] == "linearize" else f"hybridize r{round(100 * s.get('ratio', 0))}"
     loss = ", KL stage 2" if s.get("ce_weight", 1.0) == 0 else ""
-    return f"{name}, window {s.get('window')}{loss}"
+    rank = f", LoRA r{s['lora_rank']}" if s.get("lora_rank", 8) != 8 else ""
+    return f"{name}, window {s.get('window')}{loss}{rank}"
 
 
 def stage2_points(logs: list[Path]) -> dict[str, list[tuple[float, float, float, float]]]:
