@@ -212,6 +212,49 @@ def plot(logs: list[Path], out: Path, exclude: tuple[str, ...] = ()) -> dict:
     return points
 
 
+def moe_points(logs: list[Path]) -> list[tuple[str, float, float, float]]:
+    """moe-upcycle records: (name, before-training val ratio, after-training val ratio, prose ratio), x teacher."""
+    pts = []
+    for log in logs:
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            if r["command"] != "moe-upcycle":
+                continue
+            m = r["metadata"].get("metrics", r["metadata"])
+            final, teacher = _val(r["metadata"])
+            before = m.get("upcycled_val_ppl")
+            if not (final and teacher and before):
+                continue
+            done, _, _ = trained_tokens(r)
+            pts.append((f"{r['name']} ({sum(done) / 1e6:.1f}M)", before / teacher, final / teacher,
+                        r["prose"]["perplexity"] / r["reference_prose"]["perplexity"]))
+    return pts
+
+
+def plot_moe(logs: list[Path], out: Path) -> list[tuple[str, float, float, float]]:
+    """Grouped bars (log scale) of each moe-upcycle run's perplexity x teacher: before training, after, prose."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = moe_points(logs)
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    width = 0.27
+    for j, label in enumerate(("teacher text, before training", "teacher text, after", "prose, after")):
+        ax.bar([i + (j - 1) * width for i in range(len(pts))], [p[1 + j] for p in pts], width, label=label)
+    ax.set_xticks(range(len(pts)), [p[0] for p in pts], fontsize=8)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_ylabel("perplexity (x teacher)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return pts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -226,12 +269,18 @@ def main() -> None:
     q.add_argument("logs", type=Path, nargs="+")
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--exclude", action="append", default=[], help="leave out series whose name contains this")
+    mq = sub.add_parser("plot-moe", help="before / after / prose bars of the moe-upcycle records")
+    mq.add_argument("logs", type=Path, nargs="+")
+    mq.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     if a.cmd == "run":
         run(a.recipe, a.log, parse_sets(a.sets), a.name)
     elif a.cmd == "plot":
         for series, pts in plot(a.logs, a.out, tuple(a.exclude)).items():
             print(series, [(f"{p[0] / 1e6:.2f}M", f"{p[2]:.3f}x") for p in pts])
+    elif a.cmd == "plot-moe":
+        for name, before, after, prose in plot_moe(a.logs, a.out):
+            print(f"{name}: before {before:.1f}x, after {after:.2f}x, prose {prose:.2f}x")
     else:
         print(report(a.logs))
 

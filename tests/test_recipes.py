@@ -95,3 +95,20 @@ def test_bench_plot_of_stage2_length(tmp_path):
     assert set(points) == {"linearize, window 64", "hybridize r25, window 128"}
     assert points["linearize, window 64"] == [(1_500_000, 9_000_000, 1.2, 0.75), (4_000_000, 9_000_000, 1.25, 0.75)]
     assert "hybridize r25, window 128, KL stage 2" in bench.stage2_points([log])
+
+
+def test_bench_plot_of_moe_runs(tmp_path):
+    """bench/recipes.py plot-moe: before / after / prose ratios of moe-upcycle records only, with trained tokens."""
+    import json
+
+    bench = _bench_recipes()
+    moe = {"command": "moe-upcycle", "name": "moe-x", "settings": {"tokens": 2_000_000},
+           "metadata": {"metrics": {"upcycled_val_ppl": 400.0, "distilled_val_ppl": 8.0, "teacher_val_ppl": 4.0,
+                                    "distillation": {"tokens": 1_500_000}}},
+           "prose": {"perplexity": 60.0}, "reference_prose": {"perplexity": 20.0}}
+    other = {"command": "linearize", "settings": {}, "metadata": {}, "prose": {}, "reference_prose": {}}
+    log = tmp_path / "runs.jsonl"
+    log.write_text(json.dumps(moe) + "\n" + json.dumps(other) + "\n")
+    pts = bench.plot_moe([log], tmp_path / "m.png")
+    assert pts == [("moe-x (1.5M)", 100.0, 2.0, 3.0)]
+    assert (tmp_path / "m.png").stat().st_size > 1000
