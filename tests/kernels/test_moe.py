@@ -425,7 +425,9 @@ def test_tuning_knobs(monkeypatch):
     assert mt._weight_grad_splits(4, 32, 24, 400, torch.device("cpu")) == 3
     monkeypatch.setenv("EFFCONV_MOE_WGRAD", "triton")
     x, idx, w, gu, dn, dout = make_inputs(70, 40, 36, 4, 2, torch.float32, "cpu", skip_experts=(2,))
+    before = mt.LAUNCHES["split_sum"]
     out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    assert mt.LAUNCHES["split_sum"] == before + 2  # dW_gu and dW_d both reduced their 3 row splits
     assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
     monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", "two")
     with pytest.raises(ValueError, match="EFFCONV_MOE_WGRAD_SPLITS"):

@@ -371,7 +371,8 @@ def moe_weight_grad_kernel(a, b, order, offsets, dw, P, Q, K_SLOTS, SPLITS, ROWS
 
     A is (rows, P), B is (rows, Q); a row is read at its sorted index r or, when *_GATHER, at its token
     order[r] // K_SLOTS. Split s takes the s-th contiguous share of the expert's rows; with SPLITS == 1, dw
-    is the (E, P, Q) result in the weights' dtype, else fp32 partials (SPLITS, E, P, Q) that torch sums.
+    is the (E, P, Q) result in the weights' dtype, else fp32 partials (SPLITS, E, P, Q) that
+    moe_split_sum_kernel sums.
     """
     pid_pq, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_q = tl.cdiv(Q, BQ)
@@ -410,6 +411,18 @@ def moe_slot_sum_kernel(y, out, N, D, K_SLOTS: tl.constexpr, BR: tl.constexpr, B
     for j in tl.static_range(K_SLOTS):
         acc += tl.load(y + base + j * D, mask=m, other=0.0).to(tl.float32)
     tl.store(out + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["NUMEL"])
+def moe_split_sum_kernel(part, out, NUMEL, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum_s part[s, i] (fp32, splits in order: deterministic), stored in out's dtype: the weight-grad
+    row splits' reduction and cast in one pass (torch's sum + to read the partials once and the fp32 sum twice)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < NUMEL
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(part + s * NUMEL + offs, mask=m, other=0.0)
+    tl.store(out + offs, acc.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -634,7 +647,7 @@ def _sm_count(index: int) -> int:
 
 def _weight_grad_splits(num_experts: int, p: int, q: int, m: int, device: torch.device) -> int:
     """Row splits of the weight-grad GEMMs: only when E x (64 x 64 tiles) is less than one wave and every
-    split keeps >= 1024 rows (a split costs an fp32 partial buffer and two torch launches: sum, cast)."""
+    split keeps >= 1024 rows (a split costs an fp32 partial buffer and one more launch: the sum and cast)."""
     rows = m // num_experts
     forced = _env_int("EFFCONV_MOE_WGRAD_SPLITS", (1, 2, 3, 4, 6, 8))  # a tuning knob
     if forced is not None:
@@ -795,7 +808,14 @@ def _weight_grad(a, b, order, offsets, p, q, k, num_experts, m, out_dtype, tune,
     KERNELS["wgrad"](lambda meta: (triton.cdiv(p, meta["BP"]) * triton.cdiv(q, meta["BQ"]), num_experts, splits),
                      a, b, order, offsets, out, p, q, k, splits, rk, autotune=tune, A_GATHER=a_gather,
                      B_GATHER=b_gather, PREC=_prec(a))
-    return out if splits == 1 else out.sum(0).to(out_dtype)
+    if splits == 1:
+        return out
+    res = torch.empty(num_experts, p, q, dtype=out_dtype, device=a.device)
+    block = 1024
+    LAUNCHES["split_sum"] += 1
+    moe_split_sum_kernel[(triton.cdiv(res.numel(), block),)](out, res, res.numel(), SPLITS=splits, BLOCK=block,
+                                                             num_warps=4)
+    return res
 
 
 def triton_moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj):
