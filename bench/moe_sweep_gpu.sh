@@ -51,7 +51,8 @@ for v in sys.argv[2:]:
     f = out / f"{v}.json"
     if not f.exists():
         print(f"{v} | missing"); continue
-    for r in json.loads(f.read_text())["results"]:
+    rec = json.loads(f.read_text())
+    for r in rec["results"]:
         t, d = r.get("triton", {}), r.get("dense", {})
         prof = next((p for p in r.get("profile", []) if isinstance(p, dict) and p.get("method") == "triton"), None)
         ks = " ".join(f"{k['kernel'][:22]}={k['ms']:.4f}" for k in (prof or {}).get("kernels", [])[:9])
@@ -59,7 +60,7 @@ for v in sys.argv[2:]:
         print(f"{v} | {r['N']} | {g(t,'graph_fwd_ms'):.4f} | {g(t,'graph_fwdbwd_ms'):.4f} | {g(d,'graph_fwd_ms'):.4f} | "
               f"{g(d,'graph_fwdbwd_ms'):.4f} | {r.get('triton_over_dense_graph_fwd', float('nan')):.3f} | "
               f"{r.get('triton_over_dense_graph_fwdbwd', float('nan')):.3f} | {ks}")
-    for c in json.loads(f.read_text()).get("autotune", []):
+    for c in rec.get("autotune", []):
         print(f"   {v} tuned {c['kernel']} {','.join(c['key'][:len(c['key_names'])])} -> {c['config']} "
               f"w{c['num_warps']} s{c['num_stages']}")
 EOF

@@ -648,10 +648,10 @@ def _sm_count(index: int) -> int:
 def _weight_grad_splits(num_experts: int, p: int, q: int, m: int, device: torch.device) -> int:
     """Row splits of the weight-grad GEMMs: only when E x (64 x 64 tiles) is less than one wave and every
     split keeps >= 1024 rows (a split costs an fp32 partial buffer and one more launch: the sum and cast)."""
-    rows = m // num_experts
     forced = _env_int("EFFCONV_MOE_WGRAD_SPLITS", (1, 2, 3, 4, 6, 8))  # a tuning knob
     if forced is not None:
         return forced
+    rows = m // num_experts
     if interpreting() or device.type != "cuda":
         return 2 if rows >= 64 else 1  # the tests exercise both the split and the direct path
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
