@@ -6,6 +6,8 @@
 #   EFFCONV_MOE_BM=64           rows per block of the sorted order (default 128 at these sizes)
 #   EFFCONV_MOE_WGRAD_SPLITS=2  row splits of the weight-grad GEMMs (fp32 partials + a sum)
 #   EFFCONV_MOE_WGRAD=grouped_mm  torch._grouped_mm for the weight grads
+#   EFFCONV_MOE_SLOT=sum        k = 2: write (token, slot) rows and sum them (default: atomic adds into the output)
+#   EFFCONV_MOE_ROUTE_SUB=256   ids per sub-tile of the routing kernels (default 8192 / next_pow2(E))
 # Run from the repo root:  SHAPE=smol_split bash bench/moe_sweep_gpu.sh
 # Output under $OUT (default ./moe-sweep): <variant>.json / .log, summary.txt (printed at the end).
 # Knobs: SHAPE (smol_split), TOKENS ("4096 16384"), VARIANTS (names below), BUDGET (seconds, 480), PER_RUN (150).
@@ -28,6 +30,10 @@ variant_env() {
     wide-bm64-s2) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_BM=64 EFFCONV_MOE_WGRAD_SPLITS=2" ;;
     wide-grouped) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_WGRAD=grouped_mm" ;;
     bm64) echo "EFFCONV_MOE_BM=64" ;;
+    wide-sum) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_SLOT=sum" ;;
+    wide-sub256) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=256" ;;
+    wide-sub128) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=128" ;;
+    wide-s3) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_WGRAD_SPLITS=3" ;;
     *) echo "unknown" ;;
   esac
 }

@@ -107,6 +107,52 @@ def test_backward_plans_match_loop(N, D, I, E, k, dtype, skip, wgrad, dgrad, dev
         assert grads[2][e].abs().max() == 0 and grads[3][e].abs().max() == 0
 
 
+def _nan_empty(monkeypatch):
+    """Every fresh floating torch.empty buffer holds NaN, so an output the slot adds land in without being zeroed
+    first cannot pass (CPU allocations often come back zeroed)."""
+    real_empty = torch.empty
+
+    def nan_empty(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+@pytest.mark.parametrize("dgrad", ["fused", "grouped_mm"])
+@pytest.mark.parametrize("mode", ["add", "sum"])
+def test_slot_add_matches_slot_sum_and_loop(mode, dgrad, device, monkeypatch):
+    """k = 2: the down / dx kernels adding both slots into the zeroed token rows (atomics) give the loop's result,
+    bitwise equal to the slot-sum path in fp32, with no slot-sum launch; the zeroing inside the up / down_bwd
+    grids (or torch.zeros on the grouped-GEMM path) is what makes NaN-filled buffers pass."""
+    from effconv_kernels.moe import triton as mt
+    if device == "cuda" and dgrad == "grouped_mm":
+        pytest.skip("CUDA grouped GEMM: bf16 only (test_backward_plans_match_loop covers it)")
+    monkeypatch.setenv("EFFCONV_MOE_DGRAD", dgrad)
+    x, idx, w, gu, dn, dout = make_inputs(53, 40, 24, 5, 2, torch.float32, device, skip_experts=(1,))
+    monkeypatch.setenv("EFFCONV_MOE_SLOT", "sum")
+    ref_out, ref_grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    monkeypatch.setenv("EFFCONV_MOE_SLOT", mode)
+    _nan_empty(monkeypatch)
+    before = mt.LAUNCHES["slot_sum"]
+    out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    assert mt.LAUNCHES["slot_sum"] - before == (0 if mode == "add" else 2)
+    assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
+    assert torch.equal(out, ref_out) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+def test_slot_add_choice(monkeypatch):
+    from effconv_kernels.moe import triton as mt
+    assert mt.slot_add_on(2, torch.float32) and mt.slot_add_on(2, torch.float16)
+    assert not mt.slot_add_on(1, torch.float32)  # one slot: the rows are the output already
+    assert not mt.slot_add_on(3, torch.float32)  # three adds into zero: the order would change the rounding
+    assert mt.slot_add_on(2, torch.bfloat16) == (not mt.interpreting())  # the interpreter has no bf16 atomics
+    monkeypatch.setenv("EFFCONV_MOE_SLOT", "sum")
+    assert not mt.slot_add_on(2, torch.float32)
+    monkeypatch.setenv("EFFCONV_MOE_SLOT", "atomics")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_SLOT='atomics'"):
+        mt.slot_add_on(2, torch.float32)
+
+
 @pytest.mark.parametrize("needs", [(False, True, True, True), (True, False, False, True), (False, True, False, False)])
 def test_grouped_dgrad_partial_grads(needs, device, monkeypatch):
     """The grouped-GEMM dA path with some inputs frozen (d_topw from the SwiGLU kernel, no dx launch)."""
@@ -308,7 +354,8 @@ def test_moe_bench_runs_tiny_on_cpu(tmp_path):
     row = rep["results"][0]
     assert all(row[m]["fwd_ms"] > 0 and row[m]["fwdbwd_ms"] > 0 for m in ("triton", "loop", "dense"))
     assert rep["correctness"]["triton"]["out"] < 1e-4
-    assert rep["launches"]["triton"]["fwd_triton"] == 5  # route x2, up, down, slot sum (no aten op left)
+    # route x2, up (zeroes out), down (adds both slots into out): no slot-sum launch and no aten op left
+    assert rep["launches"]["triton"]["fwd_triton"] == 4
 
 
 def _as_on_gpu(monkeypatch, mt, bm=128):
@@ -432,6 +479,13 @@ def test_tuning_knobs(monkeypatch):
     monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", "two")
     with pytest.raises(ValueError, match="EFFCONV_MOE_WGRAD_SPLITS"):
         mt._weight_grad_splits(4, 32, 24, 400, torch.device("cpu"))
+    ids = _ids("skewed", 300, 2, 6)
+    monkeypatch.setenv("EFFCONV_MOE_ROUTE_SUB", "64")  # 64 ids per sub-tile (the interpreter's default is 32)
+    for got, ref in zip(mt.route(ids, 6, 16), mt.route_reference(ids, 6, 16)):
+        assert torch.equal(got, ref)
+    monkeypatch.setenv("EFFCONV_MOE_ROUTE_SUB", "100")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_ROUTE_SUB='100'"):
+        mt.route(ids, 6, 16)
 
 
 def test_wide_tuning_appends_candidates():

@@ -137,6 +137,9 @@ def route(top_k_index: torch.Tensor, num_experts: int, bm: int):
         sub, target = 32, 4  # several chunks and sub-tiles on the tests' small shapes
     else:
         sub, target = max(16, min(1024, 8192 // e_p)), 256
+    forced = _env_int("EFFCONV_MOE_ROUTE_SUB", (64, 128, 256, 512, 1024))  # a tuning knob (ids per sub-tile)
+    if forced is not None:
+        sub = min(forced, max(16, 8192 // e_p))  # the one-hot tile [sub, E_P] stays within 8192 entries
     tiles = triton.cdiv(m, sub)
     iters = triton.cdiv(tiles, target)
     nchunk = triton.cdiv(tiles, iters)
@@ -227,12 +230,40 @@ def _rows_times_weight(a_ptr, a_row_off, w_ptr, stride_wk, stride_wn, cols, col_
     return acc
 
 
-@triton.jit(do_not_specialize=["ROWS_KEY"])
-def moe_up_kernel(x, order, table, w_gu, topw, h, gu_out, D, I, K_SLOTS, E, ROWS_KEY,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SAVE_GU: tl.constexpr,
+@triton.jit
+def _zero_share(ptr, numel, ZB: tl.constexpr):
+    """Zero this program's contiguous share of ptr[0:numel) (every program of the grid takes one share): the
+    output that the next kernel's slot adds land in, zeroed inside a GEMM launch instead of a memset pass."""
+    pid = tl.program_id(0).to(tl.int64)
+    share = tl.cdiv(tl.cdiv(numel, tl.num_programs(0)), ZB) * ZB
+    zeros = tl.zeros([ZB], dtype=ptr.dtype.element_ty)
+    for z0 in range(pid * share, tl.minimum(pid * share + share, numel), ZB):
+        offs = z0 + tl.arange(0, ZB)
+        tl.store(ptr + offs, zeros, mask=offs < numel)
+
+
+@triton.jit
+def _store_rows(out, flat, cols, val, mask, D, K_SLOTS, SLOT_ADD: tl.constexpr):
+    """Store a tile of (token, slot) rows: at the row's own position flat (a later slot sum adds the k rows of
+    a token), or with SLOT_ADD atomically added into the zeroed token row flat // K_SLOTS (k <= 2 only: two
+    adds into zero give a + b in either order, so the result stays deterministic)."""
+    if SLOT_ADD:
+        tok = flat // K_SLOTS
+        tl.atomic_add(out + tok[:, None].to(tl.int64) * D + cols[None, :], val.to(out.dtype.element_ty),
+                      mask=mask, sem="relaxed")
+    else:
+        tl.store(out + flat[:, None].to(tl.int64) * D + cols[None, :], val.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["ROWS_KEY", "ZERO_NUMEL"])
+def moe_up_kernel(x, order, table, w_gu, topw, h, gu_out, zero_out, ZERO_NUMEL, D, I, K_SLOTS, E, ROWS_KEY,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SAVE_GU: tl.constexpr, ZERO: tl.constexpr,
                   PREC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     """h[r, cols] = w_r * silu(x[tok_r] Wg[e]^T) * (x[tok_r] Wu[e]^T) for one row block and one column block
-    (the routing weight applied here, so the down GEMM and dW_d need no scaling)."""
+    (the routing weight applied here, so the down GEMM and dW_d need no scaling). With ZERO the grid also
+    zeroes zero_out (the forward output the down kernel's slot adds go into)."""
+    if ZERO:
+        _zero_share(zero_out, ZERO_NUMEL, 1024)
     pid = tl.program_id(0)
     n_col = tl.cdiv(I, BN)
     pid_m, pid_n = pid // n_col, pid % n_col
@@ -280,11 +311,11 @@ def moe_up_kernel(x, order, table, w_gu, topw, h, gu_out, D, I, K_SLOTS, E, ROWS
 
 
 @triton.jit(do_not_specialize=["ROWS_KEY"])
-def moe_down_kernel(h, order, table, w_d, y, D, I, E, ROWS_KEY,
+def moe_down_kernel(h, order, table, w_d, y, D, I, K_SLOTS, E, ROWS_KEY,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+                    SLOT_ADD: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     """y[flat_r, cols] = (h[r] W_d[e]^T)[cols] (h already carries w_r), written at the row's (token, slot)
-    position flat_r."""
+    position flat_r, or with SLOT_ADD added into the token's row of the zeroed (N, D) output."""
     pid = tl.program_id(0)
     n_col = tl.cdiv(D, BN)
     pid_m, pid_n = pid // n_col, pid % n_col
@@ -297,15 +328,17 @@ def moe_down_kernel(h, order, table, w_d, y, D, I, E, ROWS_KEY,
     # W_d[e] is (D, I): W^T[k, n] = W[n, k]
     acc = _rows_times_weight(h, rows_ld.to(tl.int64) * I, w_d + e.to(tl.int64) * D * I, 1, I, cols, m_c, I,
                              BM, BN, BK, PREC, EVEN_K, EVEN_N)
-    tl.store(y + flat[:, None].to(tl.int64) * D + cols[None, :], acc.to(y.dtype.element_ty),
-             mask=m_r[:, None] & m_c[None, :])
+    _store_rows(y, flat, cols, acc, m_r[:, None] & m_c[None, :], D, K_SLOTS, SLOT_ADD)
 
 
-@triton.jit(do_not_specialize=["ROWS_KEY"])
-def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, D, I, K_SLOTS, E, M, ROWS_KEY,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
-    """dA = dout[tok] W_d[e] (cols of I); dw_part[col block, flat] = <dA, h>; dgu = SwiGLU bwd of w * dA."""
+@triton.jit(do_not_specialize=["ROWS_KEY", "ZERO_NUMEL"])
+def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, zero_out, ZERO_NUMEL, D, I, K_SLOTS, E, M,
+                        ROWS_KEY, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                        ZERO: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """dA = dout[tok] W_d[e] (cols of I); dw_part[col block, flat] = <dA, h>; dgu = SwiGLU bwd of w * dA. With
+    ZERO the grid also zeroes zero_out (d_hidden, which the dx kernel's slot adds go into)."""
+    if ZERO:
+        _zero_share(zero_out, ZERO_NUMEL, 1024)
     pid = tl.program_id(0)
     n_col = tl.cdiv(I, BN)
     pid_m, pid_n = pid // n_col, pid % n_col
@@ -335,11 +368,12 @@ def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, D, I, K
 
 
 @triton.jit(do_not_specialize=["N_PART", "ROWS_KEY"])
-def moe_dx_kernel(dgu, order, table, w_gu, dx, dw_part, d_topw, D, I, E, M, N_PART, ROWS_KEY,
+def moe_dx_kernel(dgu, order, table, w_gu, dx, dw_part, d_topw, D, I, K_SLOTS, E, M, N_PART, ROWS_KEY,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, DW: tl.constexpr,
-                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
-    """dx[flat_r, cols] = dgu[r] W_gu[e] (K = 2I), written at the row's (token, slot) position; with DW the
-    column-block-0 programs also write d_topw[flat_r] = sum_j dw_part[j, flat_r] (fixed order)."""
+                  SLOT_ADD: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """dx[flat_r, cols] = dgu[r] W_gu[e] (K = 2I), written at the row's (token, slot) position or with SLOT_ADD
+    added into the token's row of the zeroed (N, D) d_hidden; with DW the column-block-0 programs also write
+    d_topw[flat_r] = sum_j dw_part[j, flat_r] (fixed order)."""
     pid = tl.program_id(0)
     n_col = tl.cdiv(D, BN)
     pid_m, pid_n = pid // n_col, pid % n_col
@@ -352,8 +386,7 @@ def moe_dx_kernel(dgu, order, table, w_gu, dx, dw_part, d_topw, D, I, E, M, N_PA
     # W_gu[e] is (2I, D): used untransposed, stride_wk = D, stride_wn = 1
     acc = _rows_times_weight(dgu, rows_ld.to(tl.int64) * 2 * I, w_gu + e.to(tl.int64) * 2 * I * D, D, 1,
                              cols, m_c, 2 * I, BM, BN, BK, PREC, EVEN_K, EVEN_N)
-    tl.store(dx + flat[:, None].to(tl.int64) * D + cols[None, :], acc.to(dx.dtype.element_ty),
-             mask=m_r[:, None] & m_c[None, :])
+    _store_rows(dx, flat, cols, acc, m_r[:, None] & m_c[None, :], D, K_SLOTS, SLOT_ADD)
     if DW:
         if pid_n == 0:
             s = tl.zeros([BM], dtype=tl.float32)
@@ -489,7 +522,8 @@ WIDE_CONFIGS = {
     "down_bwd": [_cfg(64, 64, 8, 3), _cfg(32, 64, 4, 4), _cfg(64, 32, 4, 5), _cfg(32, 64, 2, 4)],
     "dx": [_cfg(64, 64, 8, 4), _cfg(64, 128, 4, 3)],
     "wgrad": [_wg(64, 64, 32, 4, 6), _wg(32, 64, 64, 4, 4), _wg(64, 32, 64, 4, 4),
-              _wg(64, 64, 64, 8, 4), _wg(128, 64, 64, 4, 4), _wg(64, 128, 64, 4, 4), _wg(64, 64, 128, 8, 3)],
+              _wg(64, 64, 64, 8, 4), _wg(128, 64, 64, 4, 4), _wg(64, 128, 64, 4, 4), _wg(64, 64, 128, 8, 3),
+              _wg(128, 128, 32, 8, 5), _wg(128, 64, 64, 8, 4), _wg(64, 128, 64, 8, 4)],  # big tiles for split rows
 }
 if os.environ.get("EFFCONV_MOE_WIDE_TUNING") == "1":
     for _name, _extra in WIDE_CONFIGS.items():
@@ -503,10 +537,13 @@ INTERP = {  # the CPU interpreter is slow on big tiles
     "wgrad": _wg(16, 32, 16, 4, 1),
 }
 KEYS = {
-    "up": ["D", "I", "ROWS_KEY", "BM", "SAVE_GU"], "down": ["D", "I", "ROWS_KEY", "BM"],
-    "down_bwd": ["D", "I", "ROWS_KEY", "BM"], "dx": ["D", "I", "ROWS_KEY", "BM", "DW"],
+    "up": ["D", "I", "ROWS_KEY", "BM", "SAVE_GU", "ZERO"], "down": ["D", "I", "ROWS_KEY", "BM", "SLOT_ADD"],
+    "down_bwd": ["D", "I", "ROWS_KEY", "BM", "ZERO"], "dx": ["D", "I", "ROWS_KEY", "BM", "DW", "SLOT_ADD"],
     "wgrad": ["P", "Q", "ROWS_KEY", "SPLITS", "A_GATHER"],
 }
+# the slot-add kernels accumulate into their output: the autotuner zeroes it before each timed run and before
+# the launch that keeps the result (the non-adding variants only write it, so the zeroing is harmless there)
+RESET = {"down": ["y"], "dx": ["dx"]}
 SMEM_LIMIT = 200 * 1024
 
 
@@ -541,7 +578,7 @@ class _Kernel:
         self.key_pos = [names.index(n) for n in KEYS[name]]  # positional, or passed by keyword (constexprs)
         if not interpreting():
             self.tuned = triton.autotune(CONFIGS[name], key=KEYS[name], prune_configs_by={"early_config_prune":
-                                         _prune(name)}, do_bench=_tune_bench)(fn)
+                                         _prune(name)}, do_bench=_tune_bench, reset_to_zero=RESET.get(name))(fn)
 
     def __call__(self, grid, *args, autotune: bool, **kw) -> triton.Config:
         """Launch; returns the config used (the autotuner's choice when tuning)."""
@@ -661,6 +698,22 @@ def _weight_grad_splits(num_experts: int, p: int, q: int, m: int, device: torch.
     return max(1, min(8, triton.cdiv(2 * sms, tiles), rows // 1024))
 
 
+SLOT_MODES = ("auto", "add", "sum")
+
+
+def slot_add_on(k: int, dtype: torch.dtype) -> bool:
+    """Whether the down / dx kernels add each (token, slot) row straight into the token's zeroed output row
+    (atomics) instead of writing M rows for a slot-sum launch. Only for k == 2, where two adds into zero are
+    order-independent (a + b = b + a exactly), so results stay deterministic; the CPU interpreter has no bf16
+    atomics, so bf16 there takes the slot sum. EFFCONV_MOE_SLOT=add|sum overrides auto (a tuning knob)."""
+    mode = os.environ.get("EFFCONV_MOE_SLOT", "auto") or "auto"
+    if mode not in SLOT_MODES:
+        raise ValueError(f"EFFCONV_MOE_SLOT={mode!r}: expected one of {', '.join(SLOT_MODES)}")
+    if k != 2 or mode == "sum" or (interpreting() and dtype == torch.bfloat16):
+        return False
+    return True
+
+
 def slot_sum(y: torch.Tensor, n: int, k: int, d: int) -> torch.Tensor:
     """(N, D) sums of the k (token, slot) rows of y (N*k, D): one Triton launch (fp32, slots in order)."""
     if k == 1:
@@ -726,12 +779,15 @@ class MoEExpertsFunction(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad)
         h = torch.empty(m, inter, dtype=x.dtype, device=x.device)
         gu = torch.empty(m, two_i, dtype=x.dtype, device=x.device) if need_grad else h
-        KERNELS["up"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), x, order, table, w_gu, topw, h, gu, d,
-                      inter, k, num_experts, rk, autotune=tune, BM=bm, SAVE_GU=need_grad, PREC=prec)
-        y = torch.empty(m, d, dtype=x.dtype, device=x.device)
-        KERNELS["down"](lambda meta: (nblk * triton.cdiv(d, meta["BN"]),), h, order, table, w_d, y, d, inter,
-                        num_experts, rk, autotune=tune, BM=bm, PREC=prec)
-        out = slot_sum(y, n, k, d)
+        add = slot_add_on(k, x.dtype)
+        # with slot adds the down kernel adds into out, which the up kernel's grid zeroes; else it writes y rows
+        y = torch.empty(n if add else m, d, dtype=x.dtype, device=x.device)
+        KERNELS["up"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), x, order, table, w_gu, topw, h, gu, y,
+                      y.numel(), d, inter, k, num_experts, rk, autotune=tune, BM=bm, SAVE_GU=need_grad, ZERO=add,
+                      PREC=prec)
+        KERNELS["down"](lambda meta: (nblk * triton.cdiv(d, meta["BN"]),), h, order, table, w_d, y, d, inter, k,
+                        num_experts, rk, autotune=tune, BM=bm, PREC=prec, SLOT_ADD=add)
+        out = y if add else slot_sum(y, n, k, d)
         if need_grad:
             ctx.save_for_backward(x, topw, w_gu, w_d, order, offsets, table, h, gu)
             ctx.shape = (n, d, k, num_experts, inter, bm)
@@ -757,6 +813,11 @@ class MoEExpertsFunction(torch.autograd.Function):
         ds = dout.index_select(0, tok) if dgrad == "grouped_mm" or (wgrad == "grouped_mm" and need_dd_w) else None
         dgu = torch.empty_like(gu)
         d_hidden = d_topw = d_gu = d_down = None
+        add = need_dx and slot_add_on(k, x.dtype)
+        # with slot adds dx is d_hidden itself, zeroed by the down_bwd grid (or here on the grouped-GEMM path)
+        if need_dx:
+            dx = (torch.zeros if add and dgrad == "grouped_mm" else torch.empty)(
+                n if add else m, d, dtype=x.dtype, device=x.device)
         if dgrad == "grouped_mm":  # dA = dout[tok] W_d[e] by the grouped GEMM, then the SwiGLU backward kernel
             da = torch._grouped_mm(ds, w_d, offs=ends)
             d_topw = torch.empty(m, dtype=ctx.weights_dtype, device=x.device) if need_dw else dgu
@@ -769,19 +830,20 @@ class MoEExpertsFunction(torch.autograd.Function):
             dw_part, n_part, dx_dw = dgu, 0, False
         else:
             dw_part = torch.empty(triton.cdiv(inter, 16), m, dtype=torch.float32, device=x.device)  # BN >= 16
+            zero = dx if add else dgu
             cfg = KERNELS["down_bwd"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), dout, order, table, w_d,
-                                      topw, gu, dgu, dw_part, d, inter, k, num_experts, m, rk, autotune=tune, BM=bm,
-                                      PREC=prec)
+                                      topw, gu, dgu, dw_part, zero, zero.numel(), d, inter, k, num_experts, m, rk,
+                                      autotune=tune, BM=bm, PREC=prec, ZERO=add)
             n_part = triton.cdiv(inter, cfg.kwargs["BN"])  # rows of dw_part written (the chosen BN)
             dx_dw = need_dw
             if need_dw and not need_dx:
                 d_topw = dw_part[:n_part].sum(0).view(n, k).to(ctx.weights_dtype)
         if need_dx:
-            dx = torch.empty(m, d, dtype=x.dtype, device=x.device)
             dtw = torch.empty(m, dtype=ctx.weights_dtype, device=x.device) if dx_dw else dx
             KERNELS["dx"](lambda meta: (nblk * triton.cdiv(d, meta["BN"]),), dgu, order, table, w_gu, dx, dw_part,
-                          dtw, d, inter, num_experts, m, n_part, rk, autotune=tune, BM=bm, PREC=prec, DW=dx_dw)
-            d_hidden = slot_sum(dx, n, k, d)
+                          dtw, d, inter, k, num_experts, m, n_part, rk, autotune=tune, BM=bm, PREC=prec, DW=dx_dw,
+                          SLOT_ADD=add)
+            d_hidden = dx if add else slot_sum(dx, n, k, d)
             if dx_dw:
                 d_topw = dtw.view(n, k)
         if wgrad == "grouped_mm":  # per-expert GEMMs over each expert's rows: offs along the contraction
