@@ -378,9 +378,9 @@ def test_every_tile_config_interpreted(cfg, monkeypatch):
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU check of the autotuner glue with a fake timer")
 def test_autotune_glue_interpreted(monkeypatch):
-    """triton.autotune over CONFIGS with our keys / pruning (a fake do_bench), the config cache on repeats, the
-    n_part of dw partials taken from the chosen down_bwd config, and tuned_configs()."""
-    import triton
+    """triton.autotune over CONFIGS with our keys / pruning (a fake do_bench that runs each config once), the config
+    cache on repeats, the n_part of dw partials taken from the chosen down_bwd config, tuned_configs(), and the
+    zeroing of the slot-add outputs between the tuning runs (without it they add up once per config)."""
     from effconv_kernels.moe import triton as mt
     _as_on_gpu(monkeypatch, mt, bm=64)
     monkeypatch.setenv("EFFCONV_MOE_AUTOTUNE", "1")
@@ -391,8 +391,7 @@ def test_autotune_glue_interpreted(monkeypatch):
         t = float(next(timings) % 7)  # some config other than the first wins
         return [t, t, t]
     for name, k in mt.KERNELS.items():
-        monkeypatch.setattr(k, "tuned", triton.autotune(mt.CONFIGS[name], key=mt.KEYS[name], do_bench=fake_bench,
-                                                        prune_configs_by={"early_config_prune": mt._prune(name)})(k.fn))
+        monkeypatch.setattr(k, "tuned", mt.autotuned(name, k.fn, fake_bench))
         monkeypatch.setattr(k, "chosen", {})
     x, idx, w, gu, dn, dout = make_inputs(70, 40, 36, 3, 2, torch.float32, "cpu")
     ref, ref_grads = loop_reference(x, idx, w, gu, dn, dout)
@@ -410,13 +409,19 @@ def test_autotune_failure_falls_back_to_default(monkeypatch):
     _as_on_gpu(monkeypatch, mt, bm=64)
     monkeypatch.setenv("EFFCONV_MOE_AUTOTUNE", "1")
 
-    class Broken:
+    class Broken:  # a tuning that adds into the output (as its timed runs of a slot-add kernel would), then fails
+        def __init__(self, kernel):
+            self.kernel = kernel
+
         def __getitem__(self, grid):
             def launch(*a, **k):
+                for i in self.kernel.reset_pos:
+                    a[i].add_(1.0)
                 raise RuntimeError("config does not compile")
             return launch
+    assert mt.KERNELS["down"].reset_pos and mt.KERNELS["dx"].reset_pos
     for k in mt.KERNELS.values():
-        monkeypatch.setattr(k, "tuned", Broken())
+        monkeypatch.setattr(k, "tuned", Broken(k))
         monkeypatch.setattr(k, "chosen", {})
     x, idx, w, gu, dn, dout = make_inputs(30, 24, 20, 3, 2, torch.float32, "cpu")
     with pytest.warns(UserWarning, match="autotuning"):

@@ -569,6 +569,12 @@ def _tune_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
+def autotuned(name, fn, do_bench):
+    """triton.autotune over CONFIGS[name] with our keys, pruning and output zeroing (tests pass a fake do_bench)."""
+    return triton.autotune(CONFIGS[name], key=KEYS[name], prune_configs_by={"early_config_prune": _prune(name)},
+                           do_bench=do_bench, reset_to_zero=RESET.get(name))(fn)
+
+
 class _Kernel:
     def __init__(self, name, fn):
         self.name, self.fn = name, fn
@@ -576,9 +582,9 @@ class _Kernel:
         self.chosen: dict = {}  # our key -> the autotuner's config: repeats skip Autotuner.run's per-call work
         names = list(fn.arg_names)
         self.key_pos = [names.index(n) for n in KEYS[name]]  # positional, or passed by keyword (constexprs)
+        self.reset_pos = [names.index(n) for n in RESET.get(name, [])]
         if not interpreting():
-            self.tuned = triton.autotune(CONFIGS[name], key=KEYS[name], prune_configs_by={"early_config_prune":
-                                         _prune(name)}, do_bench=_tune_bench, reset_to_zero=RESET.get(name))(fn)
+            self.tuned = autotuned(name, fn, _tune_bench)
 
     def __call__(self, grid, *args, autotune: bool, **kw) -> triton.Config:
         """Launch; returns the config used (the autotuner's choice when tuning)."""
@@ -598,6 +604,8 @@ class _Kernel:
                     warnings.warn(f"moe_experts: autotuning {self.name} failed ({type(e).__name__}: "
                                   f"{str(e)[:200]}); using its default config for key {key[:len(KEYS[self.name])]}")
                     cfg = self.chosen[key] = DEFAULTS[self.name]
+                    for i in self.reset_pos:  # runs of the failed tuning may have added into the output
+                        args[i].zero_()
                 else:
                     self.chosen[key] = self.tuned.best_config
                     return self.tuned.best_config
