@@ -10,22 +10,25 @@ never straddle two experts; the table (expert, first row, end row) has the fixed
 
 Forward (two grouped GEMMs over the sorted rows, x rows gathered by token inside the kernel):
     gu = x[tok] W_gu[e]^T          -> h = w * silu(g) * u        (gate and up tiles share the x tile)
-    y  = h W_d[e]^T                -> stored at the row's (token, slot) position; out = y.sum(slot)
+    y  = h W_d[e]^T                -> for k = 2 added into out[token] (zeroed by the up kernel's grid) by
+                                      atomics; else stored at the row's (token, slot) position, out = y.sum(slot)
 Backward:
     dA = dout[tok] W_d[e]; dw partial = <dA, silu(g) u> per column block; dh = w dA -> dg, du (SwiGLU)
-    dx = dgu W_gu[e] stored at (token, slot), summed over slots; the same kernel sums the dw partials
+    dx = dgu W_gu[e] added into d_hidden[token] like y (k = 2; zeroed by the down_bwd grid), or stored at
+         (token, slot) and summed over slots; the same kernel sums the dw partials
     dW_gu[e] = dgu_e^T x_e,  dW_d[e] = dout[tok]_e^T h_e          (per-expert weight-gradient GEMMs)
-All dots accumulate in fp32; sums over slots, column blocks (dw) and row splits (weight grads) are done in a
-fixed order (no atomics), so results are deterministic.
+All dots accumulate in fp32; sums over column blocks (dw), row splits (weight grads) and k > 2 slots are done in
+a fixed order, and the only atomics are the k = 2 slot adds: two adds into zero give a + b in either order, so
+results are deterministic.
 
 Tiles: BM (rows per block) is chosen per call from the mean rows per expert (128 from 512 rows, else 64; 16
 under TRITON_INTERPRET); on CUDA `triton.autotune` picks BN/BK/warps/stages per kernel from a short list
 (keyed on the dims, a rows bucket and BM) once M >= AUTOTUNE_MIN_ROWS, else a fixed default config. The
 row-block GEMMs specialize on EVEN_K / EVEN_N (K % BK, N % BN == 0: unmasked weight loads) and load clamped
 rows (past a block's end its last row again; those output rows stay masked), so their k loops carry no masks
-when EVEN_K. Every
-autotuned kernel only writes its outputs (nothing accumulates into or reads back what it writes), so the
-autotuner's repeated runs are safe. `tuned_configs()` lists the autotuner's choices (to freeze them later).
+when EVEN_K. The
+autotuner's repeated runs are safe: the kernels only write their outputs, except the slot-add down / dx kernels,
+whose outputs it zeroes before every run (RESET). `tuned_configs()` lists the autotuner's choices (to freeze them later).
 """
 from __future__ import annotations
 
