@@ -30,6 +30,10 @@ variant_env() {
     wide-bm64-s2) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_BM=64 EFFCONV_MOE_WGRAD_SPLITS=2" ;;
     wide-grouped) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_WGRAD=grouped_mm" ;;
     bm64) echo "EFFCONV_MOE_BM=64" ;;
+    sum) echo "EFFCONV_MOE_SLOT=sum" ;;
+    s1) echo "EFFCONV_MOE_WGRAD_SPLITS=1" ;;
+    sub1024) echo "EFFCONV_MOE_ROUTE_SUB=1024" ;;
+    sub128) echo "EFFCONV_MOE_ROUTE_SUB=128" ;;
     wide-sum) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_SLOT=sum" ;;
     wide-sub256) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=256" ;;
     wide-sub128) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=128" ;;

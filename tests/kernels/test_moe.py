@@ -493,6 +493,22 @@ def test_tuning_knobs(monkeypatch):
         mt.route(ids, 6, 16)
 
 
+def test_weight_grad_split_rule(monkeypatch):
+    """The CUDA rule (132 SMs as on an H100 / H200): splits only under four waves of 64 x 64 tiles and with >= 2048
+    rows per split, so smol_split splits at 4096 rows per expert and not at 1024, the wide shapes never."""
+    from effconv_kernels.moe import triton as mt
+    monkeypatch.setattr(mt, "interpreting", lambda: False)
+    monkeypatch.setattr(mt, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    d, i, e, k = 576, 192, 8, 2
+    for n, want in ((4096, 1), (16384, 2), (65536, 2)):  # cdiv(4 * 132, 432) = 2 at most
+        assert mt._weight_grad_splits(e, 2 * i, d, n * k, cuda) == want, n  # dW_gu: 432 tiles
+    assert mt._weight_grad_splits(e, d, i, 16384 * k, cuda) == 2  # dW_d: 216 tiles, 4096 rows
+    assert mt._weight_grad_splits(e, d, i, 65536 * k, cuda) == 3  # cdiv(528, 216) = 3
+    assert mt._weight_grad_splits(e, 2 * 1024, 2048, 16384 * k, cuda) == 1  # large: 8192 tiles
+    assert mt._weight_grad_splits(e, 2 * 1536, 576, 16384 * k, cuda) == 1  # smol_copy: 3456 tiles
+
+
 def test_wide_tuning_appends_candidates():
     """EFFCONV_MOE_WIDE_TUNING=1 at import gives the autotuner CONFIGS + WIDE_CONFIGS; without it no wide candidate
     is in the lists (compared by tile sizes, warps and stages; each in a fresh interpreter)."""

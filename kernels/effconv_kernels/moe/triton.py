@@ -10,12 +10,12 @@ never straddle two experts; the table (expert, first row, end row) has the fixed
 
 Forward (two grouped GEMMs over the sorted rows, x rows gathered by token inside the kernel):
     gu = x[tok] W_gu[e]^T          -> h = w * silu(g) * u        (gate and up tiles share the x tile)
-    y  = h W_d[e]^T                -> for k = 2 added into out[token] (zeroed by the up kernel's grid) by
-                                      atomics; else stored at the row's (token, slot) position, out = y.sum(slot)
+    y  = h W_d[e]^T                -> for k = 2 added into the zeroed out[token] by atomics; else stored at
+                                      the row's (token, slot) position, out = y.sum(slot)
 Backward:
     dA = dout[tok] W_d[e]; dw partial = <dA, silu(g) u> per column block; dh = w dA -> dg, du (SwiGLU)
-    dx = dgu W_gu[e] added into d_hidden[token] like y (k = 2; zeroed by the down_bwd grid), or stored at
-         (token, slot) and summed over slots; the same kernel sums the dw partials
+    dx = dgu W_gu[e] added into the zeroed d_hidden[token] like y (k = 2), or stored at (token, slot) and
+         summed over slots; the same kernel sums the dw partials
     dW_gu[e] = dgu_e^T x_e,  dW_d[e] = dout[tok]_e^T h_e          (per-expert weight-gradient GEMMs)
 All dots accumulate in fp32; sums over column blocks (dw), row splits (weight grads) and k > 2 slots are done in
 a fixed order, and the only atomics are the k = 2 slot adds: two adds into zero give a + b in either order, so
@@ -139,7 +139,7 @@ def route(top_k_index: torch.Tensor, num_experts: int, bm: int):
     if interpreting():
         sub, target = 32, 4  # several chunks and sub-tiles on the tests' small shapes
     else:
-        sub, target = max(16, min(1024, 8192 // e_p)), 256
+        sub, target = max(16, min(256, 8192 // e_p)), 256  # 256 ids: 1.9 us less scatter than 1024 (H200)
     forced = _env_int("EFFCONV_MOE_ROUTE_SUB", (64, 128, 256, 512, 1024))  # a tuning knob (ids per sub-tile)
     if forced is not None:
         sub = min(forced, max(16, 8192 // e_p))  # the one-hot tile [sub, E_P] stays within 8192 entries
@@ -234,18 +234,6 @@ def _rows_times_weight(a_ptr, a_row_off, w_ptr, stride_wk, stride_wn, cols, col_
 
 
 @triton.jit
-def _zero_share(ptr, numel, ZB: tl.constexpr):
-    """Zero this program's contiguous share of ptr[0:numel) (every program of the grid takes one share): the
-    output that the next kernel's slot adds land in, zeroed inside a GEMM launch instead of a memset pass."""
-    pid = tl.program_id(0).to(tl.int64)
-    share = tl.cdiv(tl.cdiv(numel, tl.num_programs(0)), ZB) * ZB
-    zeros = tl.zeros([ZB], dtype=ptr.dtype.element_ty)
-    for z0 in range(pid * share, tl.minimum(pid * share + share, numel), ZB):
-        offs = z0 + tl.arange(0, ZB)
-        tl.store(ptr + offs, zeros, mask=offs < numel)
-
-
-@triton.jit
 def _store_rows(out, flat, cols, val, mask, D, K_SLOTS, SLOT_ADD: tl.constexpr):
     """Store a tile of (token, slot) rows: at the row's own position flat (a later slot sum adds the k rows of
     a token), or with SLOT_ADD atomically added into the zeroed token row flat // K_SLOTS (k <= 2 only: two
@@ -258,15 +246,12 @@ def _store_rows(out, flat, cols, val, mask, D, K_SLOTS, SLOT_ADD: tl.constexpr):
         tl.store(out + flat[:, None].to(tl.int64) * D + cols[None, :], val.to(out.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["ROWS_KEY", "ZERO_NUMEL"])
-def moe_up_kernel(x, order, table, w_gu, topw, h, gu_out, zero_out, ZERO_NUMEL, D, I, K_SLOTS, E, ROWS_KEY,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SAVE_GU: tl.constexpr, ZERO: tl.constexpr,
+@triton.jit(do_not_specialize=["ROWS_KEY"])
+def moe_up_kernel(x, order, table, w_gu, topw, h, gu_out, D, I, K_SLOTS, E, ROWS_KEY,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SAVE_GU: tl.constexpr,
                   PREC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     """h[r, cols] = w_r * silu(x[tok_r] Wg[e]^T) * (x[tok_r] Wu[e]^T) for one row block and one column block
-    (the routing weight applied here, so the down GEMM and dW_d need no scaling). With ZERO the grid also
-    zeroes zero_out (the forward output the down kernel's slot adds go into)."""
-    if ZERO:
-        _zero_share(zero_out, ZERO_NUMEL, 1024)
+    (the routing weight applied here, so the down GEMM and dW_d need no scaling)."""
     pid = tl.program_id(0)
     n_col = tl.cdiv(I, BN)
     pid_m, pid_n = pid // n_col, pid % n_col
@@ -334,14 +319,11 @@ def moe_down_kernel(h, order, table, w_d, y, D, I, K_SLOTS, E, ROWS_KEY,
     _store_rows(y, flat, cols, acc, m_r[:, None] & m_c[None, :], D, K_SLOTS, SLOT_ADD)
 
 
-@triton.jit(do_not_specialize=["ROWS_KEY", "ZERO_NUMEL"])
-def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, zero_out, ZERO_NUMEL, D, I, K_SLOTS, E, M,
-                        ROWS_KEY, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                        ZERO: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
-    """dA = dout[tok] W_d[e] (cols of I); dw_part[col block, flat] = <dA, h>; dgu = SwiGLU bwd of w * dA. With
-    ZERO the grid also zeroes zero_out (d_hidden, which the dx kernel's slot adds go into)."""
-    if ZERO:
-        _zero_share(zero_out, ZERO_NUMEL, 1024)
+@triton.jit(do_not_specialize=["ROWS_KEY"])
+def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, D, I, K_SLOTS, E, M, ROWS_KEY,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """dA = dout[tok] W_d[e] (cols of I); dw_part[col block, flat] = <dA, h>; dgu = SwiGLU bwd of w * dA."""
     pid = tl.program_id(0)
     n_col = tl.cdiv(I, BN)
     pid_m, pid_n = pid // n_col, pid % n_col
@@ -514,19 +496,20 @@ CONFIGS = {
     "dx": [_cfg(128, 64, 8, 3), _cfg(256, 64, 8, 3), _cfg(256, 64, 8, 4), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4),
            _cfg(128, 32, 8, 5)],
     "wgrad": [_wg(128, 128, 64, 8, 3), _wg(128, 256, 64, 8, 3), _wg(128, 128, 64, 8, 4), _wg(256, 128, 64, 8, 3),
-              _wg(64, 64, 64, 4, 4), _wg(64, 64, 128, 4, 3), _wg(64, 64, 64, 4, 5)],
+              _wg(64, 64, 64, 4, 4), _wg(64, 64, 128, 4, 3), _wg(64, 64, 64, 4, 5), _wg(128, 128, 32, 8, 5),
+              _wg(64, 64, 32, 4, 6)],
 }
 # Candidates for a wider search (EFFCONV_MOE_WIDE_TUNING=1 at import appends them; bench/moe_sweep_gpu.sh): smaller
 # tiles and more warps per tile for the small-I shapes, where the autotuner picked the smallest listed configs. The
-# H200 sweep of 2026-12-02 (smol_split) moved the five configs it chose into CONFIGS (the last entry of each list).
+# H200 sweep of 2026-12-02 (smol_split) moved the five configs it chose into CONFIGS (the last entry of each list);
+# the second sweep of that day moved two weight-grad tiles it chose with split rows (128 x 128 x 32, 64 x 64 x 32).
 WIDE_CONFIGS = {
     "up": [_cfg(64, 64, 8, 4), _cfg(32, 64, 4, 4)],
     "down": [_cfg(64, 64, 8, 3), _cfg(64, 64, 4, 3)],
     "down_bwd": [_cfg(64, 64, 8, 3), _cfg(32, 64, 4, 4), _cfg(64, 32, 4, 5), _cfg(32, 64, 2, 4)],
     "dx": [_cfg(64, 64, 8, 4), _cfg(64, 128, 4, 3)],
-    "wgrad": [_wg(64, 64, 32, 4, 6), _wg(32, 64, 64, 4, 4), _wg(64, 32, 64, 4, 4),
-              _wg(64, 64, 64, 8, 4), _wg(128, 64, 64, 4, 4), _wg(64, 128, 64, 4, 4), _wg(64, 64, 128, 8, 3),
-              _wg(128, 128, 32, 8, 5), _wg(128, 64, 64, 8, 4), _wg(64, 128, 64, 8, 4)],  # big tiles for split rows
+    "wgrad": [_wg(32, 64, 64, 4, 4), _wg(64, 32, 64, 4, 4), _wg(64, 64, 64, 8, 4), _wg(128, 64, 64, 4, 4),
+              _wg(64, 128, 64, 4, 4), _wg(64, 64, 128, 8, 3), _wg(128, 64, 64, 8, 4), _wg(64, 128, 64, 8, 4)],
 }
 if os.environ.get("EFFCONV_MOE_WIDE_TUNING") == "1":
     for _name, _extra in WIDE_CONFIGS.items():
@@ -540,8 +523,8 @@ INTERP = {  # the CPU interpreter is slow on big tiles
     "wgrad": _wg(16, 32, 16, 4, 1),
 }
 KEYS = {
-    "up": ["D", "I", "ROWS_KEY", "BM", "SAVE_GU", "ZERO"], "down": ["D", "I", "ROWS_KEY", "BM", "SLOT_ADD"],
-    "down_bwd": ["D", "I", "ROWS_KEY", "BM", "ZERO"], "dx": ["D", "I", "ROWS_KEY", "BM", "DW", "SLOT_ADD"],
+    "up": ["D", "I", "ROWS_KEY", "BM", "SAVE_GU"], "down": ["D", "I", "ROWS_KEY", "BM", "SLOT_ADD"],
+    "down_bwd": ["D", "I", "ROWS_KEY", "BM"], "dx": ["D", "I", "ROWS_KEY", "BM", "DW", "SLOT_ADD"],
     "wgrad": ["P", "Q", "ROWS_KEY", "SPLITS", "A_GATHER"],
 }
 # the slot-add kernels accumulate into their output: the autotuner zeroes it before each timed run and before
@@ -694,8 +677,9 @@ def _sm_count(index: int) -> int:
 
 
 def _weight_grad_splits(num_experts: int, p: int, q: int, m: int, device: torch.device) -> int:
-    """Row splits of the weight-grad GEMMs: only when E x (64 x 64 tiles) is less than one wave and every
-    split keeps >= 1024 rows (a split costs an fp32 partial buffer and one more launch: the sum and cast)."""
+    """Row splits of the weight-grad GEMMs: only when E x (64 x 64 tiles) is under four waves of programs and
+    every split keeps >= 2048 rows (a split costs an fp32 partial buffer and a split-sum launch; on the H200 at
+    smol_split two splits won with 4096 rows per expert and lost with 1024, docs/kernels.md)."""
     forced = _env_int("EFFCONV_MOE_WGRAD_SPLITS", (1, 2, 3, 4, 6, 8))  # a tuning knob
     if forced is not None:
         return forced
@@ -704,9 +688,9 @@ def _weight_grad_splits(num_experts: int, p: int, q: int, m: int, device: torch.
         return 2 if rows >= 64 else 1  # the tests exercise both the split and the direct path
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     tiles = num_experts * triton.cdiv(p, 64) * triton.cdiv(q, 64)
-    if tiles >= sms:
+    if tiles >= 4 * sms:
         return 1
-    return max(1, min(8, triton.cdiv(2 * sms, tiles), rows // 1024))
+    return max(1, min(8, triton.cdiv(4 * sms, tiles), rows // 2048))
 
 
 SLOT_MODES = ("auto", "add", "sum")
@@ -791,11 +775,12 @@ class MoEExpertsFunction(torch.autograd.Function):
         h = torch.empty(m, inter, dtype=x.dtype, device=x.device)
         gu = torch.empty(m, two_i, dtype=x.dtype, device=x.device) if need_grad else h
         add = slot_add_on(k, x.dtype)
-        # with slot adds the down kernel adds into out, which the up kernel's grid zeroes; else it writes y rows
-        y = torch.empty(n if add else m, d, dtype=x.dtype, device=x.device)
-        KERNELS["up"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), x, order, table, w_gu, topw, h, gu, y,
-                      y.numel(), d, inter, k, num_experts, rk, autotune=tune, BM=bm, SAVE_GU=need_grad, ZERO=add,
-                      PREC=prec)
+        # with slot adds the down kernel adds into the zeroed out (a memset: zeroing inside the up kernel's
+        # programs measured slower, docs/kernels.md); else it writes the M (token, slot) rows of y
+        y = torch.zeros(n, d, dtype=x.dtype, device=x.device) if add else torch.empty(m, d, dtype=x.dtype,
+                                                                                      device=x.device)
+        KERNELS["up"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), x, order, table, w_gu, topw, h, gu, d,
+                      inter, k, num_experts, rk, autotune=tune, BM=bm, SAVE_GU=need_grad, PREC=prec)
         KERNELS["down"](lambda meta: (nblk * triton.cdiv(d, meta["BN"]),), h, order, table, w_d, y, d, inter, k,
                         num_experts, rk, autotune=tune, BM=bm, PREC=prec, SLOT_ADD=add)
         out = y if add else slot_sum(y, n, k, d)
@@ -825,10 +810,9 @@ class MoEExpertsFunction(torch.autograd.Function):
         dgu = torch.empty_like(gu)
         d_hidden = d_topw = d_gu = d_down = None
         add = need_dx and slot_add_on(k, x.dtype)
-        # with slot adds dx is d_hidden itself, zeroed by the down_bwd grid (or here on the grouped-GEMM path)
-        if need_dx:
-            dx = (torch.zeros if add and dgrad == "grouped_mm" else torch.empty)(
-                n if add else m, d, dtype=x.dtype, device=x.device)
+        if need_dx:  # with slot adds dx is d_hidden itself, zeroed; else the M (token, slot) rows
+            dx = torch.zeros(n, d, dtype=x.dtype, device=x.device) if add else torch.empty(m, d, dtype=x.dtype,
+                                                                                           device=x.device)
         if dgrad == "grouped_mm":  # dA = dout[tok] W_d[e] by the grouped GEMM, then the SwiGLU backward kernel
             da = torch._grouped_mm(ds, w_d, offs=ends)
             d_topw = torch.empty(m, dtype=ctx.weights_dtype, device=x.device) if need_dw else dgu
@@ -841,10 +825,9 @@ class MoEExpertsFunction(torch.autograd.Function):
             dw_part, n_part, dx_dw = dgu, 0, False
         else:
             dw_part = torch.empty(triton.cdiv(inter, 16), m, dtype=torch.float32, device=x.device)  # BN >= 16
-            zero = dx if add else dgu
             cfg = KERNELS["down_bwd"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), dout, order, table, w_d,
-                                      topw, gu, dgu, dw_part, zero, zero.numel(), d, inter, k, num_experts, m, rk,
-                                      autotune=tune, BM=bm, PREC=prec, ZERO=add)
+                                      topw, gu, dgu, dw_part, d, inter, k, num_experts, m, rk, autotune=tune, BM=bm,
+                                      PREC=prec)
             n_part = triton.cdiv(inter, cfg.kwargs["BN"])  # rows of dw_part written (the chosen BN)
             dx_dw = need_dw
             if need_dw and not need_dx:
