@@ -7,7 +7,8 @@
 #   EFFCONV_MOE_WGRAD_SPLITS=2  row splits of the weight-grad GEMMs (fp32 partials + a sum)
 #   EFFCONV_MOE_WGRAD=grouped_mm  torch._grouped_mm for the weight grads
 #   EFFCONV_MOE_SLOT=sum        k = 2: write (token, slot) rows and sum them (default: atomic adds into the output)
-#   EFFCONV_MOE_ROUTE_SUB=256   ids per sub-tile of the routing kernels (default 8192 / next_pow2(E))
+#   EFFCONV_MOE_ROUTE_SUB=1024  ids per sub-tile of the routing kernels (default min(256, 8192 / next_pow2(E)))
+#   EFFCONV_MOE_TUNE_REPEATS=3  the autotuner times each config as the min over 3 shorter do_bench runs
 # Run from the repo root:  SHAPE=smol_split bash bench/moe_sweep_gpu.sh
 # Output under $OUT (default ./moe-sweep): <variant>.json / .log, summary.txt (printed at the end).
 # Knobs: SHAPE (smol_split), TOKENS ("4096 16384"), VARIANTS (names below), BUDGET (seconds, 480), PER_RUN (150).
@@ -34,6 +35,7 @@ variant_env() {
     s1) echo "EFFCONV_MOE_WGRAD_SPLITS=1" ;;
     sub1024) echo "EFFCONV_MOE_ROUTE_SUB=1024" ;;
     sub128) echo "EFFCONV_MOE_ROUTE_SUB=128" ;;
+    robust) echo "EFFCONV_MOE_TUNE_REPEATS=3" ;;
     wide-sum) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_SLOT=sum" ;;
     wide-sub256) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=256" ;;
     wide-sub128) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=128" ;;
@@ -41,8 +43,8 @@ variant_env() {
     *) echo "unknown" ;;
   esac
 }
-for v in $VARIANTS; do
-  e=$(variant_env "$v")
+for v in $VARIANTS; do  # NAME@2 repeats variant NAME in a fresh process (its own autotuning), saved as NAME@2
+  e=$(variant_env "${v%@*}")
   [ "$e" = unknown ] && { echo "unknown variant $v"; continue; }
   rem=$(( BUDGET - ($(date +%s) - T0) ))
   [ "$rem" -lt 20 ] && { echo "== $v skipped: budget spent"; continue; }

@@ -461,7 +461,7 @@ def test_even_k_n_specializations_match_loop(D, I, device):
     assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
 
 
-def test_tuning_knobs(monkeypatch):
+def test_tuning_knobs(monkeypatch, device):
     """EFFCONV_MOE_BM / EFFCONV_MOE_WGRAD_SPLITS override the block rows and weight-grad splits (bench knobs),
     bad values raise one clear error, and the forced splits still match the loop."""
     from effconv_kernels.moe import triton as mt
@@ -476,7 +476,7 @@ def test_tuning_knobs(monkeypatch):
     monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", "3")
     assert mt._weight_grad_splits(4, 32, 24, 400, torch.device("cpu")) == 3
     monkeypatch.setenv("EFFCONV_MOE_WGRAD", "triton")
-    x, idx, w, gu, dn, dout = make_inputs(70, 40, 36, 4, 2, torch.float32, "cpu", skip_experts=(2,))
+    x, idx, w, gu, dn, dout = make_inputs(70, 40, 36, 4, 2, torch.float32, device, skip_experts=(2,))
     before = mt.LAUNCHES["split_sum"]
     out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
     assert mt.LAUNCHES["split_sum"] == before + 2  # dW_gu and dW_d both reduced their 3 row splits
@@ -484,13 +484,25 @@ def test_tuning_knobs(monkeypatch):
     monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", "two")
     with pytest.raises(ValueError, match="EFFCONV_MOE_WGRAD_SPLITS"):
         mt._weight_grad_splits(4, 32, 24, 400, torch.device("cpu"))
-    ids = _ids("skewed", 300, 2, 6)
+    ids = _ids("skewed", 300, 2, 6).to(device)
     monkeypatch.setenv("EFFCONV_MOE_ROUTE_SUB", "64")  # 64 ids per sub-tile (the interpreter's default is 32)
     for got, ref in zip(mt.route(ids, 6, 16), mt.route_reference(ids, 6, 16)):
         assert torch.equal(got, ref)
     monkeypatch.setenv("EFFCONV_MOE_ROUTE_SUB", "100")
     with pytest.raises(ValueError, match="EFFCONV_MOE_ROUTE_SUB='100'"):
         mt.route(ids, 6, 16)
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, quantiles):
+        calls.append(rep)
+        return [3.0 - len(calls), 5.0, 1.0 + len(calls)]
+    import triton.testing
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setenv("EFFCONV_MOE_TUNE_REPEATS", "3")
+    assert mt._tune_bench(None, (0.5, 0.2, 0.8)) == [0.0, 5.0, 2.0] and calls == [10, 10, 10]  # element-wise min
+    monkeypatch.setenv("EFFCONV_MOE_TUNE_REPEATS", "0")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_TUNE_REPEATS='0'"):
+        mt._tune_bench(None, (0.5, 0.2, 0.8))
 
 
 def test_weight_grad_split_rule(monkeypatch):
