@@ -9,6 +9,7 @@
 #   EFFCONV_MOE_SLOT=sum        k = 2: write (token, slot) rows and sum them (default: atomic adds into the output)
 #   EFFCONV_MOE_ROUTE_SUB=1024  ids per sub-tile of the routing kernels (default min(256, 8192 / next_pow2(E)))
 #   EFFCONV_MOE_TUNE_REPEATS=3  the autotuner times each config as the min over 3 shorter do_bench runs
+#   EFFCONV_MOE_PREFETCH=0      down_bwd loads its epilogue's g / u after the k loop (default: before it)
 # Run from the repo root:  SHAPE=smol_split bash bench/moe_sweep_gpu.sh
 # Output under $OUT (default ./moe-sweep): <variant>.json / .log, summary.txt (printed at the end).
 # Knobs: SHAPE (smol_split), TOKENS ("4096 16384"), VARIANTS (names below), BUDGET (seconds, 480), PER_RUN (150).
@@ -36,6 +37,7 @@ variant_env() {
     sub1024) echo "EFFCONV_MOE_ROUTE_SUB=1024" ;;
     sub128) echo "EFFCONV_MOE_ROUTE_SUB=128" ;;
     robust) echo "EFFCONV_MOE_TUNE_REPEATS=3" ;;
+    noprefetch) echo "EFFCONV_MOE_PREFETCH=0" ;;
     wide-sum) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_SLOT=sum" ;;
     wide-sub256) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=256" ;;
     wide-sub128) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=128" ;;

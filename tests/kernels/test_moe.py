@@ -481,6 +481,13 @@ def test_tuning_knobs(monkeypatch, device):
     out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
     assert mt.LAUNCHES["split_sum"] == before + 2  # dW_gu and dW_d both reduced their 3 row splits
     assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
+    monkeypatch.setenv("EFFCONV_MOE_PREFETCH", "0")  # down_bwd loading g / u after its k loop (the ablation)
+    out0, grads0 = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    assert torch.equal(out0, out) and all(torch.equal(a, b) for a, b in zip(grads0, grads))
+    monkeypatch.setenv("EFFCONV_MOE_PREFETCH", "2")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_PREFETCH='2'"):
+        run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    monkeypatch.delenv("EFFCONV_MOE_PREFETCH")
     monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", "two")
     with pytest.raises(ValueError, match="EFFCONV_MOE_WGRAD_SPLITS"):
         mt._weight_grad_splits(4, 32, 24, 400, torch.device("cpu"))

@@ -322,8 +322,10 @@ def moe_down_kernel(h, order, table, w_d, y, D, I, K_SLOTS, E, ROWS_KEY,
 @triton.jit(do_not_specialize=["ROWS_KEY"])
 def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, D, I, K_SLOTS, E, M, ROWS_KEY,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
-    """dA = dout[tok] W_d[e] (cols of I); dw_part[col block, flat] = <dA, h>; dgu = SwiGLU bwd of w * dA."""
+                        PREFETCH: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """dA = dout[tok] W_d[e] (cols of I); dw_part[col block, flat] = <dA, h>; dgu = SwiGLU bwd of w * dA.
+    PREFETCH issues the epilogue's g / u / w loads before the k loop (clamped rows, no row mask), so their
+    latency hides behind the GEMM instead of following it."""
     pid = tl.program_id(0)
     n_col = tl.cdiv(I, BN)
     pid_m, pid_n = pid // n_col, pid % n_col
@@ -334,17 +336,29 @@ def moe_down_bwd_kernel(dout, order, table, w_d, topw, gu, dgu, dw_part, D, I, K
     tok = flat // K_SLOTS
     cols = pid_n * BN + tl.arange(0, BN)
     m_c = cols < I
+    gu_off = rows[:, None].to(tl.int64) * 2 * I + cols[None, :]
+    m_o = m_r[:, None] & m_c[None, :]
+    if PREFETCH:
+        ld_off = rows_ld[:, None].to(tl.int64) * 2 * I + cols[None, :]
+        if EVEN_N:
+            g_raw = tl.load(gu + ld_off)
+            u_raw = tl.load(gu + ld_off + I)
+        else:
+            g_raw = tl.load(gu + ld_off, mask=m_c[None, :], other=0.0)
+            u_raw = tl.load(gu + ld_off + I, mask=m_c[None, :], other=0.0)
+        wr = tl.load(topw + flat).to(tl.float32)
     # W_d[e] is (D, I): used untransposed, stride_wk = I, stride_wn = 1
     da = _rows_times_weight(dout, tok.to(tl.int64) * D, w_d + e.to(tl.int64) * D * I, I, 1, cols, m_c, D,
                             BM, BN, BK, PREC, EVEN_K, EVEN_N)
-    gu_off = rows[:, None].to(tl.int64) * 2 * I + cols[None, :]
-    m_o = m_r[:, None] & m_c[None, :]
-    g = tl.load(gu + gu_off, mask=m_o, other=0.0).to(tl.float32)
-    u = tl.load(gu + gu_off + I, mask=m_o, other=0.0).to(tl.float32)
+    if not PREFETCH:
+        g_raw = tl.load(gu + gu_off, mask=m_o, other=0.0)
+        u_raw = tl.load(gu + gu_off + I, mask=m_o, other=0.0)
+        wr = tl.load(topw + flat).to(tl.float32)
+    g = g_raw.to(tl.float32)
+    u = u_raw.to(tl.float32)
     sg = tl.sigmoid(g)
     silu = g * sg
     tl.store(dw_part + pid_n.to(tl.int64) * M + flat, tl.sum(da * silu * u, 1), mask=m_r)
-    wr = tl.load(topw + flat).to(tl.float32)
     dh = da * wr[:, None]
     dg = dh * u * sg * (1.0 + g * (1.0 - sg))
     du = dh * silu
@@ -524,7 +538,7 @@ INTERP = {  # the CPU interpreter is slow on big tiles
 }
 KEYS = {
     "up": ["D", "I", "ROWS_KEY", "BM", "SAVE_GU"], "down": ["D", "I", "ROWS_KEY", "BM", "SLOT_ADD"],
-    "down_bwd": ["D", "I", "ROWS_KEY", "BM"], "dx": ["D", "I", "ROWS_KEY", "BM", "DW", "SLOT_ADD"],
+    "down_bwd": ["D", "I", "ROWS_KEY", "BM", "PREFETCH"], "dx": ["D", "I", "ROWS_KEY", "BM", "DW", "SLOT_ADD"],
     "wgrad": ["P", "Q", "ROWS_KEY", "SPLITS", "A_GATHER"],
 }
 # the slot-add kernels accumulate into their output: the autotuner zeroes it before each timed run and before
@@ -699,6 +713,11 @@ def _weight_grad_splits(num_experts: int, p: int, q: int, m: int, device: torch.
     return max(1, min(8, triton.cdiv(4 * sms, tiles), rows // 2048))
 
 
+def prefetch_on() -> bool:
+    """down_bwd loads its epilogue operands before the k loop; EFFCONV_MOE_PREFETCH=0 turns it off (an ablation)."""
+    return _env_int("EFFCONV_MOE_PREFETCH", (0, 1)) != 0
+
+
 SLOT_MODES = ("auto", "add", "sum")
 
 
@@ -833,7 +852,7 @@ class MoEExpertsFunction(torch.autograd.Function):
             dw_part = torch.empty(triton.cdiv(inter, 16), m, dtype=torch.float32, device=x.device)  # BN >= 16
             cfg = KERNELS["down_bwd"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), dout, order, table, w_d,
                                       topw, gu, dgu, dw_part, d, inter, k, num_experts, m, rk, autotune=tune, BM=bm,
-                                      PREC=prec)
+                                      PREC=prec, PREFETCH=prefetch_on())
             n_part = triton.cdiv(inter, cfg.kwargs["BN"])  # rows of dw_part written (the chosen BN)
             dx_dw = need_dw
             if need_dw and not need_dx:
