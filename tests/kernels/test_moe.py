@@ -483,7 +483,8 @@ def test_tuning_knobs(monkeypatch, device):
     assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
     monkeypatch.setenv("EFFCONV_MOE_PREFETCH", "0")  # down_bwd loading g / u after its k loop (the ablation)
     out0, grads0 = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
-    assert torch.equal(out0, out) and all(torch.equal(a, b) for a, b in zip(grads0, grads))
+    assert torch.equal(out0, out)  # the forward does not change; the backward compiles differently (FMA contraction)
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(grads0, grads))
     monkeypatch.setenv("EFFCONV_MOE_PREFETCH", "2")
     with pytest.raises(ValueError, match="EFFCONV_MOE_PREFETCH='2'"):
         run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
