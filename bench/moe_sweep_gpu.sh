@@ -10,6 +10,7 @@
 #   EFFCONV_MOE_ROUTE_SUB=1024  ids per sub-tile of the routing kernels (default min(256, 8192 / next_pow2(E)))
 #   EFFCONV_MOE_TUNE_REPEATS=3  the autotuner times each config as the min over 3 shorter do_bench runs
 #   EFFCONV_MOE_PREFETCH=0      down_bwd loads its epilogue's g / u after the k loop (default: before it)
+#   EFFCONV_MOE_ZERO=inline     zero the slot adds' outputs on the current stream (default: a side stream)
 # Run from the repo root:  SHAPE=smol_split bash bench/moe_sweep_gpu.sh
 # Output under $OUT (default ./moe-sweep): <variant>.json / .log, summary.txt (printed at the end).
 # Knobs: SHAPE (smol_split), TOKENS ("4096 16384"), VARIANTS (names below), BUDGET (seconds, 480), PER_RUN (150).
@@ -38,6 +39,7 @@ variant_env() {
     sub128) echo "EFFCONV_MOE_ROUTE_SUB=128" ;;
     robust) echo "EFFCONV_MOE_TUNE_REPEATS=3" ;;
     noprefetch) echo "EFFCONV_MOE_PREFETCH=0" ;;
+    inline) echo "EFFCONV_MOE_ZERO=inline" ;;
     wide-sum) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_SLOT=sum" ;;
     wide-sub256) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=256" ;;
     wide-sub128) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=128" ;;

@@ -140,6 +140,21 @@ def test_slot_add_matches_slot_sum_and_loop(mode, dgrad, device, monkeypatch):
     assert torch.equal(out, ref_out) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
 
 
+@pytest.mark.parametrize("mode", ["stream", "inline"])
+def test_zeroed_buffer_modes(mode, device, monkeypatch):
+    """The slot adds' output is zero once joined, whichever stream zeroed it (on CUDA the side stream races the
+    kernels queued before the join if the join is missing: a NaN-poisoned buffer shows it)."""
+    from effconv_kernels.moe import triton as mt
+    monkeypatch.setenv("EFFCONV_MOE_ZERO", mode)
+    _nan_empty(monkeypatch)
+    buf, join = mt.zeroed(300, 70, torch.bfloat16, torch.device(device))
+    join()
+    assert buf.shape == (300, 70) and buf.dtype == torch.bfloat16 and not buf.any()
+    monkeypatch.setenv("EFFCONV_MOE_ZERO", "memset")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_ZERO='memset'"):
+        mt.zeroed(3, 4, torch.float32, torch.device(device))
+
+
 def test_slot_add_choice(monkeypatch):
     from effconv_kernels.moe import triton as mt
     assert mt.slot_add_on(2, torch.float32) and mt.slot_add_on(2, torch.float16)

@@ -734,6 +734,32 @@ def slot_add_on(k: int, dtype: torch.dtype) -> bool:
     return True
 
 
+ZERO_MODES = ("stream", "inline")
+_SIDE_STREAMS: dict = {}
+
+
+def zeroed(n: int, d: int, dtype: torch.dtype, device: torch.device):
+    """(zeroed (n, d) buffer, join): the slot adds' output. On CUDA the fill runs on a side stream, so it overlaps
+    the routing / up (forward) or down_bwd (backward) kernels instead of standing between them; join() makes the
+    current stream wait for it (call it before the first kernel that adds into the buffer). The side stream
+    first waits for the current one, since the buffer's memory may have been freed by work still queued there.
+    EFFCONV_MOE_ZERO=inline zeroes on the current stream (the ablation)."""
+    mode = os.environ.get("EFFCONV_MOE_ZERO", "stream") or "stream"
+    if mode not in ZERO_MODES:
+        raise ValueError(f"EFFCONV_MOE_ZERO={mode!r}: expected one of {', '.join(ZERO_MODES)}")
+    if device.type != "cuda" or mode == "inline":
+        return torch.zeros(n, d, dtype=dtype, device=device), lambda: None
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(main.device.index)
+    if side is None:
+        side = _SIDE_STREAMS[main.device.index] = torch.cuda.Stream(main.device)
+    buf = torch.empty(n, d, dtype=dtype, device=device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        buf.zero_()
+    return buf, lambda: main.wait_stream(side)
+
+
 def slot_sum(y: torch.Tensor, n: int, k: int, d: int) -> torch.Tensor:
     """(N, D) sums of the k (token, slot) rows of y (N*k, D): one Triton launch (fp32, slots in order)."""
     if k == 1:
@@ -802,10 +828,12 @@ class MoEExpertsFunction(torch.autograd.Function):
         add = slot_add_on(k, x.dtype)
         # with slot adds the down kernel adds into the zeroed out (a memset: zeroing inside the up kernel's
         # programs measured slower, docs/kernels.md); else it writes the M (token, slot) rows of y
-        y = torch.zeros(n, d, dtype=x.dtype, device=x.device) if add else torch.empty(m, d, dtype=x.dtype,
-                                                                                      device=x.device)
+        y, join = zeroed(n, d, x.dtype, x.device) if add else (torch.empty(m, d, dtype=x.dtype, device=x.device),
+                                                               None)
         KERNELS["up"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), x, order, table, w_gu, topw, h, gu, d,
                       inter, k, num_experts, rk, autotune=tune, BM=bm, SAVE_GU=need_grad, PREC=prec)
+        if add:
+            join()
         KERNELS["down"](lambda meta: (nblk * triton.cdiv(d, meta["BN"]),), h, order, table, w_d, y, d, inter, k,
                         num_experts, rk, autotune=tune, BM=bm, PREC=prec, SLOT_ADD=add)
         out = y if add else slot_sum(y, n, k, d)
@@ -836,8 +864,8 @@ class MoEExpertsFunction(torch.autograd.Function):
         d_hidden = d_topw = d_gu = d_down = None
         add = need_dx and slot_add_on(k, x.dtype)
         if need_dx:  # with slot adds dx is d_hidden itself, zeroed; else the M (token, slot) rows
-            dx = torch.zeros(n, d, dtype=x.dtype, device=x.device) if add else torch.empty(m, d, dtype=x.dtype,
-                                                                                           device=x.device)
+            dx, join_dx = zeroed(n, d, x.dtype, x.device) if add else (
+                torch.empty(m, d, dtype=x.dtype, device=x.device), None)
         if dgrad == "grouped_mm":  # dA = dout[tok] W_d[e] by the grouped GEMM, then the SwiGLU backward kernel
             da = torch._grouped_mm(ds, w_d, offs=ends)
             d_topw = torch.empty(m, dtype=ctx.weights_dtype, device=x.device) if need_dw else dgu
@@ -859,6 +887,8 @@ class MoEExpertsFunction(torch.autograd.Function):
                 d_topw = dw_part[:n_part].sum(0).view(n, k).to(ctx.weights_dtype)
         if need_dx:
             dtw = torch.empty(m, dtype=ctx.weights_dtype, device=x.device) if dx_dw else dx
+            if add:
+                join_dx()
             KERNELS["dx"](lambda meta: (nblk * triton.cdiv(d, meta["BN"]),), dgu, order, table, w_gu, dx, dw_part,
                           dtw, d, inter, k, num_experts, m, n_part, rk, autotune=tune, BM=bm, PREC=prec, DW=dx_dw,
                           SLOT_ADD=add)
