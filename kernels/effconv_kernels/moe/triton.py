@@ -725,7 +725,8 @@ def slot_add_on(k: int, dtype: torch.dtype) -> bool:
     """Whether the down / dx kernels add each (token, slot) row straight into the token's zeroed output row
     (atomics) instead of writing M rows for a slot-sum launch. Only for k == 2, where two adds into zero are
     order-independent (a + b = b + a exactly), so results stay deterministic; the CPU interpreter has no bf16
-    atomics, so bf16 there takes the slot sum. EFFCONV_MOE_SLOT=add|sum overrides auto (a tuning knob)."""
+    atomics, so bf16 there takes the slot sum. EFFCONV_MOE_SLOT=sum turns the adds off (a tuning knob; "add"
+    is auto: other k and interpreted bf16 keep the sum)."""
     mode = os.environ.get("EFFCONV_MOE_SLOT", "auto") or "auto"
     if mode not in SLOT_MODES:
         raise ValueError(f"EFFCONV_MOE_SLOT={mode!r}: expected one of {', '.join(SLOT_MODES)}")
