@@ -67,15 +67,10 @@ def device() -> str:
     return "cuda" if ON_GPU else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _poison_empty(monkeypatch):
-    """With EFFCONV_POISON=1, every torch.empty* buffer starts as NaN (ints: -2**30), so a kernel that reads
-    an element nobody wrote, or leaves an output element unwritten, fails the comparison instead of
-    passing on zero-filled fresh memory."""
-    if os.environ.get("EFFCONV_POISON", "0") != "1":
-        yield
-        return
-
+def poison_empty(monkeypatch) -> None:
+    """Make every torch.empty* buffer start as NaN (ints: -2**30), so a kernel that reads an element nobody
+    wrote, or leaves an output element unwritten, fails the comparison instead of passing on zero-filled fresh
+    memory (CPU allocations often come back zeroed)."""
     def poison(t):
         if t.is_floating_point():
             t.fill_(float("nan"))
@@ -87,4 +82,17 @@ def _poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(new_empty(self, *a, **k)))
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    """With EFFCONV_POISON=1, every test runs with poison_empty."""
+    if os.environ.get("EFFCONV_POISON", "0") == "1":
+        poison_empty(monkeypatch)
     yield
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Call it to poison fresh buffers from that point of a test on, whatever EFFCONV_POISON says."""
+    return lambda: poison_empty(monkeypatch)

@@ -107,23 +107,12 @@ def test_backward_plans_match_loop(N, D, I, E, k, dtype, skip, wgrad, dgrad, dev
         assert grads[2][e].abs().max() == 0 and grads[3][e].abs().max() == 0
 
 
-def _nan_empty(monkeypatch):
-    """Every fresh floating torch.empty buffer holds NaN, so an output the slot adds land in without being zeroed
-    first cannot pass (CPU allocations often come back zeroed)."""
-    real_empty = torch.empty
-
-    def nan_empty(*a, **kw):
-        t = real_empty(*a, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 @pytest.mark.parametrize("dgrad", ["fused", "grouped_mm"])
 @pytest.mark.parametrize("mode", ["add", "sum"])
-def test_slot_add_matches_slot_sum_and_loop(mode, dgrad, device, monkeypatch):
+def test_slot_add_matches_slot_sum_and_loop(mode, dgrad, device, monkeypatch, poisoned):
     """k = 2: the down / dx kernels adding both slots into the zeroed token rows (atomics) give the loop's result,
-    bitwise equal to the slot-sum path in fp32, with no slot-sum launch; the zeroing inside the up / down_bwd
-    grids (or torch.zeros on the grouped-GEMM path) is what makes NaN-filled buffers pass."""
+    bitwise equal to the slot-sum path in fp32, with no slot-sum launch; zeroed() filling the outputs (on both
+    backward plans) is what makes NaN-poisoned buffers pass."""
     from effconv_kernels.moe import triton as mt
     if device == "cuda" and dgrad == "grouped_mm":
         pytest.skip("CUDA grouped GEMM: bf16 only (test_backward_plans_match_loop covers it)")
@@ -132,7 +121,7 @@ def test_slot_add_matches_slot_sum_and_loop(mode, dgrad, device, monkeypatch):
     monkeypatch.setenv("EFFCONV_MOE_SLOT", "sum")
     ref_out, ref_grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
     monkeypatch.setenv("EFFCONV_MOE_SLOT", mode)
-    _nan_empty(monkeypatch)
+    poisoned()
     before = mt.LAUNCHES["slot_sum"]
     out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
     assert mt.LAUNCHES["slot_sum"] - before == (0 if mode == "add" else 2)
@@ -141,12 +130,12 @@ def test_slot_add_matches_slot_sum_and_loop(mode, dgrad, device, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["stream", "inline"])
-def test_zeroed_buffer_modes(mode, device, monkeypatch):
+def test_zeroed_buffer_modes(mode, device, monkeypatch, poisoned):
     """The slot adds' output is zero once joined, whichever stream zeroed it (on CUDA the side stream races the
     kernels queued before the join if the join is missing: a NaN-poisoned buffer shows it)."""
     from effconv_kernels.moe import triton as mt
     monkeypatch.setenv("EFFCONV_MOE_ZERO", mode)
-    _nan_empty(monkeypatch)
+    poisoned()
     buf, join = mt.zeroed(300, 70, torch.bfloat16, torch.device(device))
     join()
     assert buf.shape == (300, 70) and buf.dtype == torch.bfloat16 and not buf.any()
@@ -369,7 +358,7 @@ def test_moe_bench_runs_tiny_on_cpu(tmp_path):
     row = rep["results"][0]
     assert all(row[m]["fwd_ms"] > 0 and row[m]["fwdbwd_ms"] > 0 for m in ("triton", "loop", "dense"))
     assert rep["correctness"]["triton"]["out"] < 1e-4
-    # route x2, up (zeroes out), down (adds both slots into out): no slot-sum launch and no aten op left
+    # Triton launches: route x2, up, down (adds both slots into the zero-filled out): no slot-sum launch
     assert rep["launches"]["triton"]["fwd_triton"] == 4
 
 

@@ -28,7 +28,8 @@ row-block GEMMs specialize on EVEN_K / EVEN_N (K % BK, N % BN == 0: unmasked wei
 rows (past a block's end its last row again; those output rows stay masked), so their k loops carry no masks
 when EVEN_K. The
 autotuner's repeated runs are safe: the kernels only write their outputs, except the slot-add down / dx kernels,
-whose outputs it zeroes before every run (RESET). `tuned_configs()` lists the autotuner's choices (to freeze them later).
+whose outputs it zeroes before every run (RESET). `tuned_configs()` lists the autotuner's choices (to freeze them
+later).
 """
 from __future__ import annotations
 
@@ -827,8 +828,8 @@ class MoEExpertsFunction(torch.autograd.Function):
         h = torch.empty(m, inter, dtype=x.dtype, device=x.device)
         gu = torch.empty(m, two_i, dtype=x.dtype, device=x.device) if need_grad else h
         add = slot_add_on(k, x.dtype)
-        # with slot adds the down kernel adds into the zeroed out (a memset: zeroing inside the up kernel's
-        # programs measured slower, docs/kernels.md); else it writes the M (token, slot) rows of y
+        # with slot adds the down kernel adds into out, filled with zeros beside the up kernel (zeroed(); zeroing
+        # inside the up kernel's programs measured slower, docs/kernels.md); else it writes the M rows of y
         y, join = zeroed(n, d, x.dtype, x.device) if add else (torch.empty(m, d, dtype=x.dtype, device=x.device),
                                                                None)
         KERNELS["up"](lambda meta: (nblk * triton.cdiv(inter, meta["BN"]),), x, order, table, w_gu, topw, h, gu, d,
