@@ -144,6 +144,22 @@ def test_zeroed_buffer_modes(mode, device, monkeypatch, poisoned):
         mt.zeroed(3, 4, torch.float32, torch.device(device))
 
 
+@pytest.mark.parametrize("fill", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_zero_fill_modes(fill, dtype, device, monkeypatch, poisoned):
+    """zero_fill (the slot adds' fill) zeroes every element, also past the last full block (NaN-poisoned start)."""
+    from effconv_kernels.moe import triton as mt
+    monkeypatch.setenv("EFFCONV_MOE_FILL", fill)
+    poisoned()
+    buf = torch.empty(301, 70, dtype=dtype, device=device)
+    assert buf.isnan().all()
+    mt.zero_fill(buf)
+    assert not buf.any()
+    monkeypatch.setenv("EFFCONV_MOE_FILL", "memset")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_FILL='memset'"):
+        mt.zero_fill(buf)
+
+
 def test_slot_add_choice(monkeypatch):
     from effconv_kernels.moe import triton as mt
     assert mt.slot_add_on(2, torch.float32) and mt.slot_add_on(2, torch.float16)
@@ -318,7 +334,7 @@ def _n_configs():
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA: every tile config of the autotuner's lists (bf16, BM 128)")
 @pytest.mark.parametrize("D,I", [(576, 192), (512, 256)])
 @pytest.mark.parametrize("cfg", range(_n_configs()))
-def test_every_tile_config_matches_loop(cfg, D, I, monkeypatch):
+def test_every_tile_config_matches_loop(cfg, D, I, monkeypatch, poisoned):
     """The shapes' divisibility matches bench/moe.py (D, I multiples of 16, E 8, k 2, N*k a multiple of 16), and
     the two (D, I) give every (EVEN_K, EVEN_N) specialization the bench shapes (576 x 192, 576 x 1536, 2048 x
     1024) need (test_even_specializations_cover_the_bench), so the compiled kernels are shared with the
@@ -338,8 +354,17 @@ def test_every_tile_config_matches_loop(cfg, D, I, monkeypatch):
     with torch.no_grad():
         out_ng = ek.moe_experts(x, idx, w, gu, dn, backend="triton")
     assert torch.equal(out, out_ng)
-    assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.bfloat16)
+    ref = loop_reference(x, idx, w, gu, dn, dout)
+    assert_matches_loop(out, grads, *ref, torch.bfloat16)
     assert grads[2][3].abs().max() == 0 and grads[3][3].abs().max() == 0
+    # the weight grads in two row splits, summed by each tile's last program (the bench's N 16384 path), with
+    # NaN-filled partials: a tile summed before both its splits stored shows as NaN
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", "2")
+    poisoned()
+    for _ in range(2):
+        out2, grads2 = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+        assert torch.equal(out2, out)
+        assert_matches_loop(out2, grads2, *ref, torch.bfloat16)
 
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU smoke test of the benchmark script")
@@ -481,10 +506,12 @@ def test_tuning_knobs(monkeypatch, device):
     assert mt._weight_grad_splits(4, 32, 24, 400, torch.device("cpu")) == 3
     monkeypatch.setenv("EFFCONV_MOE_WGRAD", "triton")
     x, idx, w, gu, dn, dout = make_inputs(70, 40, 36, 4, 2, torch.float32, device, skip_experts=(2,))
+    monkeypatch.setenv("EFFCONV_MOE_SPLIT_REDUCE", "launch")
     before = mt.LAUNCHES["split_sum"]
     out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
-    assert mt.LAUNCHES["split_sum"] == before + 2  # dW_gu and dW_d both reduced their 3 row splits
+    assert mt.LAUNCHES["split_sum"] == before + 2  # dW_gu and dW_d both reduced their 3 row splits by a launch
     assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
+    monkeypatch.delenv("EFFCONV_MOE_SPLIT_REDUCE")
     monkeypatch.setenv("EFFCONV_MOE_PREFETCH", "0")  # down_bwd loading g / u after its k loop (the ablation)
     out0, grads0 = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
     assert torch.equal(out0, out)  # the forward does not change; the backward compiles differently (FMA contraction)
@@ -517,6 +544,105 @@ def test_tuning_knobs(monkeypatch, device):
         mt._tune_bench(None, (0.5, 0.2, 0.8))
 
 
+@pytest.mark.parametrize("splits", ["2", "3"])
+def test_split_reduce_in_kernel_matches_launch(splits, monkeypatch, device, poisoned):
+    """The weight-grad splits summed by each tile's last program (ticket counters) give bitwise the same dW as the
+    split-sum launch (both add the fp32 partials in split order), launch no split sum, and leave every counter
+    at zero, so a second call (and a CUDA-graph replay) starts clean. NaN-filled partials catch a tile summed
+    before all its splits stored theirs."""
+    from effconv_kernels.moe import triton as mt
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD", "triton")
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", splits)
+    poisoned()
+    x, idx, w, gu, dn, dout = make_inputs(90, 40, 36, 4, 2, torch.float32, device, skip_experts=(1,))
+    monkeypatch.setenv("EFFCONV_MOE_SPLIT_REDUCE", "launch")
+    before = mt.LAUNCHES["split_sum"]
+    ref_out, ref_grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    assert mt.LAUNCHES["split_sum"] == before + 2
+    monkeypatch.setenv("EFFCONV_MOE_SPLIT_REDUCE", "kernel")
+    for _ in range(2):
+        before = mt.LAUNCHES["split_sum"]
+        out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+        assert mt.LAUNCHES["split_sum"] == before
+        assert torch.equal(out, ref_out)
+        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+        for role in ("gu", "d"):
+            assert not mt._SPLIT_COUNTERS[(x.device.type, x.device.index, role)].any()
+    assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
+    monkeypatch.setenv("EFFCONV_MOE_SPLIT_REDUCE", "atomic")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_SPLIT_REDUCE='atomic'"):
+        run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA: side streams")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grads_on_side_stream_match(dtype, monkeypatch, poisoned):
+    """EFFCONV_MOE_WGRAD_STREAM=1 / 2 (dW_d, then also dW_gu, on a side stream beside the dgrad kernels) give
+    bitwise the gradients of the serial order, eagerly and in a CUDA graph (captured once, replayed twice on
+    fresh inputs), with the splits reduced in the kernel; 4096 rows per expert so the default rule splits."""
+    poisoned()
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD", "triton")
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", "3")
+    x, idx, w, gu, dn, dout = make_inputs(2048, 64, 48, 4, 2, dtype, "cuda")
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_STREAM", "0")
+    ref_out, ref_grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    for mode in ("1", "2"):
+        monkeypatch.setenv("EFFCONV_MOE_WGRAD_STREAM", mode)
+        out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+        assert torch.equal(out, ref_out)
+        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads)), mode
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, gu, dn)]
+
+    def step():
+        y = ek.moe_experts(leaves[0], idx, leaves[1], leaves[2], leaves[3], backend="triton")
+        y.backward(dout)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in leaves:
+        t.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for seed in (1, 2):
+        x2, idx2, w2, gu2, dn2, dout2 = make_inputs(2048, 64, 48, 4, 2, dtype, "cuda", seed=seed)
+        for t, v in zip(leaves, (x2, w2, gu2, dn2)):
+            t.data.copy_(v.detach())
+        idx.copy_(idx2)
+        dout.copy_(dout2)
+        g.replay()
+        monkeypatch.setenv("EFFCONV_MOE_WGRAD_STREAM", "0")
+        _, want = run(ek.moe_experts, x2, idx2, w2, gu2, dn2, dout2, backend="triton")
+        monkeypatch.setenv("EFFCONV_MOE_WGRAD_STREAM", "2")
+        assert all(torch.equal(t.grad, r) for t, r in zip(leaves, want)), seed
+
+
+def test_wgrad_stream_knob(monkeypatch):
+    """The side-stream knob: off the GPU always 0 (no streams), bad values one clear error."""
+    from effconv_kernels.moe import triton as mt
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_STREAM", "2")
+    assert mt.wgrad_stream_mode(torch.device("cpu")) == 0
+    assert mt.wgrad_stream_mode(torch.device("cuda", 0)) == 2
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_STREAM", "3")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_WGRAD_STREAM='3'"):
+        mt.wgrad_stream_mode(torch.device("cpu"))
+
+
+def test_split_counters_not_created_in_graph_capture(monkeypatch):
+    """While a CUDA graph is captured, a missing counter buffer is not allocated (its zero fill would only run at
+    replay): split_counters returns None and the weight grads fall back to the split-sum launch."""
+    from effconv_kernels.moe import triton as mt
+    monkeypatch.setattr(mt, "_SPLIT_COUNTERS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert mt.split_counters(torch.device("cuda", 0), "gu", 100) is None
+    assert mt._SPLIT_COUNTERS == {}
+    cpu = mt.split_counters(torch.device("cpu"), "gu", 100)  # no capture check off CUDA
+    assert cpu.shape == (100,) and not cpu.any()
+    assert mt.split_counters(torch.device("cpu"), "gu", 50).data_ptr() == cpu.data_ptr()  # the buffer is reused
+
+
 def test_weight_grad_split_rule(monkeypatch):
     """The CUDA rule (132 SMs as on an H100 / H200): splits only under four waves of 64 x 64 tiles and with >= 2048
     rows per split, so smol_split splits at 4096 rows per expert and not at 1024, the wide shapes never."""
@@ -531,6 +657,15 @@ def test_weight_grad_split_rule(monkeypatch):
     assert mt._weight_grad_splits(e, d, i, 65536 * k, cuda) == 3  # cdiv(528, 216) = 3
     assert mt._weight_grad_splits(e, 2 * 1024, 2048, 16384 * k, cuda) == 1  # large: 8192 tiles
     assert mt._weight_grad_splits(e, 2 * 1536, 576, 16384 * k, cuda) == 1  # smol_copy: 3456 tiles
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_MIN_ROWS", "1024")  # the rule's knobs
+    assert mt._weight_grad_splits(e, d, i, 16384 * k, cuda) == 3  # cdiv(528, 216) = 3, 4096 // 1024 = 4
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_WAVES", "8")
+    assert mt._weight_grad_splits(e, d, i, 16384 * k, cuda) == 4  # cdiv(1056, 216) = 5, 4
+    assert mt._weight_grad_splits(e, 2 * i, d, 16384 * k, cuda) == 3  # cdiv(1056, 432) = 3
+    assert mt._weight_grad_splits(e, 2 * i, d, 4096 * k, cuda) == 1  # 1024 rows per expert
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_WAVES", "3")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_WGRAD_WAVES='3'"):
+        mt._weight_grad_splits(e, d, i, 16384 * k, cuda)
 
 
 def test_wide_tuning_appends_candidates():

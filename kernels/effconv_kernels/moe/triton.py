@@ -396,16 +396,19 @@ def moe_dx_kernel(dgu, order, table, w_gu, dx, dw_part, d_topw, D, I, K_SLOTS, E
 
 
 @triton.jit(do_not_specialize=["ROWS_KEY"])
-def moe_weight_grad_kernel(a, b, order, offsets, dw, P, Q, K_SLOTS, SPLITS, ROWS_KEY,
-                           A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
+def moe_weight_grad_kernel(a, b, order, offsets, dw, res, counts, P, Q, K_SLOTS, SPLITS, ROWS_KEY,
+                           A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, REDUCE: tl.constexpr,
                            BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
     """dw[s, e, p, q] = sum over split s's rows r of expert e of A[ra, p] * B[rb, q]; the A tile is loaded
     [BR, BP] and fed transposed (a shared-memory descriptor, no data movement).
 
     A is (rows, P), B is (rows, Q); a row is read at its sorted index r or, when *_GATHER, at its token
     order[r] // K_SLOTS. Split s takes the s-th contiguous share of the expert's rows; with SPLITS == 1, dw
-    is the (E, P, Q) result in the weights' dtype, else fp32 partials (SPLITS, E, P, Q) that
-    moe_split_sum_kernel sums.
+    is the (E, P, Q) result in the weights' dtype, else fp32 partials (SPLITS, E, P, Q). Those are summed by
+    moe_split_sum_kernel, or with REDUCE here: each program stores its partial tile and takes a ticket from
+    its tile's counter (counts, zero before the launch); the tile's last program sums the SPLITS partials in
+    split order (the same sum as moe_split_sum_kernel, so the result does not depend on which one is last),
+    writes res and sets the counter back to zero for the next launch.
     """
     pid_pq, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_q = tl.cdiv(Q, BQ)
@@ -428,9 +431,22 @@ def moe_weight_grad_kernel(a, b, order, offsets, dw, P, Q, K_SLOTS, SPLITS, ROWS
         at = tl.load(a + ra[:, None].to(tl.int64) * P + pp[None, :], mask=m_r[:, None] & m_p[None, :], other=0.0)
         bt = tl.load(b + rb[:, None].to(tl.int64) * Q + qq[None, :], mask=m_r[:, None] & m_q[None, :], other=0.0)
         acc = tl.dot(tl.trans(at), bt, acc, input_precision=PREC)
-    out = dw + (pid_s.to(tl.int64) * tl.num_programs(1) + pid_e) * P * Q
-    tl.store(out + pp[:, None].to(tl.int64) * Q + qq[None, :], acc.to(dw.dtype.element_ty),
-             mask=m_p[:, None] & m_q[None, :])
+    n_e = tl.num_programs(1)
+    tile_off = pp[:, None].to(tl.int64) * Q + qq[None, :]
+    m_t = m_p[:, None] & m_q[None, :]
+    out = dw + (pid_s.to(tl.int64) * n_e + pid_e) * P * Q
+    tl.store(out + tile_off, acc.to(dw.dtype.element_ty), mask=m_t)
+    if REDUCE:
+        tl.debug_barrier()  # every thread's partial stored before the (one-thread, release) ticket below
+        counter = counts + pid_e * tl.num_programs(0) + pid_pq
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLITS - 1:  # the tile's other splits have all stored theirs (acquired with the ticket)
+            total = tl.zeros([BP, BQ], dtype=tl.float32)
+            for s in range(SPLITS):  # .cg: read at L2, where the other programs' stores are
+                total += tl.load(dw + (s * n_e + pid_e).to(tl.int64) * P * Q + tile_off, mask=m_t, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(res + pid_e.to(tl.int64) * P * Q + tile_off, total.to(res.dtype.element_ty), mask=m_t)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -540,7 +556,7 @@ INTERP = {  # the CPU interpreter is slow on big tiles
 KEYS = {
     "up": ["D", "I", "ROWS_KEY", "BM", "SAVE_GU"], "down": ["D", "I", "ROWS_KEY", "BM", "SLOT_ADD"],
     "down_bwd": ["D", "I", "ROWS_KEY", "BM", "PREFETCH"], "dx": ["D", "I", "ROWS_KEY", "BM", "DW", "SLOT_ADD"],
-    "wgrad": ["P", "Q", "ROWS_KEY", "SPLITS", "A_GATHER"],
+    "wgrad": ["P", "Q", "ROWS_KEY", "SPLITS", "A_GATHER", "REDUCE"],
 }
 # the slot-add kernels accumulate into their output: the autotuner zeroes it before each timed run and before
 # the launch that keeps the result (the non-adding variants only write it, so the zeroing is harmless there)
@@ -709,9 +725,11 @@ def _weight_grad_splits(num_experts: int, p: int, q: int, m: int, device: torch.
         return 2 if rows >= 64 else 1  # the tests exercise both the split and the direct path
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     tiles = num_experts * triton.cdiv(p, 64) * triton.cdiv(q, 64)
-    if tiles >= 4 * sms:
+    waves = _env_int("EFFCONV_MOE_WGRAD_WAVES", (1, 2, 4, 8, 16)) or 4  # tuning knobs of the rule
+    min_rows = _env_int("EFFCONV_MOE_WGRAD_MIN_ROWS", (256, 512, 1024, 2048, 4096)) or 2048
+    if tiles >= waves * sms:
         return 1
-    return max(1, min(8, triton.cdiv(4 * sms, tiles), rows // 2048))
+    return max(1, min(8, triton.cdiv(waves * sms, tiles), rows // min_rows))
 
 
 def prefetch_on() -> bool:
@@ -740,6 +758,53 @@ ZERO_MODES = ("stream", "inline")
 _SIDE_STREAMS: dict = {}
 
 
+def side_stream(device: torch.device, role: str) -> torch.cuda.Stream:
+    """One lasting side stream per (device, role): "zero" for the slot adds' fills, "wgrad" for the weight grads
+    (separate, so joining a fill never waits for a weight-grad GEMM)."""
+    key = (device.index, role)
+    side = _SIDE_STREAMS.get(key)
+    if side is None:
+        side = _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return side
+
+
+WGRAD_STREAM_MODES = (0, 1, 2)
+
+
+def wgrad_stream_mode(device: torch.device) -> int:
+    """How many of the two Triton weight-grad GEMMs run on a side stream, beside the dgrad kernels: 0 none, 1 dW_d
+    (it needs only dout and h, so it starts with the backward, beside down_bwd), 2 also dW_gu (after down_bwd,
+    beside dx). Overlapping fills the SMs the other kernel's last wave leaves idle. EFFCONV_MOE_WGRAD_STREAM."""
+    mode = _env_int("EFFCONV_MOE_WGRAD_STREAM", WGRAD_STREAM_MODES)
+    return 0 if device.type != "cuda" else (0 if mode is None else mode)
+
+
+class _SideWork:
+    """Work queued on a side stream from the current one: each `with self:` block first waits for what the current
+    stream has queued so far; join() makes the current stream wait for the side's work and hands the side's outputs
+    to the current stream (record_stream, so the allocator does not reuse their memory early)."""
+
+    def __init__(self, device: torch.device):
+        self.main = torch.cuda.current_stream(device)
+        self.side = side_stream(device, "wgrad")
+        self.outputs: list = []
+
+    def __enter__(self):
+        self.side.wait_stream(self.main)
+        self.ctx = torch.cuda.stream(self.side)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
+
+    def join(self):
+        self.main.wait_stream(self.side)
+        for t in self.outputs:
+            if t is not None:
+                t.record_stream(self.main)
+
+
 def zeroed(n: int, d: int, dtype: torch.dtype, device: torch.device):
     """(zeroed (n, d) buffer, join): the slot adds' output. On CUDA the fill runs on a side stream, so it overlaps
     the routing / up (forward) or down_bwd (backward) kernels instead of standing between them; join() makes the
@@ -752,14 +817,36 @@ def zeroed(n: int, d: int, dtype: torch.dtype, device: torch.device):
     if device.type != "cuda" or mode == "inline":
         return torch.zeros(n, d, dtype=dtype, device=device), lambda: None
     main = torch.cuda.current_stream(device)
-    side = _SIDE_STREAMS.get(main.device.index)
-    if side is None:
-        side = _SIDE_STREAMS[main.device.index] = torch.cuda.Stream(main.device)
+    side = side_stream(main.device, "zero")
     buf = torch.empty(n, d, dtype=dtype, device=device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        buf.zero_()
+        zero_fill(buf)
     return buf, lambda: main.wait_stream(side)
+
+
+FILL_MODES = ("torch", "triton")
+
+
+@triton.jit(do_not_specialize=["NUMEL"])
+def moe_zero_fill_kernel(out, NUMEL, BLOCK: tl.constexpr):
+    """out[i] = 0: a store-only fill (no load), BLOCK elements per program."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out + offs, tl.zeros([BLOCK], dtype=out.dtype.element_ty), mask=offs < NUMEL)
+
+
+def zero_fill(buf: torch.Tensor) -> None:
+    """Zero a contiguous buffer: torch's fill, or with EFFCONV_MOE_FILL=triton a store-only Triton kernel (a knob:
+    torch's fill measured 2.9 TB/s on 18.9 MB on the H200, docs/kernels.md)."""
+    mode = os.environ.get("EFFCONV_MOE_FILL", "torch") or "torch"
+    if mode not in FILL_MODES:
+        raise ValueError(f"EFFCONV_MOE_FILL={mode!r}: expected one of {', '.join(FILL_MODES)}")
+    if mode == "torch" or buf.numel() == 0:
+        buf.zero_()
+        return
+    block = 1024 if interpreting() else 8192
+    LAUNCHES["zero_fill"] += 1
+    moe_zero_fill_kernel[(triton.cdiv(buf.numel(), block),)](buf, buf.numel(), BLOCK=block, num_warps=8)
 
 
 def slot_sum(y: torch.Tensor, n: int, k: int, d: int) -> torch.Tensor:
@@ -864,6 +951,13 @@ class MoEExpertsFunction(torch.autograd.Function):
         ds = dout.index_select(0, tok) if dgrad == "grouped_mm" or (wgrad == "grouped_mm" and need_dd_w) else None
         dgu = torch.empty_like(gu)
         d_hidden = d_topw = d_gu = d_down = None
+        side_mode = wgrad_stream_mode(x.device) if wgrad == "triton" else 0
+        side = _SideWork(x.device) if side_mode and (need_dd_w or need_dgu_w) else None
+        if side is not None and need_dd_w:  # dW_d reads only dout and h: it starts now, beside down_bwd
+            with side:
+                d_down = _weight_grad(dout, h, order, offsets, d, inter, k, num_experts, m, w_d.dtype, tune, rk,
+                                      a_gather=True, b_gather=False, role="d")
+            side.outputs.append(d_down)
         add = need_dx and slot_add_on(k, x.dtype)
         if need_dx:  # with slot adds dx is d_hidden itself, zeroed; else the M (token, slot) rows
             dx, join_dx = zeroed(n, d, x.dtype, x.device) if add else (
@@ -887,6 +981,11 @@ class MoEExpertsFunction(torch.autograd.Function):
             dx_dw = need_dw
             if need_dw and not need_dx:
                 d_topw = dw_part[:n_part].sum(0).view(n, k).to(ctx.weights_dtype)
+        if side is not None and side_mode == 2 and need_dgu_w:  # dgu is queued: dW_gu beside dx
+            with side:
+                d_gu = _weight_grad(dgu, x, order, offsets, 2 * inter, d, k, num_experts, m, w_gu.dtype, tune, rk,
+                                    a_gather=False, b_gather=True, role="gu")
+            side.outputs.append(d_gu)
         if need_dx:
             dtw = torch.empty(m, dtype=ctx.weights_dtype, device=x.device) if dx_dw else dx
             if add:
@@ -903,30 +1002,65 @@ class MoEExpertsFunction(torch.autograd.Function):
             if need_dd_w:  # dW_d[e] (D, I) = dout[tok]_e^T (w h)_e
                 d_down = torch._grouped_mm(ds.t(), h, offs=ends)
         else:
-            if need_dgu_w:
+            if need_dgu_w and d_gu is None:
                 d_gu = _weight_grad(dgu, x, order, offsets, 2 * inter, d, k, num_experts, m, w_gu.dtype, tune, rk,
-                                    a_gather=False, b_gather=True)
-            if need_dd_w:
+                                    a_gather=False, b_gather=True, role="gu")
+            if need_dd_w and d_down is None:
                 d_down = _weight_grad(dout, h, order, offsets, d, inter, k, num_experts, m, w_d.dtype, tune, rk,
-                                      a_gather=True, b_gather=False)
+                                      a_gather=True, b_gather=False, role="d")
+        if side is not None:
+            side.join()
         return d_hidden, None, d_topw, d_gu, d_down
 
 
-def _weight_grad(a, b, order, offsets, p, q, k, num_experts, m, out_dtype, tune, rk, *, a_gather, b_gather):
+REDUCE_MODES = ("kernel", "launch")
+_SPLIT_COUNTERS: dict = {}
+
+
+def split_reduce_in_kernel() -> bool:
+    """Whether the weight-grad splits are summed by their own last program per tile (a ticket counter, no extra
+    launch) or by moe_split_sum_kernel; EFFCONV_MOE_SPLIT_REDUCE=launch is the ablation."""
+    mode = os.environ.get("EFFCONV_MOE_SPLIT_REDUCE", "kernel") or "kernel"
+    if mode not in REDUCE_MODES:
+        raise ValueError(f"EFFCONV_MOE_SPLIT_REDUCE={mode!r}: expected one of {', '.join(REDUCE_MODES)}")
+    return mode == "kernel"
+
+
+def split_counters(device: torch.device, role: str, n: int) -> torch.Tensor | None:
+    """n zeroed int32 ticket counters for the in-kernel split reduction, kept per (device, role): the kernel
+    sets each counter back to zero, so one buffer serves every later launch, CUDA-graph replays included. The
+    two weight-grad GEMMs take different roles, since they may run on different streams at once. None while a
+    CUDA graph is being captured and no buffer is big enough yet (a zero fill in the graph would not have run
+    when an eager call first used the buffer): the caller then sums by a launch."""
+    key = (device.type, device.index, role)
+    buf = _SPLIT_COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _SPLIT_COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf[:n]
+
+
+def _weight_grad(a, b, order, offsets, p, q, k, num_experts, m, out_dtype, tune, rk, *, a_gather, b_gather,
+                 role):
     splits = _weight_grad_splits(num_experts, p, q, m, a.device)
-    if splits == 1:  # the kernel writes the result in the weights' dtype: no partials, no cast
-        out = torch.empty(num_experts, p, q, dtype=out_dtype, device=a.device)
-    else:
-        out = torch.empty(splits, num_experts, p, q, dtype=torch.float32, device=a.device)
-    KERNELS["wgrad"](lambda meta: (triton.cdiv(p, meta["BP"]) * triton.cdiv(q, meta["BQ"]), num_experts, splits),
-                     a, b, order, offsets, out, p, q, k, splits, rk, autotune=tune, A_GATHER=a_gather,
-                     B_GATHER=b_gather, PREC=_prec(a))
-    if splits == 1:
-        return out
     res = torch.empty(num_experts, p, q, dtype=out_dtype, device=a.device)
+    if splits == 1:  # the kernel writes the result in the weights' dtype: no partials, no cast
+        part, counts = res, offsets
+    else:
+        part = torch.empty(splits, num_experts, p, q, dtype=torch.float32, device=a.device)
+        # one counter per (expert, tile) of the smallest tiles any config uses (BP, BQ >= 16)
+        counts = split_counters(a.device, role, num_experts * triton.cdiv(p, 16) * triton.cdiv(q, 16)) if (
+            split_reduce_in_kernel()) else None
+    reduce = splits > 1 and counts is not None
+    KERNELS["wgrad"](lambda meta: (triton.cdiv(p, meta["BP"]) * triton.cdiv(q, meta["BQ"]), num_experts, splits),
+                     a, b, order, offsets, part, res, counts if reduce else offsets, p, q, k, splits, rk,
+                     autotune=tune, A_GATHER=a_gather, B_GATHER=b_gather, REDUCE=reduce, PREC=_prec(a))
+    if splits == 1 or reduce:
+        return res
     block = 1024
     LAUNCHES["split_sum"] += 1
-    moe_split_sum_kernel[(triton.cdiv(res.numel(), block),)](out, res, res.numel(), SPLITS=splits, BLOCK=block,
+    moe_split_sum_kernel[(triton.cdiv(res.numel(), block),)](part, res, res.numel(), SPLITS=splits, BLOCK=block,
                                                              num_warps=4)
     return res
 
