@@ -11,9 +11,7 @@
 #   EFFCONV_MOE_TUNE_REPEATS=3  the autotuner times each config as the min over 3 shorter do_bench runs
 #   EFFCONV_MOE_PREFETCH=0      down_bwd loads its epilogue's g / u after the k loop (default: before it)
 #   EFFCONV_MOE_ZERO=inline     zero the slot adds' outputs on the current stream (default: a side stream)
-#   EFFCONV_MOE_SPLIT_REDUCE=launch  sum the weight-grad splits by a launch (default: each tile's last program)
-#   EFFCONV_MOE_WGRAD_STREAM=1|2  dW_d (1), also dW_gu (2) on a side stream beside the dgrad kernels (default 0)
-#   EFFCONV_MOE_FILL=triton     the slot adds' zero fill by a store-only Triton kernel (default: torch's fill)
+#   EFFCONV_MOE_WGRAD_STREAM=0|1  weight grads serial (0), only dW_d on a side stream (1); default 2, both
 #   EFFCONV_MOE_WGRAD_MIN_ROWS=1024 / EFFCONV_MOE_WGRAD_WAVES=8  the split rule's rows per split / waves
 # Run from the repo root:  SHAPE=smol_split bash bench/moe_sweep_gpu.sh
 # Output under $OUT (default ./moe-sweep): <variant>.json / .log, summary.txt (printed at the end).
@@ -48,17 +46,12 @@ variant_env() {
     wide-sub256) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=256" ;;
     wide-sub128) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=128" ;;
     wide-s3) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_WGRAD_SPLITS=3" ;;
-    launch) echo "EFFCONV_MOE_SPLIT_REDUCE=launch" ;;
+    ws0) echo "EFFCONV_MOE_WGRAD_STREAM=0" ;;
     ws1) echo "EFFCONV_MOE_WGRAD_STREAM=1" ;;
-    ws2) echo "EFFCONV_MOE_WGRAD_STREAM=2" ;;
     r1024) echo "EFFCONV_MOE_WGRAD_MIN_ROWS=1024" ;;
     r512) echo "EFFCONV_MOE_WGRAD_MIN_ROWS=512" ;;
     r1024w8) echo "EFFCONV_MOE_WGRAD_MIN_ROWS=1024 EFFCONV_MOE_WGRAD_WAVES=8" ;;
     r512w8) echo "EFFCONV_MOE_WGRAD_MIN_ROWS=512 EFFCONV_MOE_WGRAD_WAVES=8" ;;
-    ws1-r1024w8) echo "EFFCONV_MOE_WGRAD_STREAM=1 EFFCONV_MOE_WGRAD_MIN_ROWS=1024 EFFCONV_MOE_WGRAD_WAVES=8" ;;
-    ws2-r1024w8) echo "EFFCONV_MOE_WGRAD_STREAM=2 EFFCONV_MOE_WGRAD_MIN_ROWS=1024 EFFCONV_MOE_WGRAD_WAVES=8" ;;
-    tfill) echo "EFFCONV_MOE_FILL=triton" ;;
-    ws2-r512) echo "EFFCONV_MOE_WGRAD_STREAM=2 EFFCONV_MOE_WGRAD_MIN_ROWS=512" ;;
     *) echo "unknown" ;;
   esac
 }

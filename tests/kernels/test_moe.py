@@ -144,22 +144,6 @@ def test_zeroed_buffer_modes(mode, device, monkeypatch, poisoned):
         mt.zeroed(3, 4, torch.float32, torch.device(device))
 
 
-@pytest.mark.parametrize("fill", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_zero_fill_modes(fill, dtype, device, monkeypatch, poisoned):
-    """zero_fill (the slot adds' fill) zeroes every element, also past the last full block (NaN-poisoned start)."""
-    from effconv_kernels.moe import triton as mt
-    monkeypatch.setenv("EFFCONV_MOE_FILL", fill)
-    poisoned()
-    buf = torch.empty(301, 70, dtype=dtype, device=device)
-    assert buf.isnan().all()
-    mt.zero_fill(buf)
-    assert not buf.any()
-    monkeypatch.setenv("EFFCONV_MOE_FILL", "memset")
-    with pytest.raises(ValueError, match="EFFCONV_MOE_FILL='memset'"):
-        mt.zero_fill(buf)
-
-
 def test_slot_add_choice(monkeypatch):
     from effconv_kernels.moe import triton as mt
     assert mt.slot_add_on(2, torch.float32) and mt.slot_add_on(2, torch.float16)
@@ -357,8 +341,7 @@ def test_every_tile_config_matches_loop(cfg, D, I, monkeypatch, poisoned):
     ref = loop_reference(x, idx, w, gu, dn, dout)
     assert_matches_loop(out, grads, *ref, torch.bfloat16)
     assert grads[2][3].abs().max() == 0 and grads[3][3].abs().max() == 0
-    # the weight grads in two row splits, summed by each tile's last program (the bench's N 16384 path), with
-    # NaN-filled partials: a tile summed before both its splits stored shows as NaN
+    # the weight grads in two row splits (the bench's N 16384 path), NaN-filled partials and outputs
     monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", "2")
     poisoned()
     for _ in range(2):
@@ -506,12 +489,10 @@ def test_tuning_knobs(monkeypatch, device):
     assert mt._weight_grad_splits(4, 32, 24, 400, torch.device("cpu")) == 3
     monkeypatch.setenv("EFFCONV_MOE_WGRAD", "triton")
     x, idx, w, gu, dn, dout = make_inputs(70, 40, 36, 4, 2, torch.float32, device, skip_experts=(2,))
-    monkeypatch.setenv("EFFCONV_MOE_SPLIT_REDUCE", "launch")
     before = mt.LAUNCHES["split_sum"]
     out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
-    assert mt.LAUNCHES["split_sum"] == before + 2  # dW_gu and dW_d both reduced their 3 row splits by a launch
+    assert mt.LAUNCHES["split_sum"] == before + 2  # dW_gu and dW_d both reduced their 3 row splits
     assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
-    monkeypatch.delenv("EFFCONV_MOE_SPLIT_REDUCE")
     monkeypatch.setenv("EFFCONV_MOE_PREFETCH", "0")  # down_bwd loading g / u after its k loop (the ablation)
     out0, grads0 = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
     assert torch.equal(out0, out)  # the forward does not change; the backward compiles differently (FMA contraction)
@@ -544,44 +525,17 @@ def test_tuning_knobs(monkeypatch, device):
         mt._tune_bench(None, (0.5, 0.2, 0.8))
 
 
-@pytest.mark.parametrize("splits", ["2", "3"])
-def test_split_reduce_in_kernel_matches_launch(splits, monkeypatch, device, poisoned):
-    """The weight-grad splits summed by each tile's last program (ticket counters) give bitwise the same dW as the
-    split-sum launch (both add the fp32 partials in split order), launch no split sum, and leave every counter
-    at zero, so a second call (and a CUDA-graph replay) starts clean. NaN-filled partials catch a tile summed
-    before all its splits stored theirs."""
-    from effconv_kernels.moe import triton as mt
-    monkeypatch.setenv("EFFCONV_MOE_WGRAD", "triton")
-    monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", splits)
-    poisoned()
-    x, idx, w, gu, dn, dout = make_inputs(90, 40, 36, 4, 2, torch.float32, device, skip_experts=(1,))
-    monkeypatch.setenv("EFFCONV_MOE_SPLIT_REDUCE", "launch")
-    before = mt.LAUNCHES["split_sum"]
-    ref_out, ref_grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
-    assert mt.LAUNCHES["split_sum"] == before + 2
-    monkeypatch.setenv("EFFCONV_MOE_SPLIT_REDUCE", "kernel")
-    for _ in range(2):
-        before = mt.LAUNCHES["split_sum"]
-        out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
-        assert mt.LAUNCHES["split_sum"] == before
-        assert torch.equal(out, ref_out)
-        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
-        for role in ("gu", "d"):
-            assert not mt._SPLIT_COUNTERS[(x.device.type, x.device.index, role)].any()
-    assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
-    monkeypatch.setenv("EFFCONV_MOE_SPLIT_REDUCE", "atomic")
-    with pytest.raises(ValueError, match="EFFCONV_MOE_SPLIT_REDUCE='atomic'"):
-        run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
-
-
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA: side streams")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weight_grads_on_side_stream_match(dtype, monkeypatch, poisoned):
+@pytest.mark.parametrize("wgrad,dtype", [("triton", torch.float32), ("triton", torch.bfloat16),
+                                         ("grouped_mm", torch.bfloat16)])
+def test_weight_grads_on_side_stream_match(wgrad, dtype, monkeypatch, poisoned):
     """EFFCONV_MOE_WGRAD_STREAM=1 / 2 (dW_d, then also dW_gu, on a side stream beside the dgrad kernels) give
     bitwise the gradients of the serial order, eagerly and in a CUDA graph (captured once, replayed twice on
-    fresh inputs), with the splits reduced in the kernel; 4096 rows per expert so the default rule splits."""
+    fresh inputs); the Triton weight grads in three row splits (partials summed by a launch on the same stream)."""
+    if wgrad == "grouped_mm" and not (hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("torch._grouped_mm: Hopper")
     poisoned()
-    monkeypatch.setenv("EFFCONV_MOE_WGRAD", "triton")
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD", wgrad)
     monkeypatch.setenv("EFFCONV_MOE_WGRAD_SPLITS", "3")
     x, idx, w, gu, dn, dout = make_inputs(2048, 64, 48, 4, 2, dtype, "cuda")
     monkeypatch.setenv("EFFCONV_MOE_WGRAD_STREAM", "0")
@@ -620,27 +574,17 @@ def test_weight_grads_on_side_stream_match(dtype, monkeypatch, poisoned):
 
 
 def test_wgrad_stream_knob(monkeypatch):
-    """The side-stream knob: off the GPU always 0 (no streams), bad values one clear error."""
+    """The side-stream knob: 2 on CUDA by default, off the GPU always 0 (no streams), bad values one clear error."""
     from effconv_kernels.moe import triton as mt
-    monkeypatch.setenv("EFFCONV_MOE_WGRAD_STREAM", "2")
+    monkeypatch.delenv("EFFCONV_MOE_WGRAD_STREAM", raising=False)
     assert mt.wgrad_stream_mode(torch.device("cpu")) == 0
-    assert mt.wgrad_stream_mode(torch.device("cuda", 0)) == 2
+    assert mt.wgrad_stream_mode(torch.device("cuda", 0)) == 2  # the default on CUDA
+    monkeypatch.setenv("EFFCONV_MOE_WGRAD_STREAM", "1")
+    assert mt.wgrad_stream_mode(torch.device("cpu")) == 0
+    assert mt.wgrad_stream_mode(torch.device("cuda", 0)) == 1
     monkeypatch.setenv("EFFCONV_MOE_WGRAD_STREAM", "3")
     with pytest.raises(ValueError, match="EFFCONV_MOE_WGRAD_STREAM='3'"):
         mt.wgrad_stream_mode(torch.device("cpu"))
-
-
-def test_split_counters_not_created_in_graph_capture(monkeypatch):
-    """While a CUDA graph is captured, a missing counter buffer is not allocated (its zero fill would only run at
-    replay): split_counters returns None and the weight grads fall back to the split-sum launch."""
-    from effconv_kernels.moe import triton as mt
-    monkeypatch.setattr(mt, "_SPLIT_COUNTERS", {})
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert mt.split_counters(torch.device("cuda", 0), "gu", 100) is None
-    assert mt._SPLIT_COUNTERS == {}
-    cpu = mt.split_counters(torch.device("cpu"), "gu", 100)  # no capture check off CUDA
-    assert cpu.shape == (100,) and not cpu.any()
-    assert mt.split_counters(torch.device("cpu"), "gu", 50).data_ptr() == cpu.data_ptr()  # the buffer is reused
 
 
 def test_weight_grad_split_rule(monkeypatch):

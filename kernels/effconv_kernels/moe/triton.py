@@ -396,19 +396,16 @@ def moe_dx_kernel(dgu, order, table, w_gu, dx, dw_part, d_topw, D, I, K_SLOTS, E
 
 
 @triton.jit(do_not_specialize=["ROWS_KEY"])
-def moe_weight_grad_kernel(a, b, order, offsets, dw, res, counts, P, Q, K_SLOTS, SPLITS, ROWS_KEY,
-                           A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, REDUCE: tl.constexpr,
+def moe_weight_grad_kernel(a, b, order, offsets, dw, P, Q, K_SLOTS, SPLITS, ROWS_KEY,
+                           A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
                            BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
     """dw[s, e, p, q] = sum over split s's rows r of expert e of A[ra, p] * B[rb, q]; the A tile is loaded
     [BR, BP] and fed transposed (a shared-memory descriptor, no data movement).
 
     A is (rows, P), B is (rows, Q); a row is read at its sorted index r or, when *_GATHER, at its token
     order[r] // K_SLOTS. Split s takes the s-th contiguous share of the expert's rows; with SPLITS == 1, dw
-    is the (E, P, Q) result in the weights' dtype, else fp32 partials (SPLITS, E, P, Q). Those are summed by
-    moe_split_sum_kernel, or with REDUCE here: each program stores its partial tile and takes a ticket from
-    its tile's counter (counts, zero before the launch); the tile's last program sums the SPLITS partials in
-    split order (the same sum as moe_split_sum_kernel, so the result does not depend on which one is last),
-    writes res and sets the counter back to zero for the next launch.
+    is the (E, P, Q) result in the weights' dtype, else fp32 partials (SPLITS, E, P, Q) that
+    moe_split_sum_kernel sums.
     """
     pid_pq, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_q = tl.cdiv(Q, BQ)
@@ -431,22 +428,9 @@ def moe_weight_grad_kernel(a, b, order, offsets, dw, res, counts, P, Q, K_SLOTS,
         at = tl.load(a + ra[:, None].to(tl.int64) * P + pp[None, :], mask=m_r[:, None] & m_p[None, :], other=0.0)
         bt = tl.load(b + rb[:, None].to(tl.int64) * Q + qq[None, :], mask=m_r[:, None] & m_q[None, :], other=0.0)
         acc = tl.dot(tl.trans(at), bt, acc, input_precision=PREC)
-    n_e = tl.num_programs(1)
-    tile_off = pp[:, None].to(tl.int64) * Q + qq[None, :]
-    m_t = m_p[:, None] & m_q[None, :]
-    out = dw + (pid_s.to(tl.int64) * n_e + pid_e) * P * Q
-    tl.store(out + tile_off, acc.to(dw.dtype.element_ty), mask=m_t)
-    if REDUCE:
-        tl.debug_barrier()  # every thread's partial stored before the (one-thread, release) ticket below
-        counter = counts + pid_e * tl.num_programs(0) + pid_pq
-        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLITS - 1:  # the tile's other splits have all stored theirs (acquired with the ticket)
-            total = tl.zeros([BP, BQ], dtype=tl.float32)
-            for s in range(SPLITS):  # .cg: read at L2, where the other programs' stores are
-                total += tl.load(dw + (s * n_e + pid_e).to(tl.int64) * P * Q + tile_off, mask=m_t, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(res + pid_e.to(tl.int64) * P * Q + tile_off, total.to(res.dtype.element_ty), mask=m_t)
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+    out = dw + (pid_s.to(tl.int64) * tl.num_programs(1) + pid_e) * P * Q
+    tl.store(out + pp[:, None].to(tl.int64) * Q + qq[None, :], acc.to(dw.dtype.element_ty),
+             mask=m_p[:, None] & m_q[None, :])
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -556,7 +540,7 @@ INTERP = {  # the CPU interpreter is slow on big tiles
 KEYS = {
     "up": ["D", "I", "ROWS_KEY", "BM", "SAVE_GU"], "down": ["D", "I", "ROWS_KEY", "BM", "SLOT_ADD"],
     "down_bwd": ["D", "I", "ROWS_KEY", "BM", "PREFETCH"], "dx": ["D", "I", "ROWS_KEY", "BM", "DW", "SLOT_ADD"],
-    "wgrad": ["P", "Q", "ROWS_KEY", "SPLITS", "A_GATHER", "REDUCE"],
+    "wgrad": ["P", "Q", "ROWS_KEY", "SPLITS", "A_GATHER"],
 }
 # the slot-add kernels accumulate into their output: the autotuner zeroes it before each timed run and before
 # the launch that keeps the result (the non-adding variants only write it, so the zeroing is harmless there)
@@ -773,10 +757,12 @@ WGRAD_STREAM_MODES = (0, 1, 2)
 
 def wgrad_stream_mode(device: torch.device) -> int:
     """How many of the two Triton weight-grad GEMMs run on a side stream, beside the dgrad kernels: 0 none, 1 dW_d
-    (it needs only dout and h, so it starts with the backward, beside down_bwd), 2 also dW_gu (after down_bwd,
-    beside dx). Overlapping fills the SMs the other kernel's last wave leaves idle. EFFCONV_MOE_WGRAD_STREAM."""
+    (it needs only dout and h, so it starts with the backward, beside down_bwd), 2 (CUDA's default) also dW_gu
+    (after down_bwd, beside dx). The overlap fills the SMs each kernel's last wave and the launch gaps leave
+    idle: at smol_split on the H200 fwd+bwd 0.309 -> 0.293 ms at N 16384 and 0.106 -> 0.094 at 4096
+    (docs/kernels.md). EFFCONV_MOE_WGRAD_STREAM=0 / 1 are the ablations."""
     mode = _env_int("EFFCONV_MOE_WGRAD_STREAM", WGRAD_STREAM_MODES)
-    return 0 if device.type != "cuda" else (0 if mode is None else mode)
+    return 0 if device.type != "cuda" else (2 if mode is None else mode)
 
 
 class _SideWork:
@@ -821,32 +807,8 @@ def zeroed(n: int, d: int, dtype: torch.dtype, device: torch.device):
     buf = torch.empty(n, d, dtype=dtype, device=device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        zero_fill(buf)
-    return buf, lambda: main.wait_stream(side)
-
-
-FILL_MODES = ("torch", "triton")
-
-
-@triton.jit(do_not_specialize=["NUMEL"])
-def moe_zero_fill_kernel(out, NUMEL, BLOCK: tl.constexpr):
-    """out[i] = 0: a store-only fill (no load), BLOCK elements per program."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out + offs, tl.zeros([BLOCK], dtype=out.dtype.element_ty), mask=offs < NUMEL)
-
-
-def zero_fill(buf: torch.Tensor) -> None:
-    """Zero a contiguous buffer: torch's fill, or with EFFCONV_MOE_FILL=triton a store-only Triton kernel (a knob:
-    torch's fill measured 2.9 TB/s on 18.9 MB on the H200, docs/kernels.md)."""
-    mode = os.environ.get("EFFCONV_MOE_FILL", "torch") or "torch"
-    if mode not in FILL_MODES:
-        raise ValueError(f"EFFCONV_MOE_FILL={mode!r}: expected one of {', '.join(FILL_MODES)}")
-    if mode == "torch" or buf.numel() == 0:
         buf.zero_()
-        return
-    block = 1024 if interpreting() else 8192
-    LAUNCHES["zero_fill"] += 1
-    moe_zero_fill_kernel[(triton.cdiv(buf.numel(), block),)](buf, buf.numel(), BLOCK=block, num_warps=8)
+    return buf, lambda: main.wait_stream(side)
 
 
 def slot_sum(y: torch.Tensor, n: int, k: int, d: int) -> torch.Tensor:
@@ -951,12 +913,24 @@ class MoEExpertsFunction(torch.autograd.Function):
         ds = dout.index_select(0, tok) if dgrad == "grouped_mm" or (wgrad == "grouped_mm" and need_dd_w) else None
         dgu = torch.empty_like(gu)
         d_hidden = d_topw = d_gu = d_down = None
-        side_mode = wgrad_stream_mode(x.device) if wgrad == "triton" else 0
+
+        def grad_down():  # dW_d[e] (D, I) = dout[tok]_e^T (w h)_e
+            if wgrad == "grouped_mm":  # per-expert GEMMs over each expert's rows: offs along the contraction
+                return torch._grouped_mm(ds.t(), h, offs=ends)
+            return _weight_grad(dout, h, order, offsets, d, inter, k, num_experts, m, w_d.dtype, tune, rk,
+                                a_gather=True, b_gather=False)
+
+        def grad_gate_up():  # dW_gu[e] (2I, D) = dgu_e^T x[tok]_e
+            if wgrad == "grouped_mm":
+                return torch._grouped_mm(dgu.t(), x.index_select(0, tok), offs=ends)
+            return _weight_grad(dgu, x, order, offsets, 2 * inter, d, k, num_experts, m, w_gu.dtype, tune, rk,
+                                a_gather=False, b_gather=True)
+
+        side_mode = wgrad_stream_mode(x.device)
         side = _SideWork(x.device) if side_mode and (need_dd_w or need_dgu_w) else None
         if side is not None and need_dd_w:  # dW_d reads only dout and h: it starts now, beside down_bwd
             with side:
-                d_down = _weight_grad(dout, h, order, offsets, d, inter, k, num_experts, m, w_d.dtype, tune, rk,
-                                      a_gather=True, b_gather=False, role="d")
+                d_down = grad_down()
             side.outputs.append(d_down)
         add = need_dx and slot_add_on(k, x.dtype)
         if need_dx:  # with slot adds dx is d_hidden itself, zeroed; else the M (token, slot) rows
@@ -983,8 +957,7 @@ class MoEExpertsFunction(torch.autograd.Function):
                 d_topw = dw_part[:n_part].sum(0).view(n, k).to(ctx.weights_dtype)
         if side is not None and side_mode == 2 and need_dgu_w:  # dgu is queued: dW_gu beside dx
             with side:
-                d_gu = _weight_grad(dgu, x, order, offsets, 2 * inter, d, k, num_experts, m, w_gu.dtype, tune, rk,
-                                    a_gather=False, b_gather=True, role="gu")
+                d_gu = grad_gate_up()
             side.outputs.append(d_gu)
         if need_dx:
             dtw = torch.empty(m, dtype=ctx.weights_dtype, device=x.device) if dx_dw else dx
@@ -996,71 +969,30 @@ class MoEExpertsFunction(torch.autograd.Function):
             d_hidden = dx if add else slot_sum(dx, n, k, d)
             if dx_dw:
                 d_topw = dtw.view(n, k)
-        if wgrad == "grouped_mm":  # per-expert GEMMs over each expert's rows: offs along the contraction
-            if need_dgu_w:  # dW_gu[e] (2I, D) = dgu_e^T x[tok]_e
-                d_gu = torch._grouped_mm(dgu.t(), x.index_select(0, tok), offs=ends)
-            if need_dd_w:  # dW_d[e] (D, I) = dout[tok]_e^T (w h)_e
-                d_down = torch._grouped_mm(ds.t(), h, offs=ends)
-        else:
-            if need_dgu_w and d_gu is None:
-                d_gu = _weight_grad(dgu, x, order, offsets, 2 * inter, d, k, num_experts, m, w_gu.dtype, tune, rk,
-                                    a_gather=False, b_gather=True, role="gu")
-            if need_dd_w and d_down is None:
-                d_down = _weight_grad(dout, h, order, offsets, d, inter, k, num_experts, m, w_d.dtype, tune, rk,
-                                      a_gather=True, b_gather=False, role="d")
+        if need_dgu_w and d_gu is None:
+            d_gu = grad_gate_up()
+        if need_dd_w and d_down is None:
+            d_down = grad_down()
         if side is not None:
             side.join()
         return d_hidden, None, d_topw, d_gu, d_down
 
 
-REDUCE_MODES = ("kernel", "launch")
-_SPLIT_COUNTERS: dict = {}
-
-
-def split_reduce_in_kernel() -> bool:
-    """Whether the weight-grad splits are summed by their own last program per tile (a ticket counter, no extra
-    launch) or by moe_split_sum_kernel; EFFCONV_MOE_SPLIT_REDUCE=launch is the ablation."""
-    mode = os.environ.get("EFFCONV_MOE_SPLIT_REDUCE", "kernel") or "kernel"
-    if mode not in REDUCE_MODES:
-        raise ValueError(f"EFFCONV_MOE_SPLIT_REDUCE={mode!r}: expected one of {', '.join(REDUCE_MODES)}")
-    return mode == "kernel"
-
-
-def split_counters(device: torch.device, role: str, n: int) -> torch.Tensor | None:
-    """n zeroed int32 ticket counters for the in-kernel split reduction, kept per (device, role): the kernel
-    sets each counter back to zero, so one buffer serves every later launch, CUDA-graph replays included. The
-    two weight-grad GEMMs take different roles, since they may run on different streams at once. None while a
-    CUDA graph is being captured and no buffer is big enough yet (a zero fill in the graph would not have run
-    when an eager call first used the buffer): the caller then sums by a launch."""
-    key = (device.type, device.index, role)
-    buf = _SPLIT_COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _SPLIT_COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf[:n]
-
-
-def _weight_grad(a, b, order, offsets, p, q, k, num_experts, m, out_dtype, tune, rk, *, a_gather, b_gather,
-                 role):
+def _weight_grad(a, b, order, offsets, p, q, k, num_experts, m, out_dtype, tune, rk, *, a_gather, b_gather):
     splits = _weight_grad_splits(num_experts, p, q, m, a.device)
-    res = torch.empty(num_experts, p, q, dtype=out_dtype, device=a.device)
     if splits == 1:  # the kernel writes the result in the weights' dtype: no partials, no cast
-        part, counts = res, offsets
+        out = torch.empty(num_experts, p, q, dtype=out_dtype, device=a.device)
     else:
-        part = torch.empty(splits, num_experts, p, q, dtype=torch.float32, device=a.device)
-        # one counter per (expert, tile) of the smallest tiles any config uses (BP, BQ >= 16)
-        counts = split_counters(a.device, role, num_experts * triton.cdiv(p, 16) * triton.cdiv(q, 16)) if (
-            split_reduce_in_kernel()) else None
-    reduce = splits > 1 and counts is not None
+        out = torch.empty(splits, num_experts, p, q, dtype=torch.float32, device=a.device)
     KERNELS["wgrad"](lambda meta: (triton.cdiv(p, meta["BP"]) * triton.cdiv(q, meta["BQ"]), num_experts, splits),
-                     a, b, order, offsets, part, res, counts if reduce else offsets, p, q, k, splits, rk,
-                     autotune=tune, A_GATHER=a_gather, B_GATHER=b_gather, REDUCE=reduce, PREC=_prec(a))
-    if splits == 1 or reduce:
-        return res
+                     a, b, order, offsets, out, p, q, k, splits, rk, autotune=tune, A_GATHER=a_gather,
+                     B_GATHER=b_gather, PREC=_prec(a))
+    if splits == 1:
+        return out
+    res = torch.empty(num_experts, p, q, dtype=out_dtype, device=a.device)
     block = 1024
     LAUNCHES["split_sum"] += 1
-    moe_split_sum_kernel[(triton.cdiv(res.numel(), block),)](part, res, res.numel(), SPLITS=splits, BLOCK=block,
+    moe_split_sum_kernel[(triton.cdiv(res.numel(), block),)](out, res, res.numel(), SPLITS=splits, BLOCK=block,
                                                              num_warps=4)
     return res
 
