@@ -480,7 +480,8 @@ def main(argv=None):
     ap.add_argument("--profile-only", action="store_true", help="with --profile: no timings, only the tables")
     ap.add_argument("--profile-iters", type=int, default=5)
     ap.add_argument("--graph", action="store_true", help="also time triton and dense by CUDA-graph replay")
-    ap.add_argument("--configs", action="store_true", help="print (and store) the autotuner's chosen configs")
+    ap.add_argument("--configs", action="store_true",
+                    help="print (and store) the chosen tile configs (pinned or autotuned) per kernel and key")
     ap.add_argument("--count-launches", action="store_true",
                     help="count kernel launches per fwd and fwd+bwd (triton, dense) on the first shape")
     ap.add_argument("--skip-correctness", action="store_true")
@@ -593,7 +594,7 @@ def main(argv=None):
         for c in mt.tuned_configs():  # the key's dtypes are in the JSON
             cfg = " ".join(f"{k}{v}" for k, v in c["config"].items())
             print(f"  {c['kernel']:8s} {','.join(c['key'][:len(c['key_names'])])} -> {cfg} w{c['num_warps']} "
-                  f"s{c['num_stages']}")
+                  f"s{c['num_stages']} ({c['source']})")
     save()
     if not args.profile_only:
         print(summary_table(results))

@@ -12,6 +12,7 @@
 #   EFFCONV_MOE_PREFETCH=0      down_bwd loads its epilogue's g / u after the k loop (default: before it)
 #   EFFCONV_MOE_ZERO=inline     zero the slot adds' outputs on the current stream (default: a side stream)
 #   EFFCONV_MOE_WGRAD_STREAM=0|1  weight grads serial (0), only dW_d on a side stream (1); default 2, both
+#   EFFCONV_MOE_PINNED=0        autotune the keys PINNED holds for this GPU too (default: their pinned configs)
 #   EFFCONV_MOE_WGRAD_MIN_ROWS=1024 / EFFCONV_MOE_WGRAD_WAVES=8  the split rule's rows per split / waves
 # Run from the repo root:  SHAPE=smol_split bash bench/moe_sweep_gpu.sh
 # Output under $OUT (default ./moe-sweep): <variant>.json / .log, summary.txt (printed at the end).
@@ -46,6 +47,7 @@ variant_env() {
     wide-sub256) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=256" ;;
     wide-sub128) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_ROUTE_SUB=128" ;;
     wide-s3) echo "EFFCONV_MOE_WIDE_TUNING=1 EFFCONV_MOE_WGRAD_SPLITS=3" ;;
+    autotune) echo "EFFCONV_MOE_PINNED=0" ;;
     ws0) echo "EFFCONV_MOE_WGRAD_STREAM=0" ;;
     ws1) echo "EFFCONV_MOE_WGRAD_STREAM=1" ;;
     r1024) echo "EFFCONV_MOE_WGRAD_MIN_ROWS=1024" ;;
@@ -86,7 +88,7 @@ for v in sys.argv[2:]:
               f"{r.get('triton_over_dense_graph_fwdbwd', float('nan')):.3f} | {ks}")
     for c in rec.get("autotune", []):
         print(f"   {v} tuned {c['kernel']} {','.join(c['key'][:len(c['key_names'])])} -> {c['config']} "
-              f"w{c['num_warps']} s{c['num_stages']}")
+              f"w{c['num_warps']} s{c['num_stages']} {c.get('source', '')}")
 EOF
 cat "$OUT/summary.txt"
 grep -hE "Traceback|Error" "$OUT"/*.log | cut -c1-250 | head -8

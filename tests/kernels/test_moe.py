@@ -415,6 +415,63 @@ def test_autotune_glue_interpreted(monkeypatch):
     assert len([c for c in tuned if c["kernel"] == "wgrad"]) == 2  # dW_gu and dW_d keys differ
 
 
+def test_pinned_configs():
+    """PINNED answers only bf16 on the GPU it was measured on, EFFCONV_MOE_PINNED=0 turns it off, and every pinned
+    config is one of the autotuner's candidates (so the CUDA tile-config test compiles and checks it)."""
+    from effconv_kernels.moe import triton as mt
+    key = (576, 192, 4096, 128, True, True)
+    want = mt.PINNED["NVIDIA H200"][("dx", key)]
+    assert mt.pinned_config("dx", key, torch.bfloat16, "NVIDIA H200") is want
+    assert mt.pinned_config("dx", key, torch.float32, "NVIDIA H200") is None
+    assert mt.pinned_config("dx", key, torch.bfloat16, "NVIDIA H100 80GB HBM3") is None
+    assert mt.pinned_config("dx", (576, 192, 4096, 64, True, True), torch.bfloat16, "NVIDIA H200") is None
+    assert mt.device_name(torch.zeros(1)) == ""
+    os.environ["EFFCONV_MOE_PINNED"] = "0"
+    try:
+        assert mt.pinned_config("dx", key, torch.bfloat16, "NVIDIA H200") is None
+    finally:
+        del os.environ["EFFCONV_MOE_PINNED"]
+
+    def sig(c):
+        return sorted(c.kwargs.items()), c.num_warps, c.num_stages
+    for table in mt.PINNED.values():
+        for (name, key_values), cfg in table.items():
+            assert len(key_values) == len(mt.KEYS[name]), name
+            assert sig(cfg) in [sig(c) for c in mt.CONFIGS[name]], (name, key_values)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU check of the pinned-config glue")
+def test_pinned_config_skips_the_autotuner(monkeypatch):
+    """A key with a pinned config launches it without tuning (reported as "pinned"); the other keys still tune."""
+    from effconv_kernels.moe import triton as mt
+    _as_on_gpu(monkeypatch, mt, bm=64)
+    monkeypatch.setenv("EFFCONV_MOE_AUTOTUNE", "1")
+    tuned_names = []
+
+    def fake_bench(fn, quantiles):
+        fn()
+        return [1.0, 1.0, 1.0]
+    for name, k in mt.KERNELS.items():
+        monkeypatch.setattr(k, "tuned", mt.autotuned(name, k.fn, fake_bench))
+        monkeypatch.setattr(k, "chosen", {})
+        monkeypatch.setattr(k, "source", {})
+    pin = mt.CONFIGS["up"][2]
+    seen = []
+
+    def fake_pinned(name, key_values, dtype, gpu):
+        seen.append((name, dtype, gpu))
+        return pin if name == "up" else None
+    monkeypatch.setattr(mt, "pinned_config", fake_pinned)
+    x, idx, w, gu, dn, dout = make_inputs(70, 40, 36, 3, 2, torch.float32, "cpu")
+    out, grads = run(ek.moe_experts, x, idx, w, gu, dn, dout, backend="triton")
+    assert_matches_loop(out, grads, *loop_reference(x, idx, w, gu, dn, dout), torch.float32)
+    by_kernel = {c["kernel"]: c for c in mt.tuned_configs()}
+    assert by_kernel["up"]["source"] == "pinned" and by_kernel["up"]["config"] == pin.kwargs
+    assert not mt.KERNELS["up"].tuned.cache  # the autotuner never ran for it
+    assert all(by_kernel[n]["source"] == "autotuned" for n in ("down", "down_bwd", "dx", "wgrad"))
+    assert ("up", torch.float32, "") in seen
+
+
 @pytest.mark.skipif(ON_CUDA, reason="CPU check of the autotuner-failure fallback")
 def test_autotune_failure_falls_back_to_default(monkeypatch):
     from effconv_kernels.moe import triton as mt

@@ -582,11 +582,49 @@ def autotuned(name, fn, do_bench):
                            do_bench=do_bench, reset_to_zero=RESET.get(name))(fn)
 
 
+# Configs pinned per GPU for the keys measured there (bf16): used instead of the autotuner, whose choices for these
+# ~10-50 us kernels varied from process to process (each kernel timed alone with L2 flushed, where in the step it
+# reads L2-warm operands): one process picked the down kernel's 256 x 64 tile at N 4096 and ran the forward 10 %
+# slower than with the 128 x 64 one the others took. Each entry is the config of the fastest whole fwd+bwd
+# graphs among the 17 autotuned processes of smol_split (D 576, I 192, E 8, top-2, BM 128) at N 4096 (rows key
+# 1024) and 16384 (4096) in bench/results/moe-sweep-h200-2026-12-02c/sweep1-2. EFFCONV_MOE_PINNED=0: autotune them.
+_SMOL_SPLIT_H200 = {}
+for _rk in (1024, 4096):
+    _SMOL_SPLIT_H200.update({
+        ("up", (576, 192, _rk, 128, True)): _cfg(64, 32, 4, 5),
+        ("up", (576, 192, _rk, 128, False)): _cfg(64, 32, 4, 5),
+        ("down", (576, 192, _rk, 128, True)): _cfg(128, 64, 8, 3),
+        ("down_bwd", (576, 192, _rk, 128, True)): _cfg(64, 64, 8, 4),
+        ("dx", (576, 192, _rk, 128, True, True)): _cfg(128, 32, 8, 5),
+        ("wgrad", (384, 576, _rk, 1 if _rk == 1024 else 2, False)): _wg(128, 128, 32, 8, 5),
+        ("wgrad", (576, 192, _rk, 1 if _rk == 1024 else 2, True)): _wg(64, 64, 64, 4, 5),
+    })
+PINNED = {"NVIDIA H200": _SMOL_SPLIT_H200}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(t: torch.Tensor) -> str:
+    """The GPU's name as PINNED keys it ("" off CUDA)."""
+    return _cuda_name(t.device.index if t.device.index is not None else 0) if t.device.type == "cuda" else ""
+
+
+def pinned_config(name: str, key_values: tuple, dtype: torch.dtype, gpu: str) -> triton.Config | None:
+    """The PINNED config of kernel `name` for these key values on GPU `gpu` (bf16 data only), else None."""
+    if os.environ.get("EFFCONV_MOE_PINNED", "1") == "0" or dtype != torch.bfloat16:
+        return None
+    return PINNED.get(gpu, {}).get((name, tuple(key_values)))
+
+
 class _Kernel:
     def __init__(self, name, fn):
         self.name, self.fn = name, fn
         self.tuned = None
-        self.chosen: dict = {}  # our key -> the autotuner's config: repeats skip Autotuner.run's per-call work
+        self.chosen: dict = {}  # our key -> the config used: repeats skip Autotuner.run's per-call work
+        self.source: dict = {}  # our key -> "pinned", "autotuned" or "default" (tuning failed)
         names = list(fn.arg_names)
         self.key_pos = [names.index(n) for n in KEYS[name]]  # positional, or passed by keyword (constexprs)
         self.reset_pos = [names.index(n) for n in RESET.get(name, [])]
@@ -604,6 +642,11 @@ class _Kernel:
             key = tuple(args[i] if i < len(args) else kw[n] for i, n in zip(self.key_pos, KEYS[self.name])) + tuple(
                 a.dtype for a in args if isinstance(a, torch.Tensor))
             cfg = self.chosen.get(key)
+            if cfg is None:
+                data = next(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+                cfg = pinned_config(self.name, key[:len(KEYS[self.name])], data.dtype, device_name(data))
+                if cfg is not None:
+                    self.chosen[key], self.source[key] = cfg, "pinned"
             if cfg is None:  # first call for this key: the autotuner times its configs, then launches
                 try:
                     self.tuned[grid](*args, **kw)
@@ -611,10 +654,11 @@ class _Kernel:
                     warnings.warn(f"moe_experts: autotuning {self.name} failed ({type(e).__name__}: "
                                   f"{str(e)[:200]}); using its default config for key {key[:len(KEYS[self.name])]}")
                     cfg = self.chosen[key] = DEFAULTS[self.name]
+                    self.source[key] = "default"
                     for i in self.reset_pos:  # runs of the failed tuning may have added into the output
                         args[i].zero_()
                 else:
-                    self.chosen[key] = self.tuned.best_config
+                    self.chosen[key], self.source[key] = self.tuned.best_config, "autotuned"
                     return self.tuned.best_config
         else:
             cfg = DEFAULTS[self.name]
@@ -648,12 +692,13 @@ KERNELS = {n: _Kernel(n, _with_even(n, f)) for n, f in (("up", moe_up_kernel), (
 
 
 def tuned_configs() -> list[dict]:
-    """The autotuner's choices so far: one entry per (kernel, key) (key = the KEYS values, then dtypes)."""
+    """The configs chosen so far on the tuned path: one entry per (kernel, key) (key = the KEYS values, then the
+    tensor arguments' dtypes), with its source: "pinned" (PINNED), "autotuned" or "default" (tuning failed)."""
     out = []
     for name, k in KERNELS.items():
-        for key, cfg in (k.tuned.cache.items() if k.tuned is not None else ()):
+        for key, cfg in k.chosen.items():
             out.append(dict(kernel=name, key_names=KEYS[name], key=[str(v) for v in key], config=dict(
-                cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages, source=k.source.get(key)))
     return out
 
 
