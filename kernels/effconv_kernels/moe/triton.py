@@ -586,8 +586,10 @@ def autotuned(name, fn, do_bench):
 # ~10-50 us kernels varied from process to process (each kernel timed alone with L2 flushed, where in the step it
 # reads L2-warm operands): one process picked the down kernel's 256 x 64 tile at N 4096 and ran the forward 10 %
 # slower than with the 128 x 64 one the others took. Each entry is the config of the fastest whole fwd+bwd
-# graphs among the 17 autotuned processes of smol_split (D 576, I 192, E 8, top-2, BM 128) at N 4096 (rows key
-# 1024) and 16384 (4096) in bench/results/moe-sweep-h200-2026-12-02c/sweep1-2. EFFCONV_MOE_PINNED=0: autotune them.
+# graphs among the autotuned processes of smol_split (D 576, I 192, E 8, top-2, BM 128) at N 4096 (rows key 1024)
+# and 16384 (4096) in bench/results/moe-sweep-h200-2026-12-02c/sweep1-3. dW_d at 16384 in two splits: BR 32 x 6
+# stages gave fwd+bwd 0.2766-0.2783 ms in 3 processes, BR 64 x 5 stages 0.2837-0.2850 in 5 (sweeps 2-3), though
+# alone the two time the same (42.6-43.2 us). EFFCONV_MOE_PINNED=0: autotune these keys too.
 _SMOL_SPLIT_H200 = {}
 for _rk in (1024, 4096):
     _SMOL_SPLIT_H200.update({
@@ -597,8 +599,9 @@ for _rk in (1024, 4096):
         ("down_bwd", (576, 192, _rk, 128, True)): _cfg(64, 64, 8, 4),
         ("dx", (576, 192, _rk, 128, True, True)): _cfg(128, 32, 8, 5),
         ("wgrad", (384, 576, _rk, 1 if _rk == 1024 else 2, False)): _wg(128, 128, 32, 8, 5),
-        ("wgrad", (576, 192, _rk, 1 if _rk == 1024 else 2, True)): _wg(64, 64, 64, 4, 5),
     })
+_SMOL_SPLIT_H200.update({("wgrad", (576, 192, 1024, 1, True)): _wg(64, 64, 64, 4, 5),
+                         ("wgrad", (576, 192, 4096, 2, True)): _wg(64, 64, 32, 4, 6)})
 PINNED = {"NVIDIA H200": _SMOL_SPLIT_H200}
 
 
