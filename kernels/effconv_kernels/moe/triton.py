@@ -16,20 +16,21 @@ Backward:
     dA = dout[tok] W_d[e]; dw partial = <dA, silu(g) u> per column block; dh = w dA -> dg, du (SwiGLU)
     dx = dgu W_gu[e] added into the zeroed d_hidden[token] like y (k = 2), or stored at (token, slot) and
          summed over slots; the same kernel sums the dw partials
-    dW_gu[e] = dgu_e^T x_e,  dW_d[e] = dout[tok]_e^T h_e          (per-expert weight-gradient GEMMs)
+    dW_gu[e] = dgu_e^T x_e,  dW_d[e] = dout[tok]_e^T h_e          (per-expert weight-gradient GEMMs, on CUDA
+                                                                   on a side stream beside down_bwd / dx)
 All dots accumulate in fp32; sums over column blocks (dw), row splits (weight grads) and k > 2 slots are done in
 a fixed order, and the only atomics are the k = 2 slot adds: two adds into zero give a + b in either order, so
 results are deterministic.
 
 Tiles: BM (rows per block) is chosen per call from the mean rows per expert (128 from 512 rows, else 64; 16
 under TRITON_INTERPRET); on CUDA `triton.autotune` picks BN/BK/warps/stages per kernel from a short list
-(keyed on the dims, a rows bucket and BM) once M >= AUTOTUNE_MIN_ROWS, else a fixed default config. The
+(keyed on the dims, a rows bucket and BM) once M >= AUTOTUNE_MIN_ROWS, else a fixed default config; keys measured
+on a GPU launch the config PINNED for them there instead. The
 row-block GEMMs specialize on EVEN_K / EVEN_N (K % BK, N % BN == 0: unmasked weight loads) and load clamped
 rows (past a block's end its last row again; those output rows stay masked), so their k loops carry no masks
 when EVEN_K. The
 autotuner's repeated runs are safe: the kernels only write their outputs, except the slot-add down / dx kernels,
-whose outputs it zeroes before every run (RESET). `tuned_configs()` lists the autotuner's choices (to freeze them
-later).
+whose outputs it zeroes before every run (RESET). `tuned_configs()` lists the choices and where each came from.
 """
 from __future__ import annotations
 
