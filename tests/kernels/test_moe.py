@@ -415,9 +415,10 @@ def test_autotune_glue_interpreted(monkeypatch):
     assert len([c for c in tuned if c["kernel"] == "wgrad"]) == 2  # dW_gu and dW_d keys differ
 
 
-def test_pinned_configs():
-    """PINNED answers only bf16 on the GPU it was measured on, EFFCONV_MOE_PINNED=0 turns it off, and every pinned
-    config is one of the autotuner's candidates (so the CUDA tile-config test compiles and checks it)."""
+def test_pinned_configs(monkeypatch):
+    """PINNED answers only bf16 on the GPU it was measured on, EFFCONV_MOE_PINNED=0 turns it off (bad values: one
+    clear error), and every pinned config is one of the autotuner's candidates (so the CUDA tile-config test
+    compiles and checks it)."""
     from effconv_kernels.moe import triton as mt
     key = (576, 192, 4096, 128, True, True)
     want = mt.PINNED["NVIDIA H200"][("dx", key)]
@@ -426,11 +427,12 @@ def test_pinned_configs():
     assert mt.pinned_config("dx", key, torch.bfloat16, "NVIDIA H100 80GB HBM3") is None
     assert mt.pinned_config("dx", (576, 192, 4096, 64, True, True), torch.bfloat16, "NVIDIA H200") is None
     assert mt.device_name(torch.zeros(1)) == ""
-    os.environ["EFFCONV_MOE_PINNED"] = "0"
-    try:
-        assert mt.pinned_config("dx", key, torch.bfloat16, "NVIDIA H200") is None
-    finally:
-        del os.environ["EFFCONV_MOE_PINNED"]
+    monkeypatch.setenv("EFFCONV_MOE_PINNED", "0")
+    assert mt.pinned_config("dx", key, torch.bfloat16, "NVIDIA H200") is None
+    monkeypatch.setenv("EFFCONV_MOE_PINNED", "off")
+    with pytest.raises(ValueError, match="EFFCONV_MOE_PINNED='off'"):
+        mt.pinned_config("dx", key, torch.bfloat16, "NVIDIA H200")
+    monkeypatch.delenv("EFFCONV_MOE_PINNED")
 
     def sig(c):
         return sorted(c.kwargs.items()), c.num_warps, c.num_stages
@@ -446,7 +448,6 @@ def test_pinned_config_skips_the_autotuner(monkeypatch):
     from effconv_kernels.moe import triton as mt
     _as_on_gpu(monkeypatch, mt, bm=64)
     monkeypatch.setenv("EFFCONV_MOE_AUTOTUNE", "1")
-    tuned_names = []
 
     def fake_bench(fn, quantiles):
         fn()

@@ -592,17 +592,16 @@ def autotuned(name, fn, do_bench):
 # stages gave fwd+bwd 0.2766-0.2783 ms in 3 processes, BR 64 x 5 stages 0.2837-0.2850 in 5 (sweeps 2-3), though
 # alone the two time the same (42.6-43.2 us). EFFCONV_MOE_PINNED=0: autotune these keys too.
 _SMOL_SPLIT_H200 = {}
-for _rk in (1024, 4096):
+for _rk, _splits, _dw_d in ((1024, 1, _wg(64, 64, 64, 4, 5)), (4096, 2, _wg(64, 64, 32, 4, 6))):
     _SMOL_SPLIT_H200.update({
         ("up", (576, 192, _rk, 128, True)): _cfg(64, 32, 4, 5),
         ("up", (576, 192, _rk, 128, False)): _cfg(64, 32, 4, 5),
         ("down", (576, 192, _rk, 128, True)): _cfg(128, 64, 8, 3),
         ("down_bwd", (576, 192, _rk, 128, True)): _cfg(64, 64, 8, 4),
         ("dx", (576, 192, _rk, 128, True, True)): _cfg(128, 32, 8, 5),
-        ("wgrad", (384, 576, _rk, 1 if _rk == 1024 else 2, False)): _wg(128, 128, 32, 8, 5),
+        ("wgrad", (384, 576, _rk, _splits, False)): _wg(128, 128, 32, 8, 5),  # dW_gu
+        ("wgrad", (576, 192, _rk, _splits, True)): _dw_d,
     })
-_SMOL_SPLIT_H200.update({("wgrad", (576, 192, 1024, 1, True)): _wg(64, 64, 64, 4, 5),
-                         ("wgrad", (576, 192, 4096, 2, True)): _wg(64, 64, 32, 4, 6)})
 PINNED = {"NVIDIA H200": _SMOL_SPLIT_H200}
 
 
@@ -618,7 +617,7 @@ def device_name(t: torch.Tensor) -> str:
 
 def pinned_config(name: str, key_values: tuple, dtype: torch.dtype, gpu: str) -> triton.Config | None:
     """The PINNED config of kernel `name` for these key values on GPU `gpu` (bf16 data only), else None."""
-    if os.environ.get("EFFCONV_MOE_PINNED", "1") == "0" or dtype != torch.bfloat16:
+    if _env_int("EFFCONV_MOE_PINNED", (0, 1)) == 0 or dtype != torch.bfloat16:
         return None
     return PINNED.get(gpu, {}).get((name, tuple(key_values)))
 
@@ -808,20 +807,21 @@ def wgrad_stream_mode(device: torch.device) -> int:
     """How many of the two Triton weight-grad GEMMs run on a side stream, beside the dgrad kernels: 0 none, 1 dW_d
     (it needs only dout and h, so it starts with the backward, beside down_bwd), 2 (CUDA's default) also dW_gu
     (after down_bwd, beside dx). The overlap fills the SMs each kernel's last wave and the launch gaps leave
-    idle: at smol_split on the H200 fwd+bwd 0.309 -> 0.293 ms at N 16384 and 0.106 -> 0.094 at 4096
+    idle: at smol_split on the H200 fwd+bwd 0.308 -> 0.278 ms at N 16384 and 0.106 -> 0.093 at 4096
     (docs/kernels.md). EFFCONV_MOE_WGRAD_STREAM=0 / 1 are the ablations."""
     mode = _env_int("EFFCONV_MOE_WGRAD_STREAM", WGRAD_STREAM_MODES)
     return 0 if device.type != "cuda" else (2 if mode is None else mode)
 
 
 class _SideWork:
-    """Work queued on a side stream from the current one: each `with self:` block first waits for what the current
-    stream has queued so far; join() makes the current stream wait for the side's work and hands the side's outputs
-    to the current stream (record_stream, so the allocator does not reuse their memory early)."""
+    """Work queued on the side stream of `role` from the current one: each `with self:` block first waits for what
+    the current stream has queued so far; join() makes the current stream wait for the side's work and hands the
+    side's outputs (allocated there) to the current stream (record_stream, so the allocator does not reuse their
+    memory early)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, role: str):
         self.main = torch.cuda.current_stream(device)
-        self.side = side_stream(device, "wgrad")
+        self.side = side_stream(device, role)
         self.outputs: list = []
 
     def __enter__(self):
@@ -836,8 +836,7 @@ class _SideWork:
     def join(self):
         self.main.wait_stream(self.side)
         for t in self.outputs:
-            if t is not None:
-                t.record_stream(self.main)
+            t.record_stream(self.main)
 
 
 def zeroed(n: int, d: int, dtype: torch.dtype, device: torch.device):
@@ -851,13 +850,11 @@ def zeroed(n: int, d: int, dtype: torch.dtype, device: torch.device):
         raise ValueError(f"EFFCONV_MOE_ZERO={mode!r}: expected one of {', '.join(ZERO_MODES)}")
     if device.type != "cuda" or mode == "inline":
         return torch.zeros(n, d, dtype=dtype, device=device), lambda: None
-    main = torch.cuda.current_stream(device)
-    side = side_stream(main.device, "zero")
-    buf = torch.empty(n, d, dtype=dtype, device=device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
+    work = _SideWork(device, "zero")
+    buf = torch.empty(n, d, dtype=dtype, device=device)  # allocated on the current stream: no record_stream needed
+    with work:
         buf.zero_()
-    return buf, lambda: main.wait_stream(side)
+    return buf, work.join
 
 
 def slot_sum(y: torch.Tensor, n: int, k: int, d: int) -> torch.Tensor:
@@ -976,7 +973,7 @@ class MoEExpertsFunction(torch.autograd.Function):
                                 a_gather=False, b_gather=True)
 
         side_mode = wgrad_stream_mode(x.device)
-        side = _SideWork(x.device) if side_mode and (need_dd_w or need_dgu_w) else None
+        side = _SideWork(x.device, "wgrad") if side_mode and (need_dd_w or need_dgu_w) else None
         if side is not None and need_dd_w:  # dW_d reads only dout and h: it starts now, beside down_bwd
             with side:
                 d_down = grad_down()
