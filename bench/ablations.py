@@ -66,7 +66,7 @@ def _scaled(overrides: dict, scale: float) -> dict:
 
 
 def _prose_ppl(model, tokenizer, context: int) -> dict:
-    from effconv.evaluate import perplexity_report
+    from effconv.eval.quality import perplexity_report
 
     text = PROSE.read_text()
     docs = [d.strip() for d in text.split("\n---\n") if d.strip()]
@@ -86,10 +86,10 @@ def run_plan(plan: str, out: Path, *, only: list[str] | None, scale: float, mode
              data: str | None, user_text: str | None = None) -> None:
     import torch
 
-    from effconv.evaluate import greedy_generations
-    from effconv.hybridize import HybridizeConfig, hybridize
-    from effconv.linearize import LinearizeConfig, linearize
-    from effconv.loading import load_teacher
+    from effconv.eval.run import greedy_generations
+    from effconv.pipelines.hybridize import HybridizeConfig, hybridize
+    from effconv.pipelines.linearize import LinearizeConfig, linearize
+    from effconv.io.sources import load_teacher
 
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"

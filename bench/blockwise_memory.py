@@ -44,8 +44,8 @@ def child(args) -> dict:
 
     import torch
 
-    import effconv.blockwise as blockwise
-    import effconv.linearize as lin
+    import effconv.distill.blockwise as blockwise
+    import effconv.pipelines.linearize as lin
 
     measured: dict = {}
     cuda = args.device == "cuda"

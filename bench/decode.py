@@ -25,8 +25,8 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from effconv.fast_decode import StaticDecoder  # noqa: E402
-from effconv.loading import build_student, effconv_config_from_teacher  # noqa: E402
+from effconv.generation.fast_decode import StaticDecoder  # noqa: E402
+from effconv.conversion.student import build_student, effconv_config_from_teacher  # noqa: E402
 
 
 def smollm2_config(tiny: bool) -> tf.LlamaConfig:

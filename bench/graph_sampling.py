@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decode import smollm2_config  # noqa: E402
 
-from effconv.graph_sampling import GraphSampler  # noqa: E402
+from effconv.generation.graph_sampling import GraphSampler  # noqa: E402
 
 
 def sync(device):

@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from effconv import data as data_lib  # noqa: E402
-from effconv.loading import cache_root, load_causal_lm  # noqa: E402
-from effconv.metrics import next_token_loss, perplexity  # noqa: E402
+from effconv.io.sources import cache_root, load_causal_lm  # noqa: E402
+from effconv.eval.quality import next_token_loss, perplexity  # noqa: E402
 from effconv.modeling import moe as moe_mod  # noqa: E402
-from effconv.moe_upcycle import MoeUpcycleConfig, collect_mlp_inputs, dense_effconv_model, upcycle  # noqa: E402
+from effconv.pipelines.moe_upcycle import MoeUpcycleConfig
+from effconv.conversion.moe import collect_mlp_inputs, dense_effconv_model, upcycle  # noqa: E402
 
 
 def oracle_route(self, flat):

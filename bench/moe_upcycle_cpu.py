@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from effconv import data as data_lib
-from effconv.loading import cache_root, load_causal_lm
-from effconv.metrics import next_token_loss, perplexity
-from effconv.moe_upcycle import (
-    MoeUpcycleConfig, collect_mlp_inputs, dense_effconv_model, expert_load, kl_to_teacher, moe_upcycle, upcycle,
-)
+from effconv.io.sources import cache_root, load_causal_lm
+from effconv.eval.quality import next_token_loss, perplexity
+from effconv.pipelines.moe_upcycle import MoeUpcycleConfig, moe_upcycle
+from effconv.conversion.moe import collect_mlp_inputs, dense_effconv_model, upcycle
+from effconv.distill.moe import expert_load, kl_to_teacher
 
 VARIANTS = {
     "split-random": dict(method="split", split="random", router_init_std=0.1),

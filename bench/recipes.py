@@ -41,14 +41,14 @@ def command_of(recipe: Path) -> str:
 
 
 def build(command: str, recipe: Path, overrides: dict):
-    from effconv.recipes import build_config
+    from effconv.config import build_config
 
     if command == "linearize":
-        from effconv.linearize import LinearizeConfig as cls, linearize as fn
+        from effconv.pipelines.linearize import LinearizeConfig as cls, linearize as fn
     elif command == "hybridize":
-        from effconv.hybridize import HybridizeConfig as cls, hybridize as fn
+        from effconv.pipelines.hybridize import HybridizeConfig as cls, hybridize as fn
     else:
-        from effconv.moe_upcycle import MoeUpcycleConfig as cls, moe_upcycle as fn
+        from effconv.pipelines.moe_upcycle import MoeUpcycleConfig as cls, moe_upcycle as fn
     return build_config(cls, recipe, overrides), fn
 
 
@@ -71,7 +71,7 @@ def reference_prose(model_spec: str | None, log: Path, device, dtype, context: i
         known = {}
     key = str(model_spec)
     if key not in known:
-        from effconv.loading import load_teacher
+        from effconv.io.sources import load_teacher
 
         if model_spec and Path(model_spec).is_dir() and (Path(model_spec) / "effconv.json").exists():
             model, tok = _load_export(Path(model_spec), device, dtype)
@@ -88,7 +88,7 @@ def reference_prose(model_spec: str | None, log: Path, device, dtype, context: i
 def run(recipe: Path, log: Path, sets: dict, name: str | None) -> dict:
     import torch
 
-    from effconv.evaluate import greedy_generations
+    from effconv.eval.run import greedy_generations
 
     command = command_of(recipe)
     cfg, fn = build(command, recipe, {"overwrite": True, "progress": False, **sets})

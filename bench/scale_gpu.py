@@ -25,11 +25,13 @@ import torch
 import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from effconv import distributed, fsdp  # noqa: E402
-from effconv.linearize import (  # noqa: E402
-    LinearizeConfig, _add_lora, finetune_loss, make_student, transfer_loss_fn,
-)
-from effconv.train import StageSpec, run_stage  # noqa: E402
+from effconv.conversion.student import make_student  # noqa: E402
+from effconv.distill.lora import attach_lora  # noqa: E402
+from effconv.distill.losses import finetune_loss  # noqa: E402
+from effconv.distill.transfer import transfer_loss_fn  # noqa: E402
+from effconv.pipelines.linearize import LinearizeConfig  # noqa: E402
+from effconv.training import distributed, fsdp  # noqa: E402
+from effconv.training.loop import StageSpec, run_stage  # noqa: E402
 
 
 def teacher_config(size: str) -> tf.LlamaConfig:
@@ -133,7 +135,8 @@ def main() -> None:
     stage_end = {"stage1": synchronized_now()}
     if args.stage2_steps > 0:
         student.requires_grad_(False)
-        peft_model = _add_lora(student, cfg)
+        converted = [i for i, layer in enumerate(student.model.layers) if layer.self_attn.is_converted]
+        peft_model = attach_lora(student, converted, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
         spec2 = StageSpec("lora finetune", args.stage2_steps, 2e-4, warmup_steps=2, eval_every=10**9,
                           checkpoint_every=10**9)
         results["stage2"] = run_stage(peft_model, spec2, loss_fn=lambda b: (finetune_loss(peft_model, student, b, 0.0), {}),

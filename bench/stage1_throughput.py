@@ -24,7 +24,9 @@ import contextlib
 import torch
 import transformers as tf
 
-from effconv.linearize import LinearizeConfig, attention_transfer_loss, make_student
+from effconv.pipelines.linearize import LinearizeConfig
+from effconv.distill.transfer import attention_transfer_loss
+from effconv.conversion.student import make_student
 from effconv.modeling.attention_ops import FeatureMap
 
 

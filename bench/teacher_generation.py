@@ -112,7 +112,7 @@ def run_modes(args, device, report):
         model, tokenizer = tiny_teacher()
         tokens, max_new_tokens, batches = 2000, 32, [8]
     else:
-        from effconv.loading import load_teacher
+        from effconv.io.sources import load_teacher
 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model, tokenizer, _ = load_teacher(args.model, dtype=dtype, device=device)

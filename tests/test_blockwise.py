@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from effconv import blockwise
+from effconv.distill import blockwise
 from effconv.errors import EffconvError
-from effconv.linearize import LinearizeConfig, linearize
+from effconv.pipelines.linearize import LinearizeConfig, linearize
 
 TINY = dict(seq_len=32, batch_size=4, eval_every=4, checkpoint_every=2, progress=False, window=4,
             stage1_tokens=32 * 4 * 12, stage2_tokens=0)
@@ -62,7 +62,7 @@ def test_blockwise_matches_full_model_stage1(tiny_model_dir, tmp_path, k, extra)
 def test_gradient_clipping_is_per_block(tiny_model_dir, tmp_path, monkeypatch):
     """With a clip threshold every step exceeds, one block (K = all layers) still equals full-model mode, while
     K = 1 clips each layer by its own norm: the documented (only) difference."""
-    import effconv.linearize as lin
+    import effconv.pipelines.linearize as lin
 
     real_spec = lin.StageSpec
     monkeypatch.setattr(lin, "StageSpec", lambda *a, **kw: real_spec(*a, **{**kw, "grad_clip": 1e-4}))

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=import
 from helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
 
 from effconv import data  # noqa: E402
+from effconv.data import corpus, teacher_text  # noqa: E402
 from effconv.data import (  # noqa: E402
     BlockLoader,
     generate_teacher_samples,
@@ -58,7 +59,7 @@ def test_long_txt_file_is_split_at_paragraphs(tmp_path):
     path.write_text("\n\n".join(paragraphs), encoding="utf-8")
     documents = load_texts(str(path))
     assert len(documents) >= 3
-    assert all(len(doc) <= data.MAX_DOCUMENT_CHARS for doc in documents)
+    assert all(len(doc) <= corpus.MAX_DOCUMENT_CHARS for doc in documents)
     # Splits happen only between paragraphs: rejoining gives back every paragraph intact.
     rejoined = "\n\n".join(documents).split("\n\n")
     assert [p.strip() for p in rejoined] == [p.strip() for p in paragraphs]
@@ -434,13 +435,13 @@ def test_teacher_generation_is_cached(tiny_model, tokenizer, tmp_path, monkeypat
 
 def test_teacher_cache_key_tracks_weights(tiny_model, tokenizer):
     params = {"num_tokens": 1}
-    key = data._teacher_cache_key(tiny_model, tokenizer, params, PROMPTS)
-    assert key == data._teacher_cache_key(tiny_model, tokenizer, params, PROMPTS)
-    assert key != data._teacher_cache_key(tiny_model, tokenizer, params, PROMPTS[:-1])
+    key = teacher_text._teacher_cache_key(tiny_model, tokenizer, params, PROMPTS)
+    assert key == teacher_text._teacher_cache_key(tiny_model, tokenizer, params, PROMPTS)
+    assert key != teacher_text._teacher_cache_key(tiny_model, tokenizer, params, PROMPTS[:-1])
     other_model = make_tiny_model(tokenizer)
     with torch.no_grad():
         other_model.get_input_embeddings().weight[0, 0] += 1.0
-    assert key != data._teacher_cache_key(other_model, tokenizer, params, PROMPTS)
+    assert key != teacher_text._teacher_cache_key(other_model, tokenizer, params, PROMPTS)
 
 
 def test_teacher_generation_is_deterministic(tiny_model, tokenizer, tmp_path):
@@ -537,13 +538,13 @@ def test_teacher_generation_with_static_cache(tiny_model, tokenizer, tmp_path, m
 def record_token_ids(monkeypatch) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) of every sample built from now on, in order."""
     recorded: list[tuple[list[int], list[int]]] = []
-    original = data._teacher_sample
+    original = teacher_text._teacher_sample
 
     def spy(tokenizer, prompt_ids, response_ids):
         recorded.append((list(prompt_ids), list(response_ids)))
         return original(tokenizer, prompt_ids, response_ids)
 
-    monkeypatch.setattr(data, "_teacher_sample", spy)
+    monkeypatch.setattr(teacher_text, "_teacher_sample", spy)
     return recorded
 
 
@@ -588,7 +589,7 @@ def test_continuous_generation_token_count_format_and_determinism(tiny_model, to
     assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's RNG is left alone
     assert concurrency and set(concurrency) == {kwargs["batch_size"]}  # batch_size = sequences at once
     total = sum(sample.generated_tokens for sample in samples)
-    wave = data.CONTINUOUS_WAVE_BATCHES * kwargs["batch_size"]
+    wave = teacher_text.CONTINUOUS_WAVE_BATCHES * kwargs["batch_size"]
     assert kwargs["num_tokens"] <= total < kwargs["num_tokens"] + wave * kwargs["max_new_tokens"]
     assert all(1 <= sample.generated_tokens <= kwargs["max_new_tokens"] for sample in samples)
     for sample in samples:
@@ -610,9 +611,9 @@ def test_static_cache_key_is_unchanged_and_modes_are_checked(tiny_model, tokeniz
     # The static key is the one written before generation modes existed (existing caches stay valid).
     old_params = {name: kwargs[name] for name in ("num_tokens", "max_new_tokens", "batch_size", "seed")}
     old_params.update(temperature=0.8, top_p=0.95, top_k=50)
-    old_key = data._teacher_cache_key(tiny_model, tokenizer, old_params, PROMPTS)
+    old_key = teacher_text._teacher_cache_key(tiny_model, tokenizer, old_params, PROMPTS)
     assert [path.name for path in tmp_path.glob("teacher_text-*.jsonl")] == [f"teacher_text-{old_key}.jsonl"]
     with pytest.raises(EffconvError, match="--generation-mode must be one of auto, static, continuous, graph, got 'paged'"):
         generate_teacher_samples(tiny_model, tokenizer, generation_mode="paged", **kwargs)
     with pytest.raises(EffconvError, match="continuous batching"):
-        data._continuous_batching_support(types.SimpleNamespace())
+        teacher_text._continuous_batching_support(types.SimpleNamespace())

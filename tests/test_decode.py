@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effconv.fast_decode import greedy_generate
+from effconv.generation.fast_decode import greedy_generate
 from test_modeling import student_of
 
 
@@ -102,7 +102,7 @@ def test_greedy_generate_eager_matches_generate(window, types):
 def test_device_position_ring_matches_generate(window):
     """The CUDA-graph bookkeeping on the CPU: after the first step the hybrid rings are rotated to absolute slot
     numbering and read their slot from the shared position tensor (reference op); tokens equal generate()."""
-    from effconv.fast_decode import StaticDecoder
+    from effconv.generation.fast_decode import StaticDecoder
 
     _, student = student_of("llama", window=window)
     x = torch.randint(3, 400, (2, 30))

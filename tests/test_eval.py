@@ -15,11 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effconv import evaluate as ev
+from effconv.eval import run as ev
+from effconv.eval import speed
+from effconv.eval import tasks as eval_tasks
 from effconv.errors import EffconvError
-from effconv.evaluate import EvalConfig, evaluate, window_spans
-from effconv.export import export_model
-from effconv.linearize import LinearizeConfig, make_student
+from effconv.eval.run import EvalConfig, evaluate
+from effconv.eval.quality import window_spans
+from effconv.io.export import export_model
+from effconv.pipelines.linearize import LinearizeConfig
+from effconv.conversion.student import make_student
 
 QUIET = dict(progress=False, generations=False)
 TEXT = (
@@ -198,14 +202,14 @@ def test_speed_report_against_direct_computation(tiny_model_dir, student_dir, tm
 
 
 def test_oom_cell_is_recorded_and_the_rest_continues(tiny_model_dir, tmp_path, monkeypatch):
-    real = ev.bench_cell
+    real = speed.bench_cell
 
     def flaky(model, **kw):
         if kw["context"] == 32:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, **kw)
 
-    monkeypatch.setattr(ev, "bench_cell", flaky)
+    monkeypatch.setattr(speed, "bench_cell", flaky)
     out = tmp_path / "r"
     report = evaluate(EvalConfig(model=str(tiny_model_dir), contexts=[16, 32, 48], batch_sizes=[1], decode_tokens=2,
                                  repeats=1, warmup=0, out=str(out), **QUIET))
@@ -216,7 +220,7 @@ def test_oom_cell_is_recorded_and_the_rest_continues(tiny_model_dir, tmp_path, m
     def broken(model, **kw):
         raise RuntimeError("shape mismatch")  # a bug, not memory: must not be hidden as OOM
 
-    monkeypatch.setattr(ev, "bench_cell", broken)
+    monkeypatch.setattr(speed, "bench_cell", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         evaluate(EvalConfig(model=str(tiny_model_dir), contexts=[16], batch_sizes=[1], **QUIET))
 
@@ -259,7 +263,7 @@ def test_other_cpu_load_sees_a_busy_process():
         import time
 
         time.sleep(0.3)  # let it start
-        with ev.OtherCpuLoad() as load:
+        with speed.OtherCpuLoad() as load:
             time.sleep(1.0)
     finally:
         busy.kill()
@@ -277,14 +281,14 @@ def test_existing_out_needs_overwrite(tiny_model_dir, tmp_path):
 
 def test_tasks_without_lm_eval_say_how_to_install(tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError, as when not installed
-    monkeypatch.setattr(ev, "_network_available", lambda *a, **k: False)
+    monkeypatch.setattr(eval_tasks, "_network_available", lambda *a, **k: False)
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(name, "x")
         monkeypatch.delenv(name)
     with pytest.raises(EffconvError, match=r"not installed: pip install lm-eval"):
         # checked before any model is loaded: the bad model path is never reached
         evaluate(EvalConfig(model="/nonexistent/model", tasks=["piqa"], **QUIET))
-    assert ev.os.environ["HF_DATASETS_OFFLINE"] == "1" and ev.os.environ["HF_HUB_OFFLINE"] == "1"
+    assert eval_tasks.os.environ["HF_DATASETS_OFFLINE"] == "1" and eval_tasks.os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def _fake_lm_eval(monkeypatch, simple_evaluate):
@@ -306,7 +310,7 @@ def _fake_lm_eval(monkeypatch, simple_evaluate):
                ("lm_eval.models.huggingface", hf))
     for name, module in modules:
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(ev, "_network_available", lambda *a, **k: True)
+    monkeypatch.setattr(eval_tasks, "_network_available", lambda *a, **k: True)
     return calls
 
 
@@ -337,8 +341,8 @@ def test_lm_eval_tasks_unknown_failing_and_reported(tiny_model_dir, student_dir,
 
 def test_data_teacher_uses_the_students_held_out_split(tiny_model_dir, student_dir):
     from effconv import data as data_lib
-    from effconv.loading import cache_root, load_causal_lm
-    from effconv.metrics import next_token_loss
+    from effconv.io.sources import cache_root, load_causal_lm
+    from effconv.eval.quality import next_token_loss
 
     report = evaluate(EvalConfig(model=str(student_dir), teacher=str(tiny_model_dir), data="teacher", context=64,
                                  speed=False, **QUIET))
@@ -361,7 +365,7 @@ def test_cli_register_adds_eval(tiny_model_dir, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from effconv.cli_eval import register
+    from effconv.cli import register_commands
 
     app = typer.Typer()
 
@@ -369,7 +373,7 @@ def test_cli_register_adds_eval(tiny_model_dir, tmp_path):
     def _root() -> None:
         pass
 
-    register(app)
+    register_commands(app)
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     runner = CliRunner()

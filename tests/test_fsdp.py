@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from effconv.errors import EffconvError
-from effconv.hybridize import HybridizeConfig, hybridize
-from effconv.linearize import LinearizeConfig, linearize
-from effconv.moe_upcycle import MoeUpcycleConfig, moe_upcycle
-from effconv.train import load_checkpoint
+from effconv.pipelines.hybridize import HybridizeConfig, hybridize
+from effconv.pipelines.linearize import LinearizeConfig, linearize
+from effconv.pipelines.moe_upcycle import MoeUpcycleConfig, moe_upcycle
+from effconv.training.loop import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CPU = REPO / "recipes" / "accelerate" / "fsdp-cpu.yaml"
@@ -199,10 +199,14 @@ CLIP_WORKER = textwrap.dedent(
     """
     import json, sys, torch
     from pathlib import Path
-    from effconv import distributed, fsdp
-    from effconv.linearize import LinearizeConfig, _add_lora, finetune_loss, make_student, transfer_loss_fn
-    from effconv.loading import load_teacher
-    from effconv.train import StageSpec, run_stage, trainable_state
+    from effconv.conversion.student import make_student
+    from effconv.distill.lora import attach_lora
+    from effconv.distill.losses import finetune_loss
+    from effconv.distill.transfer import transfer_loss_fn
+    from effconv.io.sources import load_teacher
+    from effconv.pipelines.linearize import LinearizeConfig
+    from effconv.training import distributed, fsdp
+    from effconv.training.loop import StageSpec, run_stage, trainable_state
 
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     norms = []
@@ -226,7 +230,8 @@ CLIP_WORKER = textwrap.dedent(
     # thresholds far below the gradient norms: every step is clipped
     r1 = run_stage(student, StageSpec("s1", 5, 3e-2, grad_clip=1e-4), loss_fn=loss_fn, next_batch=batch,
                    evaluate=None, checkpoint_path=None, progress=False, backward=backward)
-    peft = _add_lora(student, cfg)  # LoRA adapters: plain (unsharded) parameters
+    peft = attach_lora(student, range(len(student.model.layers)), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                       seed=cfg.seed)  # LoRA adapters: plain (unsharded) parameters
     for name, p in peft.named_parameters():
         if "feature_map_" in name:  # and sharded ones in the same optimizer: the norm must cover both
             p.requires_grad_(True)

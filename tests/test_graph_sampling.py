@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=import
 from helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
 
 from effconv import data  # noqa: E402
-from effconv.graph_sampling import GraphSampler  # noqa: E402
+from effconv.data import corpus, teacher_text  # noqa: E402
+from effconv.generation.graph_sampling import GraphSampler  # noqa: E402
 
 STOP, PAD = 5, 0
 
@@ -119,20 +120,20 @@ def test_teacher_text_in_graph_mode_matches_static_greedy(tmp_path):
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     kwargs = dict(num_tokens=60, max_new_tokens=12, batch_size=3, seed=0, progress=False, do_sample=False,
                   prompts=["Explain why the sky is blue.", "Write a haiku.", "What is 2 + 3?", "Tell a story."])
-    static = data.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "s", **kwargs)
-    graph = data.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "g", generation_mode="graph", **kwargs)
+    static = teacher_text.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "s", **kwargs)
+    graph = teacher_text.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "g", generation_mode="graph", **kwargs)
     assert graph == static
     assert sum(sample.generated_tokens for sample in graph) >= 60
     # sampled: a cache entry of its own, deterministic for the seed
     sampled = dict(kwargs, do_sample=True)
-    first = data.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "a", generation_mode="graph", **sampled)
-    again = data.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "b", generation_mode="graph", **sampled)
+    first = teacher_text.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "a", generation_mode="graph", **sampled)
+    again = teacher_text.generate_teacher_samples(model, tokenizer, cache_dir=tmp_path / "b", generation_mode="graph", **sampled)
     assert first == again and first != graph
 
 
 def test_decode_attention_equals_repeated_kv_sdpa():
     """The packed one-token path against plain SDPA on key/value heads repeated per query head (GQA 9/3)."""
-    from effconv.graph_sampling import decode_attention
+    from effconv.generation.graph_sampling import decode_attention
 
     torch.manual_seed(0)
     b, heads, kv_heads, slots, dim = 3, 9, 3, 37, 16
@@ -157,10 +158,10 @@ def test_graph_mode_refuses_generation_settings_it_cannot_apply(tmp_path):
     model = tiny_llama(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     model.generation_config.repetition_penalty = 1.3
     with pytest.raises(EffconvError, match="repetition_penalty=1.3: use --generation-mode static"):
-        data.generate_teacher_samples(model, tokenizer, num_tokens=8, cache_dir=tmp_path, max_new_tokens=4,
+        teacher_text.generate_teacher_samples(model, tokenizer, num_tokens=8, cache_dir=tmp_path, max_new_tokens=4,
                                       batch_size=2, progress=False, prompts=["Hi."], generation_mode="graph")
     model.generation_config.repetition_penalty = 1.0  # neutral: accepted
-    samples = data.generate_teacher_samples(model, tokenizer, num_tokens=8, cache_dir=tmp_path, max_new_tokens=4,
+    samples = teacher_text.generate_teacher_samples(model, tokenizer, num_tokens=8, cache_dir=tmp_path, max_new_tokens=4,
                                             batch_size=2, progress=False, prompts=["Hi."], generation_mode="graph")
     assert sum(sample.generated_tokens for sample in samples) >= 8
 
@@ -198,7 +199,7 @@ def test_auto_generation_mode_picks_graph_only_where_it_applies():
         return stub
 
     llama = tiny_teacher("llama")
-    resolve = data.resolve_generation_mode
+    resolve = teacher_text.resolve_generation_mode
     assert resolve(llama, tokenizer, "auto", prompts, 8) == "static"  # CPU
     assert resolve(on("cuda", llama), tokenizer, "auto", prompts, 8) == "graph"
     for explicit in ("static", "continuous", "graph"):
@@ -221,5 +222,5 @@ def test_graph_mode_refuses_an_effconv_model():
 
     stub = types.SimpleNamespace(converted_attentions=lambda: [])
     with pytest.raises(EffconvError, match="effconv model .* --generation-mode static"):
-        data._generate_samples_graph(stub, make_tiny_tokenizer(), prompts=["Hi."], num_tokens=4, max_new_tokens=4,
+        teacher_text._generate_samples_graph(stub, make_tiny_tokenizer(), prompts=["Hi."], num_tokens=4, max_new_tokens=4,
                                      batch_size=2, sampling={"do_sample": False}, seed=0, progress=False)

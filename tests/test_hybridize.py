@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 from conftest import tiny_teacher
 from helpers_tokenizer import make_tiny_tokenizer
 
-import effconv.hybridize as hybridize_mod
+import effconv.pipelines.hybridize as hybridize_mod
 from effconv.errors import EffconvError
-from effconv.hybridize import HybridizeConfig, hybridize, kept_count, select_layers, state_dir_for
+from effconv.pipelines.hybridize import HybridizeConfig, hybridize, state_dir_for
+from effconv.distill.layer_scores import kept_count, select_layers
 
 TINY = dict(seq_len=32, batch_size=4, window=4, eval_every=4, checkpoint_every=2, progress=False, score="transfer",
             score_tokens=32 * 4 * 6, stage1_tokens=32 * 4 * 4, stage2_tokens=32 * 4 * 2)
@@ -161,7 +162,7 @@ def test_next_token_score(hard_layer_dir, tiny_model_dir, tmp_path):
 
 
 def _cli_app() -> typer.Typer:
-    from effconv.cli_hybridize import register
+    from effconv.cli import register_commands
 
     app = typer.Typer(pretty_exceptions_enable=False)
 
@@ -169,7 +170,7 @@ def _cli_app() -> typer.Typer:
     def _root() -> None:
         """test app"""
 
-    register(app)
+    register_commands(app)
     return app
 
 
@@ -266,7 +267,7 @@ def test_bad_input_is_one_clear_error(six_layer_dir, tiny_model_dir, tmp_path, c
 
 def test_cli_error_is_one_line(six_layer_dir, tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "effconv.cli_hybridize", "hybridize", "--model", str(six_layer_dir), "--out",
+        [sys.executable, "-m", "effconv.cli", "hybridize", "--model", str(six_layer_dir), "--out",
          str(tmp_path / "x"), "--ratio", "1.5"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -277,7 +278,7 @@ def test_cli_error_is_one_line(six_layer_dir, tmp_path):
 
 
 def test_recipe_keys(tmp_path):
-    from effconv.recipes import build_config
+    from effconv.config import build_config
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("about: {device: cpu}\nratio: 0.25\nscore: next-token\nwindow: 32\nsoftmax_layers: null\n")

@@ -12,9 +12,11 @@ from conftest import tiny_teacher
 from test_hybridize import cfg_for, six_layer_dir  # noqa: F401 - fixture reused
 
 from effconv.errors import EffconvError
-from effconv.gqa import kv_head_groups, merge_kv_heads
-from effconv.hybridize import hybridize, state_dir_for
-from effconv.linearize import LinearizeConfig, attention_transfer_loss, make_student
+from effconv.conversion.gqa import kv_head_groups, merge_kv_heads
+from effconv.pipelines.hybridize import hybridize, state_dir_for
+from effconv.pipelines.linearize import LinearizeConfig
+from effconv.distill.transfer import set_attention_mode, attention_transfer_loss
+from effconv.conversion.student import make_student
 
 
 def decode_equals_parallel(model, ids):
@@ -62,9 +64,9 @@ def test_gqa_merge_keeps_the_teacher_and_trains_merged_heads(method):
     assert [a.layer_type for a in (l.self_attn for l in student.model.layers)] == ["gqa", "softmax", "gqa"]
     ids = torch.randint(3, 400, (2, 20))
     with torch.no_grad():
-        student.set_attention_mode("teacher")
+        set_attention_mode(student.converted_attentions(), "teacher")
         torch.testing.assert_close(student(ids, use_cache=False).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
-        student.set_attention_mode("student")
+        set_attention_mode(student.converted_attentions(), "student")
         assert not torch.allclose(student(ids, use_cache=False).logits, teacher(ids).logits, atol=1e-3)
     loss = attention_transfer_loss(student, ids, 2)
     loss.backward()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effconv.linearize import LinearizeConfig, attention_transfer_loss, make_student
-from effconv.loading import default_model_gguf, load_teacher
+from effconv.pipelines.linearize import LinearizeConfig
+from effconv.distill.transfer import set_attention_mode, attention_transfer_loss
+from effconv.conversion.student import make_student
+from effconv.io.sources import default_model_gguf, load_teacher
 
 pytestmark = pytest.mark.integration
 
@@ -25,10 +27,10 @@ def test_smollm2_conversion_is_exact_in_teacher_mode_and_decodes_consistently(sm
     assert teacher.config.num_hidden_layers == 30 and teacher.config.num_key_value_heads == 3
     ids = tokenizer("The moon orbits the Earth once every", return_tensors="pt").input_ids
     student = make_student(teacher, LinearizeConfig(window=4), torch.device("cpu"))
-    student.set_attention_mode("teacher")
+    set_attention_mode(student.converted_attentions(), "teacher")
     with torch.no_grad():
         torch.testing.assert_close(student(ids, use_cache=False).logits, teacher(ids).logits, rtol=1e-4, atol=1e-4)
-    student.set_attention_mode("student")
+    set_attention_mode(student.converted_attentions(), "student")
     with torch.no_grad():
         full = student(ids, use_cache=False).logits
         out = student(ids[:, :3], use_cache=True)

@@ -16,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from effconv.errors import EffconvError
-from effconv.export import export_model
-from effconv.linearize import LinearizeConfig, linearize, make_student
+from effconv.io.export import export_model
+from effconv.pipelines.linearize import LinearizeConfig, linearize
+from effconv.conversion.student import make_student
+from effconv.distill.transfer import set_attention_mode
 
 TINY = dict(seq_len=32, batch_size=4, eval_every=4, checkpoint_every=2, progress=False)
 
@@ -191,10 +193,10 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
 def test_generation_mode_setting(monkeypatch):
     from typer.testing import CliRunner
 
-    from effconv import linearize as lin
+    from effconv.pipelines import linearize as lin
     from effconv.cli import app
-    from effconv.hybridize import HybridizeConfig
-    from effconv.moe_upcycle import MoeUpcycleConfig
+    from effconv.pipelines.hybridize import HybridizeConfig
+    from effconv.pipelines.moe_upcycle import MoeUpcycleConfig
 
     for config_class in (LinearizeConfig, MoeUpcycleConfig):
         with pytest.raises(EffconvError, match="--generation-mode must be one of auto, static, continuous, graph, got 'fast'"):
@@ -213,15 +215,17 @@ def test_generation_mode_setting(monkeypatch):
         assert isinstance(result.exception, EffconvError), result.output
         assert "--generation-mode must be one of auto, static, continuous, graph" in str(result.exception)
     seen = {}
-    monkeypatch.setattr(lin.data_lib, "prepare_data", lambda *args, **kwargs: seen.update(kwargs))
+    from effconv.training import run as run_lib
+
+    monkeypatch.setattr(run_lib, "prepare_data", lambda *args, **kwargs: seen.update(kwargs))
     for cfg in (LinearizeConfig(generation_mode="continuous"), MoeUpcycleConfig(generation_mode="continuous"), hybrid):
         seen.clear()
-        lin.prepare_run_data(cfg, None, None)
+        run_lib.prepare_run_data(cfg, None, None)
         assert seen["generation_mode"] == "continuous"
 
 
 def test_recipe_is_used_and_options_override(tiny_model_dir, tmp_path):
-    from effconv.recipes import build_config
+    from effconv.config import build_config
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("about: {device: cpu}\nwindow: 16\nfeature_map: t2r\nstage1_lr: 0.5\n")
@@ -237,7 +241,7 @@ def test_recipe_is_used_and_options_override(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").glob("*-linearize-*.yaml")))
 def test_every_recipe_is_a_valid_linearize_config(recipe):
-    from effconv.recipes import build_config
+    from effconv.config import build_config
 
     cfg = build_config(LinearizeConfig, recipe, {})
     cfg.validate()
@@ -249,27 +253,29 @@ def test_stage2_loss_weights(tiny_model_dir, tmp_path):
     sum; pure distillation (ce_weight 0) trains and exports; no loss at all is refused."""
     import torch.nn.functional as F
 
-    from effconv import linearize as lin
-    from effconv.loading import load_teacher
+    from effconv.distill.lora import attach_lora
+    from effconv.distill.losses import finetune_loss
+    from effconv.io.sources import load_teacher
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path / "unused", kl_weight=1.0, ce_weight=0.0)
     teacher, _, _ = load_teacher(str(tiny_model_dir), dtype=torch.float32, device="cpu")
     student = make_student(teacher, cfg, torch.device("cpu"))
-    peft_model = lin._add_lora(student, cfg)
+    peft_model = attach_lora(student, range(len(student.model.layers)), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                             seed=cfg.seed)
     batch = torch.randint(0, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = peft_model(input_ids=batch, use_cache=False).logits.float()
         with peft_model.disable_adapter():
-            student.set_attention_mode("teacher")
+            set_attention_mode(student.converted_attentions(), "teacher")
             teacher_logits = student(input_ids=batch, use_cache=False).logits.float()
-            student.set_attention_mode("student")
+            set_attention_mode(student.converted_attentions(), "student")
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
         kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(teacher_logits, -1).flatten(0, 1),
                       log_target=True, reduction="batchmean")
         assert float(kl) > 1e-4  # the converted student differs from its teacher: the check can fail
-        torch.testing.assert_close(lin.finetune_loss(peft_model, student, batch, 0.0, 1.0), ce)
-        torch.testing.assert_close(lin.finetune_loss(peft_model, student, batch, 1.0, 0.0), kl)
-        torch.testing.assert_close(lin.finetune_loss(peft_model, student, batch, 0.5, 2.0), 2.0 * ce + 0.5 * kl)
+        torch.testing.assert_close(finetune_loss(peft_model, student, batch, 0.0, 1.0), ce)
+        torch.testing.assert_close(finetune_loss(peft_model, student, batch, 1.0, 0.0), kl)
+        torch.testing.assert_close(finetune_loss(peft_model, student, batch, 0.5, 2.0), 2.0 * ce + 0.5 * kl)
 
     result = linearize(tiny_cfg(tiny_model_dir, tmp_path / "out", kl_weight=1.0, ce_weight=0.0))
     assert (tmp_path / "out" / "model.safetensors").is_file() and result.metrics["stage2"]["tokens"] == 32 * 4 * 4

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_teacher
-from effconv.loading import build_student, effconv_config_from_teacher
+from effconv.conversion.student import build_student, effconv_config_from_teacher
 from effconv.modeling.attention_ops import FeatureMap, hybrid_attention, hybrid_attention_weights, linear_attention
+from effconv.distill.transfer import set_attention_mode
 
 
 def student_of(arch, window=4, attention_types=None, feature_map="hedgehog"):
@@ -27,7 +28,7 @@ def student_of(arch, window=4, attention_types=None, feature_map="hedgehog"):
 
 def test_teacher_mode_reproduces_hf_logits(arch):
     teacher, student = student_of(arch)
-    student.set_attention_mode("teacher")
+    set_attention_mode(student.converted_attentions(), "teacher")
     x = torch.randint(0, 400, (2, 40))  # longer than the Mistral/Qwen2 sliding window of 16
     with torch.no_grad():
         expected, got = teacher(x).logits, student(x, use_cache=False).logits
@@ -144,7 +145,7 @@ def test_left_padded_batch_generation_matches_single_sequences():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_transfer_mse_matches_fp32_mse_loss(dtype):
-    from effconv.modeling.modeling_effconv import transfer_mse
+    from effconv.distill.transfer import transfer_mse
 
     torch.manual_seed(0)
     y_pred = torch.randn(3, 17, 40, dtype=dtype, requires_grad=True)

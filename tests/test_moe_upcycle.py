@@ -12,16 +12,11 @@ import transformers as tf
 
 from conftest import tiny_teacher
 from effconv.errors import EffconvError
-from effconv.loading import build_student, effconv_config_from_teacher
-from effconv.moe_upcycle import (
-    MoeUpcycleConfig,
-    balanced_kmeans,
-    collect_mlp_inputs,
-    dense_effconv_model,
-    moe_upcycle,
-    upcycle,
-)
+from effconv.conversion.student import build_student, effconv_config_from_teacher
+from effconv.pipelines.moe_upcycle import MoeUpcycleConfig, moe_upcycle
+from effconv.conversion.moe import balanced_kmeans, collect_mlp_inputs, dense_effconv_model, upcycle
 from effconv.modeling.moe import MoeMLP, experts_loop
+from effconv.distill.transfer import set_attention_mode
 
 
 def _dense(arch: str):
@@ -167,7 +162,7 @@ with torch.no_grad():
 
 
 def test_linear_moe_linearized_model_upcycles_exports_and_reloads(tiny_model_dir, tmp_path):
-    from effconv.linearize import LinearizeConfig, linearize
+    from effconv.pipelines.linearize import LinearizeConfig, linearize
 
     linearize(LinearizeConfig(model=str(tiny_model_dir), data=str(tiny_model_dir / "train.txt"), out=str(tmp_path / "lin"),
                               window=4, seq_len=32, batch_size=4, stage1_tokens=32 * 4 * 2, stage2_tokens=0, progress=False))
@@ -187,7 +182,7 @@ def test_linear_moe_linearized_model_upcycles_exports_and_reloads(tiny_model_dir
 
 
 def test_linear_moe_upcycled_model_linearizes_and_reloads(tiny_model_dir, tmp_path):
-    from effconv.linearize import LinearizeConfig, linearize
+    from effconv.pipelines.linearize import LinearizeConfig, linearize
     from effconv.modeling import EffconvForCausalLM
 
     result = moe_upcycle(_tiny(tiny_model_dir, tmp_path / "moe", experts=4, top_k=2, export_format="effconv"))
@@ -206,7 +201,7 @@ def test_linear_moe_upcycled_model_linearizes_and_reloads(tiny_model_dir, tmp_pa
             torch.testing.assert_close(a.mlp.experts.gate_up_proj, b.mlp.experts.gate_up_proj)
             torch.testing.assert_close(a.mlp.gate.weight, b.mlp.gate.weight)
         student_logits = combined(ids).logits
-        combined.set_attention_mode("teacher")
+        set_attention_mode(combined.converted_attentions(), "teacher")
         assert not torch.allclose(student_logits, combined(ids).logits, atol=1e-4)
 
 
@@ -248,7 +243,7 @@ def test_cli_one_line_errors(tiny_model_dir, tmp_path, args, message):
 
 
 def test_resume_continues_interrupted_distillation(tiny_model_dir, tmp_path, monkeypatch):
-    from effconv import moe_upcycle as mod
+    from effconv.pipelines import moe_upcycle as mod
 
     full = moe_upcycle(_tiny(tiny_model_dir, tmp_path / "full", experts=4, top_k=2, tokens=32 * 4 * 6, train="experts",
                              load_balancing="bias", lr=1e-3))

@@ -9,8 +9,8 @@ RECIPES = Path(__file__).parent.parent / "recipes"
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*-hybridize-*.yaml")), ids=lambda p: p.name)
 def test_hybridize_recipes_are_valid(recipe):
-    from effconv.hybridize import HybridizeConfig
-    from effconv.recipes import build_config
+    from effconv.pipelines.hybridize import HybridizeConfig
+    from effconv.config import build_config
 
     cfg = build_config(HybridizeConfig, recipe, {})
     cfg.validate()
@@ -27,8 +27,8 @@ def test_there_is_a_recipe_per_issue_target():
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*-linearize-*.yaml")), ids=lambda p: p.name)
 def test_linearize_recipes_are_valid(recipe):
-    from effconv.linearize import LinearizeConfig
-    from effconv.recipes import build_config
+    from effconv.pipelines.linearize import LinearizeConfig
+    from effconv.config import build_config
 
     cfg = build_config(LinearizeConfig, recipe, {})
     cfg.validate()
@@ -37,8 +37,8 @@ def test_linearize_recipes_are_valid(recipe):
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*-moe*.yaml")), ids=lambda p: p.name)
 def test_moe_recipes_are_valid(recipe):
-    from effconv.moe_upcycle import MoeUpcycleConfig
-    from effconv.recipes import build_config
+    from effconv.pipelines.moe_upcycle import MoeUpcycleConfig
+    from effconv.config import build_config
 
     cfg = build_config(MoeUpcycleConfig, recipe, {})
     cfg.validate()

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from effconv.errors import EffconvError
-from effconv.linearize import LinearizeConfig, linearize
-from effconv.train import StageSpec, load_checkpoint, run_stage
+from effconv.pipelines.linearize import LinearizeConfig, linearize
+from effconv.training.loop import StageSpec, load_checkpoint, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIG = REPO / "recipes" / "accelerate" / "ddp-cpu.yaml"
@@ -62,8 +62,8 @@ WORKER = textwrap.dedent(
     """
     import json, sys, torch
     from pathlib import Path
-    from effconv import distributed
-    from effconv.train import StageSpec, load_checkpoint, run_stage
+    from effconv.training import distributed
+    from effconv.training.loop import StageSpec, load_checkpoint, run_stage
 
     out, steps, stop = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     torch.manual_seed(0)
@@ -159,7 +159,7 @@ KILLED_WORKER = textwrap.dedent(
     """
     import os, signal, sys, torch
     from pathlib import Path
-    from effconv.train import StageSpec, load_checkpoint, run_stage
+    from effconv.training.loop import StageSpec, load_checkpoint, run_stage
 
     ckpt, kill_at = Path(sys.argv[1]), int(sys.argv[2])
     torch.manual_seed(0)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_teacher
-from effconv.loading import build_student, effconv_config_from_teacher
+from effconv.conversion.student import build_student, effconv_config_from_teacher
 from effconv.modeling.attention_ops import block_sparse_attention, select_key_blocks, sliding_window_attention
+from effconv.distill.transfer import attention_mode, set_attention_mode
 
 
 def sparse_student(arch, types, *, window=5, sinks=2, block=4, topk=2):
@@ -47,7 +48,7 @@ def test_sparse_layers_differ_from_softmax_and_match_full_attention_in_the_limit
     x = torch.randint(3, 400, (1, 30))
     with torch.no_grad():
         sparse = student(x, use_cache=False).logits
-        student.set_attention_mode("teacher")
+        set_attention_mode(student.converted_attentions(), "teacher")
         dense = student(x, use_cache=False).logits
         assert not torch.allclose(sparse, dense, atol=1e-3)  # the layers really are sparse
         torch.testing.assert_close(dense, teacher(x).logits, rtol=1e-5, atol=1e-5)
@@ -68,10 +69,9 @@ def test_sliding_cache_holds_only_sinks_and_window():
 
 def test_transfer_mode_scores_sparse_layers():
     _, student = sparse_student("llama", ["sliding", "softmax", "block_sparse"], window=3, sinks=0, block=4, topk=1)
-    student.set_attention_mode("transfer")
-    with torch.no_grad():
+    with torch.no_grad(), attention_mode(student, "transfer") as recorded:
         student.model(input_ids=torch.randint(3, 400, (2, 20)), use_cache=False)
-    losses = [a.transfer_loss for a in student.converted_attentions()]
+        losses = [recorded[a] for a in student.converted_attentions()]
     assert len(losses) == 2 and all(float(l) > 0 for l in losses)
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from effconv import train
+from effconv.training import loop as train
 from effconv.errors import EffconvError
-from effconv.train import StageSpec, load_checkpoint, run_stage
+from effconv.training.loop import StageSpec, load_checkpoint, run_stage
 
 LR = 1e-2
 
@@ -171,8 +171,9 @@ LAUNCHED_WORKER = textwrap.dedent(
     """
     import json, sys, torch
     from pathlib import Path
-    from effconv import distributed, train
-    from effconv.train import StageSpec, run_stage
+    from effconv.training import distributed
+    from effconv.training import loop as train
+    from effconv.training.loop import StageSpec, run_stage
 
     out = Path(sys.argv[1])
     acc = distributed.get_accelerator()
@@ -214,9 +215,9 @@ def test_launched_processes_agree_on_the_cut(tmp_path):
 
 
 def test_bad_budgets_are_errors(tmp_path):
-    from effconv.hybridize import HybridizeConfig
-    from effconv.linearize import LinearizeConfig
-    from effconv.moe_upcycle import MoeUpcycleConfig
+    from effconv.pipelines.hybridize import HybridizeConfig
+    from effconv.pipelines.linearize import LinearizeConfig
+    from effconv.pipelines.moe_upcycle import MoeUpcycleConfig
 
     model = torch.nn.Linear(2, 1)
     with pytest.raises(EffconvError, match="max_seconds must be > 0"):
@@ -238,10 +239,10 @@ def test_bad_budgets_are_errors(tmp_path):
 
 
 def test_budgets_reach_the_configs_from_recipes_and_hybridize_stages(tmp_path):
-    from effconv.hybridize import HybridizeConfig
-    from effconv.linearize import LinearizeConfig
-    from effconv.moe_upcycle import MoeUpcycleConfig
-    from effconv.recipes import build_config
+    from effconv.pipelines.hybridize import HybridizeConfig
+    from effconv.pipelines.linearize import LinearizeConfig
+    from effconv.pipelines.moe_upcycle import MoeUpcycleConfig
+    from effconv.config import build_config
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stage1_max_seconds: 600\nstage2_max_seconds: 120.5\n")
@@ -284,7 +285,7 @@ def test_cli_budget_flags_reach_the_configs(tmp_path, args, message):
 
 
 def test_linearize_reports_a_cut_stage_and_still_exports(tiny_model_dir, tmp_path):
-    from effconv.linearize import LinearizeConfig, linearize
+    from effconv.pipelines.linearize import LinearizeConfig, linearize
 
     # a budget far below one step: each stage is cut to the minimum, 5 measured steps + 1
     cfg = LinearizeConfig(model=str(tiny_model_dir), data=str(tiny_model_dir / "train.txt"), out=str(tmp_path / "out"),
@@ -301,7 +302,7 @@ def test_linearize_reports_a_cut_stage_and_still_exports(tiny_model_dir, tmp_pat
 
 
 def test_moe_upcycle_reports_its_budget(tiny_model_dir, tmp_path):
-    from effconv.moe_upcycle import MoeUpcycleConfig, moe_upcycle
+    from effconv.pipelines.moe_upcycle import MoeUpcycleConfig, moe_upcycle
 
     cfg = MoeUpcycleConfig(model=str(tiny_model_dir), data=str(tiny_model_dir / "train.txt"), out=str(tmp_path / "o"),
                            experts=4, top_k=2, seq_len=32, batch_size=4, tokens=32 * 4 * 8, eval_every=4,

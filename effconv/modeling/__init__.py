@@ -3,6 +3,6 @@
 from .configuration_effconv import ATTENTION_TYPES, EffconvConfig
 from .modeling_effconv import EffconvCache, EffconvForCausalLM, EffconvModel
 
-MODELING_FILES = ("configuration_effconv.py", "modeling_effconv.py", "attention_ops.py", "moe.py")
+MODELING_FILES = ("configuration_effconv.py", "modeling_effconv.py", "attention_ops.py", "moe.py", "backend.py")
 
 __all__ = ["ATTENTION_TYPES", "MODELING_FILES", "EffconvCache", "EffconvConfig", "EffconvForCausalLM", "EffconvModel"]

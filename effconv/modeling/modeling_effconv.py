@@ -2,12 +2,12 @@
 each keep softmax attention or use learned-feature-map linear attention with an optional sliding window.
 
 This file ships inside every exported model, so it imports only torch, transformers and its two siblings.
-Triton kernels from the `effconv_kernels` package are used on CUDA when that package is installed.
+Triton kernels from the `effconv_kernels` package are chosen once, in backend.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,27 +23,16 @@ from .attention_ops import (
     FeatureMap,
     attention_scale,
     hybrid_attention,
-    hybrid_attention_weights,
     linear_attention,
     select_key_blocks,
     softmax_attention,
 )
 from .attention_ops import block_sparse_attention as block_sparse_attention_ref
 from .attention_ops import sliding_window_attention as sliding_window_attention_ref
+from .backend import kernels as _kernels
+from .backend import use_kernels
 from .configuration_effconv import EffconvConfig
 from .moe import MoeExperts, MoeMLP
-
-try:  # optional Triton kernels; absent on machines that only have the exported model
-    import effconv_kernels as _kernels
-except Exception:  # noqa: BLE001 - any import failure means: use the PyTorch path
-    _kernels = None
-
-ATTENTION_MODES = ("student", "teacher", "transfer")
-
-
-def kernels_available() -> bool:
-    return _kernels is not None
-
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -152,33 +141,6 @@ def _append(old: torch.Tensor | None, new: torch.Tensor, dim: int = 2) -> torch.
     return new if old is None else torch.cat([old, new], dim=dim)
 
 
-class _TransferMSE(torch.autograd.Function):
-    """F.mse_loss(y_pred.float(), y_true.float()) in fewer passes over the (B, T, hidden) activations (they are
-    ~5% of a stage-1 step on the H100 otherwise): the fp32 difference is formed once and saved, the sum of
-    squares is one dot, and the gradient is written straight in y_pred's dtype. Same fp32 math; only the
-    loss's summation order differs."""
-
-    @staticmethod
-    def forward(ctx, y_pred, y_true):
-        diff = y_pred.to(torch.float32, copy=True).sub_(y_true).flatten()  # copy: never modify y_pred in place
-        ctx.save_for_backward(diff)
-        ctx.pred_shape, ctx.pred_dtype = y_pred.shape, y_pred.dtype
-        return torch.dot(diff, diff) / max(diff.numel(), 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (diff,) = ctx.saved_tensors
-        scale = grad * (2.0 / max(diff.numel(), 1))
-        grad_pred = torch.mul(diff, scale, out=torch.empty(diff.shape, dtype=ctx.pred_dtype, device=diff.device))
-        grad_pred = grad_pred.view(ctx.pred_shape)
-        return grad_pred, (-grad_pred if ctx.needs_input_grad[1] else None)
-
-
-def transfer_mse(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
-    """Attention-transfer loss of one layer: mean squared error in fp32."""
-    return _TransferMSE.apply(y_pred, y_true)
-
-
 class EffconvAttention(nn.Module):
     def __init__(self, config: EffconvConfig, layer_idx: int):
         super().__init__()
@@ -207,9 +169,6 @@ class EffconvAttention(nn.Module):
             if self.window > 0:
                 # sigmoid(0) = 0.5: window and linear terms start with equal weight
                 self.window_mix = nn.Parameter(torch.zeros(self.num_heads))
-        self.mode = "student"
-        self.transfer_loss: torch.Tensor | None = None
-        self.transfer_attn_ce_weight = 0.0
 
     @property
     def is_converted(self) -> bool:
@@ -219,7 +178,8 @@ class EffconvAttention(nn.Module):
     def is_sparse(self) -> bool:
         return self.layer_type in ("sliding", "block_sparse")
 
-    def _project(self, x: torch.Tensor, position_embeddings):
+    def project(self, x: torch.Tensor, position_embeddings):
+        """q (B,H,T,D), k, v (B,Hkv,T,D) of the layer's input, RoPE applied."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -231,11 +191,13 @@ class EffconvAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
-    def _merge_heads(self, o: torch.Tensor) -> torch.Tensor:
+    def merge_heads(self, o: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs (B,H,T,Dv) through o_proj."""
         b, _, t, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
-    def _softmax(self, q, k, v, cache: LayerCache | None, key_mask):
+    def softmax(self, q, k, v, cache: LayerCache | None, key_mask):
+        """Exact causal softmax attention (the teacher's, sliding where the teacher's layer is)."""
         if cache is not None:
             cache.keys, cache.values = _append(cache.keys, k), _append(cache.values, v)
             k, v = cache.keys, cache.values
@@ -280,10 +242,7 @@ class EffconvAttention(nn.Module):
         return block_sparse_attention_ref(q, k, v, selection, scale=self.scale, block_size=bs, key_padding_mask=mask)
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
-        backend = self.config.attention_backend
-        if backend == "reference" or _kernels is None:
-            return False
-        return backend == "triton" or x.is_cuda
+        return use_kernels(self.config.attention_backend, x)
 
     def _decode_step(self, q, k, v, cache: LayerCache):
         """One new token per sequence with a filled cache: O(1) recurrent update of the state (and of the window's
@@ -389,6 +348,12 @@ class EffconvAttention(nn.Module):
                 cache.key_mask = None if key_mask is None else key_mask[:, -self.window:]
         return o[:, :, -t_new:]
 
+    def converted(self, q, k, v, cache: LayerCache | None, key_mask):
+        """The layer's converted attention (linear / hybrid, or sparse softmax) of q, k, v."""
+        if self.is_sparse:
+            return self._sparse(q, k, v, cache, key_mask)
+        return self._linear(q, k, v, cache, key_mask)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -396,64 +361,10 @@ class EffconvAttention(nn.Module):
         cache: LayerCache | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.layer_type == "gqa":
-            return self._gqa(hidden_states, position_embeddings, cache, key_mask)
-        if not self.is_converted or self.mode == "teacher":
-            q, k, v = self._project(hidden_states, position_embeddings)
-            return self._merge_heads(self._softmax(q, k, v, cache, key_mask))
-        if self.mode == "student":
-            q, k, v = self._project(hidden_states, position_embeddings)
-            if self.is_sparse:
-                return self._merge_heads(self._sparse(q, k, v, cache, key_mask))
-            return self._merge_heads(self._linear(q, k, v, cache, key_mask))
-        return self._transfer(hidden_states, position_embeddings, key_mask)
-
-    def _gqa(self, hidden_states, position_embeddings, cache, key_mask):
-        """Softmax attention with merged key/value heads. While the original projections are held (conversion,
-        not in exports) teacher mode uses them and transfer mode trains the merged ones to match them."""
-        q, k, v = self._project(hidden_states, position_embeddings)
-        if self.mode == "student" or getattr(self, "teacher_k_proj_weight", None) is None:
-            return self._merge_heads(self._softmax(q, k, v, cache, key_mask))
-        b, t, _ = hidden_states.shape
-        n = self.teacher_num_kv_heads
-        with torch.no_grad():
-            k_t = F.linear(hidden_states, self.teacher_k_proj_weight, self.teacher_k_proj_bias).view(b, t, n, -1)
-            v_t = F.linear(hidden_states, self.teacher_v_proj_weight, self.teacher_v_proj_bias).view(b, t, n, -1)
-            if self.config.qk_norm:
-                k_t = self.k_norm(k_t)
-            cos, sin = position_embeddings
-            k_t = apply_rotary_pos_emb(k_t.transpose(1, 2), k_t.transpose(1, 2), cos, sin)[0]
-            y_true = self._merge_heads(self._softmax(q, k_t, v_t.transpose(1, 2), cache, key_mask))
-        if self.mode == "teacher":
-            return y_true
-        self.transfer_loss = transfer_mse(self._merge_heads(self._softmax(q, k, v, None, key_mask)), y_true)
-        return y_true
-
-    def _transfer(self, hidden_states, position_embeddings, key_mask):
-        """Attention transfer: match this layer's softmax output on the same inputs; pass the softmax output on,
-        so every layer trains on the teacher's own hidden states and no gradient crosses layers."""
-        with torch.no_grad():
-            q, k, v = self._project(hidden_states, position_embeddings)
-            y_true = self._merge_heads(self._softmax(q, k, v, None, key_mask))
-        student_attention = self._sparse if self.is_sparse else self._linear
-        y_pred = self._merge_heads(student_attention(q, k, v, None, key_mask))
-        loss = transfer_mse(y_pred, y_true)
-        if self.transfer_attn_ce_weight > 0 and not self.is_sparse:  # sparse layers have no attention-map parameters
-            loss = loss + self.transfer_attn_ce_weight * self._attention_map_ce(q, k)
-        self.transfer_loss = loss
-        return y_true
-
-    def _attention_map_ce(self, q, k) -> torch.Tensor:
-        """Cross-entropy between the softmax and the converted attention maps (Hedgehog's loss); O(T^2)."""
-        t = q.shape[2]
-        k_rep = k.float().repeat_interleave(self.num_heads // self.num_kv_heads, 1)
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        teacher = torch.softmax((q.float() @ k_rep.transpose(-1, -2) * self.scale).masked_fill(~causal, float("-inf")), -1)
-        mix = getattr(self, "window_mix", torch.zeros(self.num_heads, device=q.device))
-        student = hybrid_attention_weights(
-            q, k, self.feature_map_q(q), self.feature_map_k(k), mix, window=self.window, scale=self.scale
-        )
-        return -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1).mean()
+        q, k, v = self.project(hidden_states, position_embeddings)
+        if self.is_converted and self.layer_type != "gqa":
+            return self.merge_heads(self.converted(q, k, v, cache, key_mask))
+        return self.merge_heads(self.softmax(q, k, v, cache, key_mask))  # softmax and merged-KV (gqa) layers
 
 
 class EffconvDecoderLayer(nn.Module):
@@ -593,14 +504,6 @@ class EffconvForCausalLM(EffconvPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
-
-    def set_attention_mode(self, mode: str) -> None:
-        """student: converted attention; teacher: exact softmax everywhere (the original model); transfer: both,
-        with per-layer transfer losses (see EffconvAttention._transfer)."""
-        if mode not in ATTENTION_MODES:
-            raise ValueError(f"unknown attention mode {mode!r}; choose one of {ATTENTION_MODES}")
-        for layer in self.model.layers:
-            layer.self_attn.mode = mode
 
     def converted_attentions(self) -> list[EffconvAttention]:
         return [layer.self_attn for layer in self.model.layers if layer.self_attn.is_converted]

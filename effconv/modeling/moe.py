@@ -9,17 +9,13 @@ probabilities for the top-k choice only (bias-based load balancing); it never ch
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-try:  # optional Triton grouped-GEMM expert kernel
-    import effconv_kernels as _kernels
-except Exception:  # noqa: BLE001 - any import failure means: use the PyTorch loop
-    _kernels = None
+from .backend import kernels as _kernels
+from .backend import use_kernels
 
 
 class SharedExpert(nn.Module):
@@ -56,19 +52,14 @@ class MoeExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.hidden_act = hidden_act
         self.act_fn = ACT2FN[hidden_act]
-        # EFFCONV_MOE_BACKEND=triton|reference|auto overrides the config's choice (e.g. to rule the kernel out)
-        self.backend = os.environ.get("EFFCONV_MOE_BACKEND", backend)
+        self.backend = backend  # the config's attention_backend: auto | triton | reference (backend.py)
+        if backend == "triton" and hidden_act != "silu":
+            raise ValueError(f"the Triton expert kernel computes SwiGLU experts; this model's activation is {hidden_act}")
 
     def forward(self, hidden, top_k_index, top_k_weights) -> torch.Tensor:
-        use_kernel = (
-            _kernels is not None and hasattr(_kernels, "moe_experts") and self.hidden_act == "silu"
-            and self.backend != "reference"
-        )
-        if use_kernel:
-            return _kernels.moe_experts(
-                hidden, top_k_index, top_k_weights.to(hidden.dtype), self.gate_up_proj, self.down_proj,
-                backend="triton" if self.backend == "triton" else "auto",
-            )
+        if self.hidden_act == "silu" and use_kernels(self.backend, hidden):
+            return _kernels.moe_experts(hidden, top_k_index, top_k_weights.to(hidden.dtype), self.gate_up_proj,
+                                        self.down_proj, backend="triton")
         return experts_loop(hidden, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
 
 

@@ -111,8 +111,8 @@ def test_attention_transfer_with_fused_map_matches_reference(window, device, mon
     against the all-PyTorch reference path."""
     import transformers as tf
 
-    from effconv.linearize import attention_transfer_loss
-    from effconv.loading import build_student, effconv_config_from_teacher
+    from effconv.distill.transfer import attention_transfer_loss
+    from effconv.conversion.student import build_student, effconv_config_from_teacher
 
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -146,7 +146,7 @@ def test_student_decode_with_fused_map_equals_parallel(window, device):
     multi-token steps give the parallel forward's logits, and the parallel forward matches the reference path."""
     import transformers as tf
 
-    from effconv.loading import build_student, effconv_config_from_teacher
+    from effconv.conversion.student import build_student, effconv_config_from_teacher
 
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -13,12 +13,12 @@ Calling a sharded model. FSDP gathers the root unit when its module's forward ru
 in other ways (the inner `student.model` for attention transfer, peft wrappers that call `forward` directly, the
 teacher inside a student's loss). So the root is a wrapper whose forward runs a function: `call(model, fn)` runs
 `fn()` inside it, with the root unit gathered and FSDP's backward hooks on what `fn` returns; the decoder layers
-gather themselves through their own hooks. `train.run_stage` and `metrics.next_token_loss` go through `call`.
+gather themselves through their own hooks. `training.loop.run_stage` and `eval.quality.next_token_loss` go through `call`.
 
 Attention transfer (linearize stage 1, hybridize scoring) is different: in transfer mode a layer's loss is a side
-output (`attention.transfer_loss`) and its hidden-state output carries no gradient, so FSDP's per-layer backward
-hooks would never run. `transfer_backward` therefore streams the layers by hand: gather one layer, run it in
-transfer mode, backpropagate its loss (scaled as in `linearize.attention_transfer_loss`), average the gradients
+output and its hidden-state output carries no gradient, so FSDP's per-layer backward hooks would never run.
+`distill.transfer.transfer_backward` therefore streams the layers by hand: gather one layer, run it in
+transfer mode, backpropagate its loss (scaled as in `distill.transfer.attention_transfer_loss`), average the gradients
 of its trainable parameters over the processes, keep this process's shard of them, free the gathered layer.
 Every parameter gets exactly the gradient of the 1-process step with the same global batch.
 
@@ -36,23 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..console import console
+from ..errors import EffconvError
 from . import distributed
-from .errors import EffconvError
+from .distributed import is_dtensor
 
 _mesh = None
-
-
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5
-        return None
-    return DTensor
-
-
-def is_dtensor(t) -> bool:
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
 
 
 class ShardedRoot(nn.Module):
@@ -94,8 +83,6 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
 
     if is_sharded(model):
         return model
-    from .train import console
-
     full = local_parameter_bytes(model)
     mesh = device_mesh(device)
     reshard = distributed.fsdp_reshard_after_forward()
@@ -248,7 +235,7 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
     return total
 
 
-def _average_full_(grads: list[torch.Tensor]) -> None:
+def average_full_(grads: list[torch.Tensor]) -> None:
     """All-reduce (mean) full gradients, one flat buffer per dtype."""
     import torch.distributed as dist
 
@@ -264,50 +251,6 @@ def _average_full_(grads: list[torch.Tensor]) -> None:
         for g in group:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
-
-
-def transfer_backward(student, batch: torch.Tensor, last_layer: int) -> torch.Tensor:
-    """One attention-transfer step on a sharded student (inside `call(student, ...)`): the loss of
-    `linearize.attention_transfer_loss`, its gradients left on the sharded parameters (averaged over processes).
-    Returns the loss without a graph."""
-    inner = student.model
-    n = len(student.converted_attentions())
-    with torch.no_grad():  # as EffconvModel.forward: embeddings (root unit, gathered by `call`) and rotary tables
-        hidden = inner.embed_tokens(batch)
-        b, t = batch.shape
-        position_ids = torch.arange(t, device=hidden.device)[None].expand(b, -1)
-        position_embeddings = inner.rotary_emb(hidden, position_ids)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    student.set_attention_mode("transfer")
-    try:
-        for layer in list(inner.layers)[: last_layer + 1]:
-            layer.unshard()  # gathered by hand: the layer's FSDP hooks are bypassed (layer.forward)
-            try:
-                hidden = layer.forward(hidden, position_embeddings, None, None).detach()
-                attn = layer.self_attn
-                if attn.is_converted:
-                    loss, attn.transfer_loss = attn.transfer_loss, None
-                    if loss.requires_grad:
-                        (loss / n).backward()  # = d mean(losses) / d this layer's parameters
-                    total += loss.detach().float()
-                named = [(name, p) for name, p in layer.named_parameters() if p.requires_grad and p.grad is not None]
-                grads = [p.grad for _, p in named]
-                for _, p in named:
-                    p.grad = None
-                if grads:
-                    _average_full_(grads)
-            finally:
-                layer.reshard()
-            sharded = dict(layer.named_parameters())
-            for (name, _), g in zip(named, grads):
-                p = sharded[name]
-                g = shard_like(p, g) if is_dtensor(p) else g
-                p.grad = g if p.grad is None else p.grad + g
-    finally:
-        student.set_attention_mode("student")
-        for a in student.converted_attentions():
-            a.transfer_loss = None
-    return total / n
 
 
 # ------------------------------------------------------------------------------------------------------------

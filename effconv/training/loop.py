@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import distributed, fsdp
-from .errors import EffconvError
-
-console = Console(stderr=True)
+from ..console import console
+from ..errors import EffconvError
+from . import distributed
+from . import fsdp
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 

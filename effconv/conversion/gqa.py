@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import EffconvError
+from ..errors import EffconvError
 
 
 def kv_head_groups(k_weight: torch.Tensor, v_weight: torch.Tensor, num_kv: int, new_kv: int, head_dim: int,

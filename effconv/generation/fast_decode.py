@@ -53,7 +53,7 @@ class StaticDecoder:
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         b, t = input_ids.shape
         if self.effconv:
-            from .modeling.modeling_effconv import EffconvCache
+            from ..modeling.modeling_effconv import EffconvCache
 
             self.cache = EffconvCache(self.model.config.num_hidden_layers)
         else:

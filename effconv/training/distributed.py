@@ -19,7 +19,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import EffconvError
+from ..console import console
+from ..errors import EffconvError
 
 _accelerator = None
 
@@ -88,8 +89,6 @@ def get_accelerator():
 
         # no CUDA (CI): CPU processes over gloo; accelerate only picks that when asked for the CPU
         _accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        from .train import console
-
         console.quiet = not _accelerator.is_main_process  # one log, from the main process
     return _accelerator
 
@@ -156,8 +155,6 @@ def average_gradients(params: list[torch.Tensor], accelerator) -> None:
     by FSDP are skipped: FSDP has averaged their gradients already."""
     if accelerator is None or accelerator.num_processes == 1:
         return
-    from .fsdp import is_dtensor
-
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
         if is_dtensor(p):
@@ -198,3 +195,17 @@ def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
     if acc is None or acc.num_processes == 1:
         return value
     return acc.reduce(value.detach().clone(), reduction="sum")
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        return None
+    return DTensor
+
+
+def is_dtensor(t) -> bool:
+    """A parameter or gradient sharded by FSDP2."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)

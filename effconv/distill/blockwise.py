@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import distributed
-from .errors import EffconvError
-from .train import StageResult, StageSpec, console, load_checkpoint, run_stage
+from ..console import console
+from ..errors import EffconvError
+from ..training import distributed
+from ..training.loop import StageResult, StageSpec, load_checkpoint, run_stage
+from .transfer import set_attention_mode
 
 
 def check_layers_per_block(layers_per_block: int, num_layers: int) -> None:
@@ -71,24 +73,20 @@ class LayerBlock(nn.Module):
     def converted(self):
         return [layer.self_attn for layer in self.layers if layer.self_attn.is_converted]
 
-    def set_mode(self, mode: str) -> None:
-        for layer in self.layers:
-            layer.self_attn.mode = mode
-
     def has_trainable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
 
-def block_transfer_loss(block: LayerBlock, hidden: torch.Tensor, num_converted: int) -> torch.Tensor:
+def block_transfer_loss(block: LayerBlock, hidden: torch.Tensor, num_converted: int,
+                        attn_ce_weight: float = 0.0) -> torch.Tensor:
     """Sum of the block's per-layer transfer losses / converted layers of the whole model (full-model scaling)."""
-    block.set_mode("transfer")
+    losses: dict = {}
+    set_attention_mode(block.converted(), "transfer", losses=losses, attn_ce_weight=attn_ce_weight)
     try:
         block(hidden)
-        return torch.stack([a.transfer_loss for a in block.converted()]).sum() / num_converted
+        return torch.stack([losses[a] for a in block.converted()]).sum() / num_converted
     finally:
-        block.set_mode("student")
-        for a in block.converted():
-            a.transfer_loss = None
+        set_attention_mode(block.converted(), "student")
 
 
 class BoundaryStore:
@@ -140,11 +138,11 @@ def _to(module: nn.Module, device: torch.device) -> None:
 
 @torch.no_grad()
 def _teacher_forward(block: LayerBlock, hidden: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
-    block.set_mode("teacher")  # converted layers compute their exact softmax output: the teacher's hidden states
+    set_attention_mode(block.converted(), "teacher")  # converted layers compute their exact softmax output
     try:
         outs = [block(hidden[i : i + batch_size].to(device)).cpu() for i in range(0, hidden.shape[0], batch_size)]
     finally:
-        block.set_mode("student")
+        set_attention_mode(block.converted(), "student")
     return torch.cat(outs)
 
 
@@ -155,11 +153,10 @@ def _embed(student, ids: torch.Tensor) -> torch.Tensor:
 
 def streamed_next_token_loss(student, val_blocks: torch.Tensor, *, layers_per_block: int, device: torch.device,
                              batch_size: int, mode: str) -> float:
-    """metrics.next_token_loss of the whole model in attention `mode`, K layers on the device at a time; the
+    """eval.quality.next_token_loss of the whole model in attention `mode`, K layers on the device at a time; the
     validation hidden states wait in CPU memory between blocks."""
     hidden = _embed(student, val_blocks)
-    previous = student.model.layers[0].self_attn.mode
-    student.set_attention_mode(mode)
+    set_attention_mode(student.converted_attentions(), mode)
     try:
         for indices in plan_blocks(len(student.model.layers) - 1, layers_per_block):
             block = LayerBlock(student, indices)
@@ -169,7 +166,7 @@ def streamed_next_token_loss(student, val_blocks: torch.Tensor, *, layers_per_bl
                                     for i in range(0, hidden.shape[0], batch_size)])
             _to(block, torch.device("cpu"))
     finally:
-        student.set_attention_mode(previous)
+        set_attention_mode(student.converted_attentions(), "student")
     head = nn.ModuleList([student.model.norm, student.lm_head])
     _to(head, device)
     total, count = 0.0, 0
@@ -195,6 +192,7 @@ def blockwise_attention_transfer(
     run_dir: Path,
     resume: bool,
     progress: bool = True,
+    attn_ce_weight: float = 0.0,
 ) -> tuple[StageResult, dict]:
     """Stage 1 block by block (see the module docstring). `student` sits in CPU memory; each block is moved to
     `device` while it trains and back afterwards. Returns the combined StageResult (losses summed over blocks:
@@ -259,13 +257,14 @@ def blockwise_attention_transfer(
 
         @torch.no_grad()
         def evaluate(block=block, val_hidden=val_hidden) -> float:
-            losses = [block_transfer_loss(block, val_hidden[i : i + batch_size].to(device), num_converted).item()
+            losses = [block_transfer_loss(block, val_hidden[i : i + batch_size].to(device), num_converted,
+                                          attn_ce_weight).item()
                       for i in range(0, val_hidden.shape[0], batch_size)]
             return sum(losses) / len(losses)
 
         result = run_stage(
             block, dataclasses.replace(spec, name=f"{spec.name} [block {j + 1}/{len(blocks)}]"),
-            loss_fn=lambda h, block=block: (block_transfer_loss(block, h, num_converted), {}),
+            loss_fn=lambda h, block=block: (block_transfer_loss(block, h, num_converted, attn_ce_weight), {}),
             next_batch=lambda step, j=j: store.read_step(j, step).to(device),
             evaluate=evaluate, checkpoint_path=ckpt, resume_state=state, progress=progress,
         )

@@ -57,7 +57,7 @@ def _register_decode_attention() -> None:
     AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 
 
-def _full_attention_config(config, length: int):
+def full_attention_config(config, length: int):
     """The config the cache is built from: sliding-window layers (Mistral, Qwen2) get a full static layer, which
     is exact while every sequence fits the window (no key is ever further back than `length` tokens); a longer one
     is refused rather than attended wrongly (the one mask of the step is not a per-layer window)."""
@@ -117,7 +117,7 @@ class GraphSampler:
         _register_decode_attention()
 
         device, b = self.device, batch_size
-        self.cache = StaticCache(config=_full_attention_config(model.config, max_prompt_len + max_new_tokens),
+        self.cache = StaticCache(config=full_attention_config(model.config, max_prompt_len + max_new_tokens),
                                  max_cache_len=self.cache_len)
         # static buffers the captured step reads and advances
         self.slots = torch.arange(self.cache_len, device=device)

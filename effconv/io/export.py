@@ -1,0 +1,104 @@
+"""Writing outputs all or nothing: a directory is built under a temporary sibling name and renamed onto its target
+at the end, so a crash, a full disk or a kill never leaves a directory at --out that looks complete.
+
+`export_model` writes an effconv model (safetensors weights, config, tokenizer and the modeling code, so plain
+transformers loads it with trust_remote_code); io/native_moe.py writes MoE models in transformers' own formats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import EffconvError
+from ..modeling import MODELING_FILES
+
+MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
+AUTO_MAP = {
+    "AutoConfig": "configuration_effconv.EffconvConfig",
+    "AutoModelForCausalLM": "modeling_effconv.EffconvForCausalLM",
+}
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Fail before any work when --out exists and may not be replaced."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise EffconvError(f"output directory {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise EffconvError(f"output path {out} exists and is not a directory")
+    parent = out.resolve().parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as e:
+            raise EffconvError(f"cannot create {parent}: {e.strerror}") from e
+
+
+@contextmanager
+def atomic_directory(out: Path, *, overwrite: bool = False, what: str = "the model") -> Iterator[Path]:
+    """Yield an empty temporary directory beside `out`; when the block succeeds it becomes `out` (replacing an old
+    one if `overwrite`), when it fails it is removed. File-system errors become one EffconvError line naming `what`."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EffconvError(f"could not write {what} to {out}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_file_atomic(path: Path, content: bytes) -> None:
+    """Write a file under a temporary name and rename it: a file under its final name is always whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+def write_metadata(directory: Path, metadata: dict | None, extra_files: dict[str, bytes] | None = None) -> None:
+    """effconv.json (how the model was made, with measured losses) and any extra report files."""
+    if metadata is not None:
+        (directory / "effconv.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    for name, content in (extra_files or {}).items():
+        (directory / name).write_bytes(content)
+
+
+def export_model(
+    model,
+    tokenizer,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+    metadata: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Save an EffconvForCausalLM (LoRA already merged) so plain transformers can load it.
+
+    `metadata` is written as effconv.json; `extra_files` (name -> bytes) beside it, in the same atomic write."""
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        model.config.auto_map = dict(AUTO_MAP)
+        model.config.architectures = ["EffconvForCausalLM"]
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        for name in MODELING_FILES:
+            shutil.copyfile(MODELING_DIR / name, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_metadata(tmp, metadata, extra_files)
+    return Path(out)

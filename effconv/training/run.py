@@ -1,0 +1,90 @@
+"""What every training command shares around its stages: the device, the run directory that holds checkpoints
+while a run lasts (and lets `--resume` continue it), and how a stage is sized and reported."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..data import prepare_data
+from ..errors import EffconvError
+from ..io.sources import cache_root
+from . import distributed
+from .loop import StageResult
+
+
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """--device / --dtype: auto means CUDA when available, bfloat16 on CUDA and float32 on CPU."""
+    if device == "auto":
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            resolved = torch.device(device)
+        except RuntimeError as e:
+            raise EffconvError(f"unknown --device {device!r}") from e
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise EffconvError("--device cuda was asked for but no CUDA device is available")
+    if dtype == "auto":
+        return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
+    return resolved, getattr(torch, dtype)
+
+
+def run_dir_for(out: Path) -> Path:
+    """The run directory of an output: a hidden sibling, so a crash never leaves a half-made --out."""
+    return Path(out).resolve().parent / f".{Path(out).name}.effconv-run"
+
+
+def prepare_run_dir(run_dir: Path, identity: dict, *, resume: bool, overwrite: bool) -> None:
+    """Start a run directory, or check that `--resume` continues one made with the same settings (`identity`)."""
+    identity_file = run_dir / "config.json"
+    if resume:
+        check_resume_identity(identity_file, identity)
+        return
+    if run_dir.exists():
+        if not overwrite:
+            raise EffconvError(
+                f"an interrupted run exists at {run_dir}; pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    identity_file.write_text(json.dumps(identity, indent=2) + "\n")
+
+
+def steps_for(tokens: int, batch_size: int, seq_len: int) -> int:
+    """Optimizer steps of a stage with a token budget (0 tokens: the stage is skipped)."""
+    return math.ceil(tokens / (batch_size * seq_len)) if tokens > 0 else 0
+
+
+def stage_metrics(result: StageResult) -> dict:
+    """A stage's steps against its plan (steps trained, steps the token budget asked for, whether the time budget
+    cut it, its wall time with evals and checkpoints) and its throughput, for the metrics."""
+    return {"steps": result.steps, "planned_steps": result.planned_steps, "cut_by_time": result.cut_by_time,
+            "wall_seconds": round(result.wall_seconds, 2), "tokens": result.tokens,
+            "seconds": round(result.seconds, 2), "tokens_per_second": round(result.tokens_per_second, 1)}
+
+
+def prepare_run_data(cfg, tokenizer, teacher_factory):
+    """(train_blocks, val_blocks, description) for a command's config (its DataArgs and TrainArgs fields). Under
+    accelerate the main process fills the data cache first, the others then read it."""
+    with distributed.main_process_first():
+        return prepare_data(
+            cfg.data, tokenizer, seq_len=cfg.seq_len, teacher_factory=teacher_factory,
+            num_tokens=cfg.generate_tokens, cache_dir=cache_root() / "data", val_fraction=cfg.val_fraction,
+            seed=cfg.seed, text_field=cfg.text_field, generation_batch_size=cfg.generation_batch_size,
+            generation_mode=cfg.generation_mode, progress=cfg.progress,
+        )
+
+
+def check_resume_identity(identity_file: Path, identity: dict, *, what: str = "run") -> None:
+    """--resume continues only a run made with the same settings."""
+    if not identity_file.is_file():
+        raise EffconvError(f"nothing to resume: no {what} found at {identity_file.parent}")
+    saved = json.loads(identity_file.read_text())
+    current = json.loads(json.dumps(identity))
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        raise EffconvError(f"--resume with different settings than the interrupted run: {', '.join(changed)}")
