@@ -243,15 +243,15 @@ def nll_method(model) -> str:
     parts = _hidden_state_parts(model)
     if parts is not None:
         vocab = getattr(model.config, "vocab_size", None) or parts[1].weight.shape[0]
-        probe = (torch.arange(9, device=_device(model)) * 7919 % vocab)[None]
+        probe = (torch.arange(33, device=_device(model)) * 7919 % vocab)[None]
         try:
-            chunked = _nll_chunked(model, parts, probe[:, :-1], probe[:, 1:], 4)
-            full = _nll_full(model, probe[:, :-1], probe[:, 1:], 4)
+            chunked = _nll_chunked(model, parts, probe[:, :-1], probe[:, 1:], 8)
+            full = _nll_full(model, probe[:, :-1], probe[:, 1:], 8)
             dtype = next(model.parameters()).dtype
             tolerance = 1e-4 if dtype == torch.float32 else 3e-2
             if torch.allclose(chunked, full, rtol=tolerance, atol=tolerance):
                 method = "chunked"
-        except (TypeError, AttributeError, ValueError):
+        except (TypeError, AttributeError, ValueError, RuntimeError):
             pass  # a backbone with another calling convention: the full logits are the safe path
     _NLL_METHOD[model] = method
     return method
@@ -289,7 +289,14 @@ def token_nll(model, windows: torch.Tensor, *, chunk_size: int = 1024, method: s
 def document_token_ids(tokenizer, documents: Sequence[str], *, add_bos: bool = True) -> list[list[int]]:
     """Each document as [BOS] tokens (BOS only when the tokenizer has one and the text lacks it); no EOS. The same
     convention as `effconv eval`'s perplexity."""
-    encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # long documents are the point here: no "longer than the maximum" warnings
+    try:
+        encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
+    finally:
+        hf_logging.set_verbosity(verbosity)
     bos = tokenizer.bos_token_id if add_bos else None
     out = []
     for ids in encoded:
@@ -738,32 +745,49 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _distractor_keys(passkey: str, count: int, seed: str) -> list[str]:
+def _distractor_keys(passkey: str, count: int, seed: str, token_length: Callable[[str], int]) -> list[str]:
+    """`count` seeded random 5-digit keys other than `passkey`, each with as many answer tokens as the passkey's
+    (a tokenizer that merges some digit groups would otherwise favour keys of fewer tokens: a model with flat
+    predictions would beat chance). Keys of another token count only when 10000 draws do not find enough."""
     rng = random.Random(f"distractors-{seed}")
+    wanted = token_length(passkey)
     keys: list[str] = []
-    while len(keys) < count:
+    others: list[str] = []
+    for _ in range(10000):
+        if len(keys) == count:
+            return keys
         key = str(rng.randint(10000, 99999))
-        if key != passkey and key not in keys:
-            keys.append(key)
-    return keys
+        if key == passkey or key in keys or key in others:
+            continue
+        (keys if token_length(key) == wanted else others).append(key)
+    return keys + others[: count - len(keys)]
 
 
 def passkey_trial(model, tokenizer, prompt: PasskeyPrompt, *, distractors: int = 4, max_new_tokens: int = 8,
                   seed: int | str = 0, add_bos: bool = True) -> dict:
     """One prompt, both scores: greedy decoding (the first number in up to max_new_tokens greedy tokens must equal
-    the key) and rank (1 + how many of `distractors` seeded other keys have a teacher-forced log-likelihood at
-    least that of the true key, so ties count against it; rank 1 = retrieved). One prefill serves both."""
+    the key) and rank (1 + how many of `distractors` seeded other keys, of the same answer token count, have a
+    teacher-forced log-likelihood at least that of the true key, so ties count against it; rank 1 = retrieved).
+    One prefill serves both."""
     bos = tokenizer.bos_token_id if add_bos else None
+    answers: dict[str, list[int]] = {}
+
+    def answer_ids(key: str) -> list[int]:
+        if key not in answers:
+            answers[key] = _continuation_ids(tokenizer, prompt, " " + key, bos)
+        return answers[key]
+
+    candidates = [prompt.passkey] + _distractor_keys(prompt.passkey, distractors, str(seed),
+                                                     lambda key: len(answer_ids(key)))
     last_logprobs, cache = _prefill(model, prompt.input_ids)
-    candidates = [prompt.passkey] + _distractor_keys(prompt.passkey, distractors, str(seed))
-    scores = [_continuation_logprob(model, prompt.input_ids, last_logprobs, cache,
-                                    _continuation_ids(tokenizer, prompt, " " + key, bos)) for key in candidates]
+    scores = [_continuation_logprob(model, prompt.input_ids, last_logprobs, cache, answer_ids(key))
+              for key in candidates]
     rank = 1 + sum(s >= scores[0] for s in scores[1:])
     generated = _greedy_tail(model, last_logprobs, cache, max_new_tokens, _eos_ids(model, tokenizer))
     text = tokenizer.decode(generated, skip_special_tokens=True)
     number = re.search(r"\d+", text)
-    return {"passkey": prompt.passkey, "generated": text, "generation_correct": bool(number and number.group() ==
-                                                                                      prompt.passkey),
+    return {"passkey": prompt.passkey, "generated": text,
+            "generation_correct": bool(number and number.group() == prompt.passkey),
             "rank": rank, "rank_correct": rank == 1, "true_key_logprob": scores[0],
             "best_distractor_logprob": max(scores[1:]) if distractors else None}
 
@@ -946,6 +970,8 @@ def evaluate_length(models: Mapping[str, Any], tokenizer, documents: Sequence[st
         reference = "teacher" if "teacher" in models else names[0]
     if reference not in models:
         raise EffconvError(f"reference model {reference!r} is not among {names}")
+    if isinstance(tokenizer, Mapping) and set(names) - set(tokenizer):
+        raise EffconvError(f"no tokenizer for {sorted(set(names) - set(tokenizer))}")
     tokenizers = {n: (tokenizer[n] if isinstance(tokenizer, Mapping) else tokenizer) for n in names}
     length = _position_length(config)
     notes: list[str] = []
@@ -998,6 +1024,9 @@ def evaluate_length(models: Mapping[str, Any], tokenizer, documents: Sequence[st
                 notes.append(f"{name} @{row['context']}: one document only, no error estimate")
             elif row["status"] != "ok":
                 notes.append(f"{name} @{row['context']}: {row['status']}: {row['reason']}")
+        for row in entry.get("passkey", {}).get("per_context", []):
+            if row["status"] != "ok":
+                notes.append(f"{name} passkey @{row['context']}: {row['status']}: {row['reason']}")
     if documents is None and (config.contexts or length):
         notes.append("perplexity and loss by position skipped: no documents")
     ref_entry = result["models"][reference]
