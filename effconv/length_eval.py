@@ -959,8 +959,18 @@ def evaluate_length(models: Mapping[str, Any], tokenizer, documents: Sequence[st
     other model to the reference ("teacher" when present, else the first name).
 
     tokenizer: one for all models, or a mapping name -> tokenizer. documents: texts for perplexity and the
-    position curve (None: both skipped). Returns a JSON-serialisable dict (layout in docs; see
-    `render_length_markdown`)."""
+    position curve (None: both skipped), tokenized by `document_token_ids`. Returns a JSON-serialisable dict:
+
+        kind "length_eval", version, settings (the config, position_length resolved), reference, notes [str],
+        models: {name: {class, model_type, max_position_embeddings, position_limit (None = unlimited),
+                        position_limit_reason, nll_method, attention_types, documents, longest_document_tokens,
+                        perplexity: [row per context: see perplexity_by_context],
+                        position_curve: see loss_by_position,
+                        passkey: see passkey_retrieval}},
+        comparisons: {name (not the reference): {
+                        perplexity: [{context, status, ppl_ratio, ppl_ratio_ci95, last_half_ppl_ratio,
+                                      last_half_ppl_ratio_ci95, paired}],
+                        position_curve: [{label, start, end, nll_difference}]}}"""
     config = config or LengthEvalConfig()
     config.validate()
     if not models:
