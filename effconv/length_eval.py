@@ -1294,7 +1294,7 @@ def plot_loss_by_position(result: dict, path: str | Path) -> bool:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
     length = next(iter(curves.values()))["length"]
     ticks = [2**k for k in range(0, int(math.log2(length)) + 1, 2)]
-    _log2_axis(ax, ticks, "position in window (tokens of context - 1)")
+    _log2_axis(ax, ticks, "position p in the window (predicting token p + 1)")
     ax.set_ylabel("mean NLL (nats)")
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -1337,7 +1337,7 @@ def plot_passkey_heatmaps(result: dict, path: str | Path) -> bool:
     if not grids:
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids) + 1, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids) + 1, 3.8), squeeze=False, layout="constrained")
     image = None
     for ax, (name, (depths, contexts, grid)) in zip(axes[0], grids.items()):
         values = [[grid[(c, d)]["generation_accuracy"] if (c, d) in grid else float("nan") for c in contexts]
@@ -1353,7 +1353,8 @@ def plot_passkey_heatmaps(result: dict, path: str | Path) -> bool:
         ax.set_xticks(range(len(contexts)), [str(c) for c in contexts])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("needle depth")
+        if ax is axes[0][0]:
+            ax.set_ylabel("needle depth")
         ax.set_title(f"{name}: generation (rank)", fontsize=9)
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="generation accuracy")
     fig.savefig(path, dpi=110)
