@@ -1,9 +1,9 @@
 """One linearize recipe (attention transfer + a short LoRA stage) through effconv's accelerate path, for scaling.
 
-Run under `accelerate launch --num_processes N` (bench/scale_gpu.sh runs N = 1 and 2) with a DDP config
+Run under `accelerate launch --num_processes N` (once with N = 1, once with N > 1; docs/scale.md) with a DDP config
 (recipes/accelerate/ddp.yaml) or an FSDP one (fsdp.yaml: the model is built in CPU memory and sharded over the
 processes by effconv.fsdp, as `effconv linearize` does; 1 process is never sharded). The teacher is a
-SmolLM2-135M-shaped Llama with *random* weights (the device has no network and no model files), and the
+SmolLM2-135M-shaped Llama with *random* weights (no network or model files needed), and the
 training data is *random token ids* from a seeded generator: the numbers measure throughput, memory and that
 N processes follow 1 process, not conversion quality. Every batch is a pure function of the step, so all
 configurations see the same global batches; effconv.train.run_stage slices each global batch over the processes
