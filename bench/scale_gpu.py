@@ -6,8 +6,8 @@ processes by effconv/training/fsdp.py, as `effconv linearize` does; 1 process is
 SmolLM2-135M-shaped Llama with *random* weights (no network or model files needed), and the
 training data is *random token ids* from a seeded generator: the numbers measure throughput, memory and that
 N processes follow 1 process, not conversion quality. Every batch is a pure function of the step, so all
-configurations see the same global batches; run_stage (effconv/training/loop.py) slices each global batch over the processes
-and averages the gradients, exactly as `effconv linearize` does under `accelerate launch`.
+configurations see the same global batches; run_stage (effconv/training/loop.py) slices each global batch over
+the processes and averages the gradients, exactly as `effconv linearize` does under `accelerate launch`.
 
 Writes JSON (main process): tokens/s per stage, peak memory per process, per-step losses.
 """
@@ -126,7 +126,7 @@ def main() -> None:
     stages = [("stage1", StageSpec("attention transfer", args.stage1_steps, 1e-2, warmup_steps=2,
                                    eval_every=10**9, checkpoint_every=10**9))]
     results = {}
-    loss_fn, backward = transfer_loss_fn(student, last)  # FSDP: layer by layer (transfer_backward, effconv/training/fsdp.py)
+    loss_fn, backward = transfer_loss_fn(student, last)  # FSDP: layer by layer (training/fsdp.py)
     r1 = run_stage(student, stages[0][1], loss_fn=loss_fn, next_batch=timed_batches("stage1"), evaluate=None,
                    checkpoint_path=None, progress=False, backward=backward)
     results["stage1"] = r1
