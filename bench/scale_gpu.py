@@ -126,7 +126,7 @@ def main() -> None:
     stages = [("stage1", StageSpec("attention transfer", args.stage1_steps, 1e-2, warmup_steps=2,
                                    eval_every=10**9, checkpoint_every=10**9))]
     results = {}
-    loss_fn, backward = transfer_loss_fn(student, last)  # FSDP: layer by layer (training/fsdp.py)
+    loss_fn, backward = transfer_loss_fn(student, last)  # FSDP: layer by layer (training/fsdp.py transfer_backward)
     r1 = run_stage(student, stages[0][1], loss_fn=loss_fn, next_batch=timed_batches("stage1"), evaluate=None,
                    checkpoint_path=None, progress=False, backward=backward)
     results["stage1"] = r1
