@@ -1,7 +1,7 @@
 """Ablation sweeps of the conversion recipes on one model, one equal token budget per sweep (docs/results.md).
 
-    python bench/ablations.py run --plan linearize --out results/ablations [--only w64,w0] [--scale 0.01]
-    python bench/ablations.py report results/ablations --plots docs/results   # markdown tables + PNGs
+    python bench/ablations.py run --plan linearize --out runs/ablations [--only w64,w0] [--scale 0.01]
+    python bench/ablations.py report runs/ablations --plots docs/results      # markdown tables + PNGs
 
 `run` executes the named runs of a plan one after another in this process (the teacher text is generated once and
 cached by effconv), and after each run appends one JSON line to OUT/runs.jsonl: settings, the validation perplexity

@@ -7,10 +7,10 @@ On CPU the "device" is the CPU, so the model weights are resident in both modes;
 the activation memory of the layers outside the block. On a GPU the block-wise device memory is one block's weights
 plus that (see docs/scale.md for the formula and its constants).
 
-    python bench/blockwise_memory.py --out bench/results/blockwise-memory-cpu.json            # SmolLM2-135M, CPU
+    python bench/blockwise_memory.py --out runs/blockwise-memory-cpu.json                     # SmolLM2-135M, CPU
     python bench/blockwise_memory.py --model tiny --batch-sizes 2 --modes full 1 --steps 2    # seconds-long smoke test
     PYTHONPATH=$PWD:$PWD/kernels python bench/blockwise_memory.py --device cuda --model smollm2-random \
-        --batch-sizes 8 16 --seq-len 1024 --modes full 1 5 --out $OUT/blockwise-memory-cuda.json  # GPU: CUDA peaks
+        --batch-sizes 8 16 --seq-len 1024 --modes full 1 5 --out runs/blockwise-memory-cuda.json  # GPU: CUDA peaks
 
 Writes one JSON file: per run the mode, batch, sequence length, resident MiB before stage 1, stage-1 peak MiB, the
 peak before stage 1 (loading, data, teacher perplexity), and a least-squares fit per mode of (peak above start) = fixed + slope x tokens per step.

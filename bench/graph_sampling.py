@@ -1,4 +1,4 @@
-"""Speed of effconv.graph_sampling.GraphSampler (teacher text, --generation-mode graph) against `model.generate`, on a
+"""Speed of GraphSampler (effconv/generation/; teacher text, --generation-mode graph) against `model.generate`, on a
 SmolLM2-135M-shaped Llama with random weights (no weights needed), bf16 on CUDA, prompts of mixed lengths (left
 padding), sampling as effconv.data does (temperature 0.8, top-k 50, top-p 0.95), fixed-length outputs (random
 weights rarely write a stop token; no stop ids). Also checks, at a small batch, that greedy tokens agree with

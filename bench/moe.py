@@ -74,8 +74,8 @@ def min_bytes(N, D, I, E, k, method, phase, elem=2):
 
 
 def floors_ms(N, D, I, E, k, method, phase, tflops=790.0, tb_s=4.3):
-    """(compute floor, memory floor) in ms at the measured H200 ceilings (KINDS.md: 8192^3 bf16 matmul ~790
-    TFLOP/s, device copy ~4.3 TB/s)."""
+    """(compute floor, memory floor) in ms at H200 ceilings (8192^3 bf16 matmul ~790 TFLOP/s, device copy ~4.3
+    TB/s; `--ceilings` measures the card at hand)."""
     f = flops_fwd(N, D, I, k) * (1 if phase == "fwd" else 3)
     return f / (tflops * 1e9), min_bytes(N, D, I, E, k, method, phase) / (tb_s * 1e9)
 

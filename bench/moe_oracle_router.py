@@ -2,7 +2,7 @@
 perplexity with effconv's activation-mass router and with an oracle that gives each token the top-k experts with
 the largest actual output norm (computed by running every expert). CPU; docs/moe.md cites its figures.
 
-    PYTHONPATH=$PWD:$PWD/kernels python bench/moe_oracle_router.py --text docs-and-readme.txt
+    PYTHONPATH=$PWD:$PWD/kernels python bench/moe_oracle_router.py --text docs-and-readme.txt --out runs/oracle.json
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--text", required=True, help="text file: calibration and held-out blocks")
     ap.add_argument("--val-blocks", type=int, default=6)
+    ap.add_argument("--out", default=None, help="also write the three perplexities as JSON here")
     args = ap.parse_args()
     torch.manual_seed(0)
     teacher, tok, _ = load_causal_lm(None)
@@ -55,6 +56,10 @@ def main() -> None:
     oracle = perplexity(next_token_loss(moe, val, batch_size=args.val_blocks))
     print(f"teacher {base:.2f}; activation router {routed:.1f} ({routed / base:.1f}x); "
           f"oracle router {oracle:.1f} ({oracle / base:.1f}x)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(f'{{"teacher_ppl": {base}, "activation_router_ppl": {routed}, '
+                                  f'"oracle_router_ppl": {oracle}, "val_blocks": {args.val_blocks}}}\n')
 
 
 if __name__ == "__main__":

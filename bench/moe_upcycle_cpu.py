@@ -1,7 +1,7 @@
 """SmolLM2-135M -> 8 experts top-2: held-out perplexity of each upcycling method before training, then a short
-distillation through the real pipeline. Writes JSON (CPU-sized budget; see docs/moe.md).
+distillation through the real pipeline. Writes JSON to --out (CPU-sized token budgets; see docs/moe.md).
 
-    PYTHONPATH=$PWD:$PWD/kernels python bench/moe_upcycle_cpu.py --out bench/results/moe_upcycle_cpu.json
+    PYTHONPATH=$PWD:$PWD/kernels python bench/moe_upcycle_cpu.py --out runs/moe_upcycle_cpu.json
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ VARIANTS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench/results/moe_upcycle_cpu.json")
+    ap.add_argument("--out", required=True, help="JSON file to write (e.g. runs/moe_upcycle_cpu.json)")
     ap.add_argument("--generate-tokens", type=int, default=16000)
     ap.add_argument("--distill-tokens", type=int, default=40960)
     ap.add_argument("--distill-variants", default="split-coactivation", help="comma-separated; empty: no distillation")

@@ -1,4 +1,4 @@
-"""Run recipes as they are (recipes/*.yaml) and measure what they produce (issue 9).
+"""Run recipes as they are (recipes/*.yaml) and measure what they produce.
 
     python bench/recipes.py run recipes/smollm2-135m-moe-8x2.yaml --log runs/recipes.jsonl [--set tokens=8000000 ...]
     python bench/recipes.py report runs/recipes.jsonl [more.jsonl ...]

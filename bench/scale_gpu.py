@@ -1,13 +1,13 @@
 """One linearize recipe (attention transfer + a short LoRA stage) through effconv's accelerate path, for scaling.
 
-Run under `accelerate launch --num_processes N` (bench/scale_gpu.sh runs N = 1 and 2) with a DDP config
+Run under `accelerate launch --num_processes N` (once with N = 1, once with N > 1; docs/scale.md) with a DDP config
 (recipes/accelerate/ddp.yaml) or an FSDP one (fsdp.yaml: the model is built in CPU memory and sharded over the
-processes by effconv.fsdp, as `effconv linearize` does; 1 process is never sharded). The teacher is a
-SmolLM2-135M-shaped Llama with *random* weights (the device has no network and no model files), and the
+processes by effconv/training/fsdp.py, as `effconv linearize` does; 1 process is never sharded). The teacher is a
+SmolLM2-135M-shaped Llama with *random* weights (no network or model files needed), and the
 training data is *random token ids* from a seeded generator: the numbers measure throughput, memory and that
 N processes follow 1 process, not conversion quality. Every batch is a pure function of the step, so all
-configurations see the same global batches; effconv.train.run_stage slices each global batch over the processes
-and averages the gradients, exactly as `effconv linearize` does under `accelerate launch`.
+configurations see the same global batches; run_stage (effconv/training/loop.py) slices each global batch over
+the processes and averages the gradients, exactly as `effconv linearize` does under `accelerate launch`.
 
 Writes JSON (main process): tokens/s per stage, peak memory per process, per-step losses.
 """
@@ -128,7 +128,7 @@ def main() -> None:
     stages = [("stage1", StageSpec("attention transfer", args.stage1_steps, 1e-2, warmup_steps=2,
                                    eval_every=10**9, checkpoint_every=10**9))]
     results = {}
-    loss_fn, backward = transfer_loss_fn(student, last)  # FSDP: layer by layer (effconv.fsdp.transfer_backward)
+    loss_fn, backward = transfer_loss_fn(student, last)  # FSDP: layer by layer (training/fsdp.py transfer_backward)
     r1 = run_stage(student, stages[0][1], loss_fn=loss_fn, next_batch=timed_batches("stage1"), evaluate=None,
                    checkpoint_path=None, progress=False, backward=backward)
     results["stage1"] = r1

@@ -2,7 +2,7 @@
 SmolLM2-135M-shaped Llama with random weights, bf16, fixed-length outputs (min_new_tokens = max_new_tokens), for
 batch sizes and cache implementations:
 
-    dynamic          DynamicCache (transformers' default; effconv.data's setting until now)
+    dynamic          DynamicCache (transformers' default; --generation-mode static's default cache)
     static           StaticCache, compilation disabled
     static-compile   StaticCache with transformers' automatic torch.compile of the decode step (CUDA graphs)
 
