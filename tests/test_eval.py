@@ -386,3 +386,28 @@ def test_cli_register_adds_eval(tiny_model_dir, tmp_path):
     assert saved["config"]["decode_tokens"] == 2 and saved["perplexity"]["student"]["tokens"] > 0
     r = runner.invoke(app, ["eval", str(tiny_model_dir), "--contexts", "16,abc"])
     assert isinstance(r.exception, EffconvError) and "comma-separated" in str(r.exception)
+
+
+def test_length_evaluation_in_eval_report(tiny_model_dir, student_dir, tmp_path):
+    """--contexts-ppl and --passkey-contexts add a length section (student beside teacher, ratios per context) to
+    report.json, report.md and the plots; contexts past the teacher's positions are skipped for it, not errors."""
+    docs = tmp_path / "long.jsonl"
+    words = [f"word{i % 53} and thing{i % 17}." for i in range(700)]
+    docs.write_text("\n".join(json.dumps({"text": " ".join(words[k:] + words[:k])}) for k in range(4)) + "\n")
+    report = evaluate(EvalConfig(model=str(student_dir), teacher=str(tiny_model_dir), data=str(docs),
+                                 contexts_ppl=[32, 128, 1024], passkey_contexts=[256], passkey_trials=1, speed=False,
+                                 generations=False, progress=False, out=str(tmp_path / "r")))
+    length = report["length"]
+    teacher_rows = {r["context"]: r for r in length["models"]["teacher"]["perplexity"]}
+    student_rows = {r["context"]: r for r in length["models"]["student"]["perplexity"]}
+    assert teacher_rows[32]["status"] == student_rows[32]["status"] == "ok"
+    assert teacher_rows[1024]["status"] == "skipped"  # beyond the tiny teacher's 512 positions
+    ratios = {r["context"]: r for r in length["comparisons"]["student"]["perplexity"]}
+    assert ratios[32]["ppl_ratio"] == pytest.approx(student_rows[32]["ppl"] / teacher_rows[32]["ppl"])
+    assert [c["context"] for c in length["models"]["student"]["passkey"]["per_context"]] == [256]
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert saved["length"]["comparisons"]["student"]["perplexity"][0]["context"] == 32
+    assert "length_perplexity.png" in saved["files"] and (tmp_path / "r" / "length_perplexity.png").is_file()
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert all(f"### {section}" in markdown for section in ("Perplexity by context", "Loss by position",
+                                                             "Passkey retrieval"))

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from conftest import tiny_teacher
 from helpers_tokenizer import make_tiny_tokenizer
 
-from effconv import length_eval as le
+from effconv.eval import length as le
 from effconv.errors import EffconvError
-from effconv.linearize import LinearizeConfig, make_student
+from effconv.pipelines.linearize import LinearizeConfig
+from effconv.conversion.student import make_student
 
 VOCAB = 400
 

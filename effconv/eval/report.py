@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..io.export import atomic_directory
+from . import length
 
 ROLES = ("teacher", "student")
 
@@ -83,8 +85,15 @@ def print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    for title, (header, rows) in (("Quality", quality_rows(report)), ("Speed and memory", speed_rows(report))):
+    # piped to a file, rich would cut the tables to 80 columns: print them whole instead
+    console = Console() if sys.stdout.isatty() else Console(width=240)
+    tables = [("Quality", quality_rows(report))]
+    if "length" in report:
+        tables += [("Perplexity by context", length.perplexity_rows(report["length"])),
+                   ("Loss by position", length.position_rows(report["length"])),
+                   ("Passkey retrieval", length.passkey_rows(report["length"]))]
+    tables.append(("Speed and memory", speed_rows(report)))
+    for title, (header, rows) in tables:
         if not rows:
             continue
         table = Table(title=title)
@@ -150,13 +159,16 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
         header, rows = speed_rows(report)
         parts += [_md_table(header, rows), ""]
     for plot in plots:
-        parts += [f"![{plot}]({plot})", ""]
+        if not plot.startswith("length_"):  # the length section shows its own
+            parts += [f"![{plot}]({plot})", ""]
     if report.get("generations"):
         parts += ["## Greedy generations", ""]
         for g in report["generations"]:
             parts += [f"**Prompt:** {g['prompt']}", ""]
             for role in roles:
                 parts += [f"*{role}:*", "", "~~~text", g[role].replace("~~~", "~ ~ ~"), "~~~", ""]
+    if "length" in report:
+        parts += [length.render_length_markdown(report["length"], [p for p in plots if p.startswith("length_")]), ""]
     if report.get("notes"):
         parts += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(parts).rstrip("\n") + "\n"
@@ -232,6 +244,8 @@ def write_report(report: dict, out: Path, *, overwrite: bool = False) -> Path:
     """report.json, report.md and the plots, written all or nothing (io.export.atomic_directory)."""
     with atomic_directory(out, overwrite=overwrite, what="the report") as tmp:
         plots = make_plots(report, tmp)
+        if "length" in report:
+            plots += length.write_length_plots(report["length"], tmp)
         report["files"] = ["report.json", "report.md", *plots]
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(render_markdown(report, plots))

@@ -29,6 +29,7 @@ import torch
 from ..config import option
 from ..console import quiet_transformers
 from ..errors import EffconvError, one_line
+from .length import LengthEvalConfig, evaluate_length
 from .quality import document_ids, perplexity_report
 from .report import ROLES, print_report, write_report
 from .speed import MemoryMeter, OtherCpuLoad, bench_model
@@ -76,6 +77,16 @@ class EvalConfig:
     decode_tokens: int = option(16, "Speed: greedy tokens timed per decode measurement")
     repeats: int = option(3, "Speed: timed runs per cell (median reported)")
     warmup: int = option(1, "Speed: untimed warm-up runs per cell")
+    contexts_ppl: list[int] | None = option(None, "Length evaluation: perplexity of --data documents at each of these "
+                                                  "contexts (e.g. 512,1024,2048,4096,8192; non-overlapping windows, "
+                                                  "bootstrap intervals), with a loss-by-position curve")
+    position_curve: int | None = option(None, "Length evaluation: loss-by-position length (default: the largest "
+                                              "--contexts-ppl; 0: no curve)")
+    max_windows_per_doc: int | None = option(None, "Length evaluation: at most this many windows per document and "
+                                                   "context")
+    passkey_contexts: list[int] | None = option(None, "Passkey retrieval at these prompt lengths (e.g. 2048,4096,8192), "
+                                                      "needle at depths 0, 0.25, 0.5, 0.75, 1")
+    passkey_trials: int = option(5, "Passkey: trials per context and depth")
     speed: bool = option(True, "Skip the speed and memory measurements", flag="--no-speed")
     generations: bool = option(True, "Skip the greedy generations", flag="--no-generations")
     seed: int = option(0, "Random seed")
@@ -112,6 +123,14 @@ class EvalConfig:
             self.tasks = [t.strip() for t in self.tasks if t.strip()]
             if not self.tasks:
                 raise EffconvError("--tasks is empty; give comma-separated lm-eval task names")
+        for name in ("contexts_ppl", "passkey_contexts"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < 2):
+                raise EffconvError(f"--{name.replace('_', '-')} must be integers >= 2, got {values}")
+        if self.passkey_trials < 1:
+            raise EffconvError(f"--passkey-trials must be at least 1, got {self.passkey_trials}")
+        if self.contexts_ppl and (self.data is None or self.data == TEACHER_DATA):
+            raise EffconvError("--contexts-ppl needs long documents: pass --data FILE (e.g. data/long/test.jsonl)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise EffconvError(f"unknown --dtype {self.dtype!r}; choose auto, float32, bfloat16 or float16")
 
@@ -361,6 +380,18 @@ def evaluate(cfg: EvalConfig) -> dict:
                 ppl[role] = perplexity_report(models[role][0], seqs, context=context, stride=stride,
                                               text_bytes=text_bytes, progress=progress, label=role)
             report["perplexity"] = ppl
+
+        # Quality over length: perplexity per context, loss by position, passkey retrieval.
+        if cfg.contexts_ppl or cfg.passkey_contexts:
+            length_cfg = LengthEvalConfig(
+                contexts=sorted(set(cfg.contexts_ppl or [])), max_windows_per_document=cfg.max_windows_per_doc,
+                position_curve=cfg.position_curve != 0 and bool(cfg.contexts_ppl),
+                position_length=cfg.position_curve or None, passkey_contexts=sorted(set(cfg.passkey_contexts or [])),
+                passkey_trials=cfg.passkey_trials, seed=cfg.seed)
+            report["length"] = evaluate_length({role: models[role][0] for role in roles},
+                                               {role: models[role][1] for role in roles},
+                                               documents if cfg.contexts_ppl else None, length_cfg, progress=progress)
+            report["notes"].extend(report["length"].get("notes", []))
 
         # Quality: lm-eval tasks.
         if cfg.tasks:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import EffconvError
+from ..errors import EffconvError
 
 DEFAULT_CONTEXTS = (512, 1024, 2048, 4096, 8192)
 DEFAULT_PASSKEY_CONTEXTS = (1024, 2048, 4096, 8192)
