@@ -52,6 +52,25 @@ class DataArgs:
     generate_tokens: int = option(10_000, "Tokens of teacher-generated text when --data is not given")
     generation_batch_size: int = option(48, "Batch size of teacher text generation")
     generation_mode: str = option("auto", GENERATION_MODE_HELP)
+    generation_turns: int = option(1, "Teacher text as conversations of this many turns, each response written with "
+                                      "the whole conversation so far as its prompt (long documents for long-context "
+                                      "training; 1: one prompt and its response)")
+    packing: str = option("stream", "stream (documents concatenated and cut into blocks: a block may span documents) | "
+                                    "documents (a block never crosses a document boundary; shorter documents and "
+                                    "tails are left out)")
+
+
+def check_data_args(cfg: DataArgs) -> None:
+    """The DataArgs checks every command shares."""
+    from .data import check_generation_mode
+
+    check_generation_mode(cfg.generation_mode)
+    check_choice("packing", cfg.packing, ("stream", "documents"))
+    if cfg.generation_turns < 1:
+        raise EffconvError(f"--generation-turns must be at least 1, got {cfg.generation_turns}")
+    if cfg.generation_turns > 1 and cfg.generation_mode == "continuous":
+        raise EffconvError("--generation-mode continuous writes single-turn samples; use static or graph with "
+                           "--generation-turns > 1")
 
 
 @dataclass
@@ -242,8 +261,12 @@ def run_identity(cfg: Any, *volatile: str) -> dict:
     """The settings that must match for --resume to continue a run: all but output handling and `volatile` (e.g. a
     time budget, which may change on --resume: a checkpoint keeps its planned steps)."""
     skip = {"resume", "overwrite", "keep_run", "progress", *volatile}
-    # static, the generation mode of runs from before the setting existed: absent, so they still resume. "auto"
-    # stays: it may mean graph on a GPU, whose text is not an older run's
-    if getattr(cfg, "generation_mode", None) == "static":
-        skip.add("generation_mode")
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+    values = dataclasses.asdict(cfg)
+    # settings added later are absent at the value runs from before them had, so those runs still resume ("auto"
+    # generation stays: it may mean graph on a GPU, whose text is not an older run's)
+    skip.update(k for k, old in SETTINGS_ADDED_LATER.items() if values.get(k, old) == old)
+    return {k: v for k, v in values.items() if k not in skip}
+
+
+#: Settings added after runs existed, with the value those runs had.
+SETTINGS_ADDED_LATER = {"generation_mode": "static", "ce_weight": 1.0, "generation_turns": 1, "packing": "stream"}

@@ -617,3 +617,45 @@ def test_static_cache_key_is_unchanged_and_modes_are_checked(tiny_model, tokeniz
         generate_teacher_samples(tiny_model, tokenizer, generation_mode="paged", **kwargs)
     with pytest.raises(EffconvError, match="continuous batching"):
         teacher_text._continuous_batching_support(types.SimpleNamespace())
+
+
+def test_documents_packing_never_crosses_a_document(tokenizer):
+    """--packing documents: every block is a piece of one document (BOS at a document start only where a block
+    begins a document), short documents and tails are left out; stream packing spans documents."""
+    from effconv.data.packing import pack_texts
+
+    long_doc = " ".join(f"alpha{i}" for i in range(120))
+    short_doc = "tiny text"
+    blocks = pack_texts([long_doc, short_doc, long_doc], tokenizer, 16, packing="documents")
+    per_doc = len(tokenizer(long_doc, add_special_tokens=False)["input_ids"]) + 2  # + BOS, EOS
+    assert blocks.shape == (2 * (per_doc // 16), 16)
+    bos = tokenizer.bos_token_id
+    starts = [int(row[0]) == bos for row in blocks]
+    assert starts == [True] + [False] * (per_doc // 16 - 1) + [True] + [False] * (per_doc // 16 - 1)
+    assert all(bos not in row[1:].tolist() for row in blocks)  # no block runs into a second document
+    stream = pack_texts([long_doc, short_doc, long_doc], tokenizer, 16, packing="stream")
+    assert any(bos in row[1:].tolist() for row in stream)
+    with pytest.raises(EffconvError, match="no document has 4096 tokens"):
+        pack_texts([short_doc], tokenizer, 4096, packing="documents")
+
+
+def test_teacher_conversations_are_long_and_cached(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """--generation-turns N: each sample is an N-turn conversation written turn by turn with the conversation so
+    far as the prompt (its text holds every turn, its count every response), deterministic and cached."""
+    kwargs = generation_kwargs(tmp_path, num_tokens=60, max_new_tokens=6, batch_size=2, seed=3,
+                               generation_mode="static")
+    seen_prompts = []
+    real = teacher_text._generate_batch
+    monkeypatch.setattr(teacher_text, "_generate_batch",
+                        lambda model, ids, *a: seen_prompts.append([len(x) for x in ids]) or real(model, ids, *a))
+    samples = teacher_text.generate_teacher_samples(tiny_model, tokenizer, turns=3, **kwargs)
+    assert sum(s.generated_tokens for s in samples) >= 60
+    # turn by turn, each prompt holds the conversation so far: every row's prompt grows from turn to turn
+    first_group = seen_prompts[:3]
+    assert all(a < b for row in zip(*first_group) for a, b in zip(row, row[1:]))
+    assert all(s.generated_tokens > 6 for s in samples)  # three responses each, more than one turn's worth
+    monkeypatch.setattr(teacher_text, "_generate_batch", real)
+    again = teacher_text.generate_teacher_samples(tiny_model, tokenizer, turns=3, **kwargs)  # from the cache
+    assert [s.text for s in again] == [s.text for s in samples]
+    single = teacher_text.generate_teacher_samples(tiny_model, tokenizer, turns=1, **kwargs)
+    assert max(len(s.text) for s in single) < max(len(s.text) for s in samples)

@@ -26,7 +26,8 @@ HF_PREFIX = "hf:"
 # --------------------------------------------------------------------------------------------
 
 
-def load_texts(spec: str, *, text_field: str = "text", max_documents: int | None = None) -> list[str]:
+def load_texts(spec: str, *, text_field: str = "text", max_documents: int | None = None,
+               split_long: bool = True) -> list[str]:
     """Load training documents from ``spec``.
 
     ``spec`` is one of:
@@ -49,10 +50,10 @@ def load_texts(spec: str, *, text_field: str = "text", max_documents: int | None
 
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_directory(path, text_field=text_field, max_documents=max_documents)
+        return _load_directory(path, text_field=text_field, max_documents=max_documents, split_long=split_long)
     if not path.exists():
         raise EffconvError(f"data file not found: {spec}")
-    documents = _take(_iter_file_documents(path, text_field=text_field), max_documents)
+    documents = _take(_iter_file_documents(path, text_field=text_field, split_long=split_long), max_documents)
     if not documents:
         raise EffconvError(f"data file contains no text: {path}")
     return documents
@@ -70,7 +71,7 @@ def _take(documents: Iterator[str], limit: int | None) -> list[str]:
     return taken
 
 
-def _load_directory(directory: Path, *, text_field: str, max_documents: int | None) -> list[str]:
+def _load_directory(directory: Path, *, text_field: str, max_documents: int | None, split_long: bool) -> list[str]:
     files = sorted(
         path
         for path in directory.rglob("*")
@@ -85,7 +86,7 @@ def _load_directory(directory: Path, *, text_field: str, max_documents: int | No
 
     def all_documents() -> Iterator[str]:
         for path in files:
-            yield from _iter_file_documents(path, text_field=text_field)
+            yield from _iter_file_documents(path, text_field=text_field, split_long=split_long)
 
     documents = _take(all_documents(), max_documents)
     if not documents:
@@ -93,10 +94,11 @@ def _load_directory(directory: Path, *, text_field: str, max_documents: int | No
     return documents
 
 
-def _iter_file_documents(path: Path, *, text_field: str) -> Iterator[str]:
+def _iter_file_documents(path: Path, *, text_field: str, split_long: bool = True) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
-        yield from _split_long_text(_read_text(path))
+        text = _read_text(path)
+        yield from _split_long_text(text) if split_long else ([text] if text.strip() else [])
     elif suffix == ".jsonl":
         yield from _iter_jsonl_documents(path, text_field=text_field)
     elif suffix == ".json":

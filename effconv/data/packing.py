@@ -31,31 +31,55 @@ def mix_seed(seed: int, index: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def pack_texts(texts: list[str], tokenizer: Any, seq_len: int) -> torch.LongTensor:
-    """Tokenize, concatenate and cut documents into a ``[N, seq_len]`` LongTensor of blocks.
+PACKING_MODES = ("stream", "documents")
 
-    Each document becomes ``[BOS] tokens [EOS]``: BOS only if the tokenizer has one and the text
-    does not already start with it, EOS only if the tokenizer has one and the text does not
-    already end with it. No other special tokens are added. Blocks are contiguous and
-    non-overlapping; the ragged tail is dropped.
+
+def _document_ids(texts: list[str], tokenizer: Any) -> list[list[int]]:
+    """Each document as ``[BOS] tokens [EOS]``: BOS only if the tokenizer has one and the text does not already
+    start with it, EOS only if the tokenizer has one and the text does not already end with it."""
+    bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    documents = [text for text in texts if text]
+    if not documents:
+        return []
+    with quiet_transformers():
+        encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
+    out = []
+    for ids in encoded:
+        if not ids:
+            continue
+        ids = list(ids)
+        if bos_id is not None and ids[0] != bos_id:
+            ids.insert(0, bos_id)
+        if eos_id is not None and ids[-1] != eos_id:
+            ids.append(eos_id)
+        out.append(ids)
+    return out
+
+
+def pack_texts(texts: list[str], tokenizer: Any, seq_len: int, packing: str = "stream") -> torch.LongTensor:
+    """Tokenize documents and cut them into a ``[N, seq_len]`` LongTensor of blocks.
+
+    "stream": the documents are concatenated and cut into contiguous, non-overlapping blocks (a block may span
+    documents; the ragged tail is dropped). "documents": a block never crosses a document boundary, so a
+    recurrent state never carries one document into another: each document is cut into whole blocks on its own,
+    and documents shorter than ``seq_len`` and each document's tail are left out. No special tokens are added
+    besides a missing BOS / EOS per document.
     """
     if seq_len < 1:
         raise EffconvError(f"seq_len must be at least 1, got {seq_len}")
-    bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    stream: list[int] = []
-    documents = [text for text in texts if text]
-    if documents:
-        with quiet_transformers():
-            encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            if not ids:
-                continue
-            if bos_id is not None and ids[0] != bos_id:
-                stream.append(bos_id)
-            stream.extend(ids)
-            if eos_id is not None and ids[-1] != eos_id:
-                stream.append(eos_id)
-
+    if packing not in PACKING_MODES:
+        raise EffconvError(f"--packing must be one of {', '.join(PACKING_MODES)}, got {packing!r}")
+    documents = _document_ids(texts, tokenizer)
+    if packing == "documents":
+        blocks = [ids[i : i + seq_len] for ids in documents for i in range(0, len(ids) - seq_len + 1, seq_len)]
+        if not blocks:
+            longest = max((len(ids) for ids in documents), default=0)
+            raise EffconvError(
+                f"not enough long text: no document has {seq_len} tokens (the longest has {longest}); with --packing "
+                "documents every block is one document's; use longer documents (e.g. --generation-turns), a "
+                "shorter --seq-len or --packing stream")
+        return torch.tensor(blocks, dtype=torch.long)
+    stream = [token for ids in documents for token in ids]
     num_blocks = len(stream) // seq_len
     if num_blocks == 0:
         raise EffconvError(

@@ -29,6 +29,8 @@ def prepare_data(
     max_new_tokens: int = 256,
     generation_batch_size: int = 16,
     generation_mode: str = "auto",
+    generation_turns: int = 1,
+    packing: str = "stream",
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Load or generate training text and return ``(train_blocks, val_blocks, description)``.
@@ -36,7 +38,8 @@ def prepare_data(
     With ``spec`` None the teacher from ``teacher_factory()`` (called only then) writes about
     ``num_tokens`` tokens of responses (cached in ``cache_dir``; ``generation_mode`` as in
     :func:`generate_teacher_samples`); otherwise ``spec`` is read with
-    :func:`load_texts`. Text is packed with ``tokenizer`` into blocks of ``seq_len`` tokens.
+    :func:`load_texts` (long text files kept whole with ``packing`` "documents"). Text is packed with ``tokenizer``
+    into blocks of ``seq_len`` tokens (``packing`` as in :func:`pack_texts`).
     """
     if spec is None:
         teacher_model, teacher_tokenizer = teacher_factory()
@@ -50,16 +53,20 @@ def prepare_data(
             seed=seed,
             progress=progress,
             generation_mode=generation_mode,
+            turns=generation_turns,
         )
-        source = f"{len(texts):,} teacher-generated texts"
+        kind = f"{generation_turns}-turn teacher conversations" if generation_turns > 1 else "teacher-generated texts"
+        source = f"{len(texts):,} {kind}"
     else:
-        texts = load_texts(spec, text_field=text_field, max_documents=max_documents)
+        texts = load_texts(spec, text_field=text_field, max_documents=max_documents,
+                           split_long=packing == "stream")
         source = f"{len(texts):,} documents from {spec}"
 
-    blocks = pack_texts(texts, tokenizer, seq_len)
+    blocks = pack_texts(texts, tokenizer, seq_len, packing)
     train_blocks, val_blocks = split_train_val(blocks, val_fraction, seed=seed)
     description = (
-        f"{source}: {blocks.numel():,} tokens in {blocks.shape[0]:,} blocks of {seq_len} "
+        f"{source}: {blocks.numel():,} tokens in {blocks.shape[0]:,} blocks of {seq_len}"
+        f"{' within documents' if packing == 'documents' else ''} "
         f"({train_blocks.shape[0]:,} train, {val_blocks.shape[0]:,} validation)"
     )
     return train_blocks, val_blocks, description

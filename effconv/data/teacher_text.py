@@ -73,6 +73,7 @@ def generate_teacher_texts(
     progress: bool = True,
     generation_mode: str = "auto",
     do_sample: bool = True,
+    turns: int = 1,
 ) -> list[str]:
     """Texts written by the teacher: prompt + sampled response, until ``num_tokens`` are generated.
 
@@ -93,6 +94,7 @@ def generate_teacher_texts(
         progress=progress,
         generation_mode=generation_mode,
         do_sample=do_sample,
+        turns=turns,
     )
     return [sample.text for sample in samples]
 
@@ -113,6 +115,7 @@ def generate_teacher_samples(
     progress: bool = True,
     generation_mode: str = "auto",
     do_sample: bool = True,
+    turns: int = 1,
 ) -> list[TeacherSample]:
     """Sample responses from the teacher until at least ``num_tokens`` new tokens are generated.
 
@@ -131,6 +134,10 @@ def generate_teacher_samples(
     overshoot is bounded by its last wave's size estimate instead.
     ``do_sample=False`` decodes greedily (for tests: both modes then write the same tokens).
 
+    ``turns`` > 1 makes each sample a conversation of that many turns (:func:`_generate_conversations`): every
+    response is generated with the whole conversation so far as its prompt, so samples are long documents whose
+    later parts depend on their earlier ones (long-context training text).
+
     The result is deterministic for a fixed seed (on one device) and is cached in
     ``cache_dir/teacher_text-<key>.jsonl``, keyed on the model, tokenizer, prompts and all
     generation parameters; a cache hit returns without calling ``model.generate``.
@@ -139,7 +146,12 @@ def generate_teacher_samples(
         raise EffconvError(f"num_tokens must be at least 1, got {num_tokens}")
     if max_new_tokens < 1 or batch_size < 1:
         raise EffconvError("max_new_tokens and batch_size must be at least 1")
+    if turns < 1:
+        raise EffconvError(f"--generation-turns must be at least 1, got {turns}")
     check_generation_mode(generation_mode)
+    if turns > 1 and generation_mode == "continuous":
+        raise EffconvError("--generation-mode continuous writes single-turn samples; use static or graph with "
+                           "--generation-turns > 1")
     prompts = load_default_prompts() if prompts is None else [p for p in prompts if p.strip()]
     if not prompts:
         raise EffconvError("no prompts given for teacher text generation")
@@ -157,6 +169,9 @@ def generate_teacher_samples(
     # Keys only for non-default settings, so caches written before these settings existed stay valid.
     if not do_sample:
         generation_params["do_sample"] = False
+    if turns > 1:
+        generation_params["turns"] = turns
+        generation_params["follow_ups"] = FOLLOW_UPS
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
         if do_sample else {"do_sample": False}
@@ -175,7 +190,13 @@ def generate_teacher_samples(
     if cached is not None:
         return cached
 
-    if generation_mode == "static":
+    if turns > 1:
+        samples = _generate_conversations(
+            model, tokenizer, prompts=prompts, num_tokens=num_tokens, turns=turns, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, sampling=sampling, seed=seed, progress=progress, generation_mode=generation_mode,
+            static_kwargs=_cache_kwargs(cache_implementation) if generation_mode == "static" else {},
+        )
+    elif generation_mode == "static":
         samples = _generate_samples(
             model,
             tokenizer,
@@ -531,6 +552,111 @@ def _generate_samples_graph(
     with quiet_transformers():  # the per-call deprecation notes of newer transformers' cache arguments
         return _generation_loop(model, tokenizer, formatted, num_tokens=num_tokens, max_new_tokens=max_new_tokens,
                                 chunk_limit=batch_size, progress=progress, generate_chunk=generate_chunk)
+
+
+#: The user turns after the first of a teacher conversation alternate between a new prompt and one of these,
+#: which make later responses depend on what was said before (long-range dependencies in the training text).
+FOLLOW_UPS = (
+    "Tell me more about that, with more detail.",
+    "Can you give a concrete example of what you just described?",
+    "Summarize everything we have discussed so far in a few sentences.",
+    "What was the first thing I asked you about, and what did you answer?",
+    "Continue.",
+    "Explain the second point you made again, in simpler words.",
+)
+
+
+def _format_conversation_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """A conversation's token ids, ready for the next assistant turn (as _format_prompt_ids for one message)."""
+    if not getattr(tokenizer, "chat_template", None):
+        text = "\n\n".join(m["content"] for m in messages)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos_id = tokenizer.bos_token_id
+    if bos_id is not None and (not ids or ids[0] != bos_id):
+        ids.insert(0, bos_id)
+    return ids
+
+
+def _generate_conversations(
+    model: Any,
+    tokenizer: Any,
+    *,
+    prompts: Sequence[str],
+    num_tokens: int,
+    turns: int,
+    max_new_tokens: int,
+    batch_size: int,
+    sampling: dict[str, Any],
+    seed: int,
+    progress: bool,
+    generation_mode: str,
+    static_kwargs: dict[str, Any],
+) -> list[TeacherSample]:
+    """Conversations of `turns` turns, `batch_size` at a time: turn 0 asks a prompt, later user turns alternate
+    between a follow-up (FOLLOW_UPS: more detail, an example, a summary, recalling the first question) and a new
+    prompt; each response is sampled with the whole conversation so far as its prompt. A sample is the whole
+    conversation (the last turn's prompt plus its response); its generated tokens are all its responses'."""
+    from ..generation.graph_sampling import GraphSampler
+
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    stop_ids = _stop_token_ids(model, tokenizer)
+    pad_id = _pad_token_id(tokenizer, stop_ids)
+    device = next(model.parameters()).device
+    stop_set = set(stop_ids)
+
+    def respond(prompt_ids: list[list[int]]) -> list[list[int]]:
+        if generation_mode == "graph":
+            sampler = GraphSampler(
+                model, batch_size=len(prompt_ids), max_prompt_len=max(len(ids) for ids in prompt_ids),
+                max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                do_sample=bool(sampling.get("do_sample")), temperature=float(sampling.get("temperature", 1.0)),
+                top_k=int(sampling.get("top_k", 0) or 0), top_p=float(sampling.get("top_p", 1.0)),
+            )
+            return sampler.generate(prompt_ids)
+        return _generate_batch(model, prompt_ids, pad_id, stop_ids, max_new_tokens, {**sampling, **static_kwargs},
+                               device)
+
+    samples: list[TeacherSample] = []
+    generated_total, next_prompt, group = 0, 0, 0
+    was_training = model.training
+    model.eval()
+    progress_bar = _progress_bar(progress)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(device)), progress_bar, quiet_transformers():
+            task = progress_bar.add_task("generate", total=num_tokens)
+            while generated_total < num_tokens:
+                per_conversation = generated_total / len(samples) if samples else turns * max_new_tokens
+                count = max(1, min(batch_size, math.ceil((num_tokens - generated_total) / max(per_conversation, 1.0))))
+                conversations: list[list[dict[str, str]]] = [[] for _ in range(count)]
+                generated = [0] * count
+                for turn in range(turns):
+                    prompt_ids = []
+                    for row, messages in enumerate(conversations):
+                        if turn % 2 == 1:
+                            content = FOLLOW_UPS[(group * count + row + turn) % len(FOLLOW_UPS)]
+                        else:
+                            content = prompts[order[next_prompt % len(order)]]
+                            next_prompt += 1
+                        messages.append({"role": "user", "content": content})
+                        prompt_ids.append(_format_conversation_ids(tokenizer, messages))
+                    torch.manual_seed(mix_seed(seed, group * turns + turn))
+                    responses = respond(prompt_ids)
+                    for row, (messages, response) in enumerate(zip(conversations, responses)):
+                        reply = [t for t in response if t not in stop_set]
+                        messages.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)})
+                        generated[row] += len(response)
+                    progress_bar.update(task, completed=min(generated_total + sum(generated), num_tokens))
+                for row, (ids, response) in enumerate(zip(prompt_ids, responses)):
+                    sample = _teacher_sample(tokenizer, ids, response)
+                    samples.append(dataclasses.replace(sample, generated_tokens=generated[row]))
+                generated_total += sum(generated)
+                group += 1
+    finally:
+        model.train(was_training)
+    return samples
 
 
 #: generation_config settings `generate` would apply and graph mode does not, with their neutral values.

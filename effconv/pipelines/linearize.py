@@ -16,11 +16,11 @@ import torch
 
 from ..config import (
     DTYPES, AttentionArgs, DataArgs, FinetuneArgs, LoraArgs, ModelArgs, RunArgs, TrainArgs, TransferArgs,
-    check_choice, check_non_negative, check_positive, option, run_identity,
+    check_choice, check_data_args, check_non_negative, check_positive, option, run_identity,
 )
 from ..console import console
 from ..conversion.student import make_student
-from ..data import BlockLoader, check_generation_mode
+from ..data import BlockLoader
 from ..distill import blockwise as blockwise_lib
 from ..distill.lora import attach_lora
 from ..distill.losses import finetune_loss
@@ -53,7 +53,7 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
         if self.window < 0:
             raise EffconvError(f"--window must be >= 0 (0 = pure linear attention), got {self.window}")
         self._validate_attention()
-        check_generation_mode(self.generation_mode)
+        check_data_args(self)
         check_choice("kernel", self.kernel, KERNEL_CHOICES)
         check_positive(self, "seq_len", "batch_size", "lora_rank", "eval_every", "checkpoint_every", "generation_batch_size")
         check_non_negative(self, "stage1_tokens", "stage2_tokens", "generate_tokens", "attn_ce_weight", "kl_weight",
@@ -103,10 +103,7 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
 
     def identity(self) -> dict:
         """The settings that must match for --resume to continue a run."""
-        d = run_identity(self, "eval_every", "checkpoint_every", "stage1_max_seconds", "stage2_max_seconds")
-        if d["ce_weight"] == 1.0:  # absent in runs from before the setting existed, so they still resume
-            d.pop("ce_weight")
-        return d
+        return run_identity(self, "eval_every", "checkpoint_every", "stage1_max_seconds", "stage2_max_seconds")
 
 
 @dataclass

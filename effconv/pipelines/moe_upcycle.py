@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from ..config import (
-    DTYPES, DataArgs, LoraArgs, ModelArgs, MoeArgs, MoeRecoveryArgs, RunArgs, TrainArgs, option, run_identity,
+    DTYPES, DataArgs, check_data_args, LoraArgs, ModelArgs, MoeArgs, MoeRecoveryArgs, RunArgs, TrainArgs, option, run_identity,
 )
 from ..console import console
 from ..conversion.moe import collect_mlp_inputs, dense_effconv_model, moe_config, moe_layers, upcycle
-from ..data import BlockLoader, check_generation_mode
+from ..data import BlockLoader
 from ..distill.moe import distill_loss, expert_load, kl_to_teacher, mark_trainable, trainable_model
 from ..errors import EffconvError
 from ..eval.quality import next_token_loss, perplexity
@@ -84,7 +84,7 @@ class MoeUpcycleConfig(RunArgs, TrainArgs, DataArgs, LoraArgs, MoeRecoveryArgs, 
             raise EffconvError("--lr must be > 0 and --router-init-std >= 0")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise EffconvError(f"--max-seconds must be > 0 (seconds), got {self.max_seconds}")
-        check_generation_mode(self.generation_mode)
+        check_data_args(self)
 
     def identity(self) -> dict:
         """What must match for --resume: everything except output handling and the time budget."""

@@ -75,7 +75,8 @@ def prepare_run_data(cfg, tokenizer, teacher_factory):
             cfg.data, tokenizer, seq_len=cfg.seq_len, teacher_factory=teacher_factory,
             num_tokens=cfg.generate_tokens, cache_dir=cache_root() / "data", val_fraction=cfg.val_fraction,
             seed=cfg.seed, text_field=cfg.text_field, generation_batch_size=cfg.generation_batch_size,
-            generation_mode=cfg.generation_mode, progress=cfg.progress,
+            generation_mode=cfg.generation_mode, generation_turns=cfg.generation_turns, packing=cfg.packing,
+            progress=cfg.progress,
         )
 
 
