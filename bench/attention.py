@@ -179,9 +179,16 @@ def run_method(name, x, D, bench: Bench, args):
 
 def correctness_checks(D=64, T=2048):
     """Large-shape spot checks on the GPU (the unit tests use tiny shapes)."""
+    import importlib.util
+
     import effconv_kernels as ek
-    from effconv_kernels.hybrid_attn.torch_chunk import chunk_hybrid_attention_ref
-    from effconv_kernels.linear_attn.torch_chunk import chunk_linear_attention_ref
+    # the chunked fp32 PyTorch path is the model's (effconv_kernels has no copy of it); attention_ops.py imports only
+    # torch, so it is loaded from its file (no transformers needed on the GPU machine)
+    path = Path(__file__).resolve().parents[1] / "effconv" / "modeling" / "attention_ops.py"
+    spec = importlib.util.spec_from_file_location("effconv_attention_ops", path)
+    ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ops)
+    chunk_linear_attention_ref, chunk_hybrid_attention_ref = ops.linear_attention, ops.hybrid_attention
     B = TOKENS // T
     x = make_inputs(B, T, D, seed=1)
     out = {}

@@ -11,6 +11,16 @@ Hybrid (LoLCATs): for query i, Win(i) = {i-W < j <= i}, Lin(i) = {j <= i-W};
     o_i = (a * sum_Win exp(s_ij - m_i) v_j + (1-a) * sum_Lin fq_i.fk_j v_j)
           / (a * sum_Win exp(s_ij - m_i)   + (1-a) * sum_Lin fq_i.fk_j + eps),   a = sigmoid(mix_h),
 with s_ij = scale * q_i.k_j and m_i the row max over the window.
+
+Decay (`log_decay`, fp32 (Hkv,), values <= 0, g = exp(log_decay) per kv head; retention / simple-GLA style): the
+linear terms get g^(i-j) (numerator and normaliser alike; the window terms are unchanged), the initial state
+g^(i+1) (it sits at position -1), and the state after the first L tokens (L = T for linear attention,
+L = max(0, T-W) for the hybrid: the tokens that have left the window) is
+    S = g^L S0 + sum_{j<L} g^(L-1-j) fk_j v_j^T,   z likewise,
+i.e. it is decayed to the last token it holds. Running a sequence in two pieces with the first piece's final state
+as the second's initial state (the hybrid also re-reads the last W keys) equals one run. Positions are array
+indices (padding included). Every factor is g^e with e >= 0: nothing can overflow.
+`log_decay=None` runs the code without any decay arithmetic.
 """
 
 from __future__ import annotations
@@ -85,6 +95,45 @@ def _pad_time(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
+def _decay(log_decay: torch.Tensor, exponent: torch.Tensor, shape) -> torch.Tensor:
+    """g^exponent in fp32: log_decay (Hkv,) viewed as `shape`; exponents below 0 (masked entries) count as 0."""
+    lam = log_decay.float().reshape(shape)
+    return torch.exp(lam * exponent.clamp(min=0).to(device=lam.device, dtype=torch.float32))
+
+
+def _chunk_prefix_states(chunk_s, chunk_z, log_decay, c: int, initial_state):
+    """Decayed states entering each chunk: H_n = sum_{m<n} g^(C(n-1-m)) K_m + g^(nC) S0, with K_m the chunk's own
+    contribution decayed to its last position. chunk_s (B, Hkv, n, F, Dv), chunk_z (B, Hkv, n, F). O(n^2) in the
+    number of chunks (a small (n, n) matrix per head), no overflow (all exponents >= 0)."""
+    hkv, n = chunk_s.shape[1], chunk_s.shape[2]
+    idx = torch.arange(n, device=chunk_s.device)
+    m = _decay(log_decay, c * (idx[:, None] - 1 - idx[None, :]), (hkv, 1, 1)) * (idx[None, :] < idx[:, None])
+    prefix_s = torch.einsum("knm,bkmfd->bknfd", m, chunk_s)
+    prefix_z = torch.einsum("knm,bkmf->bknf", m, chunk_z)
+    if initial_state is not None:
+        g0 = _decay(log_decay, c * idx, (1, hkv, 1))  # (1, Hkv, n)
+        prefix_s = prefix_s + g0[..., None, None] * initial_state[0].float()[:, :, None]
+        prefix_z = prefix_z + g0[..., None] * initial_state[1].float()[:, :, None]
+    return prefix_s, prefix_z
+
+
+def _final_state(fk32, v32, length: int, initial_state, log_decay):
+    """State after the first `length` tokens: g^L S0 + sum_{j<L} g^(L-1-j) fk_j v_j^T (g = 1 without decay)."""
+    fk32, v32 = fk32[:, :, :length], v32[:, :, :length]
+    if log_decay is not None:
+        pos = torch.arange(length, device=fk32.device)
+        fk32 = fk32 * _decay(log_decay, length - 1 - pos, (1, -1, 1))[..., None]
+    s = torch.einsum("bktf,bktd->bkfd", fk32, v32)
+    z = fk32.sum(2)
+    if initial_state is not None:
+        s0, z0 = initial_state[0].float(), initial_state[1].float()
+        if log_decay is not None:
+            g = _decay(log_decay, torch.tensor(length), (1, -1))
+            s0, z0 = s0 * g[..., None, None], z0 * g[..., None]
+        s, z = s + s0, z + z0
+    return s, z
+
+
 def linear_attention(
     fq: torch.Tensor,
     fk: torch.Tensor,
@@ -95,8 +144,15 @@ def linear_attention(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    log_decay: torch.Tensor | None = None,
 ):
-    """Causal linear attention, chunked: O(T * chunk) memory. Returns (o, final_state or None)."""
+    """Causal linear attention, chunked: O(T * chunk) memory. Returns (o, final_state or None).
+
+    `log_decay` (Hkv,): per-head decay of the linear terms (module docstring); None = no decay.
+    """
+    if log_decay is not None:
+        return _linear_attention_decay(fq, fk, v, log_decay, normalize=normalize, eps=eps, initial_state=initial_state,
+                                       output_final_state=output_final_state, chunk_size=chunk_size)
     b, h, t, _ = fq.shape
     hkv = fk.shape[1]
     out_dtype = v.dtype
@@ -135,6 +191,41 @@ def linear_attention(
     return o, final_state
 
 
+def _linear_attention_decay(fq, fk, v, log_decay, *, normalize, eps, initial_state, output_final_state, chunk_size):
+    """linear_attention with a per-kv-head decay g: weights g^(i-j), chunked like the plain one.
+
+    Inside a chunk: scores * g^(r-s) (r >= s). State entering chunk n: H_n (_chunk_prefix_states, at position
+    nC-1), read by row r with g^(r+1). Final state computed directly from the unpadded keys.
+    """
+    b, h, t, _ = fq.shape
+    hkv = fk.shape[1]
+    out_dtype = v.dtype
+    c = min(chunk_size, max(t, 1))
+    fq32, fk32, v32 = (_pad_time(x.float(), c) for x in (fq, fk, v))
+    n = fq32.shape[-2] // c
+    qg = _group_queries(fq32, hkv).unflatten(3, (n, c))  # (B, Hkv, G, n, C, F)
+    kc = fk32.unflatten(2, (n, c))  # (B, Hkv, n, C, F)
+    vc = v32.unflatten(2, (n, c))  # (B, Hkv, n, C, Dv)
+    r = torch.arange(c, device=fq.device)
+
+    kw = kc * _decay(log_decay, (c - 1 - r)[:, None], (1, hkv, 1, 1, 1))  # keys decayed to the chunk's last position
+    prefix_s, prefix_z = _chunk_prefix_states(torch.einsum("bkncf,bkncd->bknfd", kw, vc), kw.sum(3), log_decay, c,
+                                              initial_state)
+
+    causal = torch.ones(c, c, dtype=torch.bool, device=fq.device).tril()
+    intra = _decay(log_decay, r[:, None] - r[None, :], (1, hkv, 1, 1, 1, 1)) * causal  # g^(r-s), s <= r
+    scores = torch.einsum("bkgncf,bknjf->bkgncj", qg, kc) * intra
+    qd = _decay(log_decay, r + 1, (1, hkv, 1, 1, 1))  # the state sits at the position before the chunk
+    num = torch.einsum("bkgncj,bknjd->bkgncd", scores, vc) + qd[..., None] * torch.einsum(
+        "bkgncf,bknfd->bkgncd", qg, prefix_s)
+    if normalize:
+        den = scores.sum(-1) + qd * torch.einsum("bkgncf,bknf->bkgnc", qg, prefix_z)
+        num = num / (den[..., None] + eps)
+    o = num.reshape(b, h, n * c, -1)[:, :, :t].to(out_dtype)
+    final_state = _final_state(fk32, v32, t, initial_state, log_decay) if output_final_state else None
+    return o, final_state
+
+
 def hybrid_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -150,13 +241,15 @@ def hybrid_attention(
     output_final_state: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     chunk_size: int = 64,
+    log_decay: torch.Tensor | None = None,
 ):
     """Sliding-window softmax + linear attention under one normaliser, chunked: O(T * chunk) memory.
 
     Chunks are at least `window` long, so a query's window lies in its own chunk and the one before, and every
     chunk two or more back is entirely in its linear part. `key_padding_mask` (B, T), True for real tokens,
     removes padded keys from both parts. Returns (o, final_state or None); final_state is the linear state of
-    all tokens that have left the window after the last one.
+    all tokens that have left the window after the last one. `log_decay` (Hkv,): per-head decay of the linear part
+    (module docstring); None = no decay.
     """
     b, h, t, _ = q.shape
     hkv = k.shape[1]
@@ -200,38 +293,50 @@ def hybrid_attention(
 
     # Linear state of chunks two or more back.
     kc, vc = fk32.unflatten(2, (n, c)), v32.unflatten(2, (n, c))
-    chunk_states = torch.einsum("bkncf,bkncd->bknfd", kc, vc)
-    chunk_norms = kc.sum(3)
-    old_s = F.pad(torch.cumsum(chunk_states, 2), (0, 0, 0, 0, 2, 0))[:, :, :n]
-    old_z = F.pad(torch.cumsum(chunk_norms, 2), (0, 0, 2, 0))[:, :, :n]
-    if initial_state is not None:
-        old_s = old_s + initial_state[0].float()[:, :, None]
-        old_z = old_z + initial_state[1].float()[:, :, None]
+    if log_decay is None:
+        chunk_states = torch.einsum("bkncf,bkncd->bknfd", kc, vc)
+        chunk_norms = kc.sum(3)
+        old_s = F.pad(torch.cumsum(chunk_states, 2), (0, 0, 0, 0, 2, 0))[:, :, :n]
+        old_z = F.pad(torch.cumsum(chunk_norms, 2), (0, 0, 2, 0))[:, :, :n]
+        if initial_state is not None:
+            old_s = old_s + initial_state[0].float()[:, :, None]
+            old_z = old_z + initial_state[1].float()[:, :, None]
+    else:
+        # linear keys of the two local chunks: g^(i-j); the state read by chunk n is the one entering chunk
+        # b = max(n-1, 0) (position bC-1), so row r is (n-b)C + r + 1 tokens after it
+        lin_w = lin_w * _decay(log_decay, dist, (1, hkv, 1, 1, 1, 1))
+        r = torch.arange(c, device=q.device)
+        kw = kc * _decay(log_decay, (c - 1 - r)[:, None], (1, hkv, 1, 1, 1))
+        prefix_s, prefix_z = _chunk_prefix_states(torch.einsum("bkncf,bkncd->bknfd", kw, vc), kw.sum(3), log_decay,
+                                                  c, initial_state)
+        src = (torch.arange(n, device=q.device) - 1).clamp(min=0)
+        old_s, old_z = prefix_s[:, :, src], prefix_z[:, :, src]
+        lag = (torch.arange(n, device=q.device) - src)[:, None] * c + r[None, :] + 1  # (n, C)
+        qd = _decay(log_decay, lag, (1, hkv, 1, 1, 1))  # (1, Hkv, 1, n, C)
 
     alpha = torch.sigmoid(mix.float()).view(1, hkv, g, 1, 1, 1)
+    state_num = torch.einsum("bkgncf,bknfd->bkgncd", fqg, old_s)
+    state_den = torch.einsum("bkgncf,bknf->bkgnc", fqg, old_z)
+    if log_decay is not None:
+        state_num, state_den = state_num * qd[..., None], state_den * qd
     num = alpha * torch.einsum("bkgncj,bknjd->bkgncd", win_w, v_loc) + (1 - alpha) * (
-        torch.einsum("bkgncj,bknjd->bkgncd", lin_w, v_loc) + torch.einsum("bkgncf,bknfd->bkgncd", fqg, old_s)
+        torch.einsum("bkgncj,bknjd->bkgncd", lin_w, v_loc) + state_num
     )
-    den = alpha * win_w.sum(-1, keepdim=True) + (1 - alpha) * (
-        lin_w.sum(-1, keepdim=True) + torch.einsum("bkgncf,bknf->bkgnc", fqg, old_z)[..., None]
-    )
+    den = alpha * win_w.sum(-1, keepdim=True) + (1 - alpha) * (lin_w.sum(-1, keepdim=True) + state_den[..., None])
     o = (num / (den + eps)).reshape(b, h, n * c, -1)[:, :, :t].to(out_dtype)
 
     final_state = None
     if output_final_state:
-        old = max(t - window, 0)
-        s = torch.einsum("bktf,bktd->bkfd", fk32[:, :, :old], v32[:, :, :old])
-        z = fk32[:, :, :old].sum(2)
-        if initial_state is not None:
-            s, z = s + initial_state[0].float(), z + initial_state[1].float()
-        final_state = (s, z)
+        final_state = _final_state(fk32, v32, max(t - window, 0), initial_state, log_decay)
     return o, final_state
 
 
-def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, eps: float = 1e-6):
+def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, eps: float = 1e-6,
+                             log_decay: torch.Tensor | None = None):
     """The (B, H, T, T) attention weights of the hybrid (or pure linear when window == 0), O(T^2).
 
     Used for the optional attention-map cross-entropy of attention transfer, on short sequences only.
+    `log_decay` (Hkv,): the linear weights get g^(i-j) (module docstring).
     """
     hkv = k.shape[1]
     g = q.shape[1] // hkv
@@ -241,6 +346,8 @@ def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, ep
     i = torch.arange(t, device=q.device)[:, None]
     j = torch.arange(t, device=q.device)[None, :]
     lin_w = (fq.float() @ fk_rep.transpose(-1, -2)) * (j <= i - window)
+    if log_decay is not None:
+        lin_w = lin_w * _decay(log_decay.float().repeat_interleave(g), i - j, (1, -1, 1, 1))
     if window <= 0:
         return lin_w / (lin_w.sum(-1, keepdim=True) + eps)
     in_window = (j <= i) & (j > i - window)

@@ -1,22 +1,34 @@
 """effconv_kernels: attention kernels for converted (linear / hybrid) models.
 
 Public entry points (all take backend="auto" | "triton" | "reference" | "naive"):
-    linear_attention(fq, fk, v, *, normalize, eps, initial_state, output_final_state) -> (o, final_state)
-    hybrid_attention(q, k, v, fq, fk, mix, *, window, scale, eps, initial_state, output_final_state) -> (o, final_state)
-    linear_decode_step(fq_t, fk_t, v_t, state, *, normalize, eps) -> (o_t, state)      # state updated in place
-    hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, *, window, scale, eps) -> o_t  # cache updated in place
+    linear_attention(fq, fk, v, *, normalize, eps, initial_state, output_final_state, log_decay) -> (o, final_state)
+    hybrid_attention(q, k, v, fq, fk, mix, *, window, scale, eps, initial_state, output_final_state, log_decay)
+        -> (o, final_state)
+    linear_decode_step(fq_t, fk_t, v_t, state, *, normalize, eps, log_decay) -> (o_t, state)  # state updated in place
+    hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, *, window, scale, eps, log_decay) -> o_t  # cache too
     HybridDecodeCache
     hedgehog_feature_map(x, weight, bias=None, *, out_dtype=None) -> [softmax(xW+b), softmax(-(xW+b))]
     moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj) -> (N,D)  # Mixtral layout
-"auto" runs Triton on CUDA tensors and the chunked pure-PyTorch reference (O(T*C) memory) otherwise;
-"naive" is the O(T^2) oracle. Shapes and semantics: docs/kernels.md.
+Shapes and semantics: docs/kernels.md.
+
+Backends of the parallel linear / hybrid attention: "triton" (CUDA; "auto" picks it when every tensor is on
+CUDA and triton imports) and "naive", the O(T^2) fp32 oracle ("auto" everywhere else). The chunked, O(T*C)-memory
+PyTorch formulation exists once, in effconv/modeling/attention_ops.py (it ships inside every exported model and is
+what the model runs off the kernel path); it is not duplicated here, so backend="reference" is an error for these
+two ops. The decode steps have a single PyTorch implementation (naive.py): "reference" and "naive" both run it.
+
+`log_decay` (fp32 (Hkv,), values <= 0; None = no decay and no decay code at all): per-kv-head decay
+g = exp(log_decay) of the linear terms, retention style: weight g^(i-j) for a linear pair, g^(i+1) for the
+initial state (which sits at position -1); the (final) state is decayed to the last token it holds
+(S_L = g^L S0 + sum_{j<L} g^(L-1-j) fk_j v_j^T), so chaining segments through the state equals one run, and the
+decode caches hold the same state. Gradients flow to log_decay.
 """
 from __future__ import annotations
 
 import torch
 
 from .hybrid_attn.cache import HybridDecodeCache
-from .utils import check_gqa, float_dtype_ok, resolve_backend
+from .utils import check_gqa, float_dtype_ok, resolve_attention_backend, resolve_backend
 
 __all__ = ["linear_attention", "hybrid_attention", "linear_decode_step", "hybrid_decode_step", "HybridDecodeCache",
            "hedgehog_feature_map"]
@@ -35,95 +47,113 @@ def _check_state(initial_state):
         raise ValueError("initial_state must be a pair (S, z)")
 
 
+def _check_decay(log_decay, num_kv_heads: int):
+    # shape and dtype only: checking log_decay <= 0 would cost a device sync on every call
+    if log_decay is None:
+        return
+    if not isinstance(log_decay, torch.Tensor) or tuple(log_decay.shape) != (num_kv_heads,):
+        raise ValueError(f"log_decay must be a tensor of shape ({num_kv_heads},) (one per kv head), got "
+                         f"{tuple(log_decay.shape) if isinstance(log_decay, torch.Tensor) else type(log_decay)}")
+    if not log_decay.is_floating_point():
+        raise TypeError(f"log_decay must be a float tensor, got {log_decay.dtype}")
+
+
 def linear_attention(fq, fk, v, *, normalize: bool = True, eps: float = 1e-6, initial_state=None,
-                     output_final_state: bool = False, backend: str = "auto"):
+                     output_final_state: bool = False, log_decay=None, backend: str = "auto"):
     """Causal linear attention. fq (B,H,T,F), fk (B,Hkv,T,F), v (B,Hkv,T,Dv) -> o (B,H,T,Dv), (S, z) or None.
 
-    o_i = sum_{j<=i} (fq_i.fk_j) v_j / (sum_{j<=i} fq_i.fk_j + eps) (no division when normalize=False);
-    initial_state (S0 (B,Hkv,F,Dv), z0 (B,Hkv,F)) is added to every position's sums.
+    o_i = sum_{j<=i} g^(i-j) (fq_i.fk_j) v_j / (sum_{j<=i} g^(i-j) fq_i.fk_j + eps) (no division when
+    normalize=False; g = exp(log_decay[kv head]), 1 without log_decay); initial_state (S0 (B,Hkv,F,Dv),
+    z0 (B,Hkv,F)) enters query i with g^(i+1); final state S_T = g^T S0 + sum_j g^(T-1-j) fk_j v_j^T.
+    Backends "triton" and "naive" ("auto": triton on CUDA, naive otherwise; see the module docstring).
     """
     float_dtype_ok(fq, fk, v)
     check_gqa(fq.shape[1], fk.shape[1])
     _check_state(initial_state)
-    kw = dict(normalize=normalize, eps=eps, initial_state=initial_state, output_final_state=output_final_state)
-    be = resolve_backend(backend, fq, fk, v)
+    _check_decay(log_decay, fk.shape[1])
+    kw = dict(normalize=normalize, eps=eps, initial_state=initial_state, output_final_state=output_final_state,
+              log_decay=log_decay)
+    be = resolve_attention_backend(backend, "linear_attention", fq, fk, v)
     if be == "triton":
         _same_dtype(fq, fk, v)
         from .linear_attn.chunk import chunk_linear_attention
         return chunk_linear_attention(fq, fk, v, **kw)
-    if be == "naive":
-        from .linear_attn.naive import naive_linear_attention
-        return naive_linear_attention(fq, fk, v, **kw)
-    from .linear_attn.torch_chunk import chunk_linear_attention_ref
-    return chunk_linear_attention_ref(fq, fk, v, **kw)
+    from .linear_attn.naive import naive_linear_attention
+    return naive_linear_attention(fq, fk, v, **kw)
 
 
 def hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, eps: float = 1e-6, initial_state=None,
-                     output_final_state: bool = False, backend: str = "auto"):
+                     output_final_state: bool = False, log_decay=None, backend: str = "auto"):
     """LoLCATs sliding-window softmax + linear attention under one normaliser.
 
     q (B,H,T,D), k (B,Hkv,T,D), v (B,Hkv,T,Dv), fq (B,H,T,F), fk (B,Hkv,T,F), mix (H,) -> o (B,H,T,Dv).
-    Keys i-W < j <= i use exp(scale q.k - m_i) with weight sigmoid(mix); older keys use fq.fk with weight
-    1 - sigmoid(mix). final_state = linear state of tokens j <= T-1-W (plus initial_state).
+    Keys i-W < j <= i use exp(scale q.k - m_i) with weight sigmoid(mix); older keys use g^(i-j) fq.fk with weight
+    1 - sigmoid(mix) (g = exp(log_decay[kv head]), 1 without log_decay). final_state = linear state of the
+    L = max(0, T-W) tokens j <= T-1-W: g^L S0 + sum_{j<L} g^(L-1-j) fk_j v_j^T. initial_state enters query i
+    with g^(i+1). Backends "triton" and "naive" ("auto": triton on CUDA, naive otherwise).
     """
     float_dtype_ok(q, k, v, fq, fk)
     check_gqa(q.shape[1], k.shape[1])
     _check_state(initial_state)
+    _check_decay(log_decay, k.shape[1])
     if int(window) < 1:
         raise ValueError("window must be >= 1")
     kw = dict(window=int(window), scale=float(scale), eps=eps, initial_state=initial_state,
-              output_final_state=output_final_state)
-    be = resolve_backend(backend, q, k, v, fq, fk)
+              output_final_state=output_final_state, log_decay=log_decay)
+    be = resolve_attention_backend(backend, "hybrid_attention", q, k, v, fq, fk)
     if be == "triton":
         _same_dtype(q, k, v, fq, fk)
         from .hybrid_attn.fused import fused_hybrid_attention
         return fused_hybrid_attention(q, k, v, fq, fk, mix, **kw)
-    if be == "naive":
-        from .hybrid_attn.naive import naive_hybrid_attention
-        return naive_hybrid_attention(q, k, v, fq, fk, mix, **kw)
-    from .hybrid_attn.torch_chunk import chunk_hybrid_attention_ref
-    return chunk_hybrid_attention_ref(q, k, v, fq, fk, mix, **kw)
+    from .hybrid_attn.naive import naive_hybrid_attention
+    return naive_hybrid_attention(q, k, v, fq, fk, mix, **kw)
 
 
 @torch.no_grad()
-def linear_decode_step(fq_t, fk_t, v_t, state, *, normalize: bool = True, eps: float = 1e-6, backend: str = "auto"):
-    """One decode token: fq_t (B,H,F), fk_t (B,Hkv,F), v_t (B,Hkv,Dv); state (S, z) fp32, updated IN PLACE.
+def linear_decode_step(fq_t, fk_t, v_t, state, *, normalize: bool = True, eps: float = 1e-6, log_decay=None,
+                       backend: str = "auto"):
+    """One decode token: fq_t (B,H,F), fk_t (B,Hkv,F), v_t (B,Hkv,Dv); state (S, z) fp32, updated IN PLACE:
+    S = g S + fk_t v_t^T, z = g z + fk_t (g = exp(log_decay[kv head]), 1 without log_decay).
 
     Returns (o_t (B,H,Dv), state) where state is the same tensor pair. Inference only (no autograd).
     """
+    _check_decay(log_decay, fk_t.shape[1])
     be = resolve_backend(backend, fq_t, fk_t, v_t, *state)
     if be == "triton":
         _same_dtype(fq_t, fk_t, v_t)
         from .linear_attn.recurrent import triton_linear_decode_step
-        return triton_linear_decode_step(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps)
+        return triton_linear_decode_step(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps, log_decay=log_decay)
     from .linear_attn.naive import linear_decode_step_ref
-    return linear_decode_step_ref(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps)
+    return linear_decode_step_ref(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps, log_decay=log_decay)
 
 
 @torch.no_grad()
 def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int, scale: float,
-                       eps: float = 1e-6, backend: str = "auto", position: torch.Tensor | None = None):
+                       eps: float = 1e-6, log_decay=None, backend: str = "auto", position: torch.Tensor | None = None):
     """Append one token per sequence to `cache` (IN PLACE) and return its hybrid-attention output (B,H,Dv).
 
-    Equals `hybrid_attention` on the whole sequence at that position. Inference only (no autograd).
+    Equals `hybrid_attention` (same log_decay) on the whole sequence at that position. Inference only (no autograd).
+    With log_decay an eviction is S = g S + fk v^T (z alike) and the query reads the state with g^min(W, t+1)
+    (HybridDecodeCache: the state sits at the last token that left the window).
     `position`: optional 1-element integer tensor on the cache's device holding the token index (replaces
     `cache.seen`, which is then left alone; the caller advances it), so the step can be captured in a CUDA graph.
     """
     if position is not None and position.numel() != 1:
         raise ValueError("position must hold one integer (tokens seen)")
+    _check_decay(log_decay, k_t.shape[1])
     be = resolve_backend(backend, q_t, k_t, v_t, fq_t, fk_t, cache.S)
+    kw = dict(window=window, scale=scale, eps=eps, log_decay=log_decay)
     if be == "triton":
         _same_dtype(q_t, k_t, v_t, fq_t, fk_t)
         from .hybrid_attn.recurrent import triton_hybrid_decode_step
-        return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps,
-                                         position=position)
+        return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, position=position, **kw)
     from .hybrid_attn.naive import hybrid_decode_step_ref
     if position is None:
-        return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps)
+        return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, **kw)
     seen = cache.seen
     cache.seen = int(position)
     try:
-        return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, window=window, scale=scale, eps=eps)
+        return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, **kw)
     finally:
         cache.seen = seen
 

@@ -32,6 +32,21 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return "reference"
 
 
+def resolve_attention_backend(backend: str, op: str, *tensors: torch.Tensor) -> str:
+    """Backend of the parallel linear / hybrid attention: 'triton' or 'naive' (the O(T^2) oracle).
+
+    'auto' -> 'triton' for CUDA tensors (when triton imports), 'naive' otherwise. 'reference' is refused: the
+    chunked PyTorch formulation lives only in effconv/modeling/attention_ops.py.
+    """
+    if backend == "reference":
+        raise ValueError(
+            f"effconv_kernels.{op}: backend='reference' no longer exists here. The chunked PyTorch path (O(T*C) "
+            f"memory, autograd backward) is effconv.modeling.attention_ops.{op}, the one the model runs off the "
+            "kernel path; backend='naive' is the O(T^2) oracle, 'triton' the kernels.")
+    be = resolve_backend(backend, *tensors)
+    return "naive" if be == "reference" else be
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -5,7 +5,9 @@ at decoration time), so it is set here, before the test modules import effconv_k
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +98,21 @@ def _poison_empty(monkeypatch):
 def poisoned(monkeypatch):
     """Call it to poison fresh buffers from that point of a test on, whatever EFFCONV_POISON says."""
     return lambda: poison_empty(monkeypatch)
+
+
+def load_attention_ops():
+    """effconv/modeling/attention_ops.py, the chunked PyTorch attention (the model's CPU path, shipped in every export),
+    loaded from its file: it imports only torch, so the kernel tests need neither transformers nor effconv installed."""
+    mod = globals().get("_ATTENTION_OPS")
+    if mod is None:
+        path = Path(__file__).resolve().parents[2] / "effconv" / "modeling" / "attention_ops.py"
+        spec = importlib.util.spec_from_file_location("effconv_attention_ops", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        globals()["_ATTENTION_OPS"] = mod
+    return mod
+
+
+@pytest.fixture(scope="session")
+def attention_ops():
+    return load_attention_ops()

@@ -10,9 +10,15 @@ import torch
 import effconv_kernels as ek
 from effconv_kernels import HybridDecodeCache
 from effconv_kernels.hybrid_attn.naive import naive_hybrid_attention, recurrent_hybrid_attention_ref
-from effconv_kernels.hybrid_attn.torch_chunk import chunk_hybrid_attention_ref
 
 TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (1e-2, 2e-2)}  # (output, grads)
+TOL_LD = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # d(log_decay): see test_linear_attention.py
+NEAR1, STRONG = -1e-4, -0.5  # log_decay values: g = 0.9999 and g = 0.61
+
+
+def make_decay(Hkv, values, device):
+    """(Hkv,) fp32 log_decay cycling through `values`, as a leaf that wants gradients."""
+    return torch.tensor([values[i % len(values)] for i in range(Hkv)], device=device).requires_grad_()
 
 
 def rel_err(a, b, floor=1e-2):
@@ -40,50 +46,65 @@ def make_inputs(B, H, Hkv, T, D, F, dtype, device, init=False, seed=0, Dv=None):
 
 
 CASES = [
-    # B, H, Hkv, T, D, F, W, dtype, init
-    (1, 2, 2, 1, 32, 64, 64, torch.float32, True),       # single token
-    (1, 3, 1, 37, 32, 64, 1, torch.float32, False),      # window 1: softmax part is the token itself
-    (1, 3, 1, 100, 32, 64, 64, torch.float32, True),     # GQA 3, W = chunk
-    (2, 8, 1, 100, 32, 64, 5, torch.float32, False),     # GQA 8, small window
-    (1, 2, 1, 150, 64, 128, 70, torch.float32, True),    # W > chunk, not a multiple
-    (1, 2, 2, 60, 32, 64, 200, torch.float32, True),     # W > T: no linear part at all
-    (1, 2, 1, 140, 32, 32, 130, torch.float32, False),   # W > 2 chunks
-    (1, 2, 1, 100, 128, 256, 64, torch.float32, False),  # head dim 128, feature dim 256
-    (1, 3, 1, 100, 64, 128, 64, torch.bfloat16, True),
-    (1, 8, 1, 37, 32, 64, 16, torch.bfloat16, False),
-    (1, 2, 1, 80, 128, 256, 20, torch.bfloat16, True),
+    # B, H, Hkv, T, D, F, W, dtype, init, log_decay values (None: no decay)
+    (1, 2, 2, 1, 32, 64, 64, torch.float32, True, None),       # single token
+    (1, 3, 1, 37, 32, 64, 1, torch.float32, False, None),      # window 1: softmax part is the token itself
+    (1, 3, 1, 100, 32, 64, 64, torch.float32, True, None),     # GQA 3, W = chunk
+    (2, 8, 1, 100, 32, 64, 5, torch.float32, False, None),     # GQA 8, small window
+    (1, 2, 1, 150, 64, 128, 70, torch.float32, True, None),    # W > chunk, not a multiple
+    (1, 2, 2, 60, 32, 64, 200, torch.float32, True, None),     # W > T: no linear part at all
+    (1, 2, 1, 140, 32, 32, 130, torch.float32, False, None),   # W > 2 chunks
+    (1, 2, 1, 100, 128, 256, 64, torch.float32, False, None),  # head dim 128, feature dim 256
+    (1, 3, 1, 100, 64, 128, 64, torch.bfloat16, True, None),
+    (1, 8, 1, 37, 32, 64, 16, torch.bfloat16, False, None),
+    (1, 2, 1, 80, 128, 256, 20, torch.bfloat16, True, None),
+    # per-head decay of the linear part: near 1 and strong in one call, awkward T, GQA 1/3, W 1/5/64 (T < and > W)
+    (1, 3, 3, 1, 16, 32, 5, torch.float32, True, (STRONG, NEAR1)),
+    (1, 6, 2, 37, 16, 32, 1, torch.float32, True, (NEAR1, STRONG)),
+    (1, 9, 3, 130, 16, 32, 5, torch.float32, True, (STRONG, NEAR1, -0.05)),
+    (1, 2, 1, 130, 16, 32, 64, torch.float32, False, (-0.05,)),         # fp32 chunk 32: d = 2
+    (1, 2, 2, 50, 16, 32, 64, torch.float32, True, (NEAR1, STRONG)),   # W > T: only the initial state decays
+    (1, 6, 2, 100, 32, 64, 16, torch.bfloat16, True, (-0.05, NEAR1)),
 ]
 
 
-@pytest.mark.parametrize("B,H,Hkv,T,D,F,W,dtype,init", CASES)
-def test_hybrid_attention_matches_naive(B, H, Hkv, T, D, F, W, dtype, init, device):
+@pytest.mark.parametrize("B,H,Hkv,T,D,F,W,dtype,init,decay", CASES)
+def test_hybrid_attention_matches_naive(B, H, Hkv, T, D, F, W, dtype, init, decay, device):
     (q, k, v, fq, fk), mix, state = make_inputs(B, H, Hkv, T, D, F, dtype, device, init)
-    kw = dict(window=W, scale=D ** -0.5, initial_state=state, output_final_state=True)
+    ld = make_decay(Hkv, decay, device) if decay else None
+    kw = dict(window=W, scale=D ** -0.5, initial_state=state, output_final_state=True, log_decay=ld)
     o, (S, z) = ek.hybrid_attention(q, k, v, fq, fk, mix, backend="triton", **kw)
     o_ref, (S_ref, z_ref) = naive_hybrid_attention(q, k, v, fq, fk, mix, **kw)
     tol_o, tol_g = TOL[dtype]
     assert o.dtype == dtype
     assert rel_err(o, o_ref) < tol_o
     assert rel_err(S, S_ref) < 1e-5 and rel_err(z, z_ref) < 1e-5
+    if decay and T > 1:  # the decay must matter here, or this test could not catch a kernel that ignores it
+        o_nodecay, _ = naive_hybrid_attention(q, k, v, fq, fk, mix, **{**kw, "log_decay": None})
+        assert rel_err(o_nodecay, o_ref) > min(0.1, 1000 * tol_o)
 
     g = torch.Generator().manual_seed(1)
     do = torch.randn(o.shape, generator=g).to(device)
     dS = torch.randn(S.shape, generator=g).to(device)
     dz = torch.randn(z.shape, generator=g).to(device)
-    leaves = [q, k, v, fq, fk, mix] + (list(state) if init else [])
+    leaves = [q, k, v, fq, fk, mix] + (list(state) if init else []) + ([ld] if decay else [])
+    names = ["q", "k", "v", "fq", "fk", "mix"] + (["S0", "z0"] if init else []) + (["log_decay"] if decay else [])
     loss = lambda o, S, z: (o.float() * do).sum() + (S * dS).sum() + (z * dz).sum()  # noqa: E731
     grads = torch.autograd.grad(loss(o, S, z), leaves)
     grads_ref = torch.autograd.grad(loss(o_ref, S_ref, z_ref), leaves)
-    for name, a, b in zip(["q", "k", "v", "fq", "fk", "mix", "S0", "z0"], grads, grads_ref):
+    for name, a, b in zip(names, grads, grads_ref):
         assert a.dtype == b.dtype, name
-        assert rel_err(a, b, floor=0.1) < tol_g, name
+        assert rel_err(a, b, floor=0.1) < (TOL_LD[dtype] if name == "log_decay" else tol_g), name
 
 
-def test_hybrid_prefix_chaining(device):
-    """Continue from (final_state, last W keys) like the model's cache does: equals one full run."""
+@pytest.mark.parametrize("decay", [None, (STRONG, -0.02)])
+def test_hybrid_prefix_chaining(decay, device):
+    """Continue from (final_state, last W keys) like the model's cache does: equals one full run (with a decay too:
+    the state sits at the last token that left the window, which is position -1 of the second segment)."""
     B, H, Hkv, T, D, F, W = 1, 4, 2, 130, 32, 64, 20
     (q, k, v, fq, fk), mix, state = make_inputs(B, H, Hkv, T, D, F, torch.float32, device, init=True)
-    kw = dict(window=W, scale=D ** -0.5, output_final_state=True, backend="triton")
+    ld = make_decay(Hkv, decay, device) if decay else None
+    kw = dict(window=W, scale=D ** -0.5, output_final_state=True, backend="triton", log_decay=ld)
     o, (S, z) = ek.hybrid_attention(q, k, v, fq, fk, mix, initial_state=state, **kw)
     cut = 77
     o1, st1 = ek.hybrid_attention(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], fq[:, :, :cut], fk[:, :, :cut], mix,
@@ -95,104 +116,128 @@ def test_hybrid_prefix_chaining(device):
     oc = torch.cat([o1, o2[:, :, W:]], 2)
     assert rel_err(oc, o) < 1e-5 and rel_err(S2, S) < 1e-5 and rel_err(z2, z) < 1e-5
     w = torch.randn(o.shape).to(device)
-    leaves = [q, k, v, fq, fk, mix, *state]
+    leaves = [q, k, v, fq, fk, mix, *state] + ([ld] if decay else [])
     ga = torch.autograd.grad((o * w).sum() + S.sum() + z.sum(), leaves)
     gb = torch.autograd.grad((oc * w).sum() + S2.sum() + z2.sum(), leaves)
     for a, b in zip(ga, gb):
         assert rel_err(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("Hkv,W,prefill,dtype", [(1, 8, 0, torch.float32), (3, 5, 11, torch.float32),
-                                                 (1, 64, 30, torch.float32), (1, 6, 9, torch.bfloat16)])
-def test_hybrid_decode_matches_parallel(Hkv, W, prefill, dtype, device):
+@pytest.mark.parametrize("Hkv,W,prefill,dtype,decay", [
+    (1, 8, 0, torch.float32, None), (3, 5, 11, torch.float32, None), (1, 64, 30, torch.float32, None),
+    (1, 6, 9, torch.bfloat16, None),
+    (3, 5, 11, torch.float32, (STRONG, NEAR1, -0.05)), (1, 6, 9, torch.bfloat16, (-0.05,)),
+])
+def test_hybrid_decode_matches_parallel(Hkv, W, prefill, dtype, decay, device):
     """Prefill (or an empty cache), then one token at a time: each output equals the parallel forward."""
     B, H, T, D, F = 2, 3, 24, 32, 64
     (q, k, v, fq, fk), mix, state = make_inputs(B, H, Hkv, T, D, F, dtype, device, init=True)
+    ld = make_decay(Hkv, decay, device).detach() if decay else None
     scale = D ** -0.5
     with torch.no_grad():
         o_par, (S_par, z_par) = naive_hybrid_attention(q, k, v, fq, fk, mix, window=W, scale=scale,
-                                                       initial_state=state, output_final_state=True)
+                                                       initial_state=state, output_final_state=True, log_decay=ld)
         if prefill:
             _, fs = ek.hybrid_attention(q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], fq[:, :, :prefill],
                                         fk[:, :, :prefill], mix, window=W, scale=scale, initial_state=state,
-                                        output_final_state=True, backend="triton")
+                                        output_final_state=True, log_decay=ld, backend="triton")
             cache = HybridDecodeCache.from_prefill(k[:, :, :prefill], v[:, :, :prefill], fk[:, :, :prefill],
                                                    window=W, final_state=fs)
             ref = HybridDecodeCache.from_prefill(k[:, :, :prefill], v[:, :, :prefill], fk[:, :, :prefill],
-                                                 window=W, initial_state=state)
-            assert rel_err(cache.S, ref.S) < 1e-5
+                                                 window=W, initial_state=state, log_decay=ld)
+            assert rel_err(cache.S, ref.S) < 1e-5 and rel_err(cache.z, ref.z) < 1e-5
         else:
             cache = HybridDecodeCache.empty(B, Hkv, W, D, F, dtype=dtype, device=device, initial_state=state)
         for t in range(prefill, T):
             o_t = ek.hybrid_decode_step(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], mix, cache,
-                                        window=W, scale=scale, backend="triton")
+                                        window=W, scale=scale, log_decay=ld, backend="triton")
             assert rel_err(o_t, o_par[:, :, t]) < TOL[dtype][0], t
         assert cache.seen == T
         # after the last token the cache's linear state is the parallel final state
         assert rel_err(cache.S, S_par) < 1e-5 and rel_err(cache.z, z_par) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_hybrid_decode_with_device_position(backend, device):
+@pytest.mark.parametrize("backend,decay", [("triton", None), ("reference", None), ("triton", (STRONG, -0.05)),
+                                           ("reference", (STRONG, -0.05))])
+def test_hybrid_decode_with_device_position(backend, decay, device):
     """`position` (a device tensor, as in CUDA-graph decoding) gives the same outputs as the cache's counter and
-    leaves `cache.seen` alone; the caller advances it. W=5 < T exercises wrap-around and eviction."""
+    leaves `cache.seen` alone; the caller advances it. W=5 < T exercises wrap-around and eviction (and the decay
+    factor g^min(W, t+1), computed from the device position)."""
     B, H, Hkv, T, D, F, W, prefill = 2, 4, 2, 17, 32, 32, 5, 3
     (q, k, v, fq, fk), mix, state = make_inputs(B, H, Hkv, T, D, F, torch.float32, device, init=True)
+    ld = make_decay(Hkv, decay, device).detach() if decay else None
     scale = D ** -0.5
     with torch.no_grad():
-        o_par, _ = naive_hybrid_attention(q, k, v, fq, fk, mix, window=W, scale=scale, initial_state=state)
+        o_par, _ = naive_hybrid_attention(q, k, v, fq, fk, mix, window=W, scale=scale, initial_state=state,
+                                          log_decay=ld)
         cache = HybridDecodeCache.from_prefill(k[:, :, :prefill], v[:, :, :prefill], fk[:, :, :prefill], window=W,
-                                               initial_state=state)
+                                               initial_state=state, log_decay=ld)
         position = torch.tensor([prefill], dtype=torch.int64, device=device)
         for t in range(prefill, T):
             o_t = ek.hybrid_decode_step(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], mix, cache,
-                                        window=W, scale=scale, backend=backend, position=position)
+                                        window=W, scale=scale, log_decay=ld, backend=backend, position=position)
             position += 1
             assert rel_err(o_t, o_par[:, :, t]) < TOL[torch.float32][0], t
         assert cache.seen == prefill
 
 
-@pytest.mark.parametrize("W", [1, 7, 16, 40, 100])
-def test_torch_references_agree(W):
-    """Chunked pure-PyTorch reference (CPU training path) and the decode recurrence against the oracle."""
+@pytest.mark.parametrize("W,decay", [(1, None), (7, None), (16, None), (40, None), (100, None),
+                                     (1, (STRONG, NEAR1)), (7, (NEAR1, STRONG)), (16, (-0.05, STRONG)),
+                                     (40, (STRONG, -0.05)), (100, (STRONG, NEAR1))])
+def test_attention_ops_and_recurrence_agree(W, decay, attention_ops):
+    """effconv/modeling/attention_ops.py (the chunked PyTorch path: the model's CPU path and the only chunked PyTorch
+    formulation) and the decode recurrence against the oracle; with a decay also the O(T^2) attention weights."""
     (q, k, v, fq, fk), mix, state = make_inputs(2, 6, 2, 53, 16, 32, torch.float32, "cpu", init=True)
-    kw = dict(window=W, scale=0.25, initial_state=state)
+    ld = make_decay(2, decay, "cpu") if decay else None
+    kw = dict(window=W, scale=0.25, initial_state=state, log_decay=ld)
     o_ref, (S_ref, z_ref) = naive_hybrid_attention(q, k, v, fq, fk, mix, output_final_state=True, **kw)
-    o, (S, z) = chunk_hybrid_attention_ref(q, k, v, fq, fk, mix, output_final_state=True, chunk_size=16, **kw)
+    o, (S, z) = attention_ops.hybrid_attention(q, k, v, fq, fk, mix, output_final_state=True, chunk_size=16, **kw)
     with torch.no_grad():
         o_rec, cache = recurrent_hybrid_attention_ref(q, k, v, fq, fk, mix, **kw)
     for a, b in ((o, o_ref), (S, S_ref), (z, z_ref), (o_rec, o_ref), (cache.S, S_ref)):
         assert rel_err(a, b) < 1e-5
-    leaves = [q, k, v, fq, fk, mix, *state]
+    leaves = [q, k, v, fq, fk, mix, *state] + ([ld] if decay else [])
     w = torch.randn(o.shape)
     ga = torch.autograd.grad((o * w).sum() + S.sum() + z.sum(), leaves)
     gb = torch.autograd.grad((o_ref * w).sum() + S_ref.sum() + z_ref.sum(), leaves)
     for a, b in zip(ga, gb):
         assert rel_err(a, b) < 1e-5
+    if decay:  # the (B, H, T, T) weights of attention transfer's attention-map loss (no initial state there)
+        o0, _ = naive_hybrid_attention(q, k, v, fq, fk, mix, window=W, scale=0.25, log_decay=ld, eps=0.0)
+        wts = attention_ops.hybrid_attention_weights(q, k, fq, fk, mix, window=W, scale=0.25, eps=0.0, log_decay=ld)
+        assert rel_err(wts @ v.repeat_interleave(3, 1), o0) < 1e-5
 
 
 def test_hybrid_argument_checks():
     (q, k, v, fq, fk), mix, _ = make_inputs(1, 2, 1, 8, 16, 32, torch.float32, "cpu")
     with pytest.raises(ValueError):
         ek.hybrid_attention(q, k, v, fq, fk, mix, window=0, scale=0.25)
-    o_auto, _ = ek.hybrid_attention(q, k, v, fq, fk, mix, window=3, scale=0.25)  # CPU -> chunked reference
+    o_auto, _ = ek.hybrid_attention(q, k, v, fq, fk, mix, window=3, scale=0.25)  # CPU -> the O(T^2) oracle
     o_ref, _ = naive_hybrid_attention(q, k, v, fq, fk, mix, window=3, scale=0.25)
-    assert rel_err(o_auto, o_ref) < 1e-5
+    assert torch.equal(o_auto, o_ref)
+    with pytest.raises(ValueError, match="attention_ops"):  # the chunked PyTorch path lives in effconv only
+        ek.hybrid_attention(q, k, v, fq, fk, mix, window=3, scale=0.25, backend="reference")
+    with pytest.raises(ValueError, match="log_decay"):
+        ek.hybrid_attention(q, k, v, fq, fk, mix, window=3, scale=0.25, log_decay=torch.zeros(1, 1))
 
 
-@pytest.mark.parametrize("W,dtype", [(5, torch.float32), (64, torch.float32), (16, torch.bfloat16)])
-def test_hybrid_feature_grads_without_qkv_grads(W, dtype, device):
+@pytest.mark.parametrize("W,dtype,decay", [(5, torch.float32, None), (64, torch.float32, None),
+                                           (16, torch.bfloat16, None), (5, torch.float32, (-0.05,))])
+def test_hybrid_feature_grads_without_qkv_grads(W, dtype, decay, device):
     """Attention transfer: q, k, v come without grad, so the backward skips dq/dk/dv (NEED_QKV=False);
-    dfq, dfk and dmix must equal those of the full backward (same sums; only the compiled code differs)."""
+    dfq, dfk and dmix (and d log_decay) must equal those of the full backward (same sums; only the compiled code
+    differs)."""
     (q, k, v, fq, fk), mix, _ = make_inputs(1, 3, 1, 100, 32, 64, dtype, device, seed=3)
     do = torch.randn(1, 3, 100, 32, generator=torch.Generator().manual_seed(4)).to(device, dtype)
-    kw = dict(window=W, scale=32 ** -0.5, backend="triton")
+    ld = make_decay(1, decay, device) if decay else None
+    kw = dict(window=W, scale=32 ** -0.5, backend="triton", log_decay=ld)
+    wrt = [fq, fk, mix] + ([ld] if decay else [])
     o, _ = ek.hybrid_attention(q, k, v, fq, fk, mix, **kw)
-    full = torch.autograd.grad(o, [fq, fk, mix], do)
+    full = torch.autograd.grad(o, wrt, do)
     q0, k0, v0 = (x.detach() for x in (q, k, v))
     o0, _ = ek.hybrid_attention(q0, k0, v0, fq, fk, mix, **kw)
-    part = torch.autograd.grad(o0, [fq, fk, mix], do)
+    part = torch.autograd.grad(o0, wrt, do)
     assert torch.equal(o0, o)
     tol = 1e-6 if dtype == torch.float32 else 4e-3  # bf16: at most a rounding step apart
-    for name, a, b in zip(["fq", "fk", "mix"], part, full):
+    for name, a, b in zip(["fq", "fk", "mix", "log_decay"], part, full):
         assert rel_err(a, b, floor=1e-6) < tol, name

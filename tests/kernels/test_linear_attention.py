@@ -10,9 +10,18 @@ import torch
 
 import effconv_kernels as ek
 from effconv_kernels.linear_attn.naive import naive_linear_attention, recurrent_linear_attention_ref
-from effconv_kernels.linear_attn.torch_chunk import chunk_linear_attention_ref
 
 TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (1e-2, 2e-2), torch.float16: (3e-3, 6e-3)}  # (output, grads)
+# d(log_decay) in bf16: with the normaliser every query row's sum_j w_ij dL/dw_ij is exactly 0, so
+# d(log_decay) = sum (i-j) w_ij dL/dw_ij cancels by ~2-3 orders of magnitude (measured: sum |terms| ~ 6000 for a
+# total of 3-25 at T = 130); the kernel's absolute error stays ~5e-5 of sum |terms|, i.e. up to ~2e-2 relative
+TOL_LD = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+NEAR1, STRONG = -1e-4, -0.5  # log_decay values: g = 0.9999 (long memory) and g = 0.61
+
+
+def make_decay(Hkv, values, device):
+    """(Hkv,) fp32 log_decay cycling through `values`, as a leaf that wants gradients."""
+    return torch.tensor([values[i % len(values)] for i in range(Hkv)], device=device).requires_grad_()
 
 
 def rel_err(a, b, floor=1e-2):
@@ -38,45 +47,56 @@ def make_inputs(B, H, Hkv, T, F, Dv, dtype, device, init=False, seed=0):
 
 
 CASES = [
-    # B, H, Hkv, T, F, Dv, dtype, normalize, init
-    (1, 2, 2, 1, 64, 32, torch.float32, True, True),
-    (1, 3, 1, 37, 64, 32, torch.float32, True, False),
-    (1, 8, 1, 100, 64, 32, torch.float32, False, True),
-    (2, 2, 1, 70, 128, 64, torch.float32, True, True),
-    (1, 2, 2, 100, 128, 64, torch.float32, False, False),
-    (1, 3, 3, 37, 32, 48, torch.float32, True, True),  # non power-of-two value dim
-    (1, 3, 1, 100, 64, 32, torch.bfloat16, True, True),
-    (1, 8, 1, 37, 128, 64, torch.bfloat16, False, False),
-    (1, 2, 1, 65, 256, 128, torch.bfloat16, True, True),
-    (1, 1, 1, 128, 256, 128, torch.float32, True, False),
-    (1, 2, 1, 50, 64, 32, torch.float16, True, True),
-    (1, 2, 2, 300, 128, 64, torch.bfloat16, True, True),  # the benchmark's shape class, several chunks, G = 1
+    # B, H, Hkv, T, F, Dv, dtype, normalize, init, log_decay values (None: no decay)
+    (1, 2, 2, 1, 64, 32, torch.float32, True, True, None),
+    (1, 3, 1, 37, 64, 32, torch.float32, True, False, None),
+    (1, 8, 1, 100, 64, 32, torch.float32, False, True, None),
+    (2, 2, 1, 70, 128, 64, torch.float32, True, True, None),
+    (1, 2, 2, 100, 128, 64, torch.float32, False, False, None),
+    (1, 3, 3, 37, 32, 48, torch.float32, True, True, None),  # non power-of-two value dim
+    (1, 3, 1, 100, 64, 32, torch.bfloat16, True, True, None),
+    (1, 8, 1, 37, 128, 64, torch.bfloat16, False, False, None),
+    (1, 2, 1, 65, 256, 128, torch.bfloat16, True, True, None),
+    (1, 1, 1, 128, 256, 128, torch.float32, True, False, None),
+    (1, 2, 1, 50, 64, 32, torch.float16, True, True, None),
+    (1, 2, 2, 300, 128, 64, torch.bfloat16, True, True, None),  # the benchmark's shape class, several chunks, G = 1
+    # per-head decay: near 1 and strong in the same call (kv heads alternate), awkward T, GQA 1/3
+    (1, 3, 3, 1, 32, 16, torch.float32, True, True, (STRONG, NEAR1)),
+    (1, 6, 2, 37, 32, 16, torch.float32, True, True, (NEAR1, STRONG)),
+    (1, 9, 3, 130, 32, 16, torch.float32, True, True, (STRONG, NEAR1, -0.05)),
+    (1, 3, 3, 130, 32, 48, torch.float32, False, False, (-0.05, STRONG, NEAR1)),
+    (1, 6, 2, 100, 64, 32, torch.bfloat16, True, True, (-0.05, NEAR1)),
 ]
 
 
-@pytest.mark.parametrize("B,H,Hkv,T,F,Dv,dtype,normalize,init", CASES)
-def test_linear_attention_matches_naive(B, H, Hkv, T, F, Dv, dtype, normalize, init, device):
+@pytest.mark.parametrize("B,H,Hkv,T,F,Dv,dtype,normalize,init,decay", CASES)
+def test_linear_attention_matches_naive(B, H, Hkv, T, F, Dv, dtype, normalize, init, decay, device):
     (fq, fk, v), state = make_inputs(B, H, Hkv, T, F, Dv, dtype, device, init)
-    kw = dict(normalize=normalize, initial_state=state, output_final_state=True)
+    ld = make_decay(Hkv, decay, device) if decay else None
+    kw = dict(normalize=normalize, initial_state=state, output_final_state=True, log_decay=ld)
     o, (S, z) = ek.linear_attention(fq, fk, v, backend="triton", **kw)
     o_ref, (S_ref, z_ref) = naive_linear_attention(fq, fk, v, **kw)
     tol_o, tol_g = TOL[dtype]
     assert o.dtype == dtype and S.dtype == torch.float32
     assert rel_err(o, o_ref) < tol_o
     assert rel_err(S, S_ref) < 1e-5 and rel_err(z, z_ref) < 1e-5
+    if decay and T > 1:  # the decay must matter here, or this test could not catch a kernel that ignores it
+        o_nodecay, (S_nodecay, _) = naive_linear_attention(fq, fk, v, **{**kw, "log_decay": None})
+        assert rel_err(o_nodecay, o_ref) > min(0.1, 1000 * tol_o) and rel_err(S_nodecay, S_ref) > 0.1
 
     # gradients through the output and the final state
     g = torch.Generator().manual_seed(1)
     do = torch.randn(o.shape, generator=g).to(device)
     dS = torch.randn(S.shape, generator=g).to(device)
     dz = torch.randn(z.shape, generator=g).to(device)
-    leaves = [fq, fk, v] + (list(state) if init else [])
+    leaves = [fq, fk, v] + (list(state) if init else []) + ([ld] if decay else [])
+    names = ["fq", "fk", "v"] + (["S0", "z0"] if init else []) + (["log_decay"] if decay else [])
     loss = lambda o, S, z: (o.float() * do).sum() + (S * dS).sum() + (z * dz).sum()  # noqa: E731
     grads = torch.autograd.grad(loss(o, S, z), leaves)
     grads_ref = torch.autograd.grad(loss(o_ref, S_ref, z_ref), leaves)
-    for name, a, b in zip(["fq", "fk", "v", "S0", "z0"], grads, grads_ref):
+    for name, a, b in zip(names, grads, grads_ref):
         assert a.dtype == b.dtype
-        assert rel_err(a, b, floor=0.1) < tol_g, name
+        assert rel_err(a, b, floor=0.1) < (TOL_LD[dtype] if name == "log_decay" else tol_g), name
 
 
 def test_linear_grad_output_only(device):
@@ -92,11 +112,12 @@ def test_linear_grad_output_only(device):
         assert rel_err(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_linear_state_chaining(normalize, device):
-    """Two halves with the state carried across equal one run (outputs, final state and gradients)."""
+@pytest.mark.parametrize("normalize,decay", [(True, None), (False, None), (True, (STRONG, NEAR1))])
+def test_linear_state_chaining(normalize, decay, device):
+    """Two halves with the state carried across equal one run (outputs, final state and gradients, log_decay's too)."""
     (fq, fk, v), state = make_inputs(1, 4, 2, 100, 64, 32, torch.float32, device, init=True)
-    kw = dict(normalize=normalize, output_final_state=True, backend="triton")
+    ld = make_decay(2, decay, device) if decay else None
+    kw = dict(normalize=normalize, output_final_state=True, backend="triton", log_decay=ld)
     o, (S, z) = ek.linear_attention(fq, fk, v, initial_state=state, **kw)
     cut = 45  # not a multiple of the chunk
     o1, st1 = ek.linear_attention(fq[:, :, :cut], fk[:, :, :cut], v[:, :, :cut], initial_state=state, **kw)
@@ -104,52 +125,81 @@ def test_linear_state_chaining(normalize, device):
     oc = torch.cat([o1, o2], 2)
     assert rel_err(oc, o) < 1e-5 and rel_err(S2, S) < 1e-5 and rel_err(z2, z) < 1e-5
     w = torch.randn(o.shape).to(device)
-    leaves = [fq, fk, v, *state]
+    leaves = [fq, fk, v, *state] + ([ld] if decay else [])
     ga = torch.autograd.grad((o * w).sum() + S.sum(), leaves)
     gb = torch.autograd.grad((oc * w).sum() + S2.sum(), leaves)
     for a, b in zip(ga, gb):
         assert rel_err(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("Hkv,normalize,dtype", [(1, True, torch.float32), (3, False, torch.float32),
-                                                 (1, True, torch.bfloat16)])
-def test_linear_decode_matches_parallel(Hkv, normalize, dtype, device):
+@pytest.mark.parametrize("Hkv,normalize,dtype,decay", [(1, True, torch.float32, None), (3, False, torch.float32, None),
+                                                       (1, True, torch.bfloat16, None),
+                                                       (3, True, torch.float32, (STRONG, NEAR1, -0.05)),
+                                                       (1, True, torch.bfloat16, (-0.05,))])
+def test_linear_decode_matches_parallel(Hkv, normalize, dtype, decay, device):
     B, H, T, F, Dv = 2, 3, 20, 64, 32
     (fq, fk, v), state = make_inputs(B, H, Hkv, T, F, Dv, dtype, device, init=True)
+    ld = make_decay(Hkv, decay, device).detach() if decay else None
     with torch.no_grad():
         o_par, (S_par, z_par) = naive_linear_attention(fq, fk, v, normalize=normalize, initial_state=state,
-                                                       output_final_state=True)
+                                                       output_final_state=True, log_decay=ld)
         S, z = state[0].detach().clone(), state[1].detach().clone()
         for t in range(T):
             o_t, (S_out, _) = ek.linear_decode_step(fq[:, :, t], fk[:, :, t], v[:, :, t], (S, z),
-                                                    normalize=normalize, backend="triton")
+                                                    normalize=normalize, log_decay=ld, backend="triton")
             assert S_out is S  # updated in place
             assert rel_err(o_t, o_par[:, :, t]) < TOL[dtype][0], t
         assert rel_err(S, S_par) < 1e-5 and rel_err(z, z_par) < 1e-5
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_torch_references_agree(normalize):
-    """Chunked pure-PyTorch reference (the CPU training path) and the recurrence against the O(T^2) oracle."""
-    (fq, fk, v), state = make_inputs(2, 6, 2, 77, 32, 16, torch.float32, "cpu", init=True)
-    kw = dict(normalize=normalize, initial_state=state)
+@pytest.mark.parametrize("normalize,decay", [(True, None), (False, None), (True, (STRONG, NEAR1)),
+                                             (False, (-0.05, STRONG))])
+@pytest.mark.parametrize("T", [1, 77])
+def test_attention_ops_and_recurrence_agree(normalize, decay, T, attention_ops):
+    """effconv/modeling/attention_ops.py (the chunked PyTorch path: the model's CPU path and the only chunked PyTorch
+    formulation) and the decode recurrence against the O(T^2) oracle, outputs, final state and gradients."""
+    (fq, fk, v), state = make_inputs(2, 6, 2, T, 32, 16, torch.float32, "cpu", init=True)
+    ld = make_decay(2, decay, "cpu") if decay else None
+    kw = dict(normalize=normalize, initial_state=state, log_decay=ld)
     o_ref, (S_ref, z_ref) = naive_linear_attention(fq, fk, v, output_final_state=True, **kw)
-    o, (S, z) = chunk_linear_attention_ref(fq, fk, v, output_final_state=True, chunk_size=16, **kw)
+    o, (S, z) = attention_ops.linear_attention(fq, fk, v, output_final_state=True, chunk_size=16, **kw)
     o_rec, (S_rec, z_rec) = recurrent_linear_attention_ref(fq, fk, v, **kw)
     for a, b in ((o, o_ref), (S, S_ref), (z, z_ref), (o_rec, o_ref), (S_rec, S_ref)):
         assert rel_err(a, b) < 1e-5
+    leaves = [fq, fk, v, *state] + ([ld] if decay else [])
     w = torch.randn(o.shape)
-    ga = torch.autograd.grad((o * w).sum() + S.sum() + z.sum(), [fq, fk, v, *state])
-    gb = torch.autograd.grad((o_ref * w).sum() + S_ref.sum() + z_ref.sum(), [fq, fk, v, *state])
+    ga = torch.autograd.grad((o * w).sum() + S.sum() + z.sum(), leaves)
+    gb = torch.autograd.grad((o_ref * w).sum() + S_ref.sum() + z_ref.sum(), leaves)
     for a, b in zip(ga, gb):
         assert rel_err(a, b) < 1e-5
 
 
-def test_auto_backend_on_cpu_is_reference():
+def test_attention_ops_decay_long_sequence_stays_finite(attention_ops):
+    """T = 8192 in 128 chunks: g near 1 (the state keeps nearly everything) and g = e^-20 (g^64 underflows to 0) give
+    finite outputs and gradients, and the chunked state equals the one-shot decayed sum."""
+    (fq, fk, v), state = make_inputs(1, 2, 2, 8192, 8, 8, torch.float32, "cpu", init=True)
+    ld = torch.tensor([-1e-4, -20.0], requires_grad=True)
+    o, (S, z) = attention_ops.linear_attention(fq, fk, v, initial_state=state, output_final_state=True, log_decay=ld)
+    pos = torch.arange(8192)
+    wgt = torch.exp(ld.detach()[:, None] * (8191 - pos)[None, :])  # (Hkv, T), exponents <= 0
+    S_direct = torch.einsum("bhjf,bhjd->bhfd", fk.detach() * wgt[None, :, :, None], v.detach()) \
+        + torch.exp(ld.detach() * 8192)[None, :, None, None] * state[0].detach()
+    assert rel_err(S, S_direct) < 1e-4
+    grads = torch.autograd.grad(o.sum() + S.sum(), [fq, fk, v, ld])
+    assert torch.isfinite(o).all() and all(torch.isfinite(g).all() for g in grads)
+    # the strong head forgets everything but the current token: o_i = v_i (normalised by fq_i.fk_i)
+    assert rel_err(o[:, 1:2], v[:, 1:2].expand(1, 1, 8192, 8)) < 1e-4
+
+
+def test_auto_backend_on_cpu_is_naive():
     (fq, fk, v), _ = make_inputs(1, 2, 1, 10, 32, 16, torch.float32, "cpu")
-    o_auto, _ = ek.linear_attention(fq, fk, v)  # CPU tensors -> chunked torch reference
+    o_auto, _ = ek.linear_attention(fq, fk, v)  # CPU tensors -> the O(T^2) oracle
     o_ref, _ = naive_linear_attention(fq, fk, v)
-    assert rel_err(o_auto, o_ref) < 1e-5
+    assert torch.equal(o_auto, o_ref)
+    with pytest.raises(ValueError, match="attention_ops"):  # the chunked PyTorch path lives in effconv only
+        ek.linear_attention(fq, fk, v, backend="reference")
+    with pytest.raises(ValueError, match=r"log_decay must be a tensor of shape \(1,\)"):
+        ek.linear_attention(fq, fk, v, log_decay=torch.zeros(2))
     with pytest.raises(ValueError):
         ek.linear_attention(fq, fk, v, backend="cuda")
     with pytest.raises(TypeError):  # mixed operand dtypes: a clear error, not a Triton compile failure

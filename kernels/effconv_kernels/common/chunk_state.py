@@ -11,6 +11,14 @@ Backward: the gradient w.r.t. the state read by query chunk n is beta * fq_n^T d
           The reverse recurrence over n stores that sum as dh[c] and ends with the initial-state gradient.
 Each program owns one (BK, BV) tile of one kv head and walks the chunks sequentially; GQA query heads
 of a group are summed inside the program (no atomics, no repeated kv heads).
+
+Decay (HAS_DECAY, log_decay lam (Hkv,) <= 0, g = exp(lam)): h[n] sits at position p_n = min(nC, L) - 1 and holds
+sum_{j <= p_n} g^(p_n - j) fk_j v_j^T + g^(p_n + 1) S0, so h[n+1] = g^l h[n] + sum_r g^(l-1-r) fk_r v_r^T with l
+the length of key chunk n (C, or what is left of L for the last one) and h[NS] is the final state (at L-1).
+A query i of chunk n reads h[b], b = max(0, n - d), with the factor g^(i - bC + 1). The backward stores in dh[c]
+the whole gradient G_{c+1} of h[c+1] (reads of every later boundary propagated back through the g^C factors, and
+the final-state gradient g^(L - (c+1)C) dfinal); key j of chunk c then gets it times g^(p_{c+1} - j).
+Every factor is g^e with e >= 0: nothing overflows whatever the length.
 """
 from __future__ import annotations
 
@@ -25,10 +33,10 @@ from ..utils import next_pow2
 
 @triton.jit
 def chunk_state_fwd_kernel(
-    fk, v, S0, z0, h, zh, ST, zT,
-    T, L, NS,
+    fk, v, S0, z0, h, zh, ST, zT, ld,
+    T, L, NS, HKV,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_S0: tl.constexpr, PREC: tl.constexpr,
+    HAS_S0: tl.constexpr, PREC: tl.constexpr, HAS_DECAY: tl.constexpr = False,
 ):
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh64 = i_bh.to(tl.int64)
@@ -49,6 +57,8 @@ def chunk_state_fwd_kernel(
     p_h = h + i_bh64 * (NS + 1) * F * DV
     p_zh = zh + i_bh64 * (NS + 1) * F
     m_z = m_k & ((o_k * 0 + i_v) == 0)  # only one V-tile program writes z
+    if HAS_DECAY:
+        lam = tl.load(ld + i_bh % HKV)
     for n in range(NS):
         tl.store(p_h + n * F * DV + o_kv, b_S.to(h.dtype.element_ty), mask=m_kv)
         tl.store(p_zh + n * F + o_k, b_z, mask=m_z)
@@ -56,8 +66,23 @@ def chunk_state_fwd_kernel(
         m_t = o_t < L
         b_k = tl.load(p_fk + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_v = tl.load(p_v + o_t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_S += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
-        b_z += tl.sum(b_k.to(tl.float32), 0)
+        if HAS_DECAY:
+            # this chunk's keys, decayed to its last key (position min((n+1)C, L) - 1); the state moves there too
+            n_len = tl.minimum(L - n * BT, BT)
+            w = tl.exp(lam * tl.maximum(n_len - 1 - tl.arange(0, BT), 0).to(tl.float32))
+            b_kw = b_k.to(tl.float32) * w[:, None]
+            g_len = tl.exp(lam * n_len)
+            b_hi = b_kw.to(b_k.dtype)
+            b_S = b_S * g_len + tl.dot(tl.trans(b_hi), b_v, input_precision=PREC)
+            if b_k.dtype != tl.float32:
+                # 16-bit inputs: fk * w is not a 16-bit number; its rounding remainder goes through a second
+                # tensor-core dot (hi + lo keeps ~16 bits: the state stays as exact as without decay)
+                b_lo = (b_kw - b_hi.to(tl.float32)).to(b_k.dtype)
+                b_S += tl.dot(tl.trans(b_lo), b_v, input_precision=PREC)
+            b_z = b_z * g_len + tl.sum(b_kw, 0)
+        else:
+            b_S += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
+            b_z += tl.sum(b_k.to(tl.float32), 0)
     tl.store(p_h + NS * F * DV + o_kv, b_S.to(h.dtype.element_ty), mask=m_kv)
     tl.store(p_zh + NS * F + o_k, b_z, mask=m_z)
     tl.store(ST + i_bh64 * F * DV + o_kv, b_S, mask=m_kv)
@@ -66,10 +91,11 @@ def chunk_state_fwd_kernel(
 
 @triton.jit
 def chunk_state_bwd_kernel(
-    fq, do, rden, dden, beta, dST, dzT, dh, dzh, dS0, dz0,
-    T, G, H, NT, D_OFF,
+    fq, do, rden, dden, beta, dST, dzT, dh, dzh, dS0, dz0, ld,
+    T, G, H, NT, D_OFF, L,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_BETA: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr,
+    HAS_DECAY: tl.constexpr = False,
 ):
     i_k, i_v, i_bk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     Hkv = H // G
@@ -91,9 +117,21 @@ def chunk_state_bwd_kernel(
     p_dh = dh + i_bk64 * NT * F * DV
     p_dzh = dzh + i_bk64 * NT * F
     # the last d + 1 key chunks feed no state that any query reads: only the final-state gradient
-    for c in range(tl.maximum(NT - 1 - D_OFF, 0), NT):
-        tl.store(p_dh + c * F * DV + o_kv, b_dS.to(dh.dtype.element_ty), mask=m_kv)
-        tl.store(p_dzh + c * F + o_k, b_dz, mask=m_z)
+    if HAS_DECAY:
+        lam = tl.load(ld + i_hk)
+        for c in range(tl.maximum(NT - 1 - D_OFF, 0), NT):
+            # h[c+1] sits at (c+1)C - 1 (the final state h[NS] at L - 1): g^(L - (c+1)C) dfinal (chunks past L: unused)
+            f = tl.exp(lam * tl.maximum(L - (c + 1) * BT, 0))
+            tl.store(p_dh + c * F * DV + o_kv, (b_dS * f).to(dh.dtype.element_ty), mask=m_kv)
+            tl.store(p_dzh + c * F + o_k, b_dz * f, mask=m_z)
+        # gradient of the last boundary any query reads, (NT-1-d)C <= L
+        f = tl.exp(lam * (L - tl.maximum(NT - 1 - D_OFF, 0) * BT))
+        b_dS = b_dS * f
+        b_dz = b_dz * f
+    else:
+        for c in range(tl.maximum(NT - 1 - D_OFF, 0), NT):
+            tl.store(p_dh + c * F * DV + o_kv, b_dS.to(dh.dtype.element_ty), mask=m_kv)
+            tl.store(p_dzh + c * F + o_k, b_dz, mask=m_z)
     for nn in range(NT):
         n = NT - 1 - nn
         o_t = n * BT + tl.arange(0, BT)
@@ -114,6 +152,11 @@ def chunk_state_bwd_kernel(
                 b_dn = b_dn * b_beta
                 if NORMALIZE:
                     b_dd = b_dd * b_beta
+            if HAS_DECAY:  # query i reads boundary b = max(n - d, 0) with g^(i - bC + 1)
+                rf = tl.exp(lam * (o_t - tl.maximum(n - D_OFF, 0) * BT + 1).to(tl.float32))
+                b_dn = b_dn * rf[:, None]
+                if NORMALIZE:
+                    b_dd = b_dd * rf
             b_dS += tl.dot(tl.trans(b_q), b_dn.to(b_q.dtype), input_precision=PREC)
             if NORMALIZE:
                 b_dz += tl.sum(b_q.to(tl.float32) * b_dd[:, None], 0)
@@ -121,6 +164,10 @@ def chunk_state_bwd_kernel(
         if c >= 0:
             tl.store(p_dh + c * F * DV + o_kv, b_dS.to(dh.dtype.element_ty), mask=m_kv)
             tl.store(p_dzh + c * F + o_k, b_dz, mask=m_z)
+            if HAS_DECAY:  # back to boundary c (key chunk c is full: (c+1)C <= (NT-1-d)C <= L)
+                g_c = tl.exp(lam * BT)
+                b_dS = b_dS * g_c
+                b_dz = b_dz * g_c
     tl.store(dS0 + i_bk64 * F * DV + o_kv, b_dS, mask=m_kv)
     tl.store(dz0 + i_bk64 * F + o_k, b_dz, mask=m_z)
 
@@ -167,8 +214,9 @@ def _state_tiles(F: int, DV: int, programs_per_tile: int) -> tuple[int, int]:
     return BK, BV
 
 
-def chunk_state_fwd(fk, v, initial_state, L: int, chunk: int):
-    """h (B, Hkv, NS+1, F, Dv), zh (B, Hkv, NS+1, F) and the fp32 state after L keys (ST, zT)."""
+def chunk_state_fwd(fk, v, initial_state, L: int, chunk: int, log_decay=None):
+    """h (B, Hkv, NS+1, F, Dv), zh (B, Hkv, NS+1, F) and the fp32 state after L keys (ST, zT).
+    log_decay: fp32 contiguous (Hkv,) or None."""
     B, Hkv, T, F = fk.shape
     DV = v.shape[-1]
     NS = triton.cdiv(L, chunk)
@@ -181,15 +229,17 @@ def chunk_state_fwd(fk, v, initial_state, L: int, chunk: int):
         if initial_state is not None else (h, zh)
     grid = (triton.cdiv(F, BK), triton.cdiv(DV, BV), B * Hkv)
     chunk_state_fwd_kernel[grid](
-        fk, v, S0, z0, h, zh, ST, zT, T, L, NS,
+        fk, v, S0, z0, h, zh, ST, zT, log_decay if log_decay is not None else zh, T, L, NS, Hkv,
         F=F, DV=DV, BT=chunk, BK=BK, BV=BV, HAS_S0=initial_state is not None, PREC=_prec(fk.dtype),
-        **kernel_config("state_fwd", 4, 2),
+        HAS_DECAY=log_decay is not None, **kernel_config("state_fwd", 4, 2),
     )
     return h, zh, ST, zT
 
 
-def chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv: int, d: int, chunk: int, normalize: bool):
-    """dh, dzh (B, Hkv, NT, F, Dv)/(B, Hkv, NT, F) per key chunk, and the initial-state grads (dS0, dz0)."""
+def chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv: int, d: int, chunk: int, normalize: bool, L=None,
+                    log_decay=None):
+    """dh, dzh (B, Hkv, NT, F, Dv)/(B, Hkv, NT, F) per key chunk, and the initial-state grads (dS0, dz0).
+    With log_decay (fp32 (Hkv,)) L, the number of keys in the state, is needed (T for linear attention)."""
     B, H, T, F = fq.shape
     DV = do.shape[-1]
     G = H // Hkv
@@ -204,8 +254,10 @@ def chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv: int, d: int, chunk: i
     grid = (triton.cdiv(F, BK), triton.cdiv(DV, BV), B * Hkv)
     chunk_state_bwd_kernel[grid](
         fq, do, rden if normalize else do, dden if normalize else do, beta if beta is not None else do,
-        dST, dzT, dh, dzh, dS0, dz0, T, G, H, NT, d,
+        dST, dzT, dh, dzh, dS0, dz0, log_decay if log_decay is not None else dz0, T, G, H, NT, d,
+        T if L is None else L,
         F=F, DV=DV, BT=chunk, BK=BK, BV=BV, NORMALIZE=normalize, HAS_BETA=beta is not None,
-        HAS_DFINAL=has_df, PREC=_prec(fq.dtype), **kernel_config("state_bwd", 4, 2),
+        HAS_DFINAL=has_df, PREC=_prec(fq.dtype), HAS_DECAY=log_decay is not None,
+        **kernel_config("state_bwd", 4, 2),
     )
     return dh, dzh, dS0, dz0

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..linear_attn.naive import linear_state
+
 
 @dataclass
 class HybridDecodeCache:
@@ -19,6 +21,11 @@ class HybridDecodeCache:
 
     A decode step appends token t = seen: if t >= W it first adds slot t % W (token t - W) into (S, z),
     then overwrites that slot. All tensors are updated IN PLACE (the object is reused across steps).
+
+    With a decay g (`log_decay` of the decode step) S and z hold sum_j g^(p-j) fk_j v_j^T (and g^(p+1) S0),
+    p = seen - 1 - W the last token that left the window (p = -1 while none has), i.e. exactly the state
+    `hybrid_attention(..., output_final_state=True, log_decay=...)` returns for the tokens seen so far; the
+    cache itself does not store the decay (pass the same log_decay to every step).
     """
 
     S: torch.Tensor
@@ -51,11 +58,12 @@ class HybridDecodeCache:
 
     @classmethod
     def from_prefill(cls, k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, *, window: int,
-                     initial_state=None, final_state=None) -> "HybridDecodeCache":
+                     initial_state=None, final_state=None, log_decay=None) -> "HybridDecodeCache":
         """Cache after a parallel prefill of k (B, Hkv, T, D), v, fk.
 
         `final_state` is the (S, z) returned by `hybrid_attention(..., output_final_state=True)` on
-        the same prefill (it already includes `initial_state`); if not given it is recomputed here.
+        the same prefill (it already includes `initial_state`); if not given it is recomputed here (with the
+        decay `log_decay` (Hkv,) when given, which must then be the one the decode steps use).
         """
         B, Hkv, T, D = k.shape
         W = int(window)
@@ -65,10 +73,7 @@ class HybridDecodeCache:
         if final_state is not None:
             S, z = (x.float().clone() for x in final_state)
         else:
-            S = torch.einsum("bhjf,bhjd->bhfd", fk[:, :, :L].float(), v[:, :, :L].float())
-            z = fk[:, :, :L].float().sum(2)
-            if initial_state is not None:
-                S, z = S + initial_state[0].float(), z + initial_state[1].float()
+            S, z = linear_state(fk, v, L, initial_state, log_decay)
         cache = cls.empty(B, Hkv, W, D, fk.shape[-1], v.shape[-1], dtype=k.dtype, device=k.device)
         cache.S, cache.z = S.contiguous(), z.contiguous()
         if T > 0:

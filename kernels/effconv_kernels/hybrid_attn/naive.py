@@ -3,16 +3,23 @@
 `naive_hybrid_attention` is the O(T^2) masked formulation in fp32 (autograd gives the backward,
 including the gradient through the window max m_i, exactly as the LoLCATs reference code does).
 `hybrid_decode_step_ref` / `recurrent_hybrid_attention_ref` are the token-by-token decode oracles.
+
+Decay (`log_decay`, (Hkv,) values <= 0, g = exp(log_decay)) applies to the linear part only: linear key
+j <= i - W gets g^(i-j), the initial state g^(i+1) (it sits at position -1). The final state holds the
+L = max(0, T-W) tokens that have left the window, decayed to the last of them:
+S = g^L S0 + sum_{j<L} g^(L-1-j) fk_j v_j^T (the linear op's state after L tokens). The decode cache holds
+the same state, so query t reads it with g^min(W, t+1) and an eviction is S <- g S + fk_{t-W} v_{t-W}^T.
 """
 from __future__ import annotations
 
 import torch
 
+from ..linear_attn.naive import decay_pow, linear_state
 from .cache import HybridDecodeCache
 
 
 def naive_hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, eps=1e-6,
-                           initial_state=None, output_final_state=False):
+                           initial_state=None, output_final_state=False, log_decay=None):
     B, H, T, D = q.shape
     Hkv, Dv, F = k.shape[1], v.shape[-1], fq.shape[-1]
     G = H // Hkv
@@ -29,7 +36,10 @@ def naive_hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, e
     s = s.masked_fill(~win, float("-inf"))
     m = s.amax(-1, keepdim=True)  # finite: j = i is always in the window
     a = torch.exp(s - m)
-    b = torch.einsum("bhgif,bhjf->bhgij", fqq, ffk).masked_fill(~lin, 0.0)
+    b = torch.einsum("bhgif,bhjf->bhgij", fqq, ffk)
+    if log_decay is not None:
+        b = b * decay_pow(log_decay, i - j, (1, Hkv, 1, 1, 1))
+    b = b.masked_fill(~lin, 0.0)
 
     alpha = torch.sigmoid(mix.float()).reshape(1, Hkv, G, 1)
     beta = 1.0 - alpha
@@ -37,25 +47,24 @@ def naive_hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, e
     lin_den = b.sum(-1)
     if initial_state is not None:
         S0, z0 = initial_state[0].float(), initial_state[1].float()
-        lin_num = lin_num + torch.einsum("bhgif,bhfd->bhgid", fqq, S0)
-        lin_den = lin_den + torch.einsum("bhgif,bhf->bhgi", fqq, z0)
+        s_num = torch.einsum("bhgif,bhfd->bhgid", fqq, S0)
+        s_den = torch.einsum("bhgif,bhf->bhgi", fqq, z0)
+        if log_decay is not None:
+            qd = decay_pow(log_decay, torch.arange(1, T + 1, device=q.device), (1, Hkv, 1, 1))
+            s_num, s_den = s_num * qd[..., None], s_den * qd
+        lin_num, lin_den = lin_num + s_num, lin_den + s_den
     num = alpha.unsqueeze(-1) * torch.einsum("bhgij,bhjd->bhgid", a, vv) + beta.unsqueeze(-1) * lin_num
     den = alpha * a.sum(-1) + beta * lin_den + eps
     o = (num / den.unsqueeze(-1)).reshape(B, H, T, Dv).to(q.dtype)
 
     final = None
     if output_final_state:
-        L = max(0, T - W)
-        S = torch.einsum("bhjf,bhjd->bhfd", ffk[:, :, :L], vv[:, :, :L])
-        z = ffk[:, :, :L].sum(2)
-        if initial_state is not None:
-            S, z = S + initial_state[0].float(), z + initial_state[1].float()
-        final = (S, z)
+        final = linear_state(ffk, vv, max(0, T - W), initial_state, log_decay)
     return o, final
 
 
 def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int,
-                           scale: float, eps=1e-6):
+                           scale: float, eps=1e-6, log_decay=None):
     """Append one token per sequence to `cache` (in place) and return its output (B, H, Dv)."""
     W = cache.window
     if int(window) != W:
@@ -67,6 +76,10 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
     slot = t % W
     if t >= W:  # token t - W leaves the window: fold it into the linear state first
         old_fk, old_v = cache.fk[:, :, slot].float(), cache.v[:, :, slot].float()
+        if log_decay is not None:
+            g = torch.exp(log_decay.float()).view(1, Hkv)
+            cache.S.mul_(g[..., None, None])
+            cache.z.mul_(g[..., None])
         cache.S.add_(old_fk.unsqueeze(-1) * old_v.unsqueeze(-2))
         cache.z.add_(old_fk)
     cache.k[:, :, slot] = k_t
@@ -81,19 +94,23 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
     a = torch.exp(s - s.amax(-1, keepdim=True))
     alpha = torch.sigmoid(mix.float()).reshape(1, Hkv, G, 1)
     beta = 1.0 - alpha
-    num = alpha * torch.einsum("bhgj,bhjd->bhgd", a, cache.v[:, :, :n].float()) \
-        + beta * torch.einsum("bhgf,bhfd->bhgd", fqq, cache.S)
-    den = alpha[..., 0] * a.sum(-1) + beta[..., 0] * torch.einsum("bhgf,bhf->bhg", fqq, cache.z) + eps
+    lin_num = torch.einsum("bhgf,bhfd->bhgd", fqq, cache.S)
+    lin_den = torch.einsum("bhgf,bhf->bhg", fqq, cache.z)
+    if log_decay is not None:  # the state sits at token max(t - W, -1): query t is min(W, t + 1) tokens later
+        qd = decay_pow(log_decay, torch.tensor(min(W, t + 1)), (1, Hkv, 1))
+        lin_num, lin_den = lin_num * qd[..., None], lin_den * qd
+    num = alpha * torch.einsum("bhgj,bhjd->bhgd", a, cache.v[:, :, :n].float()) + beta * lin_num
+    den = alpha[..., 0] * a.sum(-1) + beta[..., 0] * lin_den + eps
     return (num / den.unsqueeze(-1)).reshape(B, H, -1).to(q_t.dtype)
 
 
 def recurrent_hybrid_attention_ref(q, k, v, fq, fk, mix, *, window: int, scale: float, eps=1e-6,
-                                   initial_state=None):
+                                   initial_state=None, log_decay=None):
     """Token-by-token loop over `hybrid_decode_step_ref`. Returns (o, cache)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     cache = HybridDecodeCache.empty(B, Hkv, window, D, fk.shape[-1], v.shape[-1], dtype=k.dtype,
                                     device=k.device, initial_state=initial_state)
     outs = [hybrid_decode_step_ref(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], mix, cache,
-                                   window=window, scale=scale, eps=eps) for t in range(T)]
+                                   window=window, scale=scale, eps=eps, log_decay=log_decay) for t in range(T)]
     return torch.stack(outs, 2), cache

@@ -3,6 +3,8 @@
 One program per (batch, kv head): it folds the evicted token (t - W) into (S, z), writes the new token
 into ring slot t % W, then serves the G query heads of its group (window softmax over the ring buffer
 with an online max, plus fq (S, z) for the linear part) under the shared normaliser.
+With a decay (HAS_DECAY, log_decay (Hkv,), g = exp(log_decay[kv head])) an eviction is S = g S + fk v^T (z alike)
+and the query reads the state, which sits at token max(t - W, -1), with g^min(W, t + 1) = g^n_valid.
 """
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ from .cache import HybridDecodeCache
 
 @triton.jit
 def hybrid_decode_kernel(
-    q, k, v, fq, fk, mix, S, z, kb, vb, fkb, o,
+    q, k, v, fq, fk, mix, S, z, kb, vb, fkb, o, ld,
     G, H, W, slot, n_valid, evict, scale, eps, pos,
     D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr,
     BD: tl.constexpr, BF: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
-    POS_ON_DEVICE: tl.constexpr,
+    POS_ON_DEVICE: tl.constexpr, HAS_DECAY: tl.constexpr = False,
 ):
     if POS_ON_DEVICE:  # token index read from device memory (CUDA-graph replay: no host value changes)
         t = tl.load(pos).to(tl.int32)
@@ -35,9 +37,13 @@ def hybrid_decode_kernel(
     m_d, m_f, m_v = o_d < D, o_f < F, o_v < DV
     p_S = S + i_bk64 * F * DV
     b_z = tl.load(z + i_bk64 * F + o_f, mask=m_f, other=0.0)
+    if HAS_DECAY:
+        lam = tl.load(ld + i_hk)
     if evict:  # token t - W leaves the window: add it to the linear state before its slot is reused
         b_fko = tl.load(fkb + (i_bk64 * W + slot) * F + o_f, mask=m_f, other=0.0).to(tl.float32)
         b_vo = tl.load(vb + (i_bk64 * W + slot) * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if HAS_DECAY:
+            b_z = b_z * tl.exp(lam)
         b_z += b_fko
         tl.store(z + i_bk64 * F + o_f, b_z, mask=m_f)
         for f0 in range(0, F, BKF):
@@ -45,6 +51,8 @@ def hybrid_decode_kernel(
             m_kv = (o_k < F)[:, None] & m_v[None, :]
             b_k = tl.load(fkb + (i_bk64 * W + slot) * F + o_k, mask=o_k < F, other=0.0).to(tl.float32)
             b_S = tl.load(p_S + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.0)
+            if HAS_DECAY:
+                b_S = b_S * tl.exp(lam)
             tl.store(p_S + o_k[:, None] * DV + o_v[None, :], b_S + b_k[:, None] * b_vo[None, :], mask=m_kv)
     tl.debug_barrier()  # old slot contents are read above before being overwritten below
     tl.store(kb + (i_bk64 * W + slot) * D + o_d, tl.load(k + i_bk64 * D + o_d, mask=m_d), mask=m_d)
@@ -83,13 +91,18 @@ def hybrid_decode_kernel(
             b_S = tl.load(p_S + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.0)
             b_num += tl.sum(b_fq[:, None] * b_S, 0)
         b_fqf = tl.load(fq + i_bh64 * F + o_f, mask=m_f, other=0.0).to(tl.float32)
-        b_den = alpha * b_l + beta * tl.sum(b_fqf * b_z, 0) + eps
+        if HAS_DECAY:  # the state sits n_valid = min(W, t + 1) tokens before the query
+            b_qf = tl.exp(lam * n_valid)
+            b_num = b_num * b_qf
+            b_den = alpha * b_l + beta * tl.sum(b_fqf * b_z, 0) * b_qf + eps
+        else:
+            b_den = alpha * b_l + beta * tl.sum(b_fqf * b_z, 0) + eps
         b_o = (alpha * b_acc + beta * b_num) / b_den
         tl.store(o + i_bh64 * DV + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
 def triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int,
-                              scale: float, eps=1e-6, position: torch.Tensor | None = None):
+                              scale: float, eps=1e-6, position: torch.Tensor | None = None, log_decay=None):
     W = cache.window
     if int(window) != W:
         raise ValueError(f"window={window} but the cache holds {W} slots")
@@ -112,9 +125,11 @@ def triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecod
     hybrid_decode_kernel[(B * Hkv,)](
         q_t, k_t.to(cache.k.dtype), v_t.to(cache.v.dtype), fq_t, fk_t.to(cache.fk.dtype), mix_f,
         cache.S, cache.z, cache.k, cache.v, cache.fk, o,
+        log_decay.float().contiguous() if log_decay is not None else mix_f,
         G, H, W, t % W, min(t + 1, W), int(t >= W), float(scale), float(eps),
         position if position is not None else mix_f,
-        D=D, F=F, DV=DV, BD=BD, BF=BF, BKF=BKF, BV=BV, BW=BW, POS_ON_DEVICE=position is not None, num_warps=4,
+        D=D, F=F, DV=DV, BD=BD, BF=BF, BKF=BKF, BV=BV, BW=BW, POS_ON_DEVICE=position is not None,
+        HAS_DECAY=log_decay is not None, num_warps=4,
     )
     if position is None:  # with a device position the caller advances it (once per model step)
         cache.seen = t + 1

@@ -8,6 +8,16 @@ Backward with dN = do / den and dden = -(do . o) / den (the normaliser's gradien
     dfq = dA fk + dN h[n]^T + dden zh[n]^T
     dfk = dA^T fq + v dh[n]^T + dzh[n]            (summed over the query heads of the GQA group)
     dv  = A^T dN + fk dh[n]
+
+Decay (HAS_DECAY; log_decay lam (Hkv,) <= 0, g = exp(lam); common/chunk_state.py for the states): the intra-chunk
+scores get g^(r-s) (r >= s, local rows), the state read by row r gets g^(r+1) (h[n] sits at position nC - 1),
+the state terms of key s get g^(p - s) (p = min((n+1)C, T) - 1, where h[n+1] sits). d(lam) sums three parts,
+each with small integer weights (no cancellation between large terms):
+    (a) intra pairs        sum (r-s) g^(r-s) A_rs dA_rs                              (dkv kernel)
+    (b) state reads        sum_r (r+1) fq_r . [g^(r+1) (dN_r h[n]^T + dden_r zh[n])]  (dq kernel)
+    (c) state writes       sum_s (p-s) fk_s . [g^(p-s) (dh[n] v_s + dzh[n])]
+                           + l g^l (<h[n], dh[n]> + <zh[n], dzh[n]>), l the chunk's length  (dkv kernel)
+where dh[n] is the whole gradient of h[n+1]; every program writes one partial sum, added up on the host.
 """
 from __future__ import annotations
 
@@ -24,10 +34,10 @@ from ..utils import check_gqa, next_pow2
 
 @triton.jit
 def linear_fwd_o_kernel(
-    fq, fk, v, h, zh, o, rden,
+    fq, fk, v, h, zh, o, rden, ld,
     T, G, H, NS1, eps,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
-    NORMALIZE: tl.constexpr, PREC: tl.constexpr,
+    NORMALIZE: tl.constexpr, PREC: tl.constexpr, HAS_DECAY: tl.constexpr = False,
 ):
     # The whole feature dim is one tile (no loop over F tiles). A loop over F tiles gave wrong outputs
     # on the H100 with Triton 3.6 when it ran a single iteration (F = 64, bf16/fp16, normalize=True);
@@ -48,15 +58,30 @@ def linear_fwd_o_kernel(
     b_h = tl.load(h + (i_bk64 * NS1 + i_t) * F * DV + o_f[:, None] * DV + o_v[None, :],
                   mask=m_f[:, None] & m_v[None, :], other=0.0)
     b_v = tl.load(v + i_bk64 * T * DV + o_t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-    b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
-    b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-    b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0.0)
-    b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
-    if NORMALIZE:
-        b_z = tl.load(zh + (i_bk64 * NS1 + i_t) * F + o_f, mask=m_f, other=0.0)
-        b_r = 1.0 / (tl.sum(b_q.to(tl.float32) * b_z[None, :], 1) + tl.sum(b_A, 1) + eps)
-        b_o = b_o * b_r[:, None]
-        tl.store(rden + i_bh64 * T + o_t, b_r, mask=m_t)
+    if HAS_DECAY:
+        lam = tl.load(ld + i_h // G)
+        o_r = tl.arange(0, BT)
+        b_qf = tl.exp(lam * (o_r + 1).to(tl.float32))  # the state sits just before the chunk
+        b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC) * b_qf[:, None]
+        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        b_A = tl.where(o_t[:, None] >= o_t[None, :],
+                       b_A * tl.exp(lam * tl.maximum(o_r[:, None] - o_r[None, :], 0).to(tl.float32)), 0.0)
+        b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
+        if NORMALIZE:
+            b_z = tl.load(zh + (i_bk64 * NS1 + i_t) * F + o_f, mask=m_f, other=0.0)
+            b_r = 1.0 / (tl.sum(b_q.to(tl.float32) * b_z[None, :], 1) * b_qf + tl.sum(b_A, 1) + eps)
+            b_o = b_o * b_r[:, None]
+            tl.store(rden + i_bh64 * T + o_t, b_r, mask=m_t)
+    else:
+        b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
+        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0.0)
+        b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
+        if NORMALIZE:
+            b_z = tl.load(zh + (i_bk64 * NS1 + i_t) * F + o_f, mask=m_f, other=0.0)
+            b_r = 1.0 / (tl.sum(b_q.to(tl.float32) * b_z[None, :], 1) + tl.sum(b_A, 1) + eps)
+            b_o = b_o * b_r[:, None]
+            tl.store(rden + i_bh64 * T + o_t, b_r, mask=m_t)
     tl.store(o + i_bh64 * T * DV + o_t[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
 
@@ -78,10 +103,10 @@ def normalizer_bwd_kernel(o, do, rden, dden, T, DV: tl.constexpr, BT: tl.constex
 
 @triton.jit
 def linear_bwd_dq_kernel(
-    fk, v, h, zh, do, rden, dden, dq,
+    fk, v, h, zh, do, rden, dden, dq, fq, ld, dld,
     T, G, H, NS1,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORMALIZE: tl.constexpr, PREC: tl.constexpr,
+    NORMALIZE: tl.constexpr, PREC: tl.constexpr, HAS_DECAY: tl.constexpr = False,
 ):
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     Hkv = H // G
@@ -109,21 +134,39 @@ def linear_bwd_dq_kernel(
     b_k = tl.load(fk + i_bk64 * T * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
     b_h = tl.load(h + (i_bk64 * NS1 + i_t) * F * DV + o_k[:, None] * DV + o_v[None, :],
                   mask=m_k[:, None] & m_v[None, :], other=0.0)
-    b_dq = tl.dot(b_dA.to(b_k.dtype), b_k, input_precision=PREC)
-    b_dq += tl.dot(b_dn, tl.trans(b_h.to(b_dn.dtype)), input_precision=PREC)
-    if NORMALIZE:
-        b_z = tl.load(zh + (i_bk64 * NS1 + i_t) * F + o_k, mask=m_k, other=0.0)
-        b_dq += b_dd[:, None] * b_z[None, :]
+    if HAS_DECAY:
+        lam = tl.load(ld + i_h // G)
+        o_r = tl.arange(0, BT)
+        b_dA = b_dA * tl.exp(lam * tl.maximum(o_r[:, None] - o_r[None, :], 0).to(tl.float32))
+        b_dq = tl.dot(b_dA.to(b_k.dtype), b_k, input_precision=PREC)
+        b_dqs = tl.dot(b_dn, tl.trans(b_h.to(b_dn.dtype)), input_precision=PREC)  # through the state
+        if NORMALIZE:
+            b_z = tl.load(zh + (i_bk64 * NS1 + i_t) * F + o_k, mask=m_k, other=0.0)
+            b_dqs += b_dd[:, None] * b_z[None, :]
+        b_qf = tl.exp(lam * (o_r + 1).to(tl.float32))
+        b_dqs = b_dqs * b_qf[:, None]
+        b_dq += b_dqs
+        # d(lam), state reads: sum_r (r+1) fq_r . dfq_r(state part), this F tile
+        b_q = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.0).to(tl.float32)
+        part = tl.sum(tl.sum(b_q * b_dqs, 1) * (o_r + 1).to(tl.float32), 0)
+        tl.store(dld + (i_bh64 * tl.num_programs(1) + i_t) * tl.num_programs(0) + i_k, part)
+    else:
+        b_dq = tl.dot(b_dA.to(b_k.dtype), b_k, input_precision=PREC)
+        b_dq += tl.dot(b_dn, tl.trans(b_h.to(b_dn.dtype)), input_precision=PREC)
+        if NORMALIZE:
+            b_z = tl.load(zh + (i_bk64 * NS1 + i_t) * F + o_k, mask=m_k, other=0.0)
+            b_dq += b_dd[:, None] * b_z[None, :]
     tl.store(dq + i_bh64 * T * F + o_t[:, None] * F + o_k[None, :], b_dq.to(dq.dtype.element_ty),
              mask=m_t[:, None] & m_k[None, :])
 
 
 @triton.jit
 def linear_bwd_dkv_kernel(
-    fq, fk, v, dh, dzh, do, rden, dden, dk, dv,
+    fq, fk, v, dh, dzh, do, rden, dden, dk, dv, h, zh, ld, dld,
     T, G, H, NT,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
-    NORMALIZE: tl.constexpr, PREC: tl.constexpr,
+    NORMALIZE: tl.constexpr, PREC: tl.constexpr, HAS_DECAY: tl.constexpr = False,
 ):
     i_t, i_bk = tl.program_id(0), tl.program_id(1)
     Hkv = H // G
@@ -143,6 +186,12 @@ def linear_bwd_dkv_kernel(
     causal = o_t[:, None] <= o_t[None, :]
     b_dk = tl.zeros([BT, BF], dtype=tl.float32)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    if HAS_DECAY:
+        lam = tl.load(ld + i_hk)
+        o_r = tl.arange(0, BT)
+        delta = tl.maximum(o_r[None, :] - o_r[:, None], 0).to(tl.float32)  # i - j (rows keys, columns queries)
+        dmt = tl.exp(lam * delta)
+        b_dld = tl.zeros([BT], dtype=tl.float32)
     for g in range(G):
         i_bh64 = (i_b * H + i_hk * G + g).to(tl.int64)
         b_q = tl.load(fq + i_bh64 * T * F + o_t[:, None] * F + o_f[None, :], mask=m_tf, other=0.0)
@@ -156,14 +205,36 @@ def linear_bwd_dkv_kernel(
         if NORMALIZE:
             b_dAt += b_dd[None, :]
         b_dAt = tl.where(causal, b_dAt, 0.0)
+        if HAS_DECAY:
+            b_At = b_At * dmt
+            b_dld += tl.sum(delta * b_At * b_dAt, 1)  # d(lam), intra-chunk pairs
+            b_dAt = b_dAt * dmt
         b_dk += tl.dot(b_dAt.to(b_q.dtype), b_q, input_precision=PREC)
         b_dv += tl.dot(b_At.to(b_dn.dtype), b_dn, input_precision=PREC)
     # state path: queries of later chunks (plus the final-state gradient)
     b_dh = tl.load(dh + (i_bk64 * NT + i_t) * F * DV + o_f[:, None] * DV + o_v[None, :],
                    mask=m_f[:, None] & m_v[None, :], other=0.0)
     b_dzh = tl.load(dzh + (i_bk64 * NT + i_t) * F + o_f, mask=m_f, other=0.0)
-    b_dk += tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)), input_precision=PREC) + b_dzh[None, :]
-    b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PREC)
+    if HAS_DECAY:
+        # key s feeds h[n+1] (at p = min((n+1)C, T) - 1) with g^(p - s)
+        p_end = tl.minimum((i_t + 1) * BT, T) - 1
+        kexp = tl.maximum(p_end - o_t, 0)
+        b_kf = tl.exp(lam * kexp.to(tl.float32))
+        b_dks = (tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)), input_precision=PREC) + b_dzh[None, :]) * b_kf[:, None]
+        b_dk += b_dks
+        b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PREC) * b_kf[:, None]
+        # d(lam), state writes: the chunk's keys (p - s) and the carried state l g^l <h[n], G_{n+1}>
+        b_dld += tl.sum(b_k.to(tl.float32) * b_dks, 1) * kexp.to(tl.float32)
+        NS1 = NT + 1
+        b_h = tl.load(h + (i_bk64 * NS1 + i_t) * F * DV + o_f[:, None] * DV + o_v[None, :],
+                      mask=m_f[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        b_zh = tl.load(zh + (i_bk64 * NS1 + i_t) * F + o_f, mask=m_f, other=0.0)
+        n_len = tl.minimum(T - i_t * BT, BT)
+        carry = tl.sum(tl.sum(b_h * b_dh.to(tl.float32), 1), 0) + tl.sum(b_zh * b_dzh, 0)
+        tl.store(dld + i_bk64 * NT + i_t, tl.sum(b_dld, 0) + carry * n_len * tl.exp(lam * n_len))
+    else:
+        b_dk += tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)), input_precision=PREC) + b_dzh[None, :]
+        b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PREC)
     tl.store(dk + i_bk64 * T * F + o_t[:, None] * F + o_f[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tf)
     tl.store(dv + i_bk64 * T * DV + o_t[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
@@ -181,33 +252,36 @@ def normalizer_bwd(o, do, rden):
     return dden
 
 
-def linear_fwd(fq, fk, v, initial_state, normalize, eps, chunk=None):
+def linear_fwd(fq, fk, v, initial_state, normalize, eps, chunk=None, log_decay=None):
     chunk = chunk or chunk_size(fq.dtype)
     B, H, T, F = fq.shape
     Hkv, DV = fk.shape[1], v.shape[-1]
     G = H // Hkv
-    h, zh, ST, zT = chunk_state_fwd(fk, v, initial_state, T, chunk)
+    h, zh, ST, zT = chunk_state_fwd(fk, v, initial_state, T, chunk, log_decay)
     NT = triton.cdiv(T, chunk)
     o = torch.empty(B, H, T, DV, dtype=v.dtype, device=v.device)
     rden = torch.empty(B, H, T, dtype=torch.float32, device=v.device) if normalize else None
     BF = max(16, next_pow2(F))
     BV = max(16, next_pow2(DV))
     linear_fwd_o_kernel[(NT, B * H)](
-        fq, fk, v, h, zh, o, rden if normalize else o, T, G, H, h.shape[2], eps,
+        fq, fk, v, h, zh, o, rden if normalize else o, log_decay if log_decay is not None else zh,
+        T, G, H, h.shape[2], eps,
         F=F, DV=DV, BT=chunk, BF=BF, BV=BV, NORMALIZE=normalize, PREC=_prec(fq.dtype),
+        HAS_DECAY=log_decay is not None,
         **kernel_config("lin_fwd", 8 if BF + BV > 256 else 4, 1),
     )
     return o, rden, h, zh, ST, zT
 
 
-def linear_bwd(fq, fk, v, o, rden, h, zh, do, dfinal, normalize, chunk=None):
+def linear_bwd(fq, fk, v, o, rden, h, zh, do, dfinal, normalize, chunk=None, log_decay=None):
+    """Returns dfq, dfk, dv, dS0, dz0 and d(log_decay) (fp32 (Hkv,), None without decay)."""
     chunk = chunk or chunk_size(fq.dtype)
     B, H, T, F = fq.shape
     Hkv, DV = fk.shape[1], v.shape[-1]
     G = H // Hkv
     NT = triton.cdiv(T, chunk)
     dden = normalizer_bwd(o, do, rden) if normalize else None
-    dh, dzh, dS0, dz0 = chunk_state_bwd(fq, do, rden, dden, None, dfinal, Hkv, 0, chunk, normalize)
+    dh, dzh, dS0, dz0 = chunk_state_bwd(fq, do, rden, dden, None, dfinal, Hkv, 0, chunk, normalize, T, log_decay)
     prec = _prec(fq.dtype)
     dfq = torch.empty_like(fq)
     dfk = torch.empty_like(fk)
@@ -217,36 +291,46 @@ def linear_bwd(fq, fk, v, o, rden, h, zh, do, dfinal, normalize, chunk=None):
     BV = max(16, next_pow2(DV))
     rd = rden if normalize else do
     dd = dden if normalize else do
-    linear_bwd_dq_kernel[(triton.cdiv(F, BK), NT, B * H)](
-        fk, v, h, zh, do, rd, dd, dfq, T, G, H, h.shape[2],
-        F=F, DV=DV, BT=chunk, BK=BK, BV=BV, NORMALIZE=normalize, PREC=prec,
+    decay = log_decay is not None
+    NK = triton.cdiv(F, BK)
+    # d(log_decay) partial sums, one per program (summed below; deterministic, no atomics)
+    dld_q = fq.new_empty(B * H, NT, NK, dtype=torch.float32) if decay else dd
+    dld_k = fq.new_empty(B * Hkv, NT, dtype=torch.float32) if decay else dd
+    ld = log_decay if decay else dd
+    linear_bwd_dq_kernel[(NK, NT, B * H)](
+        fk, v, h, zh, do, rd, dd, dfq, fq, ld, dld_q, T, G, H, h.shape[2],
+        F=F, DV=DV, BT=chunk, BK=BK, BV=BV, NORMALIZE=normalize, PREC=prec, HAS_DECAY=decay,
         **kernel_config("lin_dq", _warps(chunk * BV, chunk * BK), 1),
     )
     linear_bwd_dkv_kernel[(NT, B * Hkv)](
-        fq, fk, v, dh, dzh, do, rd, dd, dfk, dv, T, G, H, NT,
-        F=F, DV=DV, BT=chunk, BF=BF, BV=BV, NORMALIZE=normalize, PREC=prec,
+        fq, fk, v, dh, dzh, do, rd, dd, dfk, dv, h, zh, ld, dld_k, T, G, H, NT,
+        F=F, DV=DV, BT=chunk, BF=BF, BV=BV, NORMALIZE=normalize, PREC=prec, HAS_DECAY=decay,
         **kernel_config("lin_dkv", 8 if BF + BV >= 192 else 4, 1),
     )
-    return dfq, dfk, dv, dS0, dz0
+    dld = None
+    if decay:
+        dld = dld_q.view(B, Hkv, G * NT * NK).sum((0, 2)) + dld_k.view(B, Hkv, NT).sum((0, 2))
+    return dfq, dfk, dv, dS0, dz0, dld
 
 
 class LinearAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fq, fk, v, S0, z0, normalize, eps, output_final_state):
+    def forward(ctx, fq, fk, v, S0, z0, log_decay, normalize, eps, output_final_state):
         fq, fk, v = fq.contiguous(), fk.contiguous(), v.contiguous()
         init = (S0, z0) if S0 is not None else None
-        o, rden, h, zh, ST, zT = linear_fwd(fq, fk, v, init, normalize, eps)
+        ld = log_decay.float().contiguous() if log_decay is not None else None
+        o, rden, h, zh, ST, zT = linear_fwd(fq, fk, v, init, normalize, eps, log_decay=ld)
         if not output_final_state:
             ST = zT = None
         # the chunk states are kept for the backward (bf16 for bf16 inputs): O(T F Dv / C) memory
-        ctx.save_for_backward(fq, fk, v, o, rden, h, zh, S0, z0)
+        ctx.save_for_backward(fq, fk, v, o, rden, h, zh, S0, z0, ld, log_decay)
         ctx.normalize = normalize
         ctx.set_materialize_grads(False)
         return o, ST, zT
 
     @staticmethod
     def backward(ctx, do, dST, dzT):
-        fq, fk, v, o, rden, h, zh, S0, z0 = ctx.saved_tensors
+        fq, fk, v, o, rden, h, zh, S0, z0, ld, log_decay = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
         do = do.contiguous()
@@ -255,19 +339,21 @@ class LinearAttentionFunction(torch.autograd.Function):
             B, Hkv, _, F = fk.shape
             dfinal = (dST if dST is not None else fk.new_zeros(B, Hkv, F, v.shape[-1], dtype=torch.float32),
                       dzT if dzT is not None else fk.new_zeros(B, Hkv, F, dtype=torch.float32))
-        dfq, dfk, dv, dS0, dz0 = linear_bwd(fq, fk, v, o, rden, h, zh, do, dfinal, ctx.normalize)
+        dfq, dfk, dv, dS0, dz0, dld = linear_bwd(fq, fk, v, o, rden, h, zh, do, dfinal, ctx.normalize, log_decay=ld)
         if S0 is None:
             dS0 = dz0 = None
         else:
             dS0, dz0 = dS0.to(S0.dtype), dz0.to(z0.dtype)
-        return dfq, dfk, dv, dS0, dz0, None, None, None
+        if dld is not None:
+            dld = dld.to(log_decay.dtype)
+        return dfq, dfk, dv, dS0, dz0, dld, None, None, None
 
 
 _CHECKED: dict = {}
 
 
 def _self_check(fq, fk, v, normalize: bool, force: bool = False) -> None:
-    """Once per (device, dtype, F, Dv, G, normalize) on CUDA: forward and backward against the PyTorch reference.
+    """Once per (device, dtype, F, Dv, G, normalize) on CUDA: forward and backward against the O(T^2) oracle.
 
     The current forward kernel has not yet run on a GPU (its predecessor failed two GPU tests, see
     docs/kernels.md), so rather than risk silently wrong training it checks itself on a small problem of
@@ -280,7 +366,7 @@ def _self_check(fq, fk, v, normalize: bool, force: bool = False) -> None:
     key = (fq.device, fq.dtype, F, DV, H // Hkv, normalize)
     if key in _CHECKED:
         return
-    from .torch_chunk import chunk_linear_attention_ref
+    from .naive import naive_linear_attention
     g = torch.Generator(device=fq.device).manual_seed(0)
     G, Tc = H // Hkv, 256
     x = [torch.randn(1, n, Tc, d, generator=g, device=fq.device) for n, d in ((G, F), (1, F), (1, DV), (G, DV))]
@@ -294,22 +380,24 @@ def _self_check(fq, fk, v, normalize: bool, force: bool = False) -> None:
             o.float().backward(do.float())
         return [o.detach()] + [t.grad for t in leaves]
 
-    got = run(lambda a, b, c: LinearAttentionFunction.apply(a, b, c, None, None, normalize, 1e-6, False)[0])
-    ref = run(lambda a, b, c: chunk_linear_attention_ref(a, b, c, normalize=normalize)[0])
+    got = run(lambda a, b, c: LinearAttentionFunction.apply(a, b, c, None, None, None, normalize, 1e-6, False)[0])
+    ref = run(lambda a, b, c: naive_linear_attention(a, b, c, normalize=normalize)[0])
     errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref)]
     # interpreter at this size: fp32 <= 3e-7; bf16 output 2.6e-3, gradients <= 6e-3
     tol = [1e-3] * 4 if fq.dtype == torch.float32 else [1e-2, 3e-2, 3e-2, 3e-2]
     if not all(e < t for e, t in zip(errs, tol)):
         raise RuntimeError(f"effconv_kernels: Triton linear attention disagrees with the reference on this GPU "
                            f"(relative errors o/dfq/dfk/dv {[f'{e:.3g}' for e in errs]} for {key}); "
-                           "use backend='reference' and report it")
+                           "use effconv's PyTorch path (attention_backend='reference') and report it")
     _CHECKED[key] = errs
 
 
-def chunk_linear_attention(fq, fk, v, *, normalize=True, eps=1e-6, initial_state=None, output_final_state=False):
+def chunk_linear_attention(fq, fk, v, *, normalize=True, eps=1e-6, initial_state=None, output_final_state=False,
+                           log_decay=None):
     B, H, T, F = fq.shape
     check_gqa(H, fk.shape[1])
     _self_check(fq, fk, v, bool(normalize))
     S0, z0 = initial_state if initial_state is not None else (None, None)
-    o, ST, zT = LinearAttentionFunction.apply(fq, fk, v, S0, z0, bool(normalize), float(eps), bool(output_final_state))
+    o, ST, zT = LinearAttentionFunction.apply(fq, fk, v, S0, z0, log_decay, bool(normalize), float(eps),
+                                              bool(output_final_state))
     return o, ((ST, zT) if output_final_state else None)

@@ -2,6 +2,11 @@
 
 Everything is computed in fp32 and is differentiable with plain autograd. GQA is handled by
 viewing the query heads as (Hkv, G) groups, so kv heads are never copied.
+
+Decay (`log_decay`, (Hkv,) values <= 0, g = exp(log_decay)): the pair (i, j <= i) gets weight g^(i-j), the
+initial state g^(i+1) at query i (it sits at position -1), and the state after T tokens is
+S_T = g^T S0 + sum_{j<T} g^(T-1-j) fk_j v_j^T ("decayed to the last token it holds"), so the decode
+recurrence is S <- g S + fk_t v_t^T, o_t = fq_t S.
 """
 from __future__ import annotations
 
@@ -15,38 +20,70 @@ def _split_state(initial_state):
     return S0.float(), z0.float()
 
 
-def naive_linear_attention(fq, fk, v, *, normalize=True, eps=1e-6, initial_state=None, output_final_state=False):
+def decay_pow(log_decay, exponent, shape):
+    """g^exponent = exp(log_decay * exponent) in fp32, log_decay (Hkv,) viewed as `shape` (Hkv where it is -1);
+    negative exponents (masked entries) are clamped to 0 so nothing overflows."""
+    lam = log_decay.float().reshape(shape)
+    return torch.exp(lam * exponent.clamp(min=0).to(lam.device, torch.float32))
+
+
+def naive_linear_attention(fq, fk, v, *, normalize=True, eps=1e-6, initial_state=None, output_final_state=False,
+                           log_decay=None):
     B, H, T, F = fq.shape
     Hkv, Dv = fk.shape[1], v.shape[-1]
     G = H // Hkv
     q = fq.float().reshape(B, Hkv, G, T, F)
     k, vv = fk.float(), v.float()
+    pos = torch.arange(T, device=fq.device)
     mask = torch.ones(T, T, dtype=torch.bool, device=fq.device).tril()
-    A = torch.einsum("bhgif,bhjf->bhgij", q, k).masked_fill(~mask, 0.0)
+    A = torch.einsum("bhgif,bhjf->bhgij", q, k)
+    if log_decay is not None:
+        A = A * decay_pow(log_decay, pos[:, None] - pos[None, :], (1, Hkv, 1, 1, 1))
+    A = A.masked_fill(~mask, 0.0)
     num = torch.einsum("bhgij,bhjd->bhgid", A, vv)
     den = A.sum(-1)
     S0, z0 = _split_state(initial_state)
     if S0 is not None:
-        num = num + torch.einsum("bhgif,bhfd->bhgid", q, S0)
-        den = den + torch.einsum("bhgif,bhf->bhgi", q, z0)
+        s_num = torch.einsum("bhgif,bhfd->bhgid", q, S0)
+        s_den = torch.einsum("bhgif,bhf->bhgi", q, z0)
+        if log_decay is not None:
+            qd = decay_pow(log_decay, pos + 1, (1, Hkv, 1, 1))  # (1, Hkv, 1, T)
+            s_num, s_den = s_num * qd[..., None], s_den * qd
+        num, den = num + s_num, den + s_den
     o = num / (den + eps).unsqueeze(-1) if normalize else num
-    final = None
-    if output_final_state:
-        S = torch.einsum("bhjf,bhjd->bhfd", k, vv)
-        z = k.sum(2)
-        if S0 is not None:
-            S, z = S + S0, z + z0
-        final = (S, z)
+    final = linear_state(k, vv, T, initial_state, log_decay) if output_final_state else None
     return o.reshape(B, H, T, Dv).to(fq.dtype), final
 
 
-def linear_decode_step_ref(fq_t, fk_t, v_t, state, *, normalize=True, eps=1e-6):
-    """One decode step. `state=(S, z)` (fp32) is updated IN PLACE: S += fk_t v_t^T, z += fk_t."""
+def linear_state(fk, v, L: int, initial_state=None, log_decay=None):
+    """(S, z) after the first L tokens of fk (B,Hkv,T,F), v: g^L S0 + sum_{j<L} g^(L-1-j) fk_j v_j^T (fp32)."""
+    kk, vv = fk[:, :, :L].float(), v[:, :, :L].float()
+    Hkv = fk.shape[1]
+    if log_decay is not None:
+        kk = kk * decay_pow(log_decay, L - 1 - torch.arange(L, device=fk.device), (1, Hkv, 1))[..., None]
+    S = torch.einsum("bhjf,bhjd->bhfd", kk, vv)
+    z = kk.sum(2)
+    if initial_state is not None:
+        S0, z0 = initial_state[0].float(), initial_state[1].float()
+        if log_decay is not None:
+            gL = decay_pow(log_decay, torch.tensor(L), (1, Hkv))
+            S0, z0 = S0 * gL[..., None, None], z0 * gL[..., None]
+        S, z = S + S0, z + z0
+    return S, z
+
+
+def linear_decode_step_ref(fq_t, fk_t, v_t, state, *, normalize=True, eps=1e-6, log_decay=None):
+    """One decode step. `state=(S, z)` (fp32) is updated IN PLACE: S = g S + fk_t v_t^T, z = g z + fk_t
+    (g = 1 without `log_decay`)."""
     S, z = state
     B, H, F = fq_t.shape
     Hkv = fk_t.shape[1]
     G = H // Hkv
     k, vv = fk_t.float(), v_t.float()
+    if log_decay is not None:
+        g = torch.exp(log_decay.float()).view(1, Hkv)
+        S.mul_(g[..., None, None])
+        z.mul_(g[..., None])
     S.add_(k.unsqueeze(-1) * vv.unsqueeze(-2))
     z.add_(k)
     q = fq_t.float().reshape(B, Hkv, G, F)
@@ -56,7 +93,7 @@ def linear_decode_step_ref(fq_t, fk_t, v_t, state, *, normalize=True, eps=1e-6):
     return o.reshape(B, H, -1).to(fq_t.dtype), (S, z)
 
 
-def recurrent_linear_attention_ref(fq, fk, v, *, normalize=True, eps=1e-6, initial_state=None):
+def recurrent_linear_attention_ref(fq, fk, v, *, normalize=True, eps=1e-6, initial_state=None, log_decay=None):
     """Token-by-token loop over `linear_decode_step_ref` (the decode oracle). Returns (o, (S, z))."""
     B, H, T, F = fq.shape
     Hkv, Dv = fk.shape[1], v.shape[-1]
@@ -67,6 +104,7 @@ def recurrent_linear_attention_ref(fq, fk, v, *, normalize=True, eps=1e-6, initi
         S, z = initial_state[0].float().clone(), initial_state[1].float().clone()
     outs = []
     for t in range(T):
-        o_t, _ = linear_decode_step_ref(fq[:, :, t], fk[:, :, t], v[:, :, t], (S, z), normalize=normalize, eps=eps)
+        o_t, _ = linear_decode_step_ref(fq[:, :, t], fk[:, :, t], v[:, :, t], (S, z), normalize=normalize, eps=eps,
+                                        log_decay=log_decay)
         outs.append(o_t)
     return torch.stack(outs, 2), (S, z)
