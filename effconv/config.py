@@ -80,6 +80,11 @@ class AttentionArgs:
     feature_map: str = option("hedgehog", "hedgehog | t2r | elu")
     feature_dim: int | None = option(None, "Feature-map projection size per head (default: head dim)")
     window: int = option(64, "Sliding softmax window of the hybrid (0 = pure linear attention); of sliding layers")
+    decay: bool = option(False, "Linear layers get a learned per-KV-head decay of their state (retention style): "
+                                "the linear part forgets, so its share of the normaliser stays bounded at long "
+                                "context", flag="--decay")
+    decay_memory: float = option(1024.0, "--decay: initial memory in tokens (1 / (1 - g)); the KV heads start at "
+                                         "memory/4 .. memory*4")
     attention: str = option("linear", "What converted layers become: linear (feature-map linear + --window softmax, "
                                       "default) | sliding (softmax over --window + --sinks) | block_sparse (top-k "
                                       "blocks) | gqa (merged K/V heads, --kv-heads)")
@@ -269,4 +274,5 @@ def run_identity(cfg: Any, *volatile: str) -> dict:
 
 
 #: Settings added after runs existed, with the value those runs had.
-SETTINGS_ADDED_LATER = {"generation_mode": "static", "ce_weight": 1.0, "generation_turns": 1, "packing": "stream"}
+SETTINGS_ADDED_LATER = {"generation_mode": "static", "ce_weight": 1.0, "generation_turns": 1, "packing": "stream",
+                        "decay": False, "decay_memory": 1024.0}

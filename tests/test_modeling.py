@@ -159,3 +159,33 @@ def test_transfer_mse_matches_fp32_mse_loss(dtype):
     assert torch.allclose(loss, ref, rtol=1e-6)
     for g, r in zip(grads, ref_grads):
         assert g.dtype == dtype and torch.allclose(g.float(), r.float(), rtol=1e-5, atol=1e-9)
+
+
+def test_decay_student_trains_decays_and_decodes_like_its_forward():
+    """--decay: each linear layer has a per-KV-head decay logit (trainable in stage 1, initialised at memories
+    around decay_memory), the linear part forgets (outputs differ from the undecayed model) and cached decoding
+    equals the full forward, for the hybrid and for pure linear attention."""
+    from effconv.conversion.student import make_student
+    from effconv.pipelines.linearize import LinearizeConfig
+
+    teacher = tiny_teacher("llama")
+    ids = torch.randint(0, 400, (2, 40))
+    for window in (4, 0):
+        plain = make_student(teacher, LinearizeConfig(window=window), torch.device("cpu"))
+        decayed = make_student(teacher, LinearizeConfig(window=window, decay=True, decay_memory=8.0),
+                               torch.device("cpu"))
+        attn = decayed.model.layers[0].self_attn
+        tau = 1 / (1 - torch.sigmoid(attn.decay_logit.detach()))
+        torch.testing.assert_close(tau, torch.tensor([2.0, 32.0])[: attn.num_kv_heads], rtol=1e-4, atol=1e-4)
+        assert attn.decay_logit.requires_grad and attn.decay_logit.dtype == torch.float32
+        with torch.no_grad():
+            full = decayed(ids, use_cache=False).logits
+            assert not torch.allclose(full, plain(ids, use_cache=False).logits, atol=1e-4)
+            out = decayed(ids[:, :25], use_cache=True)
+            steps = [out.logits[:, -1]]
+            cache = out.past_key_values
+            for t in range(25, 40):
+                out = decayed(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                steps.append(out.logits[:, -1])
+        torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 24:39], rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ import torch
 from ..errors import EffconvError
 from ..io.sources import check_supported
 from ..modeling import EffconvConfig, EffconvForCausalLM
+from ..modeling.modeling_effconv import decay_logit_init
 from .gqa import merge_kv_heads
 
 
@@ -101,6 +102,9 @@ def build_student(teacher, config: EffconvConfig) -> EffconvForCausalLM:
             module.reset_parameters()
         if hasattr(module, "window_mix"):
             torch.nn.init.zeros_(module.window_mix)
+        if hasattr(module, "decay_logit"):
+            with torch.no_grad():
+                module.decay_logit.copy_(decay_logit_init(module.num_kv_heads, config.decay_memory))
     if config.tie_word_embeddings:
         student.tie_weights()
     # rotary inv_freq buffers are not in the state dict: recompute them on the real device
@@ -110,7 +114,7 @@ def build_student(teacher, config: EffconvConfig) -> EffconvForCausalLM:
 
 
 def _is_new_attention_param(key: str) -> bool:
-    return ".feature_map_" in key or key.endswith(".window_mix")
+    return ".feature_map_" in key or key.endswith((".window_mix", ".decay_logit"))
 
 
 def converted_layer_indices(num_layers: int, layers: list[int] | None) -> list[int]:
@@ -138,13 +142,14 @@ def make_student(teacher, cfg, device: torch.device):
         attention_backend="auto" if cfg.kernel == "auto" else cfg.kernel,
     )
     config.sink_tokens, config.sparse_block_size, config.sparse_topk = cfg.sinks, cfg.block_size, cfg.topk
+    config.linear_decay, config.decay_memory = cfg.decay, float(cfg.decay_memory)
     student = build_student(teacher, config).to(device)
     if cfg.attention == "gqa":
         merge_kv_heads(student, sorted(convert), cfg.kv_heads, method=cfg.kv_merge)
     student.requires_grad_(False)
     for attn in student.converted_attentions():
         for name, p in attn.named_parameters():
-            if name.startswith("feature_map_") or name == "window_mix":
+            if name.startswith("feature_map_") or name in ("window_mix", "decay_logit"):
                 p.data = p.data.float()  # small trainable maps stay fp32 even in a bf16 model
                 p.requires_grad_(True)
             elif attn.layer_type == "gqa" and name.split(".")[0] in ("k_proj", "v_proj"):

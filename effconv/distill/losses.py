@@ -1,11 +1,20 @@
-"""Distillation losses on next-token distributions."""
+"""Distillation losses on next-token distributions.
+
+Stage 2 at long sequence lengths cannot hold the logits: 16 x 8192 positions x 49152 vocabulary in fp32 is 26 GB
+per model. `next_token_distill_loss` therefore forms the logits from the final hidden states a chunk of positions
+at a time and recomputes each chunk in the backward pass (activation checkpointing), so only one chunk's logits
+exist at once; the arithmetic per position is the unchunked one (the head in the model's dtype, then fp32).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .transfer import attention_mode
+
+LOSS_CHUNK = 2048  # positions per chunk of logits (x 49152 vocabulary x 4 bytes: 0.4 GB in fp32)
 
 
 def kl_to_teacher_logits(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -14,17 +23,52 @@ def kl_to_teacher_logits(logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
                     log_target=True, reduction="batchmean")
 
 
+def _chunk_sums(hidden, weight, targets, has_target, teacher_hidden, ce_weight: float, kl_weight: float):
+    logp = F.log_softmax(F.linear(hidden, weight).float(), -1)
+    total = logp.new_zeros(())
+    if ce_weight > 0:
+        nll = -logp.gather(-1, targets.clamp_min(0)[:, None])[:, 0]
+        total = total + ce_weight * (nll * has_target).sum()
+    if kl_weight > 0:
+        with torch.no_grad():
+            teacher_logp = F.log_softmax(F.linear(teacher_hidden, weight).float(), -1)
+        kl = (teacher_logp.exp() * (teacher_logp - logp)).sum()
+        total = total + kl_weight * kl
+    return total
+
+
+def next_token_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                            teacher_hidden: torch.Tensor | None = None, *, ce_weight: float = 1.0,
+                            kl_weight: float = 0.0, chunk_size: int = LOSS_CHUNK) -> torch.Tensor:
+    """ce_weight x mean next-token cross-entropy of ids (B, T) (over the B (T-1) predicted positions) +
+    kl_weight x mean KL(teacher || student) over all B T positions, from final hidden states (B, T, D) and the
+    output head `weight` (V, D), one chunk of positions at a time (module docstring)."""
+    b, t, d = hidden.shape
+    flat = hidden.reshape(b * t, d)
+    targets = torch.cat([ids[:, 1:], ids.new_full((b, 1), -1)], 1).reshape(-1)  # position t predicts token t + 1
+    has_target = (targets >= 0).to(torch.float32)
+    teacher_flat = None if teacher_hidden is None else teacher_hidden.reshape(b * t, d)
+    total = flat.new_zeros((), dtype=torch.float32)
+    ce_count, kl_count = max(b * (t - 1), 1), b * t
+    for start in range(0, b * t, chunk_size):
+        part = slice(start, start + chunk_size)
+        args = (flat[part], weight, targets[part], has_target[part],
+                None if teacher_flat is None else teacher_flat[part])
+        # per-position weights folded in so one sum serves both terms
+        total = total + checkpoint(_chunk_sums, *args, ce_weight / ce_count, kl_weight / kl_count,
+                                   use_reentrant=False)
+    return total
+
+
 def finetune_loss(peft_model, student, batch: torch.Tensor, kl_weight: float, ce_weight: float = 1.0) -> torch.Tensor:
     """Stage 2: ce_weight x next-token loss on the text + kl_weight x KL(teacher || student) on every position's
     next-token distribution (the teacher: the same weights, adapters off, softmax attention). The next-token term
     fits the text, which for teacher-generated text is the teacher's *sampled* distribution; the KL term fits the
-    teacher's own distribution."""
-    logits = peft_model(input_ids=batch, use_cache=False).logits.float()
-    loss = logits.new_zeros(())
-    if ce_weight > 0:
-        loss = ce_weight * F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+    teacher's own distribution. Logits are formed chunk by chunk (next_token_distill_loss)."""
+    hidden = student.model(input_ids=batch, use_cache=False).last_hidden_state  # LoRA active through peft_model
+    teacher_hidden = None
     if kl_weight > 0:
         with torch.no_grad(), peft_model.disable_adapter(), attention_mode(student, "teacher"):
-            teacher_logits = student(input_ids=batch, use_cache=False).logits.float()
-        loss = loss + kl_weight * kl_to_teacher_logits(logits, teacher_logits)
-    return loss
+            teacher_hidden = student.model(input_ids=batch, use_cache=False).last_hidden_state
+    return next_token_distill_loss(hidden, student.lm_head.weight, batch, teacher_hidden, ce_weight=ce_weight,
+                                   kl_weight=kl_weight)

@@ -61,7 +61,8 @@ def attention_map_ce(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     teacher = torch.softmax((q.float() @ k_rep.transpose(-1, -2) * attn.scale).masked_fill(~causal, float("-inf")), -1)
     mix = getattr(attn, "window_mix", torch.zeros(attn.num_heads, device=q.device))
     student = hybrid_attention_weights(
-        q, k, attn.feature_map_q(q), attn.feature_map_k(k), mix, window=attn.window, scale=attn.scale
+        q, k, attn.feature_map_q(q), attn.feature_map_k(k), mix, window=attn.window, scale=attn.scale,
+        log_decay=attn.log_decay(),
     )
     return -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1).mean()
 

@@ -43,6 +43,8 @@ class EffconvConfig(PretrainedConfig):
         feature_dim: int | None = None,
         window_size: int = 64,
         linear_eps: float = 1e-6,
+        linear_decay: bool = False,
+        decay_memory: float = 1024.0,
         attention_backend: str = "auto",
         sink_tokens: int = 0,
         sparse_block_size: int = 64,
@@ -83,6 +85,9 @@ class EffconvConfig(PretrainedConfig):
         self.feature_dim = feature_dim
         self.window_size = window_size
         self.linear_eps = linear_eps
+        # per-kv-head learned decay of the linear part (retention style), started at memories around decay_memory
+        self.linear_decay = linear_decay
+        self.decay_memory = decay_memory
         self.attention_backend = attention_backend
         self.sink_tokens = sink_tokens  # "sliding" layers
         self.sparse_block_size = sparse_block_size  # "block_sparse" layers

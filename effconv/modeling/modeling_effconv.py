@@ -34,6 +34,17 @@ from .backend import use_kernels
 from .configuration_effconv import EffconvConfig
 from .moe import MoeExperts, MoeMLP
 
+def decay_logit_init(num_kv_heads: int, memory: float) -> torch.Tensor:
+    """Decay logits whose decays g = 1 - 1/tau keep a memory of tau tokens, tau log-spaced from memory / 4 to
+    memory * 4 over the kv heads (one tau for one head): long memory at the start, several time scales."""
+    if num_kv_heads == 1:
+        tau = torch.tensor([float(memory)])
+    else:
+        tau = float(memory) * torch.logspace(-2, 2, num_kv_heads, base=2.0)
+    tau = tau.clamp_min(2.0)
+    return torch.log(tau - 1.0)  # logit of 1 - 1/tau
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -169,6 +180,14 @@ class EffconvAttention(nn.Module):
             if self.window > 0:
                 # sigmoid(0) = 0.5: window and linear terms start with equal weight
                 self.window_mix = nn.Parameter(torch.zeros(self.num_heads))
+            if config.linear_decay:
+                # per kv head: g = sigmoid(decay_logit), the weight of the linear state per token of age
+                self.decay_logit = nn.Parameter(decay_logit_init(self.num_kv_heads, config.decay_memory))
+
+    def log_decay(self) -> torch.Tensor | None:
+        """log g per kv head (fp32), or None for a layer without decay."""
+        logit = getattr(self, "decay_logit", None)
+        return None if logit is None else F.logsigmoid(logit.float())
 
     @property
     def is_converted(self) -> bool:
@@ -260,18 +279,19 @@ class EffconvAttention(nn.Module):
             S, z = cache.state
             if S.dtype != torch.float32 or z.dtype != torch.float32 or not (S.is_contiguous() and z.is_contiguous()):
                 cache.state = (S.float().contiguous(), z.float().contiguous())  # the op updates it in place
-            o, _ = _kernels.linear_decode_step(fq, fk, v, cache.state, eps=eps, backend=backend)
+            o, _ = _kernels.linear_decode_step(fq, fk, v, cache.state, eps=eps, log_decay=self.log_decay(),
+                                               backend=backend)
         else:
             if cache.ring is None:  # first decode step after a prefill: window tail + the prefill's final state
                 cache.ring = _kernels.HybridDecodeCache.from_prefill(
                     cache.keys, cache.values, cache.key_features.to(cache.keys.dtype), window=self.window,
-                    final_state=cache.state,
+                    final_state=cache.state, log_decay=self.log_decay(),
                 )
                 cache.keys = cache.values = cache.key_features = cache.state = None
             extra = {} if cache.ring_position is None else {"position": cache.ring_position}
             o = _kernels.hybrid_decode_step(
                 q, k, v, fq, fk, self.window_mix, cache.ring, window=self.window, scale=self.scale, eps=eps,
-                backend=backend, **extra,
+                log_decay=self.log_decay(), backend=backend, **extra,
             )
         return o[:, :, None]
 
@@ -312,6 +332,7 @@ class EffconvAttention(nn.Module):
                 fq = torch.cat([fq.new_zeros(*fq.shape[:2], held, fq.shape[3]), fq], dim=2)
                 k, v, fk = (torch.cat([c, x], dim=2) for c, x in ((cache.keys, k), (cache.values, v), (cache.key_features, fk)))
         keep_state = cache is not None
+        log_decay = self.log_decay()
         if key_mask is not None:
             key_mask = key_mask[:, -k.shape[2]:]
         if self.window > 0:
@@ -320,12 +341,13 @@ class EffconvAttention(nn.Module):
                 # the kernels take every operand in one dtype and accumulate in fp32 themselves
                 o, state = _kernels.hybrid_attention(
                     q, k, v, fq.to(v.dtype), fk.to(v.dtype), mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
-                    initial_state=initial_state, output_final_state=keep_state, backend="triton",
+                    initial_state=initial_state, output_final_state=keep_state, log_decay=log_decay, backend="triton",
                 )
             else:
                 o, state = hybrid_attention(
                     q, k, v, fq, fk, mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
                     initial_state=initial_state, output_final_state=keep_state, key_padding_mask=key_mask,
+                    log_decay=log_decay,
                 )
         else:
             if key_mask is not None:
@@ -334,11 +356,12 @@ class EffconvAttention(nn.Module):
             if self._use_kernels(q):
                 o, state = _kernels.linear_attention(
                     fq.to(v.dtype), fk.to(v.dtype), v, eps=self.config.linear_eps, initial_state=initial_state,
-                    output_final_state=keep_state, backend="triton",
+                    output_final_state=keep_state, log_decay=log_decay, backend="triton",
                 )
             else:
                 o, state = linear_attention(
-                    fq, fk, v, eps=self.config.linear_eps, initial_state=initial_state, output_final_state=keep_state
+                    fq, fk, v, eps=self.config.linear_eps, initial_state=initial_state, output_final_state=keep_state,
+                    log_decay=log_decay,
                 )
         if cache is not None:
             cache.state = state
@@ -400,6 +423,8 @@ class EffconvPreTrainedModel(PreTrainedModel):
             hf_init.zeros_(module.bias)
         elif isinstance(module, EffconvAttention) and hasattr(module, "window_mix"):
             hf_init.zeros_(module.window_mix)
+        if isinstance(module, EffconvAttention) and hasattr(module, "decay_logit"):
+            hf_init.copy_(module.decay_logit, decay_logit_init(module.num_kv_heads, self.config.decay_memory))
         elif isinstance(module, MoeExperts):
             hf_init.normal_(module.gate_up_proj, std=self.config.initializer_range)
             hf_init.normal_(module.down_proj, std=self.config.initializer_range)
