@@ -52,6 +52,7 @@ class DataArgs:
     generate_tokens: int = option(10_000, "Tokens of teacher-generated text when --data is not given")
     generation_batch_size: int = option(48, "Batch size of teacher text generation")
     generation_mode: str = option("auto", GENERATION_MODE_HELP)
+    generation_new_tokens: int = option(256, "Most tokens of one teacher response (of one turn)")
     generation_turns: int = option(1, "Teacher text as conversations of this many turns, each response written with "
                                       "the whole conversation so far as its prompt (long documents for long-context "
                                       "training; 1: one prompt and its response)")
@@ -66,6 +67,8 @@ def check_data_args(cfg: DataArgs) -> None:
 
     check_generation_mode(cfg.generation_mode)
     check_choice("packing", cfg.packing, ("stream", "documents"))
+    if cfg.generation_new_tokens < 1:
+        raise EffconvError(f"--generation-new-tokens must be at least 1, got {cfg.generation_new_tokens}")
     if cfg.generation_turns < 1:
         raise EffconvError(f"--generation-turns must be at least 1, got {cfg.generation_turns}")
     if cfg.generation_turns > 1 and cfg.generation_mode == "continuous":
@@ -275,4 +278,4 @@ def run_identity(cfg: Any, *volatile: str) -> dict:
 
 #: Settings added after runs existed, with the value those runs had.
 SETTINGS_ADDED_LATER = {"generation_mode": "static", "ce_weight": 1.0, "generation_turns": 1, "packing": "stream",
-                        "decay": False, "decay_memory": 1024.0}
+                        "decay": False, "decay_memory": 1024.0, "generation_new_tokens": 256}

@@ -284,3 +284,20 @@ def test_stage2_loss_weights(tiny_model_dir, tmp_path):
         linearize(tiny_cfg(tiny_model_dir, tmp_path / "none", ce_weight=0.0))
     with pytest.raises(EffconvError, match="--ce-weight must be >= 0"):
         linearize(tiny_cfg(tiny_model_dir, tmp_path / "neg", ce_weight=-1.0))
+
+
+def test_long_context_settings_train_decay_on_teacher_conversations(tiny_model_dir, tmp_path):
+    """The long-context recipe's settings end to end: teacher conversations (--generation-turns), blocks within
+    documents, --decay trained by attention transfer (its logits move) and a chunked KL stage 2; the export
+    loads with its decay and the training text really was multi-turn."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "out", data=None, generate_tokens=400, generation_turns=3, generation_new_tokens=24,
+                   generation_batch_size=4, packing="documents", decay=True, decay_memory=16.0, stage1_lr=3e-2,
+                   kl_weight=1.0, ce_weight=0.0)
+    result = linearize(cfg)
+    assert "3-turn teacher conversations" in result.metrics["data"] and "within documents" in result.metrics["data"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    logits = model.model.layers[0].self_attn.decay_logit.detach()
+    initial = torch.log(16.0 * torch.logspace(-2, 2, logits.numel(), base=2.0) - 1)
+    assert model.config.linear_decay and not torch.allclose(logits, initial, atol=1e-4)

@@ -15,6 +15,9 @@ from ..console import quiet_transformers
 
 
 
+LOSS_TOKENS = 16384
+
+
 @torch.no_grad()
 def next_token_loss(model, blocks: torch.Tensor, *, batch_size: int = 8, device=None) -> float:
     """Mean next-token cross-entropy (nats) over packed blocks [N, T]; every block is scored independently.
@@ -26,9 +29,11 @@ def next_token_loss(model, blocks: torch.Tensor, *, batch_size: int = 8, device=
 
 def _next_token_loss(model, blocks: torch.Tensor, *, batch_size: int, device) -> float:
     device = device or next(model.parameters()).device
+    # at most LOSS_TOKENS positions per forward: the logits of 8 x 8K positions alone would be 13 GB in fp32
+    rows = max(1, min(batch_size, LOSS_TOKENS // max(blocks.shape[1], 1)))
     total, count = 0.0, 0
-    for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start : start + batch_size].to(device)
+    for start in range(0, blocks.shape[0], rows):
+        batch = blocks[start : start + rows].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
         total += float(losses)

@@ -76,6 +76,7 @@ def prepare_run_data(cfg, tokenizer, teacher_factory):
             num_tokens=cfg.generate_tokens, cache_dir=cache_root() / "data", val_fraction=cfg.val_fraction,
             seed=cfg.seed, text_field=cfg.text_field, generation_batch_size=cfg.generation_batch_size,
             generation_mode=cfg.generation_mode, generation_turns=cfg.generation_turns, packing=cfg.packing,
+            max_new_tokens=cfg.generation_new_tokens,
             progress=cfg.progress,
         )
 
