@@ -16,6 +16,8 @@ Methods
     naive_hyb   O(T^2) masked window + linear formulation in fp32 (naive_hybrid_attention), skipped when
                 its T x T tensors would not fit
     hybrid      effconv_kernels.hybrid_attention, window 64 (Triton)
+    linear_decay, hybrid_decay   the same with a per-head decay (log_decay = -0.01, trained: in the backward);
+                opt-in: --methods ... linear_decay hybrid_decay
     fmap        the Hedgehog feature map phi(x) = [softmax(xW+b), softmax(-(xW+b))] for q and k in plain
                 PyTorch (what fusing it into the kernels could save at most)
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -139,6 +142,18 @@ def run_method(name, x, D, bench: Bench, args):
         mix = x["mix"].detach().requires_grad_()
         leaves = [q, k, v, fq, fk, mix]
         fwd = lambda: ek.hybrid_attention(q, k, v, fq, fk, mix, window=WINDOW, scale=scale, backend="triton")[0]  # noqa: E731
+    elif name in ("linear_decay", "hybrid_decay"):
+        ld = torch.full((H,), -0.01, device="cuda", requires_grad=True)  # H = Hkv here
+        if name == "linear_decay":
+            fq, fk, v = (x[n].detach().requires_grad_() for n in ("fq", "fk", "v"))
+            leaves = [fq, fk, v, ld]
+            fwd = lambda: ek.linear_attention(fq, fk, v, log_decay=ld, backend="triton")[0]  # noqa: E731
+        else:
+            q, k, v, fq, fk = (x[n].detach().requires_grad_() for n in ("q", "k", "v", "fq", "fk"))
+            mix = x["mix"].detach().requires_grad_()
+            leaves = [q, k, v, fq, fk, mix, ld]
+            fwd = lambda: ek.hybrid_attention(q, k, v, fq, fk, mix, window=WINDOW, scale=scale, log_decay=ld,  # noqa: E731
+                                              backend="triton")[0]
     elif name == "fmap":
         # Hedgehog map for q and k: per head W (D, D), b (D); F = 2D
         Wq = (torch.randn(H, D, D, device="cuda") * D ** -0.5).to(x["q"].dtype).requires_grad_()
@@ -224,6 +239,24 @@ def correctness_checks(D=64, T=2048):
     o2, g2 = grads(hyb_ref, ["q", "k", "v", "fq", "fk"], (x["mix"],))
     out["hybrid_vs_torch_fp32"] = dict(o=rel(o1, o2), **{f"d{n}": rel(a, b) for n, a, b in
                                                          zip(["q", "k", "v", "fq", "fk", "mix"], g1, g2)})
+    # with a per-head decay (one value per head: -1e-4 .. -0.5), d(log_decay) included
+    ld = -torch.logspace(-4, math.log10(0.5), HEADS, device="cuda")
+    lin = lambda fq, fk, v, ld: ek.linear_attention(fq, fk, v, log_decay=ld, backend="triton")[0]  # noqa: E731
+    lin_ref = lambda fq, fk, v, ld: chunk_linear_attention_ref(  # noqa: E731
+        fq.float(), fk.float(), v.float(), log_decay=ld)[0]
+    o1, g1 = grads(lin, ["fq", "fk", "v"], (ld,))
+    o2, g2 = grads(lin_ref, ["fq", "fk", "v"], (ld,))
+    out["linear_decay_vs_torch_fp32"] = dict(o=rel(o1, o2), **{f"d{n}": rel(a, b) for n, a, b in
+                                                               zip(["fq", "fk", "v", "log_decay"], g1, g2)})
+    hyb = lambda q, k, v, fq, fk, mix, ld: ek.hybrid_attention(  # noqa: E731
+        q, k, v, fq, fk, mix, window=WINDOW, scale=scale, log_decay=ld, backend="triton")[0]
+    hyb_ref = lambda q, k, v, fq, fk, mix, ld: chunk_hybrid_attention_ref(  # noqa: E731
+        q.float(), k.float(), v.float(), fq.float(), fk.float(), mix, window=WINDOW, scale=scale, log_decay=ld)[0]
+    o1, g1 = grads(hyb, ["q", "k", "v", "fq", "fk"], (x["mix"], ld))
+    o2, g2 = grads(hyb_ref, ["q", "k", "v", "fq", "fk"], (x["mix"], ld))
+    out["hybrid_decay_vs_torch_fp32"] = dict(o=rel(o1, o2), **{f"d{n}": rel(a, b) for n, a, b in
+                                                               zip(["q", "k", "v", "fq", "fk", "mix", "log_decay"],
+                                                                   g1, g2)})
     return out
 
 
