@@ -88,6 +88,9 @@ class AttentionArgs:
                                 "context", flag="--decay")
     decay_memory: float = option(1024.0, "--decay: initial memory in tokens (1 / (1 - g)); the KV heads start at "
                                          "memory/4 .. memory*4")
+    linear_rope: bool = option(True, "Feature maps read the unrotated queries and keys: the linear part carries no "
+                                     "absolute position, so positions past the training length are no new input to it "
+                                     "(the window keeps RoPE)", flag="--no-linear-rope")
     attention: str = option("linear", "What converted layers become: linear (feature-map linear + --window softmax, "
                                       "default) | sliding (softmax over --window + --sinks) | block_sparse (top-k "
                                       "blocks) | gqa (merged K/V heads, --kv-heads)")
@@ -278,4 +281,5 @@ def run_identity(cfg: Any, *volatile: str) -> dict:
 
 #: Settings added after runs existed, with the value those runs had.
 SETTINGS_ADDED_LATER = {"generation_mode": "static", "ce_weight": 1.0, "generation_turns": 1, "packing": "stream",
-                        "decay": False, "decay_memory": 1024.0, "generation_new_tokens": 256}
+                        "decay": False, "decay_memory": 1024.0, "generation_new_tokens": 256,
+                        "linear_rope": True}

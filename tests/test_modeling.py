@@ -189,3 +189,38 @@ def test_decay_student_trains_decays_and_decodes_like_its_forward():
                 cache = out.past_key_values
                 steps.append(out.logits[:, -1])
         torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 24:39], rtol=1e-4, atol=1e-4)
+
+
+def test_unrotated_features_make_the_linear_part_shift_invariant():
+    """--no-linear-rope: the feature maps read q and k before RoPE, so the pure linear model's output does not
+    depend on where the sequence starts (position ids shifted by 5000 give the same logits), unlike with RoPE'd
+    features; cached decoding still equals the full forward, and attention transfer trains the maps."""
+    from effconv.conversion.student import make_student
+    from effconv.distill.transfer import attention_transfer_loss
+    from effconv.pipelines.linearize import LinearizeConfig
+
+    teacher = tiny_teacher("llama")
+    ids = torch.randint(0, 400, (1, 30))
+    shifted = torch.arange(5000, 5030)[None]
+    rope = make_student(teacher, LinearizeConfig(window=0), torch.device("cpu"))
+    free = make_student(teacher, LinearizeConfig(window=0, linear_rope=False, decay=True), torch.device("cpu"))
+    for model in (rope, free):  # give the maps something to be position-dependent with
+        for attn in model.converted_attentions():
+            torch.nn.init.normal_(attn.feature_map_q.weight, std=0.5)
+            torch.nn.init.normal_(attn.feature_map_k.weight, std=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(free(ids, use_cache=False).logits,
+                                   free(ids, position_ids=shifted, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(rope(ids, use_cache=False).logits,
+                                  rope(ids, position_ids=shifted, use_cache=False).logits, atol=1e-3)
+        full = free(ids, use_cache=False).logits
+        out = free(ids[:, :20], use_cache=True)
+        cache, steps = out.past_key_values, []
+        for t in range(20, 30):
+            out = free(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[:, -1])
+        torch.testing.assert_close(torch.stack(steps, 1), full[:, 20:], rtol=1e-4, atol=1e-4)
+    loss = attention_transfer_loss(free, ids, len(free.model.layers) - 1)
+    loss.backward()
+    assert free.model.layers[0].self_attn.feature_map_k.weight.grad.abs().sum() > 0

@@ -143,6 +143,7 @@ def make_student(teacher, cfg, device: torch.device):
     )
     config.sink_tokens, config.sparse_block_size, config.sparse_topk = cfg.sinks, cfg.block_size, cfg.topk
     config.linear_decay, config.decay_memory = cfg.decay, float(cfg.decay_memory)
+    config.linear_rope = cfg.linear_rope
     student = build_student(teacher, config).to(device)
     if cfg.attention == "gqa":
         merge_kv_heads(student, sorted(convert), cfg.kv_heads, method=cfg.kv_merge)

@@ -53,15 +53,17 @@ def transfer_mse(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
     return _TransferMSE.apply(y_pred, y_true)
 
 
-def attention_map_ce(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy between the softmax and the converted attention maps (Hedgehog's loss); O(T^2)."""
+def attention_map_ce(attn, q: torch.Tensor, k: torch.Tensor, features=None) -> torch.Tensor:
+    """Cross-entropy between the softmax and the converted attention maps (Hedgehog's loss); O(T^2). `features`:
+    the (q, k) the feature maps read, when not q and k themselves."""
+    feature_q, feature_k = features if features is not None else (q, k)
     t = q.shape[2]
     k_rep = k.float().repeat_interleave(attn.num_heads // attn.num_kv_heads, 1)
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     teacher = torch.softmax((q.float() @ k_rep.transpose(-1, -2) * attn.scale).masked_fill(~causal, float("-inf")), -1)
     mix = getattr(attn, "window_mix", torch.zeros(attn.num_heads, device=q.device))
     student = hybrid_attention_weights(
-        q, k, attn.feature_map_q(q), attn.feature_map_k(k), mix, window=attn.window, scale=attn.scale,
+        q, k, attn.feature_map_q(feature_q), attn.feature_map_k(feature_k), mix, window=attn.window, scale=attn.scale,
         log_decay=attn.log_decay(),
     )
     return -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1).mean()
@@ -104,11 +106,12 @@ def transfer_forward(attn, losses: dict, attn_ce_weight: float, hidden_states, p
         losses[attn] = transfer_mse(attn.merge_heads(attn.softmax(q, k, v, None, key_mask)), y_true)
         return y_true
     with torch.no_grad():
-        q, k, v = attn.project(hidden_states, position_embeddings)
+        q, k, v, *unrotated = attn.project(hidden_states, position_embeddings, unrotated=attn.features_unrotated)
         y_true = attn.merge_heads(attn.softmax(q, k, v, None, key_mask))
-    loss = transfer_mse(attn.merge_heads(attn.converted(q, k, v, None, key_mask)), y_true)
+    features = tuple(unrotated) or None
+    loss = transfer_mse(attn.merge_heads(attn.converted(q, k, v, None, key_mask, features)), y_true)
     if attn_ce_weight > 0 and not attn.is_sparse:  # sparse layers have no attention-map parameters
-        loss = loss + attn_ce_weight * attention_map_ce(attn, q, k)
+        loss = loss + attn_ce_weight * attention_map_ce(attn, q, k, features)
     losses[attn] = loss
     return y_true
 

@@ -44,6 +44,7 @@ class EffconvConfig(PretrainedConfig):
         window_size: int = 64,
         linear_eps: float = 1e-6,
         linear_decay: bool = False,
+        linear_rope: bool = True,
         decay_memory: float = 1024.0,
         attention_backend: str = "auto",
         sink_tokens: int = 0,
@@ -87,6 +88,8 @@ class EffconvConfig(PretrainedConfig):
         self.linear_eps = linear_eps
         # per-kv-head learned decay of the linear part (retention style), started at memories around decay_memory
         self.linear_decay = linear_decay
+        # feature maps read RoPE-rotated queries and keys (True) or the unrotated ones (False)
+        self.linear_rope = linear_rope
         self.decay_memory = decay_memory
         self.attention_backend = attention_backend
         self.sink_tokens = sink_tokens  # "sliding" layers

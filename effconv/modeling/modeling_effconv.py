@@ -197,8 +197,9 @@ class EffconvAttention(nn.Module):
     def is_sparse(self) -> bool:
         return self.layer_type in ("sliding", "block_sparse")
 
-    def project(self, x: torch.Tensor, position_embeddings):
-        """q (B,H,T,D), k, v (B,Hkv,T,D) of the layer's input, RoPE applied."""
+    def project(self, x: torch.Tensor, position_embeddings, *, unrotated: bool = False):
+        """q (B,H,T,D), k, v (B,Hkv,T,D) of the layer's input, RoPE applied; with `unrotated` also q and k before
+        RoPE (what the feature maps read when config.linear_rope is off)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -207,8 +208,14 @@ class EffconvAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
+        q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+        return (q_rot, k_rot, v, q, k) if unrotated else (q_rot, k_rot, v)
+
+    @property
+    def features_unrotated(self) -> bool:
+        """The feature maps read queries and keys before RoPE: the linear part then carries no absolute position,
+        so positions past the training length are no new input to it (the window keeps RoPE)."""
+        return self.layer_type == "linear" and not self.config.linear_rope
 
     def merge_heads(self, o: torch.Tensor) -> torch.Tensor:
         """Per-head outputs (B,H,T,Dv) through o_proj."""
@@ -263,7 +270,7 @@ class EffconvAttention(nn.Module):
     def _use_kernels(self, x: torch.Tensor) -> bool:
         return use_kernels(self.config.attention_backend, x)
 
-    def _decode_step(self, q, k, v, cache: LayerCache):
+    def _decode_step(self, q, k, v, cache: LayerCache, feature_q, feature_k):
         """One new token per sequence with a filled cache: O(1) recurrent update of the state (and of the window's
         ring buffer for the hybrid) with the decode-step ops, instead of a chunked pass over the window prefix."""
         backend = "triton" if self._use_kernels(q) else "reference"
@@ -271,8 +278,8 @@ class EffconvAttention(nn.Module):
         if backend == "triton" and hasattr(_kernels, "hedgehog_feature_map"):
             def fm_kernel(x, w, b):
                 return _kernels.hedgehog_feature_map(x, w, b, out_dtype=v.dtype, backend="triton")
-        fq = self.feature_map_q(q, fm_kernel)[:, :, 0].to(v.dtype)
-        fk = self.feature_map_k(k, fm_kernel)[:, :, 0].to(v.dtype)
+        fq = self.feature_map_q(feature_q, fm_kernel)[:, :, 0].to(v.dtype)
+        fk = self.feature_map_k(feature_k, fm_kernel)[:, :, 0].to(v.dtype)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
         eps = self.config.linear_eps
         if self.window == 0:
@@ -306,13 +313,15 @@ class EffconvAttention(nn.Module):
         cache.keys, cache.values, cache.key_features = (x.index_select(2, order) for x in (ring.k, ring.v, ring.fk))
         cache.state, cache.ring, cache.ring_position = (ring.S, ring.z), None, None
 
-    def _linear(self, q, k, v, cache: LayerCache | None, key_mask):
-        """Linear / hybrid attention over the new tokens, continuing from `cache` when it holds earlier ones."""
+    def _linear(self, q, k, v, cache: LayerCache | None, key_mask, features=None):
+        """Linear / hybrid attention over the new tokens, continuing from `cache` when it holds earlier ones.
+        `features`: the (queries, keys) the feature maps read (default q and k)."""
+        feature_q, feature_k = features if features is not None else (q, k)
         if (
             cache is not None and q.shape[2] == 1 and key_mask is None and _kernels is not None
             and (cache.state is not None or cache.ring is not None) and not torch.is_grad_enabled()
         ):
-            return self._decode_step(q, k, v, cache)
+            return self._decode_step(q, k, v, cache, feature_q, feature_k)
         if cache is not None and cache.ring is not None:
             self._unroll_ring(cache)
         fm_kernel = None
@@ -320,7 +329,7 @@ class EffconvAttention(nn.Module):
             # fused map, features come out in v's dtype (what the attention kernels get cast to anyway)
             def fm_kernel(x, w, b):
                 return _kernels.hedgehog_feature_map(x, w, b, out_dtype=v.dtype, backend="triton")
-        fq, fk = self.feature_map_q(q, fm_kernel), self.feature_map_k(k, fm_kernel)
+        fq, fk = self.feature_map_q(feature_q, fm_kernel), self.feature_map_k(feature_k, fm_kernel)
         t_new = q.shape[2]
         initial_state = None
         if cache is not None and cache.state is not None:
@@ -371,11 +380,12 @@ class EffconvAttention(nn.Module):
                 cache.key_mask = None if key_mask is None else key_mask[:, -self.window:]
         return o[:, :, -t_new:]
 
-    def converted(self, q, k, v, cache: LayerCache | None, key_mask):
-        """The layer's converted attention (linear / hybrid, or sparse softmax) of q, k, v."""
+    def converted(self, q, k, v, cache: LayerCache | None, key_mask, features=None):
+        """The layer's converted attention (linear / hybrid, or sparse softmax) of q, k, v; `features`: the
+        unrotated (q, k) when the feature maps read them (features_unrotated)."""
         if self.is_sparse:
             return self._sparse(q, k, v, cache, key_mask)
-        return self._linear(q, k, v, cache, key_mask)
+        return self._linear(q, k, v, cache, key_mask, features)
 
     def forward(
         self,
@@ -384,6 +394,9 @@ class EffconvAttention(nn.Module):
         cache: LayerCache | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.features_unrotated:
+            q, k, v, q_raw, k_raw = self.project(hidden_states, position_embeddings, unrotated=True)
+            return self.merge_heads(self.converted(q, k, v, cache, key_mask, (q_raw, k_raw)))
         q, k, v = self.project(hidden_states, position_embeddings)
         if self.is_converted and self.layer_type != "gqa":
             return self.merge_heads(self.converted(q, k, v, cache, key_mask))
