@@ -128,6 +128,67 @@ def test_greedy_generate_teacher_eager_matches_generate():
 
 
 
+@pytest.mark.parametrize("model_kind", ["teacher", "hybrid", "mixed"])
+def test_cache_step_decode_matches_generate(model_kind):
+    """decoding.py's loop (prefill, then CacheStep through the model's own cache) gives generate()'s greedy tokens
+    for a softmax teacher (DynamicCache), a hybrid student and a student with a softmax layer (EffconvCache)."""
+    from conftest import tiny_teacher
+
+    from effconv.generation.decoding import CacheStep, decode, greedy_token, output_cache, prefill
+
+    if model_kind == "teacher":
+        model = tiny_teacher("llama")
+    else:
+        _, model = student_of("llama", window=4, attention_types=None if model_kind == "hybrid" else
+                              ["linear", "softmax", "linear"])
+    x = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model.generate(x, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    out = prefill(model, x)
+    first = greedy_token(out.logits)
+    step = CacheStep(model, output_cache(out))
+    tokens = decode(step, first, 7)
+    assert torch.equal(torch.cat([x, first, *tokens], 1), expected)
+    out = prefill(model, x)  # keep=False: the last token only, the same one
+    last = decode(CacheStep(model, output_cache(out)), greedy_token(out.logits), 7, keep=False)
+    assert len(last) == 1 and torch.equal(last[0], tokens[-1])
+
+
+def test_decode_stops_once_every_row_has_a_stop_id():
+    from effconv.generation.decoding import decode
+
+    script = torch.tensor([[5, 9], [2, 7], [6, 2], [8, 8]])  # row 0 stops at step 2, row 1 at step 3
+    steps = iter(script)
+
+    def step(token):
+        return next(steps)[:, None]
+
+    tokens = decode(step, torch.zeros(2, 1, dtype=torch.long), 4, stop_ids={2})
+    assert torch.cat(tokens, 1).tolist() == [[5, 2, 6], [9, 7, 2]]
+    steps = iter(script)
+    assert len(decode(step, torch.zeros(2, 1, dtype=torch.long), 4)) == 4  # no stop ids: every step
+
+
+def test_passkey_greedy_tail_stops_at_eos_like_generate():
+    """eval/length.py's greedy answer through the shared loop: generate()'s tokens up to and including the first
+    end-of-sequence token, at most max_new_tokens."""
+    from conftest import tiny_teacher
+
+    from effconv.eval import length as le
+
+    model = tiny_teacher("llama")
+    ids = torch.randint(3, 400, (1, 12), generator=torch.Generator().manual_seed(4)).tolist()[0]
+    last, cache = le._prefill(model, ids)
+    free = le._greedy_tail(model, last, cache, 8, set())
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert free == expected[0, len(ids):].tolist()
+    eos = free[3]  # a token of the answer as end of sequence: the answer ends at its first occurrence
+    last, cache = le._prefill(model, ids)
+    assert le._greedy_tail(model, last, cache, 8, {eos}) == free[: free.index(eos) + 1]
+    assert le._greedy_tail(model, last, cache, 1, set()) == free[:1]
+
+
 def test_decode_bench_runs_on_cpu_tiny(tmp_path):
     import json
     import subprocess

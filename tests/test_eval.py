@@ -1,6 +1,7 @@
 """effconv eval on tiny models: every reported number is checked against a direct computation (perplexity,
 strided perplexity, cache bytes, decode throughput, generations), OOM cells are recorded, bad input is one
-clear error, and lm-eval is optional."""
+clear error, lm-eval is optional, and the installed lm-eval runs a local task offline with the numbers its own API
+gives."""
 
 from __future__ import annotations
 
@@ -411,3 +412,100 @@ def test_length_evaluation_in_eval_report(tiny_model_dir, student_dir, tmp_path)
     markdown = (tmp_path / "r" / "report.md").read_text()
     assert all(f"### {section}" in markdown for section in ("Perplexity by context", "Loss by position",
                                                              "Passkey retrieval"))
+
+
+TINY_TASK = """task: effconv_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+TINY_TASK_DOCS = [
+    {"question": "The quick brown fox jumps over the", "choices": ["lazy dog.", "blue sky.", "red car."], "answer": 0},
+    {"question": "Linear attention replaces softmax with a kernel", "choices": ["feature map.", "green apple.",
+                                                                                "train station."], "answer": 0},
+    {"question": "A train travels 60 miles per hour for", "choices": ["quiet rivers.", "2.5 hours.", "the old mill."],
+     "answer": 1},
+    {"question": "Write a short story about a robot who learns to", "choices": ["sleep.", "bake.", "paint."],
+     "answer": 2},
+]
+
+
+def test_real_lm_eval_on_a_local_task(student_dir, tmp_path, monkeypatch):
+    """`effconv eval --tasks NAME --task-path DIR` runs the installed lm-eval offline on a four-question
+    multiple-choice task read from a local JSONL file, and reports what lm-eval's own API computes on the same
+    model (loglikelihood accuracy, plain and length-normalised)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from typer.testing import CliRunner
+
+    from effconv.cli import app
+    from effconv.io.sources import load_causal_lm
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setattr(eval_tasks, "_network_available", lambda *a, **k: False)
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    data = tasks_dir / "effconv_tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in TINY_TASK_DOCS))
+    (tasks_dir / "effconv_tiny_mc.yaml").write_text(TINY_TASK.format(data=data, cache=tmp_path / "hf-datasets"))
+
+    r = CliRunner().invoke(app, ["eval", str(student_dir), "--tasks", "effconv_tiny_mc", "--task-path", str(tasks_dir),
+                                 "--task-batch-size", "4", "--no-speed", "--no-generations", "--no-progress",
+                                 "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, (r.output, r.exception)
+    reported = json.loads((tmp_path / "r" / "report.json").read_text())["tasks"]["student"]["effconv_tiny_mc"]
+    for metric in ("acc,none", "acc_norm,none"):
+        value = reported[metric]
+        assert isinstance(value, float) and 0.0 <= value <= 1.0, metric
+        assert (value * len(TINY_TASK_DOCS)).is_integer(), metric  # a fraction of the four questions
+
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer, _ = load_causal_lm(str(student_dir))
+    manager = lm_eval.tasks.TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    direct = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, backend="causal"),
+                                     tasks=["effconv_tiny_mc"], task_manager=manager, random_seed=0,
+                                     numpy_random_seed=0, torch_random_seed=0, log_samples=False)
+    expected = direct["results"]["effconv_tiny_mc"]
+    assert expected["sample_len"] == len(TINY_TASK_DOCS)
+    assert {k: v for k, v in reported.items() if k != "sample_len"} == {
+        k: v for k, v in expected.items() if isinstance(v, float)}
+
+
+def test_check_tasks_indexes_only_the_task_path_when_it_holds_every_task(tmp_path):
+    """Local tasks skip lm-eval's built-in index; a built-in task, a group or a tag next to them needs the full one."""
+    made = []
+
+    def task_manager(include_path=None, include_defaults=True):
+        made.append(include_defaults)
+        local = ["mine"] if include_path else []
+        builtin = ["piqa", "a_group"] if include_defaults else []
+        groups = ["my_group"] if include_path else []
+        return types.SimpleNamespace(all_tasks=local + builtin + groups, all_subtasks=local + builtin[:1])
+
+    fake = types.SimpleNamespace(tasks=types.SimpleNamespace(TaskManager=task_manager))
+    assert eval_tasks.check_tasks(fake, ["mine"], str(tmp_path)).all_tasks == ["mine", "my_group"] and made == [False]
+    made.clear()
+    assert "piqa" in eval_tasks.check_tasks(fake, ["mine", "piqa"], str(tmp_path)).all_tasks and made == [False, True]
+    made.clear()
+    eval_tasks.check_tasks(fake, ["my_group"], str(tmp_path))
+    assert made == [False, True]
+    made.clear()
+    eval_tasks.check_tasks(fake, ["piqa"])
+    assert made == [True]
+    with pytest.raises(EffconvError, match="unknown lm-eval task"):
+        eval_tasks.check_tasks(fake, ["nope"], str(tmp_path))

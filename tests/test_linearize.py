@@ -93,14 +93,44 @@ def test_export_round_trip_without_effconv(tiny_model_dir, tmp_path):
     assert torch.equal(torch.load(tmp_path / "gen.pt", weights_only=True), expected_gen)
 
 
-def test_lora_is_merged_on_export(tiny_model_dir, tmp_path):
+def test_lora_is_merged_on_export(tiny_model_dir, tmp_path, monkeypatch):
+    """The export's logits are those of the student with its trained adapters (the unmerged peft model, recorded
+    just before linearize merges it), to float rounding, and not those of the student without them."""
+    from transformers import AutoModelForCausalLM
+
+    import effconv.pipelines.linearize as pipeline
+
+    ids = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    recorded = {}
+    attach_lora = pipeline.attach_lora
+
+    def attach_and_record(*args, **kwargs):
+        peft_model = attach_lora(*args, **kwargs)
+        merge = peft_model.merge_and_unload
+
+        def record_then_merge(*a, **k):
+            with torch.no_grad():
+                recorded["adapted"] = peft_model(input_ids=ids, use_cache=False).logits.clone()
+                with peft_model.disable_adapter():
+                    recorded["base"] = peft_model(input_ids=ids, use_cache=False).logits.clone()
+            return merge(*a, **k)
+
+        peft_model.merge_and_unload = record_then_merge
+        return peft_model
+
+    monkeypatch.setattr(pipeline, "attach_lora", attach_and_record)
     linearize(tiny_cfg(tiny_model_dir, tmp_path / "out", stage1_tokens=0, stage2_lr=5e-2))
+    assert recorded.keys() == {"adapted", "base"}  # linearize merged the adapters once
     weights = load_file(tmp_path / "out" / "model.safetensors")
     assert not any("lora" in k for k in weights)
     original = load_file(tiny_model_dir / "model.safetensors")
-    moved = (weights["model.layers.0.self_attn.q_proj.weight"] - original["model.layers.0.self_attn.q_proj.weight"])
-    assert moved.abs().max() > 0  # the merged update changed the projection
     torch.testing.assert_close(weights["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        logits = merged(input_ids=ids, use_cache=False).logits
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, recorded["adapted"], rtol=1e-5, atol=1e-5)  # merged == base + adapters
+    assert (logits - recorded["base"]).abs().max() > 0.1  # the adapters changed the model, far beyond that tolerance
 
 
 def _cli(*args, cwd=None):

@@ -232,7 +232,7 @@ def resolve_generation_mode(model: Any, tokenizer: Any, mode: str, prompts: Sequ
         return mode
     if next(model.parameters()).device.type != "cuda":
         return "static"
-    prompt_ids = [_format_prompt_ids(tokenizer, prompt) for prompt in prompts]
+    prompt_ids = [format_prompt_ids(tokenizer, prompt) for prompt in prompts]
     return "static" if _graph_mode_obstacle(model, prompt_ids, max_new_tokens) else "graph"
 
 
@@ -312,7 +312,7 @@ def _write_teacher_cache(path: Path, samples: Sequence[TeacherSample]) -> None:
         raise
 
 
-def _format_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+def format_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """Token ids of ``prompt``, chat-formatted when the tokenizer has a chat template."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
@@ -343,7 +343,7 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 def _ordered_prompt_ids(tokenizer: Any, prompts: Sequence[str], seed: int) -> list[list[int]]:
     """The prompts' token ids, shuffled with ``seed``: the order both generation modes cycle through."""
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [_format_prompt_ids(tokenizer, prompts[index]) for index in order]
+    return [format_prompt_ids(tokenizer, prompts[index]) for index in order]
 
 
 def _pad_token_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import random
 import re
@@ -43,7 +42,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import EffconvError
+from ..errors import EffconvError, is_oom, one_line
+from ..generation.decoding import CacheStep, cache_kwargs, decode, output_cache, prefill
+from .quality import document_ids
 
 DEFAULT_CONTEXTS = (512, 1024, 2048, 4096, 8192)
 DEFAULT_PASSKEY_CONTEXTS = (1024, 2048, 4096, 8192)
@@ -59,7 +60,6 @@ _FULL_SOFTMAX_TYPES = ("softmax", "gqa", "block_sparse")
 # Config attributes of architectures that transform the lm_head output (soft-capping, scaling): the hidden-state
 # path would be wrong for them, so they use the full logits.
 _LOGIT_TRANSFORM_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                  "I will quiz you about the important information there.")
@@ -90,50 +90,6 @@ def _device(model) -> torch.device:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
         return torch.device("cpu")
-
-
-def _forward_parameters(module) -> set[str]:
-    try:
-        return set(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError, AttributeError):
-        return set()
-
-
-def _cache_kwargs(model, cache) -> dict:
-    """The cache under the name the model's forward takes (transformers >= 5.2x: `cache`, before:
-    `past_key_values`; effconv takes both)."""
-    name = "cache" if "cache" in _forward_parameters(model) else "past_key_values"
-    return {name: cache, "use_cache": True}
-
-
-def _output_cache(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
-def _new_cache(model):
-    """A DynamicCache for transformers models that use one; None lets models with their own cache (effconv's
-    EffconvCache, recurrent models) create it on the first forward."""
-    supports = getattr(model, "_supports_default_dynamic_cache", None)
-    if not callable(supports) or not supports():
-        return None
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
-
-
-def _is_oom(error: BaseException) -> bool:
-    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MARKERS)
-
-
-def _one_line(error: BaseException) -> str:
-    message = " ".join(str(error).split()) or type(error).__name__
-    return message if len(message) <= 300 else message[:297] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,27 +242,6 @@ def token_nll(model, windows: torch.Tensor, *, chunk_size: int = 1024, method: s
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def document_token_ids(tokenizer, documents: Sequence[str], *, add_bos: bool = True) -> list[list[int]]:
-    """Each document as [BOS] tokens (BOS only when the tokenizer has one and the text lacks it); no EOS. The same
-    convention as `effconv eval`'s perplexity."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # long documents are the point here: no "longer than the maximum" warnings
-    try:
-        encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    bos = tokenizer.bos_token_id if add_bos else None
-    out = []
-    for ids in encoded:
-        ids = list(ids)
-        if bos is not None and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
-        out.append(ids)
-    return out
-
-
 def context_windows(n_tokens: int, context: int, max_windows: int | None = None) -> list[tuple[int, int]]:
     """[begin, end) spans of the non-overlapping windows of context + 1 tokens of a document of n_tokens tokens:
     from its start, consecutive, at most max_windows; a shorter tail is dropped."""
@@ -453,9 +388,9 @@ def _perplexity_pass(model, sequences: Sequence[Sequence[int]], contexts: Sequen
                         context_positions.add(nll[row])
                 advance(len(batch))
         except Exception as error:  # noqa: BLE001 - out of memory is recorded for this context, anything else raised
-            if not _is_oom(error):
+            if not is_oom(error):
                 raise
-            rows.append({**base, "status": "oom", "reason": _one_line(error)})
+            rows.append({**base, "status": "oom", "reason": one_line(error)})
             continue
         finally:
             if torch.cuda.is_available():
@@ -568,9 +503,9 @@ def loss_by_position(model, sequences: Sequence[Sequence[int]], length: int, *,
                 positions.add(row)
             advance(len(batch))
     except Exception as error:  # noqa: BLE001
-        if not _is_oom(error):
+        if not is_oom(error):
             raise
-        return {"length": length, "status": "oom", "reason": _one_line(error)}
+        return {"length": length, "status": "oom", "reason": one_line(error)}
     return _position_result(positions, length, None)
 
 
@@ -691,10 +626,9 @@ def _continuation_ids(tokenizer, prompt: PasskeyPrompt, answer: str, bos: int | 
 
 @torch.inference_mode()
 def _prefill(model, ids: list[int]):
-    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
-    x = torch.tensor([ids], dtype=torch.long, device=_device(model))
-    out = model(input_ids=x, **_cache_kwargs(model, _new_cache(model)), **kwargs)
-    return out.logits[0, -1].float().log_softmax(-1), _output_cache(out)
+    """(log-probabilities of the token after the prompt, the prompt's cache)."""
+    out = prefill(model, torch.tensor([ids], dtype=torch.long, device=_device(model)))
+    return out.logits[0, -1].float().log_softmax(-1), output_cache(out)
 
 
 @torch.inference_mode()
@@ -713,7 +647,7 @@ def _continuation_logprob(model, prompt_ids: list[int], last_logprobs: torch.Ten
     except Exception:  # noqa: BLE001 - any cache that cannot be deep-copied takes the slow path below
         own = None
     if own is not None:
-        logits = model(input_ids=rest, **_cache_kwargs(model, own)).logits[0]
+        logits = model(input_ids=rest, **cache_kwargs(model, own)).logits[0]
     else:
         full = torch.tensor([prompt_ids + continuation[:-1]], dtype=torch.long, device=device)
         logits = model(input_ids=full, use_cache=False).logits[0, -rest.shape[1]:]
@@ -723,16 +657,13 @@ def _continuation_logprob(model, prompt_ids: list[int], last_logprobs: torch.Ten
 
 @torch.inference_mode()
 def _greedy_tail(model, last_logprobs: torch.Tensor, cache, max_new_tokens: int, eos: set[int]) -> list[int]:
-    device = _device(model)
+    """Greedy tokens after the prompt, the first from its log-probabilities: at most max_new_tokens, up to and
+    including the first end-of-sequence token."""
     token = int(last_logprobs.argmax())
-    out = [token]
-    while len(out) < max_new_tokens and token not in eos:
-        x = torch.tensor([[token]], dtype=torch.long, device=device)
-        step = model(input_ids=x, **_cache_kwargs(model, cache))
-        cache = _output_cache(step)
-        token = int(step.logits[0, -1].argmax())
-        out.append(token)
-    return out
+    if max_new_tokens <= 1 or token in eos:
+        return [token]
+    x = torch.tensor([[token]], dtype=torch.long, device=_device(model))
+    return [token] + [int(t) for t in decode(CacheStep(model, cache), x, max_new_tokens - 1, stop_ids=eos)]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -840,9 +771,9 @@ def passkey_retrieval(model, tokenizer, *, contexts: Sequence[int] = DEFAULT_PAS
                                  prompt.needle_token_offset, "token_depth": prompt.token_depth, **outcome})
                     advance()
             except Exception as error:  # noqa: BLE001
-                if not _is_oom(error):
+                if not is_oom(error):
                     raise
-                status = {"status": "oom", "reason": _one_line(error)}
+                status = {"status": "oom", "reason": one_line(error)}
             result["trials"] += cell
             context_trials += cell
             result["cells"].append({"context": context, "depth": depth, **status, "trials": len(cell),
@@ -959,7 +890,7 @@ def evaluate_length(models: Mapping[str, Any], tokenizer, documents: Sequence[st
     other model to the reference ("teacher" when present, else the first name).
 
     tokenizer: one for all models, or a mapping name -> tokenizer. documents: texts for perplexity and the
-    position curve (None: both skipped), tokenized by `document_token_ids`. Returns a JSON-serialisable dict:
+    position curve (None: both skipped), tokenized by `quality.document_ids`. Returns a JSON-serialisable dict:
 
         kind "length_eval", version, settings (the config, position_length resolved), reference, notes [str],
         models: {name: {class, model_type, max_position_embeddings, position_limit (None = unlimited),
@@ -998,7 +929,7 @@ def evaluate_length(models: Mapping[str, Any], tokenizer, documents: Sequence[st
         if documents is not None and (config.contexts or length):
             key = id(tokenizers[name])  # models sharing a tokenizer share the tokenized documents
             if key not in token_cache:
-                token_cache[key] = document_token_ids(tokenizers[name], documents, add_bos=config.add_bos)
+                token_cache[key] = document_ids(tokenizers[name], documents, add_bos=config.add_bos)
             sequences = token_cache[key]
             entry["documents"] = len(sequences)
             entry["longest_document_tokens"] = max((len(s) for s in sequences), default=0)

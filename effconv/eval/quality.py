@@ -3,15 +3,14 @@ documents by a strided sliding window."""
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from ..errors import EffconvError
 from ..console import quiet_transformers
+from ..errors import EffconvError
+from ..generation.decoding import accepts_argument
 
 
 
@@ -63,13 +62,6 @@ def window_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int]
     return spans
 
 
-def accepts_argument(model, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @torch.inference_mode()
 def sequence_nll(model, ids: Sequence[int] | torch.Tensor, *, context: int, stride: int, on_window=None) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (nats) of one token sequence and the number of tokens scored."""
@@ -90,9 +82,10 @@ def sequence_nll(model, ids: Sequence[int] | torch.Tensor, *, context: int, stri
     return total, count
 
 
-def document_ids(tokenizer, documents: Sequence[str]) -> list[list[int]]:
-    """Each document as [BOS] tokens (BOS only when the tokenizer has one and the text lacks it); no EOS."""
-    bos = tokenizer.bos_token_id
+def document_ids(tokenizer, documents: Sequence[str], *, add_bos: bool = True) -> list[list[int]]:
+    """Each document as [BOS] tokens (BOS only when the tokenizer has one, the text lacks it and add_bos); no EOS.
+    transformers' "longer than the maximum" warnings are silenced: effconv cuts its own windows."""
+    bos = tokenizer.bos_token_id if add_bos else None
     with quiet_transformers():
         encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
     out = []

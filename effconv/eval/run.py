@@ -28,7 +28,8 @@ import torch
 
 from ..config import option
 from ..console import quiet_transformers
-from ..errors import EffconvError, one_line
+from ..data.teacher_text import format_prompt_ids
+from ..errors import EffconvError
 from .length import LengthEvalConfig, evaluate_length
 from .quality import document_ids, perplexity_report
 from .report import ROLES, print_report, write_report
@@ -166,19 +167,6 @@ def load_prompts(path: str | None) -> list[str]:
     return prompts
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = prompt
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos):
-        ids.insert(0, bos)
-    return ids
-
-
 @torch.inference_mode()
 def greedy_generations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     """Greedy continuation of each prompt (chat-formatted when the tokenizer has a template), special tokens
@@ -191,7 +179,7 @@ def greedy_generations(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     texts = []
     for prompt in prompts:
-        ids = torch.tensor([_prompt_ids(tokenizer, prompt)], device=device)
+        ids = torch.tensor([format_prompt_ids(tokenizer, prompt)], device=device)
         with quiet_transformers():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
         texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())

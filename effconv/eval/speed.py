@@ -14,12 +14,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from ..errors import one_line
-from .quality import accepts_argument
 
-
-
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+from ..errors import is_oom, one_line
+from ..generation.decoding import CacheStep, decode, greedy_token, output_cache, prefill
 
 
 def cache_nbytes(cache) -> int:
@@ -200,70 +197,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _new_cache(model):
-    """A DynamicCache for transformers models that use one; None lets models with their own cache (effconv's
-    EffconvCache, recurrent models) create it on the first forward."""
-    supports = getattr(model, "_supports_default_dynamic_cache", None)
-    if callable(supports) and not supports():
-        return None
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
-
-
-def _is_oom(error: BaseException) -> bool:
-    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MARKERS)
-
-
-@torch.inference_mode()
-def _prefill(model, ids: torch.Tensor, keep_logits: bool):
-    kwargs = {"logits_to_keep": 1} if keep_logits else {}
-    return model(input_ids=ids, past_key_values=_new_cache(model), use_cache=True, **kwargs)
-
-
-@torch.inference_mode()
-def _decode_step(model, token: torch.Tensor, cache, keep_logits: bool):
-    kwargs = {"logits_to_keep": 1} if keep_logits else {}
-    return model(input_ids=token, past_key_values=cache, use_cache=True, **kwargs)
-
-
 def bench_cell(model, *, batch_size: int, context: int, decode_tokens: int, repeats: int, warmup: int,
                meter: MemoryMeter, seed: int = 0) -> dict:
     """Prefill `context` random tokens for `batch_size` rows, then decode `decode_tokens` greedy tokens one at a
-    time through the cache (model forward in a loop, not generate). Medians over `repeats` after `warmup`."""
+    time through the cache (model forward in a loop, not generate: generation/decoding.py). Medians over `repeats`
+    after `warmup`; the prefill time is the prompt's forward, the decode time the `decode_tokens` steps."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(seed + 1000 * context + batch_size)
     ids = torch.randint(0, vocab, (batch_size, context), generator=generator).to(device)
-    keep_logits = accepts_argument(model, "logits_to_keep")
     prefill_ms, decode_s, cache_bytes = [], [], None
     with meter.measure() as mem:
         for i in range(warmup + repeats):
             _sync(device)
             t0 = time.perf_counter()
-            out = _prefill(model, ids, keep_logits)
+            out = prefill(model, ids)
             _sync(device)
             t1 = time.perf_counter()
-            cache = out.past_key_values
+            step = CacheStep(model, output_cache(out))
             if cache_bytes is None:
-                cache_bytes = cache_nbytes(cache)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
+                cache_bytes = cache_nbytes(step.cache)
+            token = greedy_token(out.logits)
             del out
             _sync(device)
             t2 = time.perf_counter()
-            for _ in range(decode_tokens):
-                out = _decode_step(model, token, cache, keep_logits)
-                cache = out.past_key_values
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-                del out
+            token = decode(step, token, decode_tokens, keep=False)
             _sync(device)
             t3 = time.perf_counter()
-            del cache, token
+            del step, token
             if i >= warmup:
                 prefill_ms.append((t1 - t0) * 1000.0)
                 decode_s.append(t3 - t2)
@@ -296,7 +257,7 @@ def bench_model(model, *, contexts: Sequence[int], batch_sizes: Sequence[int], d
                 row.update(bench_cell(model, batch_size=batch_size, context=context, decode_tokens=decode_tokens,
                                       repeats=repeats, warmup=warmup, meter=meter, seed=seed))
             except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded; anything else is re-raised
-                if not _is_oom(e):
+                if not is_oom(e):
                     raise
                 row.update(status="OOM", error=one_line(e))
             gc.collect()

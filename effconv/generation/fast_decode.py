@@ -5,7 +5,7 @@ StaticCache), so that decode speed compares the models and not Python overhead.
     decoder = StaticDecoder(model, use_cuda_graph=None)   # None: a graph on CUDA, eager elsewhere
     first = decoder.prefill(input_ids)                    # (B, 1) greedy token after the prompt
     token = decoder.step()                                # one more greedy token per call (B, 1)
-    greedy_generate(model, input_ids, max_new_tokens)     # the same loop, returns all tokens
+    greedy_generate(model, input_ids, max_new_tokens)     # decoding.decode over decoder.step, returns all tokens
 
 One replay = forward of the last token + argmax + position advance, all on the GPU. A graph needs every
 tensor the step touches at a fixed address: converted linear/hybrid layers keep a fixed-size state and
@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .decoding import capture_step, decode
 
 
 @dataclass
@@ -119,19 +121,7 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         # the capture records the step without running it; state is advanced only by replays
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        graph = torch.cuda.CUDAGraph()
-        saved = (self.token.clone(), self.position.clone(), self.position_ids.clone())
-        with torch.cuda.stream(stream):
-            with torch.cuda.graph(graph, stream=stream):
-                self._forward_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        # nothing ran during capture, but keep the buffers exact in case a backend executed eagerly
-        self.token.copy_(saved[0])
-        self.position.copy_(saved[1])
-        self.position_ids.copy_(saved[2])
-        self.graph = graph
+        self.graph = capture_step(self._forward_step, (self.token, self.position, self.position_ids))
 
     def finish(self) -> None:
         """Bring the caches' Python counters in line with the device counter (after graph replays)."""
@@ -148,8 +138,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, use_
                     ) -> GreedyResult:
     """Greedy tokens through StaticDecoder (prompt + max_new_tokens). No stopping at EOS: fixed-length output."""
     decoder = StaticDecoder(model, use_cuda_graph=use_cuda_graph, max_new_tokens=max_new_tokens)
-    pieces = [input_ids, decoder.prefill(input_ids)]
-    for _ in range(max_new_tokens - 1):
-        pieces.append(decoder.step().clone())
+    first = decoder.prefill(input_ids)
+    rest = decode(lambda _: decoder.step().clone(), first, max_new_tokens - 1)  # the step keeps its own token
     decoder.finish()
-    return GreedyResult(tokens=torch.cat(pieces, 1), cuda_graph=decoder.graph is not None)
+    return GreedyResult(tokens=torch.cat([input_ids, first, *rest], 1), cuda_graph=decoder.graph is not None)

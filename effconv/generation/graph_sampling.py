@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .decoding import capture_step
+
 DECODE_ATTENTION = "effconv_decode"
 
 
@@ -167,16 +169,7 @@ class GraphSampler:
         self.position_ids.add_(1)
 
     def _capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        saved = [t.clone() for t in (self.token, self.cache_position, self.position_ids, self.finished)]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-            self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        for buffer, value in zip((self.token, self.cache_position, self.position_ids, self.finished), saved):
-            buffer.copy_(value)  # capture records without running; keep the buffers exact regardless
-        self.graph = graph
+        self.graph = capture_step(self._step, (self.token, self.cache_position, self.position_ids, self.finished))
 
     def _run_step(self, eager: bool) -> None:
         if not eager and self.use_cuda_graph and self.graph_error is None:

@@ -1,7 +1,9 @@
 """Small helpers shared by the ops (no Triton import here: this module must load on any machine)."""
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 
@@ -13,22 +15,46 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
-def triton_available() -> bool:
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """Why `import triton` fails on this machine ("ExceptionType: message"), or None when it imports."""
     try:
         import triton  # noqa: F401
-    except Exception:  # pragma: no cover - platform without triton
-        return False
-    return True
+    except Exception as error:  # noqa: BLE001 - any failure (missing package, broken install): reported as is
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def triton_available() -> bool:
+    return triton_import_error() is None
+
+
+_FELL_BACK = False  # "auto" has said once in this process that CUDA tensors take the PyTorch path
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """'auto' -> 'triton' for CUDA tensors (when triton imports), 'reference' otherwise."""
+    """'auto' -> 'triton' for CUDA tensors (when triton imports; else 'reference', with one warning per process
+    saying why), 'reference' otherwise. An explicit 'triton' without triton raises RuntimeError."""
+    global _FELL_BACK
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"backend='triton' needs the triton package, which did not import "
+                               f"({triton_import_error() or 'not available'}); install triton or pass "
+                               "backend='reference'")
+        return backend
     if backend != "auto":
         return backend
-    if all(t.is_cuda for t in tensors if t is not None) and triton_available():
+    if not all(t.is_cuda for t in tensors if t is not None):
+        return "reference"
+    if triton_available():
         return "triton"
+    if not _FELL_BACK:
+        _FELL_BACK = True
+        warnings.warn(f"effconv_kernels: running the PyTorch reference on CUDA tensors (slow): triton did not import "
+                      f"({triton_import_error() or 'not available'}); this is said once per process",
+                      RuntimeWarning, stacklevel=3)
     return "reference"
 
 

@@ -116,3 +116,38 @@ def load_attention_ops():
 @pytest.fixture(scope="session")
 def attention_ops():
     return load_attention_ops()
+
+
+@pytest.fixture
+def program_order(monkeypatch):
+    """Call it with "grid", "reversed" or "shuffled" to make the CPU interpreter run every later launch's programs
+    in that order (it runs them one by one in grid order otherwise): a kernel whose result depends on the order in
+    which its programs run (atomics that do not commute, one program reading what another wrote) gives different
+    bits under another order, as it may from run to run on a GPU. Interpreter only."""
+    if ON_GPU:
+        pytest.skip("the program order is permuted in the CPU interpreter only")
+    from triton.runtime import interpreter as interp
+
+    original = interp.InterpreterBuilder.set_grid_idx
+    perms: dict = {}
+
+    def set_order(kind: str) -> None:
+        if kind not in ("grid", "reversed", "shuffled"):
+            raise ValueError(kind)
+
+        def set_grid_idx(self, x, y, z):
+            nx, ny, nz = self.grid_dim
+            n = nx * ny * nz
+            if (kind, n) not in perms:
+                if kind == "grid":
+                    perms[kind, n] = list(range(n))
+                elif kind == "reversed":
+                    perms[kind, n] = list(range(n - 1, -1, -1))
+                else:
+                    perms[kind, n] = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()
+            j = perms[kind, n][(x * ny + y) * nz + z]  # a bijection: every program still runs exactly once
+            return original(self, j // (ny * nz), (j // nz) % ny, j % nz)
+
+        monkeypatch.setattr(interp.InterpreterBuilder, "set_grid_idx", set_grid_idx)
+
+    return set_order

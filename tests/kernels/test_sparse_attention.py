@@ -179,9 +179,8 @@ def test_inverse_block_lists_match_brute_force(device):
     assert cnt[order].tolist() == sorted(cnt.tolist(), reverse=True)
 
 
-@pytest.mark.parametrize("op", ["window", "topk"])
-def test_sparse_backward_is_deterministic(op, device):
-    """No atomics in the backward: two runs give bitwise-equal gradients (GQA 3, sinks / popular blocks)."""
+def _sparse_case(op, device):
+    """(forward, q, k, v, dout): GQA 3 with sinks / popular blocks, where many query blocks feed one key block."""
     q, k, v = make_qkv(1, 3, 1, 75, 16, torch.bfloat16, device, seed=4)
     if op == "window":
         fn = lambda: sliding(q, k, v, block=16, window=20, sinks=18, scale=0.25)  # noqa: E731
@@ -189,9 +188,42 @@ def test_sparse_backward_is_deterministic(op, device):
         fn = lambda: ek.block_sparse_attention(q, k, v, block_size=16, topk=2, scale=0.25,  # noqa: E731
                                                backend="triton")
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=q.dtype)
-    runs = [torch.autograd.grad(fn(), [q, k, v], do) for _ in range(2)]
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    return fn, q, k, v, do
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU: programs run concurrently in a varying order only there")
+@pytest.mark.parametrize("op", ["window", "topk"])
+def test_sparse_backward_is_deterministic_on_gpu(op):
+    """No atomics in the backward: repeated runs give bitwise-equal gradients."""
+    fn, q, k, v, do = _sparse_case(op, "cuda")
+    runs = [torch.autograd.grad(fn(), [q, k, v], do) for _ in range(3)]
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["window", "topk"])
+def test_sparse_backward_does_not_depend_on_program_order(op, program_order):
+    """No atomics in the backward: the interpreter's programs run in grid, reversed and shuffled order give
+    bitwise-equal outputs and gradients, equal to the oracle's (an order-dependent kernel would not:
+    test_program_order.py)."""
+    fn, q, k, v, do = _sparse_case(op, "cpu")
+    runs = {}
+    for kind in ("grid", "reversed", "shuffled"):
+        program_order(kind)
+        o = fn()
+        runs[kind] = (o, *torch.autograd.grad(o, [q, k, v], do))
+    if op == "window":
+        o_ref = naive_sliding_window_attention(q, k, v, window=20, sinks=18, scale=0.25)
+    else:
+        o_ref = naive_block_sparse_attention(q, k, v, block_size=16, topk=2, scale=0.25)
+    assert rel_err(runs["grid"][0], o_ref) < TOL[torch.bfloat16][0]
+    for got, want in zip(runs["grid"][1:], torch.autograd.grad(o_ref.float(), [q, k, v], do.float())):
+        assert rel_err(got, want) < TOL[torch.bfloat16][1]
+    for kind in ("reversed", "shuffled"):
+        for name, a, b in zip(("o", "dq", "dk", "dv"), runs[kind], runs["grid"]):
+            assert torch.equal(a, b), (kind, name)
 
 
 @pytest.mark.parametrize("B,H,Hkv,T,D,block,topk", [(1, 4, 2, 70, 8, 8, 2), (2, 3, 1, 61, 16, 16, 1),

@@ -24,20 +24,22 @@ results are deterministic.
 
 Tiles: BM (rows per block) is chosen per call from the mean rows per expert (128 from 512 rows, else 64; 16
 under TRITON_INTERPRET); on CUDA `triton.autotune` picks BN/BK/warps/stages per kernel from a short list
-(keyed on the dims, a rows bucket and BM) once M >= AUTOTUNE_MIN_ROWS, else a fixed default config; keys measured
-on a GPU launch the config PINNED for them there instead. The
-row-block GEMMs specialize on EVEN_K / EVEN_N (K % BK, N % BN == 0: unmasked weight loads) and load clamped
-rows (past a block's end its last row again; those output rows stay masked), so their k loops carry no masks
-when EVEN_K. The
+(keyed on the dims, a rows bucket and BM) once M >= AUTOTUNE_MIN_ROWS, else a fixed default config; keys with a
+config pinned for the GPU in configs/<gpu>.json launch that one instead (`pinned_config`). The row-block GEMMs
+specialize on EVEN_K / EVEN_N (K % BK, N % BN == 0: unmasked weight loads) and load clamped rows (past a block's
+end its last row again; those output rows stay masked), so their k loops carry no masks when EVEN_K. The
 autotuner's repeated runs are safe: the kernels only write their outputs, except the slot-add down / dx kernels,
 whose outputs it zeroes before every run (RESET). `tuned_configs()` lists the choices and where each came from.
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import torch
 import triton
@@ -499,10 +501,9 @@ def _wg(p, q, r, warps, stages):
     return triton.Config({"BP": p, "BQ": q, "BR": r}, num_warps=warps, num_stages=stages)
 
 
-# Short lists for sm_90 (227 KB shared memory; configs over ~200 KB for the dtype at hand are pruned). The up
-# kernel holds two fp32 accumulators (gate, up): BN 128 needs 8 warps at BM 128 (2 x 64 registers/thread).
-# Second H200 iteration: configs no shape chose were swapped for deeper pipelines of the winners (down / dx BN
-# 256 x 4 stages, wgrad 128 x 128 x 4 stages, 256 x 128 tiles, BR 128 for the small-P/Q weight grads).
+# The autotuner's candidates: short lists for sm_90 (227 KB shared memory; configs over ~200 KB for the dtype at
+# hand are pruned), the configs the benchmark shapes chose on an H200 and deeper pipelines of them (docs/kernels.md).
+# The up kernel holds two fp32 accumulators (gate, up): BN 128 needs 8 warps at BM 128 (2 x 64 registers/thread).
 CONFIGS = {
     "up": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(128, 32, 8, 5),
            _cfg(64, 32, 4, 5)],
@@ -515,21 +516,6 @@ CONFIGS = {
               _wg(64, 64, 64, 4, 4), _wg(64, 64, 128, 4, 3), _wg(64, 64, 64, 4, 5), _wg(128, 128, 32, 8, 5),
               _wg(64, 64, 32, 4, 6)],
 }
-# Candidates for a wider search (EFFCONV_MOE_WIDE_TUNING=1 at import appends them; bench/moe_sweep_gpu.sh): smaller
-# tiles and more warps per tile for the small-I shapes, where the autotuner picked the smallest listed configs. The
-# H200 sweep of 2026-12-02 (smol_split) moved the five configs it chose into CONFIGS (the last entry of each list);
-# the second sweep of that day moved two weight-grad tiles it chose with split rows (128 x 128 x 32, 64 x 64 x 32).
-WIDE_CONFIGS = {
-    "up": [_cfg(64, 64, 8, 4), _cfg(32, 64, 4, 4)],
-    "down": [_cfg(64, 64, 8, 3), _cfg(64, 64, 4, 3)],
-    "down_bwd": [_cfg(64, 64, 8, 3), _cfg(32, 64, 4, 4), _cfg(64, 32, 4, 5), _cfg(32, 64, 2, 4)],
-    "dx": [_cfg(64, 64, 8, 4), _cfg(64, 128, 4, 3)],
-    "wgrad": [_wg(32, 64, 64, 4, 4), _wg(64, 32, 64, 4, 4), _wg(64, 64, 64, 8, 4), _wg(128, 64, 64, 4, 4),
-              _wg(64, 128, 64, 4, 4), _wg(64, 64, 128, 8, 3), _wg(128, 64, 64, 8, 4), _wg(64, 128, 64, 8, 4)],
-}
-if os.environ.get("EFFCONV_MOE_WIDE_TUNING") == "1":
-    for _name, _extra in WIDE_CONFIGS.items():
-        CONFIGS[_name] = CONFIGS[_name] + _extra
 DEFAULTS = {  # CUDA, small calls (M < AUTOTUNE_MIN_ROWS) or EFFCONV_MOE_AUTOTUNE=0
     "up": _cfg(64, 64, 4, 3), "down": _cfg(64, 64, 4, 3), "down_bwd": _cfg(64, 64, 4, 3), "dx": _cfg(64, 64, 4, 3),
     "wgrad": _wg(64, 64, 64, 4, 3),
@@ -567,14 +553,9 @@ def _prune(name):
 
 
 def _tune_bench(fn, quantiles):
-    """The autotuner's timer: do_bench (L2 flushed before each run); with EFFCONV_MOE_TUNE_REPEATS=r > 1, the
-    element-wise min over r shorter do_bench quantiles (a tuning knob against transient slow runs)."""
+    """The autotuner's timer: triton's do_bench (L2 flushed before each run)."""
     import triton.testing
-    repeats = _env_int("EFFCONV_MOE_TUNE_REPEATS", (1, 2, 3, 4, 5)) or 1
-    if repeats == 1:
-        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-    runs = [triton.testing.do_bench(fn, warmup=5 if r == 0 else 1, rep=10, quantiles=quantiles) for r in range(repeats)]
-    return [min(v) for v in zip(*runs)] if isinstance(runs[0], (list, tuple)) else min(runs)
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
 def autotuned(name, fn, do_bench):
@@ -583,26 +564,40 @@ def autotuned(name, fn, do_bench):
                            do_bench=do_bench, reset_to_zero=RESET.get(name))(fn)
 
 
-# Configs pinned per GPU for the keys measured there (bf16): used instead of the autotuner, whose choices for these
-# ~10-50 us kernels varied from process to process (each kernel timed alone with L2 flushed, where in the step it
-# reads L2-warm operands): one process picked the down kernel's 256 x 64 tile at N 4096 and ran the forward 10 %
-# slower than with the 128 x 64 one the others took. Each entry is the config of the fastest whole fwd+bwd
-# graphs among the autotuned processes of smol_split (D 576, I 192, E 8, top-2, BM 128) at N 4096 (rows key 1024)
-# and 16384 (4096) in bench/results/moe-sweep-h200-2026-12-02c/sweep1-3. dW_d at 16384 in two splits: BR 32 x 6
-# stages gave fwd+bwd 0.2766-0.2783 ms in 3 processes, BR 64 x 5 stages 0.2837-0.2850 in 5 (sweeps 2-3), though
-# alone the two time the same (42.6-43.2 us). EFFCONV_MOE_PINNED=0: autotune these keys too.
-_SMOL_SPLIT_H200 = {}
-for _rk, _splits, _dw_d in ((1024, 1, _wg(64, 64, 64, 4, 5)), (4096, 2, _wg(64, 64, 32, 4, 6))):
-    _SMOL_SPLIT_H200.update({
-        ("up", (576, 192, _rk, 128, True)): _cfg(64, 32, 4, 5),
-        ("up", (576, 192, _rk, 128, False)): _cfg(64, 32, 4, 5),
-        ("down", (576, 192, _rk, 128, True)): _cfg(128, 64, 8, 3),
-        ("down_bwd", (576, 192, _rk, 128, True)): _cfg(64, 64, 8, 4),
-        ("dx", (576, 192, _rk, 128, True, True)): _cfg(128, 32, 8, 5),
-        ("wgrad", (384, 576, _rk, _splits, False)): _wg(128, 128, 32, 8, 5),  # dW_gu
-        ("wgrad", (576, 192, _rk, _splits, True)): _dw_d,
-    })
-PINNED = {"NVIDIA H200": _SMOL_SPLIT_H200}
+# Launch configs pinned per GPU (configs/<gpu>.json, bf16 data only), used instead of the autotuner for the keys
+# measured there: its choices for these short kernels, each timed alone with L2 flushed, vary from process to
+# process, so each pinned config is that of the fastest whole fwd+bwd graph among autotuned processes
+# (docs/kernels.md). EFFCONV_MOE_PINNED=0 autotunes those keys too.
+PINNED_DIR = Path(__file__).with_name("configs")
+
+
+def pinned_file(gpu: str) -> Path:
+    """The pinned-config file of a GPU, named from torch.cuda.get_device_name: "NVIDIA H200" -> nvidia-h200.json."""
+    return PINNED_DIR / (re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") + ".json")
+
+
+@functools.lru_cache(maxsize=None)
+def pinned_table(gpu: str) -> dict:
+    """{(kernel, key values in KEYS order): triton.Config} from the GPU's file; {} for a GPU without one (or "")."""
+    path = pinned_file(gpu) if gpu else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+        table = {}
+        for row in doc["configs"]:
+            name = row["kernel"]
+            if set(row["key"]) != set(KEYS[name]):
+                raise ValueError(f"key names {sorted(row['key'])}, expected {KEYS[name]}")
+            names = ("BP", "BQ", "BR") if name == "wgrad" else ("BN", "BK")
+            if set(row["config"]) != set(names):
+                raise ValueError(f"config names {sorted(row['config'])}, expected {list(names)}")
+            key = tuple(row["key"][k] for k in KEYS[name])
+            table[(name, key)] = triton.Config(dict(row["config"]), num_warps=int(row["num_warps"]),
+                                               num_stages=int(row["num_stages"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"bad pinned MoE launch configs in {path}: {type(error).__name__}: {error}") from error
+    return table
 
 
 @functools.lru_cache(maxsize=None)
@@ -611,15 +606,15 @@ def _cuda_name(index: int) -> str:
 
 
 def device_name(t: torch.Tensor) -> str:
-    """The GPU's name as PINNED keys it ("" off CUDA)."""
+    """The GPU's name as torch reports it, which names its pinned-config file ("" off CUDA)."""
     return _cuda_name(t.device.index if t.device.index is not None else 0) if t.device.type == "cuda" else ""
 
 
 def pinned_config(name: str, key_values: tuple, dtype: torch.dtype, gpu: str) -> triton.Config | None:
-    """The PINNED config of kernel `name` for these key values on GPU `gpu` (bf16 data only), else None."""
+    """The pinned config of kernel `name` for these key values on GPU `gpu` (bf16 data only), else None."""
     if _env_int("EFFCONV_MOE_PINNED", (0, 1)) == 0 or dtype != torch.bfloat16:
         return None
-    return PINNED.get(gpu, {}).get((name, tuple(key_values)))
+    return pinned_table(gpu).get((name, tuple(key_values)))
 
 
 class _Kernel:
@@ -696,7 +691,8 @@ KERNELS = {n: _Kernel(n, _with_even(n, f)) for n, f in (("up", moe_up_kernel), (
 
 def tuned_configs() -> list[dict]:
     """The configs chosen so far on the tuned path: one entry per (kernel, key) (key = the KEYS values, then the
-    tensor arguments' dtypes), with its source: "pinned" (PINNED), "autotuned" or "default" (tuning failed)."""
+    tensor arguments' dtypes), with its source: "pinned" (configs/<gpu>.json), "autotuned" or "default" (tuning
+    failed)."""
     out = []
     for name, k in KERNELS.items():
         for key, cfg in k.chosen.items():
@@ -706,10 +702,10 @@ def tuned_configs() -> list[dict]:
 
 
 def _autotune_on(m: int) -> bool:
-    env = os.environ.get("EFFCONV_MOE_AUTOTUNE", "")
-    if env in ("0", "1"):
-        return env == "1"
-    return m >= AUTOTUNE_MIN_ROWS
+    """Whether a call takes the tuned path (pinned or autotuned configs): from AUTOTUNE_MIN_ROWS rows on;
+    EFFCONV_MOE_AUTOTUNE=0 / 1 force the fixed default configs / the tuned path for every call."""
+    forced = _env_int("EFFCONV_MOE_AUTOTUNE", (0, 1))
+    return m >= AUTOTUNE_MIN_ROWS if forced is None else forced == 1
 
 
 def _env_int(name: str, allowed) -> int | None:
@@ -769,15 +765,14 @@ def prefetch_on() -> bool:
     return _env_int("EFFCONV_MOE_PREFETCH", (0, 1)) != 0
 
 
-SLOT_MODES = ("auto", "add", "sum")
+SLOT_MODES = ("auto", "sum")
 
 
 def slot_add_on(k: int, dtype: torch.dtype) -> bool:
     """Whether the down / dx kernels add each (token, slot) row straight into the token's zeroed output row
     (atomics) instead of writing M rows for a slot-sum launch. Only for k == 2, where two adds into zero are
     order-independent (a + b = b + a exactly), so results stay deterministic; the CPU interpreter has no bf16
-    atomics, so bf16 there takes the slot sum. EFFCONV_MOE_SLOT=sum turns the adds off (a tuning knob; "add"
-    is auto: other k and interpreted bf16 keep the sum)."""
+    atomics, so bf16 there takes the slot sum. EFFCONV_MOE_SLOT=sum turns the adds off (the ablation)."""
     mode = os.environ.get("EFFCONV_MOE_SLOT", "auto") or "auto"
     if mode not in SLOT_MODES:
         raise ValueError(f"EFFCONV_MOE_SLOT={mode!r}: expected one of {', '.join(SLOT_MODES)}")
@@ -786,7 +781,6 @@ def slot_add_on(k: int, dtype: torch.dtype) -> bool:
     return True
 
 
-ZERO_MODES = ("stream", "inline")
 _SIDE_STREAMS: dict = {}
 
 
@@ -807,8 +801,7 @@ def wgrad_stream_mode(device: torch.device) -> int:
     """How many of the two Triton weight-grad GEMMs run on a side stream, beside the dgrad kernels: 0 none, 1 dW_d
     (it needs only dout and h, so it starts with the backward, beside down_bwd), 2 (CUDA's default) also dW_gu
     (after down_bwd, beside dx). The overlap fills the SMs each kernel's last wave and the launch gaps leave
-    idle: at smol_split on the H200 fwd+bwd 0.308 -> 0.278 ms at N 16384 and 0.106 -> 0.093 at 4096
-    (docs/kernels.md). EFFCONV_MOE_WGRAD_STREAM=0 / 1 are the ablations."""
+    idle (faster fwd+bwd on the H200, docs/kernels.md). EFFCONV_MOE_WGRAD_STREAM=0 / 1 are the ablations."""
     mode = _env_int("EFFCONV_MOE_WGRAD_STREAM", WGRAD_STREAM_MODES)
     return 0 if device.type != "cuda" else (2 if mode is None else mode)
 
@@ -843,12 +836,8 @@ def zeroed(n: int, d: int, dtype: torch.dtype, device: torch.device):
     """(zeroed (n, d) buffer, join): the slot adds' output. On CUDA the fill runs on a side stream, so it overlaps
     the routing / up (forward) or down_bwd (backward) kernels instead of standing between them; join() makes the
     current stream wait for it (call it before the first kernel that adds into the buffer). The side stream
-    first waits for the current one, since the buffer's memory may have been freed by work still queued there.
-    EFFCONV_MOE_ZERO=inline zeroes on the current stream (the ablation)."""
-    mode = os.environ.get("EFFCONV_MOE_ZERO", "stream") or "stream"
-    if mode not in ZERO_MODES:
-        raise ValueError(f"EFFCONV_MOE_ZERO={mode!r}: expected one of {', '.join(ZERO_MODES)}")
-    if device.type != "cuda" or mode == "inline":
+    first waits for the current one, since the buffer's memory may have been freed by work still queued there."""
+    if device.type != "cuda":
         return torch.zeros(n, d, dtype=dtype, device=device), lambda: None
     work = _SideWork(device, "zero")
     buf = torch.empty(n, d, dtype=dtype, device=device)  # allocated on the current stream: no record_stream needed
