@@ -403,6 +403,12 @@ def test_length_evaluation_in_eval_report(tiny_model_dir, student_dir, tmp_path)
     student_rows = {r["context"]: r for r in length["models"]["student"]["perplexity"]}
     assert teacher_rows[32]["status"] == student_rows[32]["status"] == "ok"
     assert teacher_rows[1024]["status"] == "skipped"  # beyond the tiny teacher's 512 positions
+    # the loss-by-position curve runs to the largest context each model allows: 1024 for the student, 128 for the
+    # teacher (the two curves average other documents, so no per-bucket difference is reported between them)
+    assert length["models"]["student"]["position_curve"]["length"] == 1024
+    teacher_curve = length["models"]["teacher"]["position_curve"]
+    assert teacher_curve["status"] == "ok" and teacher_curve["length"] == 128
+    assert length["comparisons"]["student"]["position_curve"] == []
     ratios = {r["context"]: r for r in length["comparisons"]["student"]["perplexity"]}
     assert ratios[32]["ppl_ratio"] == pytest.approx(student_rows[32]["ppl"] / teacher_rows[32]["ppl"])
     assert [c["context"] for c in length["models"]["student"]["passkey"]["per_context"]] == [256]

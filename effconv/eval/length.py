@@ -936,22 +936,27 @@ def evaluate_length(models: Mapping[str, Any], tokenizer, documents: Sequence[st
         common = dict(chunk_size=config.chunk_size, tokens_per_batch=config.tokens_per_batch, progress=progress,
                       label=name)
         positions, share = None, False
+        # a model whose positions stop before L (the teacher's RoPE) gets its curve up to its largest allowed context
+        model_length = length
+        if length and not limit.allows(length):
+            fitting = [c for c in config.contexts if limit.allows(c)]
+            model_length = max(fitting) if fitting else length
         if sequences is not None and config.contexts:
             # the first windows at context L are exactly the position curve's windows: record them on the way
-            share = length in config.contexts and (not config.common_documents or length == max(config.contexts))
+            share = model_length in config.contexts and (not config.common_documents or model_length == max(config.contexts))
             entry["perplexity"], positions = _perplexity_pass(
                 model, sequences, config.contexts, max_windows_per_document=config.max_windows_per_document,
                 common_documents=config.common_documents, limit=limit, bootstrap_samples=config.bootstrap_samples,
-                seed=config.seed, record_positions_for=length if share else None, **common)
-        if sequences is not None and length:
-            shared_row = next((r for r in entry.get("perplexity", []) if r["context"] == length), None)
+                seed=config.seed, record_positions_for=model_length if share else None, **common)
+        if sequences is not None and model_length:
+            shared_row = next((r for r in entry.get("perplexity", []) if r["context"] == model_length), None)
             if positions is not None:
-                entry["position_curve"] = _position_result(positions, length, None)
+                entry["position_curve"] = _position_result(positions, model_length, None)
             elif shared_row is not None and share and shared_row["status"] != "ok":  # skipped or OOM at L already
-                entry["position_curve"] = {"length": length, "status": shared_row["status"],
+                entry["position_curve"] = {"length": model_length, "status": shared_row["status"],
                                            "reason": shared_row["reason"]}
             else:
-                entry["position_curve"] = loss_by_position(model, sequences, length, allow_beyond_positions=allow,
+                entry["position_curve"] = loss_by_position(model, sequences, model_length, allow_beyond_positions=allow,
                                                            **common)
         if config.passkey_contexts:
             entry["passkey"] = passkey_retrieval(
