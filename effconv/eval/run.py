@@ -233,11 +233,11 @@ def _teacher_text_blocks(cfg: EvalConfig, student_source, tokenizer, models: dic
     the generation and split settings come from its effconv.json, so these are exactly the validation blocks its
     linearize run held out (same cached texts, same split)."""
     from .. import data as data_lib
-    from ..pipelines.linearize import LinearizeConfig
+    from ..config import DataArgs, RunArgs, TrainArgs
     from ..io.sources import cache_root, load_causal_lm, resolve_model_source
 
     recorded = _linearize_metadata(student_source)
-    defaults = dataclasses.asdict(LinearizeConfig())
+    defaults = {**dataclasses.asdict(DataArgs()), **dataclasses.asdict(TrainArgs()), **dataclasses.asdict(RunArgs())}
     settings = {k: (recorded or {}).get(k, defaults[k]) for k in
                 ("generate_tokens", "generation_batch_size", "generation_mode", "seq_len", "val_fraction", "seed",
                  "max_val_blocks")}

@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from ..conversion.moe import moe_layers
 from ..modeling import EffconvForCausalLM
+from ..modeling.moe import MoeMLP
 from .export import atomic_directory, write_metadata
 
 
@@ -94,7 +94,7 @@ def native_layout(model: EffconvForCausalLM) -> tuple[str | None, str]:
         return None, "linear / hybrid attention layers need effconv's modeling code"
     if c.mlp_bias or c.o_proj_bias and c.base_model_type != "qwen3":
         return None, "biases the MoE formats do not have"
-    if any(bool(m.router_bias.any()) for m in moe_layers(model)):
+    if any(bool(m.router_bias.any()) for m in model.modules() if isinstance(m, MoeMLP)):
         return None, "a load-balancing router bias (no native field for it)"
     if _sliding(c) and not all(c.teacher_sliding_layers):
         return None, "sliding-window attention in some layers only"
