@@ -57,46 +57,10 @@ class TeacherSample:
     generated_tokens: int
 
 
-def generate_teacher_texts(
-    model: Any,
-    tokenizer: Any,
-    *,
-    num_tokens: int,
-    cache_dir: Path,
-    max_new_tokens: int = 256,
-    batch_size: int = 16,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    top_k: int = 50,
-    seed: int = 0,
-    prompts: list[str] | None = None,
-    progress: bool = True,
-    generation_mode: str = "auto",
-    do_sample: bool = True,
-    turns: int = 1,
-) -> list[str]:
-    """Texts written by the teacher: prompt + sampled response, until ``num_tokens`` are generated.
-
-    See :func:`generate_teacher_samples` for details; this returns just the texts.
-    """
-    samples = generate_teacher_samples(
-        model,
-        tokenizer,
-        num_tokens=num_tokens,
-        cache_dir=cache_dir,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        prompts=prompts,
-        progress=progress,
-        generation_mode=generation_mode,
-        do_sample=do_sample,
-        turns=turns,
-    )
-    return [sample.text for sample in samples]
+def generate_teacher_texts(model: Any, tokenizer: Any, **kwargs: Any) -> list[str]:
+    """Texts written by the teacher: prompt + sampled response, until ``num_tokens`` are generated; the settings
+    and caching of :func:`generate_teacher_samples`, which this returns just the texts of."""
+    return [sample.text for sample in generate_teacher_samples(model, tokenizer, **kwargs)]
 
 
 def generate_teacher_samples(
