@@ -129,7 +129,8 @@ def linear_decode_step(fq_t, fk_t, v_t, state, *, normalize: bool = True, eps: f
 
 @torch.no_grad()
 def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int, scale: float,
-                       eps: float = 1e-6, log_decay=None, backend: str = "auto", position: torch.Tensor | None = None):
+                       eps: float = 1e-6, log_decay=None, backend: str = "auto", position: torch.Tensor | None = None,
+                       first: torch.Tensor | None = None):
     """Append one token per sequence to `cache` (IN PLACE) and return its hybrid-attention output (B,H,Dv).
 
     Equals `hybrid_attention` (same log_decay) on the whole sequence at that position. Inference only (no autograd).
@@ -137,12 +138,14 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
     (HybridDecodeCache: the state sits at the last token that left the window).
     `position`: optional 1-element integer tensor on the cache's device holding the token index (replaces
     `cache.seen`, which is then left alone; the caller advances it), so the step can be captured in a CUDA graph.
+    `first`: optional (B,) integer tensor, row b's left padding: tokens before index first[b] are left out of its
+    window (keep their fk and v zero in the cache, so that evicting them adds nothing to the state).
     """
     if position is not None and position.numel() != 1:
         raise ValueError("position must hold one integer (tokens seen)")
     _check_decay(log_decay, k_t.shape[1])
     be = resolve_backend(backend, q_t, k_t, v_t, fq_t, fk_t, cache.S)
-    kw = dict(window=window, scale=scale, eps=eps, log_decay=log_decay)
+    kw = dict(window=window, scale=scale, eps=eps, log_decay=log_decay, first=first)
     if be == "triton":
         _same_dtype(q_t, k_t, v_t, fq_t, fk_t)
         from .hybrid_attn.recurrent import triton_hybrid_decode_step

@@ -208,6 +208,32 @@ def test_hybrid_decode_with_device_position(backend, decay, device):
         assert cache.seen == prefill
 
 
+@pytest.mark.parametrize("backend,decay", [("triton", None), ("reference", None), ("triton", (STRONG, -0.05))])
+def test_hybrid_decode_with_left_padding(backend, decay, device, attention_ops):
+    """`first` (per-row left padding, as in a batch of prompts of different lengths): the decode steps equal the
+    chunked op with a key padding mask, whether the padded tokens are still in the window or already evicted
+    (their fk and v are zero in the cache, as the model keeps them)."""
+    B, H, Hkv, T, D, F, W, prefill = 3, 4, 2, 15, 32, 32, 5, 4
+    (q, k, v, fq, fk), mix, _ = make_inputs(B, H, Hkv, T, D, F, torch.float32, device)
+    ld = make_decay(Hkv, decay, device).detach() if decay else None
+    first = torch.tensor([0, 2, 4], device=device)  # row 2: the whole prompt is padding but its last token
+    real = torch.arange(T, device=device)[None, :] >= first[:, None]
+    scale = D ** -0.5
+    with torch.no_grad():
+        o_par, _ = attention_ops.hybrid_attention(q, k, v, fq, fk, mix, window=W, scale=scale, log_decay=ld,
+                                                  key_padding_mask=real)
+        keep = real[:, None, :, None].to(v.dtype)
+        cache = HybridDecodeCache.from_prefill(k[:, :, :prefill], (v * keep)[:, :, :prefill],
+                                               (fk * keep)[:, :, :prefill], window=W, log_decay=ld)
+        position = torch.tensor([prefill], dtype=torch.int64, device=device)
+        for t in range(prefill, T):
+            o_t = ek.hybrid_decode_step(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], mix, cache,
+                                        window=W, scale=scale, log_decay=ld, backend=backend, position=position,
+                                        first=first)
+            position += 1
+            assert torch.isfinite(o_t).all() and rel_err(o_t, o_par[:, :, t]) < TOL[torch.float32][0], t
+
+
 @pytest.mark.parametrize("W,decay", [(1, None), (7, None), (16, None), (40, None), (100, None),
                                      (1, (STRONG, NEAR1)), (16, (-0.05, STRONG)), (40, (STRONG, -0.05))])
 def test_attention_ops_and_recurrence_agree(W, decay, attention_ops):

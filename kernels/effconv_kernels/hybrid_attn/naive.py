@@ -64,8 +64,10 @@ def naive_hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, e
 
 
 def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int,
-                           scale: float, eps=1e-6, log_decay=None):
-    """Append one token per sequence to `cache` (in place) and return its output (B, H, Dv)."""
+                           scale: float, eps=1e-6, log_decay=None, first=None):
+    """Append one token per sequence to `cache` (in place) and return its output (B, H, Dv).
+    `first` (B,) int: row b's tokens before index first[b] are left padding, left out of the window (the caller
+    keeps their fk and v zero, so their eviction adds nothing to the state)."""
     W = cache.window
     if int(window) != W:
         raise ValueError(f"window={window} but the cache holds {W} slots")
@@ -91,7 +93,11 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
     qq = q_t.float().reshape(B, Hkv, G, D)
     fqq = fq_t.float().reshape(B, Hkv, G, -1)
     s = torch.einsum("bhgd,bhjd->bhgj", qq, cache.k[:, :, :n].float()) * scale
-    a = torch.exp(s - s.amax(-1, keepdim=True))
+    if first is not None:  # slot j holds token t - ((t - j) mod W)
+        slots = torch.arange(n, device=s.device)
+        token = t - (t - slots) % W
+        s = s.masked_fill((token[None, :] < first.to(s.device)[:, None])[:, None, None, :], float("-inf"))
+    a = torch.exp(s - s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min))
     alpha = torch.sigmoid(mix.float()).reshape(1, Hkv, G, 1)
     beta = 1.0 - alpha
     lin_num = torch.einsum("bhgf,bhfd->bhgd", fqq, cache.S)

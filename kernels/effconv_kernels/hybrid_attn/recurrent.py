@@ -18,11 +18,11 @@ from .cache import HybridDecodeCache
 
 @triton.jit
 def hybrid_decode_kernel(
-    q, k, v, fq, fk, mix, S, z, kb, vb, fkb, o, ld,
-    G, H, W, slot, n_valid, evict, scale, eps, pos,
+    q, k, v, fq, fk, mix, S, z, kb, vb, fkb, o, ld, first,
+    G, H, W, t, slot, n_valid, evict, scale, eps, pos,
     D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr,
     BD: tl.constexpr, BF: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
-    POS_ON_DEVICE: tl.constexpr, HAS_DECAY: tl.constexpr = False,
+    POS_ON_DEVICE: tl.constexpr, HAS_DECAY: tl.constexpr = False, HAS_FIRST: tl.constexpr = False,
 ):
     if POS_ON_DEVICE:  # token index read from device memory (CUDA-graph replay: no host value changes)
         t = tl.load(pos).to(tl.int32)
@@ -33,6 +33,8 @@ def hybrid_decode_kernel(
     Hkv = H // G
     i_b, i_hk = i_bk // Hkv, i_bk % Hkv
     i_bk64 = i_bk.to(tl.int64)
+    if HAS_FIRST:  # left padding: tokens before first[b] are not in row b's window
+        b_first = tl.load(first + i_b).to(tl.int32)
     o_d, o_f, o_v = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
     m_d, m_f, m_v = o_d < D, o_f < F, o_v < DV
     p_S = S + i_bk64 * F * DV
@@ -73,12 +75,15 @@ def hybrid_decode_kernel(
         for w0 in range(0, W, BW):  # slots >= n_valid are masked (a fixed trip count also serves POS_ON_DEVICE)
             o_w = w0 + tl.arange(0, BW)
             m_w = o_w < n_valid
+            if HAS_FIRST:  # slot j holds token t - ((t - j) mod W)
+                m_w = m_w & (t - (t - o_w + W) % W >= b_first)
             b_kb = tl.load(kb + (i_bk64 * W + o_w[:, None]) * D + o_d[None, :], mask=m_w[:, None] & m_d[None, :], other=0.0)
             s = tl.sum(b_kb.to(tl.float32) * b_q[None, :], 1) * scale
             s = tl.where(m_w, s, float("-inf"))
             m_new = tl.maximum(b_m, tl.max(s, 0))
-            corr = tl.exp(b_m - m_new)
-            p = tl.exp(s - m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully padded block so far: no NaN
+            corr = tl.exp(b_m - m_safe)
+            p = tl.exp(s - m_safe)
             b_vb = tl.load(vb + (i_bk64 * W + o_w[:, None]) * DV + o_v[None, :], mask=m_w[:, None] & m_v[None, :], other=0.0)
             b_l = b_l * corr + tl.sum(p, 0)
             b_acc = b_acc * corr + tl.sum(p[:, None] * b_vb.to(tl.float32), 0)
@@ -102,7 +107,8 @@ def hybrid_decode_kernel(
 
 
 def triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int,
-                              scale: float, eps=1e-6, position: torch.Tensor | None = None, log_decay=None):
+                              scale: float, eps=1e-6, position: torch.Tensor | None = None, log_decay=None,
+                              first: torch.Tensor | None = None):
     W = cache.window
     if int(window) != W:
         raise ValueError(f"window={window} but the cache holds {W} slots")
@@ -126,10 +132,11 @@ def triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecod
         q_t, k_t.to(cache.k.dtype), v_t.to(cache.v.dtype), fq_t, fk_t.to(cache.fk.dtype), mix_f,
         cache.S, cache.z, cache.k, cache.v, cache.fk, o,
         log_decay.float().contiguous() if log_decay is not None else mix_f,
-        G, H, W, t % W, min(t + 1, W), int(t >= W), float(scale), float(eps),
+        first if first is not None else mix_f,
+        G, H, W, t, t % W, min(t + 1, W), int(t >= W), float(scale), float(eps),
         position if position is not None else mix_f,
         D=D, F=F, DV=DV, BD=BD, BF=BF, BKF=BKF, BV=BV, BW=BW, POS_ON_DEVICE=position is not None,
-        HAS_DECAY=log_decay is not None, num_warps=4,
+        HAS_DECAY=log_decay is not None, HAS_FIRST=first is not None, num_warps=4,
     )
     if position is None:  # with a device position the caller advances it (once per model step)
         cache.seen = t + 1
