@@ -3,6 +3,7 @@
 from .configuration_effconv import ATTENTION_TYPES, EffconvConfig
 from .modeling_effconv import EffconvCache, EffconvForCausalLM, EffconvModel
 
-MODELING_FILES = ("configuration_effconv.py", "modeling_effconv.py", "attention_ops.py", "moe.py", "backend.py")
+MODELING_FILES = ("configuration_effconv.py", "modeling_effconv.py", "attention_ops.py", "moe.py", "backend.py",
+                  "fast_generate.py")
 
 __all__ = ["ATTENTION_TYPES", "MODELING_FILES", "EffconvCache", "EffconvConfig", "EffconvForCausalLM", "EffconvModel"]

@@ -32,6 +32,7 @@ from .attention_ops import sliding_window_attention as sliding_window_attention_
 from .backend import kernels as _kernels
 from .backend import use_kernels
 from .configuration_effconv import EffconvConfig
+from .fast_generate import FastGenerationMixin, freeze, thaw
 from .moe import MoeExperts, MoeMLP
 
 def decay_logit_init(num_kv_heads: int, memory: float) -> torch.Tensor:
@@ -88,20 +89,56 @@ class LayerCache:
     # Python counter for CUDA-graph decoding (effconv/fast_decode.py).
     ring: object | None = None
     ring_position: torch.Tensor | None = None
+    # Static decoding (fast_generate.py): fixed buffers that outlive a generate call, and while they are in use
+    # (`static` set) the shared device counter and padding. Softmax layers write key t into slot t.
+    static: object | None = None
+    static_keys: torch.Tensor | None = None
+    static_values: torch.Tensor | None = None
+    static_state: tuple[torch.Tensor, torch.Tensor] | None = None
+    static_ring: object | None = None
 
     def nbytes(self) -> int:
         ring = [self.ring.S, self.ring.z, self.ring.k, self.ring.v, self.ring.fk] if self.ring is not None else []
         tensors = [self.keys, self.values, self.key_features, *(self.state or ()), *ring]
+        if self.static is not None:
+            tensors += [self.static_keys, self.static_values]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def clear(self) -> None:
+        """Forget the tokens; keep the static buffers (a graph captured on them stays valid)."""
+        self.keys = self.values = self.key_features = self.key_mask = self.state = None
+        self.key_positions = self.block_selection = self.ring = self.ring_position = self.static = None
 
 
 class EffconvCache(Cache):
-    """Cache for effconv models: KV for softmax layers, recurrent state + window KV for linear layers."""
+    """Cache for effconv models: KV for softmax layers, recurrent state + window KV for linear layers.
 
-    def __init__(self, num_layers: int):
+    `static=True` (what `model.generate` uses on CUDA, fast_generate.py): from the first one-token step on, the
+    layers decode from fixed buffers, softmax layers from a KV cache of `max_cache_len` slots."""
+
+    def __init__(self, num_layers: int, *, static: bool = False, max_cache_len: int = 0):
         super().__init__(layers=[])
         self.layer_caches = [LayerCache() for _ in range(num_layers)]
         self.seen_tokens = 0
+        self.static = static
+        self.max_cache_len = max_cache_len
+        self.frozen = False  # the static buffers hold the tokens so far
+        self.static_context = None
+        self.graph = None  # fast_generate.DecodeGraphs' captured step on these buffers
+        self.graph_warm = False
+
+    def reset_for_generation(self) -> None:
+        for c in self.layer_caches:
+            c.clear()
+        self.seen_tokens = 0
+        self.static = True
+        self.frozen = False
+        self.graph_warm = self.graph is not None
+
+    def has_room(self, tokens: int) -> bool:
+        """Whether the static KV buffers take `tokens` more tokens (always, for a model without softmax layers)."""
+        return not any(c.static_keys is not None for c in self.layer_caches) or (
+            self.seen_tokens + tokens <= self.max_cache_len)
 
     def __len__(self) -> int:
         return len(self.layer_caches)
@@ -224,10 +261,25 @@ class EffconvAttention(nn.Module):
 
     def softmax(self, q, k, v, cache: LayerCache | None, key_mask):
         """Exact causal softmax attention (the teacher's, sliding where the teacher's layer is)."""
+        if cache is not None and cache.static is not None:
+            return self._static_softmax_step(q, k, v, cache)
         if cache is not None:
             cache.keys, cache.values = _append(cache.keys, k), _append(cache.values, v)
             k, v = cache.keys, cache.values
         return softmax_attention(q, k, v, scale=self.scale, key_padding_mask=key_mask, sliding_window=self.teacher_window)
+
+    def _static_softmax_step(self, q, k, v, cache: LayerCache):
+        """One token per row into slot `position` of the preallocated KV cache, attending to the slots before it
+        (no host sync: CUDA-graph safe). Left padding and the teacher's window are masked per slot."""
+        ctx = cache.static
+        cache.static_keys.index_copy_(2, ctx.position, k)
+        cache.static_values.index_copy_(2, ctx.position, v)
+        allowed = ctx.slots <= ctx.position
+        if self.teacher_window is not None:
+            allowed = allowed & (ctx.slots > ctx.position - self.teacher_window)
+        mask = allowed[None, :] & (ctx.slots[None, :] >= ctx.first_token[:, None])
+        return F.scaled_dot_product_attention(q, cache.static_keys, cache.static_values, attn_mask=mask[:, None, None],
+                                              scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
 
     def _sparse(self, q, k, v, cache: LayerCache | None, key_mask):
         """Sliding-window (+ sinks) or top-k block-sparse softmax attention of the new tokens. The cache holds
@@ -296,6 +348,8 @@ class EffconvAttention(nn.Module):
                 )
                 cache.keys = cache.values = cache.key_features = cache.state = None
             extra = {} if cache.ring_position is None else {"position": cache.ring_position}
+            if cache.static is not None:
+                extra["first"] = cache.static.first_token
             o = _kernels.hybrid_decode_step(
                 q, k, v, fq, fk, self.window_mix, cache.ring, window=self.window, scale=self.scale, eps=eps,
                 log_decay=self.log_decay(), backend=backend, **extra,
@@ -483,10 +537,25 @@ class EffconvModel(EffconvPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = EffconvCache(self.config.num_hidden_layers)
         past = past_key_values.seen_tokens if past_key_values is not None else 0
+        cache = past_key_values
+        if cache is not None and getattr(cache, "frozen", False) and (t != 1 or torch.is_grad_enabled()):
+            thaw(self, cache)  # the static buffers serve one-token inference steps only
+        elif (cache is not None and getattr(cache, "static", False) and not cache.frozen and t == 1 and past > 0
+              and not torch.is_grad_enabled()):
+            freeze(self, cache, attention_mask, _kernels)  # the prompt is in: decode from fixed buffers
+        static_step = cache is not None and getattr(cache, "frozen", False)
+        if static_step and not cache.has_room(t):
+            thaw(self, cache)
+            static_step = False
         if position_ids is None:
-            position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None].expand(b, -1)
+            if static_step:  # from the device counter: a captured step never sees a host value
+                position_ids = cache.static_context.position.view(1, 1).expand(b, 1)
+            else:
+                position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None].expand(b, -1)
         key_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        if static_step:
+            pass  # the padding is in the static cache (first_token); no mask check, no host sync
+        elif attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             key_mask = attention_mask.bool()
             if key_mask.shape[1] != past + t:
                 raise ValueError(f"attention_mask covers {key_mask.shape[1]} tokens, expected {past + t}")
@@ -504,6 +573,8 @@ class EffconvModel(EffconvPreTrainedModel):
                 hidden_states = layer(hidden_states, position_embeddings, cache, key_mask)
         if past_key_values is not None:
             past_key_values.seen_tokens += t
+            if static_step:
+                past_key_values.static_context.position.add_(t)
         if num_layers is None or num_layers >= len(self.layers):
             hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
@@ -517,7 +588,7 @@ def _cache_argument(past_key_values, kwargs: dict):
     return past_key_values if past_key_values is not None else cache
 
 
-class EffconvForCausalLM(EffconvPreTrainedModel, GenerationMixin):
+class EffconvForCausalLM(FastGenerationMixin, EffconvPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: EffconvConfig):

@@ -86,7 +86,7 @@ class MoeMLP(nn.Module):
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.gate(flat)
         probs = torch.softmax(logits.float(), dim=-1)
-        choice = probs + self.router_bias.float() if bool(self.router_bias.any()) else probs
+        choice = probs + self.router_bias.float()  # a zero bias changes nothing; testing for one would sync
         top_index = torch.topk(choice, self.top_k, dim=-1).indices
         top_weights = probs.gather(-1, top_index)
         if self.norm_topk_prob:
@@ -100,7 +100,10 @@ class MoeMLP(nn.Module):
         if self.keep_router_logits:
             self.router_logits = logits
         with torch.no_grad():
-            self.last_load = torch.bincount(top_index.flatten(), minlength=self.num_experts)
+            # index_add, not bincount: bincount on CUDA reads the max back to the host (no CUDA graph then)
+            flat_index = top_index.flatten()
+            self.last_load = torch.zeros(self.num_experts, dtype=torch.long, device=flat_index.device).index_add_(
+                0, flat_index, torch.ones_like(flat_index))
         out = self.experts(flat, top_index, top_weights.to(x.dtype))
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
