@@ -1,0 +1,149 @@
+"""model.generate's fast path (effconv/modeling/fast_generate.py) on the CPU: the static decode cache runs eagerly
+here (no CUDA graph), with the same buffers and device-counter steps the graph captures on CUDA; it must give
+transformers' usual loop's tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from effconv.modeling import EffconvConfig, EffconvForCausalLM
+
+VOCAB = 400
+KINDS = {
+    "linear": dict(window_size=0),
+    "hybrid": dict(window_size=4),
+    "decay": dict(window_size=4, linear_decay=True, decay_memory=8.0),
+    "softmax-layers": dict(window_size=4, attention_types=["linear", "softmax", "linear"]),
+    "gqa-sliding-teacher": dict(window_size=0, attention_types=["softmax", "linear", "gqa"], gqa_kv_heads=1,
+                                sliding_window=6, teacher_sliding_layers=[True, False, False]),
+    "moe": dict(window_size=4, attention_types=["softmax", "linear", "linear"], num_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=16),
+}
+
+
+def tiny_model(seed: int = 0, **overrides) -> EffconvForCausalLM:
+    """A random 3-layer effconv model whose weights are large enough that attention shapes the logits."""
+    config = EffconvConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
+    torch.manual_seed(seed)
+    model = EffconvForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+            elif "decay_logit" not in name:
+                p.normal_(0.0, 0.08 if p.dim() > 1 else 0.3)
+    return model
+
+
+def generate(model, mode: str, monkeypatch, *args, **kwargs):
+    monkeypatch.setenv("EFFCONV_FAST_GENERATE", mode)
+    with torch.no_grad():
+        return model.generate(*args, **kwargs)
+
+
+def prompts(batch: int, length: int, padded: bool, seed: int = 3):
+    ids = torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    if padded:  # left padding of different lengths, one row longer than the window of 4
+        for row in range(1, batch):
+            mask[row, : min(row * 3, length - 1)] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["same-length", "left-padded"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fast_greedy_equals_eager_generate(kind, padded, monkeypatch):
+    model = tiny_model(**KINDS[kind])
+    ids, mask = prompts(3, 11, padded)
+    args = dict(attention_mask=mask, max_new_tokens=14, min_new_tokens=14, do_sample=False, pad_token_id=0)
+    eager = generate(model, "off", monkeypatch, ids, **args)
+    assert getattr(model, "_effconv_generation_cache", None) is None
+    fast = generate(model, "on", monkeypatch, ids, **args)
+    cache = model._effconv_generation_cache
+    assert cache.frozen and cache.static_context is not None  # the static steps ran
+    if any(t in ("softmax", "gqa") for t in model.config.attention_types):
+        assert all(c.static_keys is not None for c, t in zip(cache.layer_caches, model.config.attention_types)
+                   if t in ("softmax", "gqa"))
+    assert torch.equal(fast, eager)
+
+
+def test_cache_is_reused_across_calls_of_other_shapes(monkeypatch):
+    """A later call with another batch size or a longer prompt gets fresh buffers; one of the same batch size and a
+    length that fits reuses them. Every call gives the eager loop's tokens."""
+    model = tiny_model(**KINDS["softmax-layers"])
+    caches = []
+    for batch, length, new in [(2, 9, 6), (2, 12, 5), (3, 9, 6), (3, 300, 4)]:
+        ids, mask = prompts(batch, length, padded=False, seed=length)
+        args = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        assert torch.equal(generate(model, "on", monkeypatch, ids, **args),
+                           generate(model, "off", monkeypatch, ids, **args))
+        cache = model._effconv_generation_cache
+        caches.append((cache, cache.layer_caches[1].static_keys))
+    assert caches[0][0] is caches[1][0] and caches[0][1] is caches[1][1]  # same buffers for the second call
+    assert caches[2][1] is not caches[1][1]  # another batch size: new buffers
+    assert caches[3][0].max_cache_len >= 304 and caches[3][0] is not caches[2][0]  # longer: a larger cache
+
+
+def test_sampling_with_a_seed_is_reproducible(monkeypatch):
+    model = tiny_model(**KINDS["softmax-layers"])
+    ids, mask = prompts(4, 10, padded=True)
+    args = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.9, pad_token_id=0)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(generate(model, "on", monkeypatch, ids, **args))
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(8)
+    assert not torch.equal(generate(model, "on", monkeypatch, ids, **args), runs[0])  # the seed matters
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.pieces = []
+        self.ended = False
+
+    def put(self, value):
+        self.pieces.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_eos_and_streamer_behave_as_in_the_eager_loop(monkeypatch):
+    model = tiny_model(**KINDS["hybrid"])
+    ids, mask = prompts(1, 8, padded=False)
+    free = generate(model, "off", monkeypatch, ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                    pad_token_id=0)
+    eos = int(free[0, ids.shape[1] + 4])  # the fifth new token as end of sequence
+    outputs, streams = {}, {}
+    for mode in ("off", "on"):
+        streamer = Collect()
+        outputs[mode] = generate(model, mode, monkeypatch, ids, attention_mask=mask, max_new_tokens=10,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=0, streamer=streamer)
+        assert streamer.ended
+        streams[mode] = streamer.pieces
+    assert torch.equal(outputs["on"], outputs["off"])
+    assert int(outputs["on"][0, -1]) == eos and outputs["on"].shape[1] < free.shape[1]
+    assert streams["on"] == streams["off"]
+
+
+def test_models_without_a_static_cache_say_so_and_decode_eagerly(monkeypatch, caplog):
+    model = tiny_model(window_size=4, attention_types=["linear", "sliding", "linear"], sink_tokens=1)
+    ids, mask = prompts(2, 9, padded=False)
+    args = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    fast = generate(model, "on", monkeypatch, ids, **args)
+    assert getattr(model, "_effconv_generation_cache", None) is None
+    assert "sliding layers have no static decode cache" in caplog.text
+    assert torch.equal(fast, generate(model, "off", monkeypatch, ids, **args))
+
+
+def test_fast_generate_setting_is_checked(monkeypatch):
+    model = tiny_model(window_size=0)
+    ids, mask = prompts(1, 5, padded=False)
+    with pytest.raises(ValueError, match="EFFCONV_FAST_GENERATE must be one of auto, on, off"):
+        generate(model, "fast", monkeypatch, ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
