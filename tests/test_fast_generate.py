@@ -147,3 +147,55 @@ def test_fast_generate_setting_is_checked(monkeypatch):
     ids, mask = prompts(1, 5, padded=False)
     with pytest.raises(ValueError, match="EFFCONV_FAST_GENERATE must be one of auto, on, off"):
         generate(model, "fast", monkeypatch, ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+
+
+NO_EFFCONV = """
+import importlib.abc, json, os, sys, torch
+class NoEffconv(importlib.abc.MetaPathFinder):  # behave as a machine without effconv installed
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("effconv", "effconv_kernels"):
+            raise ImportError(name)
+sys.meta_path.insert(0, NoEffconv())
+os.environ["EFFCONV_FAST_GENERATE"] = "on"
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                         do_sample=False, pad_token_id=0)
+backend = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".backend"]
+print(json.dumps({"tokens": out.tolist(), "kernels": backend.KERNELS_SOURCE,
+                  "static": bool(model._effconv_generation_cache.frozen)}))
+"""
+
+
+def test_export_runs_its_bundled_kernels_without_effconv(tmp_path, monkeypatch):
+    """The export carries the kernels as flat sibling files; loaded by plain transformers with effconv unimportable,
+    the model uses them (static generate included) and gives the same tokens as effconv's own model."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers.dynamic_module_utils import get_imports
+
+    from effconv.io.export import export_model
+
+    model = tiny_model(**KINDS["softmax-layers"])
+    export_model(model, None, tmp_path / "export")
+    bundled = sorted(p.name for p in (tmp_path / "export").glob("effconv_kernels*.py"))
+    assert "effconv_kernels_bundle.py" in bundled and "effconv_kernels_hybrid_attn_recurrent.py" in bundled
+    assert not (tmp_path / "export" / "kernels.py").exists()
+    for name in bundled:  # transformers' import check must not demand triton (or effconv)
+        assert set(get_imports(tmp_path / "export" / name)) <= {"torch", "__future__", "dataclasses", "functools",
+                                                               "os", "warnings", "math", "json", "re", "collections",
+                                                               "pathlib", "sys"}, name
+    ids, _ = prompts(2, 7, padded=False)
+    expected = generate(model, "on", monkeypatch, ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                        min_new_tokens=8, do_sample=False, pad_token_id=0)
+    run = subprocess.run([sys.executable, "-c", NO_EFFCONV, str(tmp_path / "export"), json.dumps(ids.tolist())],
+                         capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ,
+                                                                            "HF_MODULES_CACHE": str(tmp_path / "hf")})
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["kernels"] == "bundled with the model" and result["static"]
+    assert result["tokens"] == expected.tolist()

@@ -1,8 +1,9 @@
 """Writing outputs all or nothing: a directory is built under a temporary sibling name and renamed onto its target
 at the end, so a crash, a full disk or a kill never leaves a directory at --out that looks complete.
 
-`export_model` writes an effconv model (safetensors weights, config, tokenizer and the modeling code, so plain
-transformers loads it with trust_remote_code); io/native_moe.py writes MoE models in transformers' own formats.
+`export_model` writes an effconv model (safetensors weights, config, tokenizer, the modeling code and the kernels
+flattened beside it, so plain transformers loads it with trust_remote_code and runs the kernels); io/native_moe.py
+writes MoE models in transformers' own formats.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from ..errors import EffconvError
 from ..modeling import MODELING_FILES
+from .kernel_bundle import write_kernel_bundle
 
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
 AUTO_MAP = {
@@ -98,6 +100,7 @@ def export_model(
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         for name in MODELING_FILES:
             shutil.copyfile(MODELING_DIR / name, tmp / name)
+        write_kernel_bundle(tmp)  # the model's Triton kernels, so that it runs them without effconv installed
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_metadata(tmp, metadata, extra_files)

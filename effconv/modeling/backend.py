@@ -1,6 +1,7 @@
 """The one kernel choice of effconv models: Triton kernels from `effconv_kernels`, or the PyTorch path.
 
-`attention_backend` in the model config: "triton" runs the kernels or fails with one clear error when they cannot
+The kernels come from the files an export ships beside this one (effconv/io/kernel_bundle.py), else from the
+installed `effconv_kernels` package. `attention_backend` in the model config: "triton" runs the kernels or fails with one clear error when they cannot
 load; "reference" always runs the plain-PyTorch ops of attention_ops.py; "auto" runs the kernels on CUDA tensors
 and PyTorch elsewhere, and says once why when it falls back on CUDA. Shipped inside every export.
 """
@@ -12,13 +13,22 @@ from transformers.utils import logging
 
 BACKENDS = ("auto", "triton", "reference")
 
-try:  # optional: an export on a machine without the kernels package runs the PyTorch path
-    import effconv_kernels as kernels
+KERNELS_MISSING: str | None = None
+try:  # an export ships the kernels as sibling files (effconv/io/kernel_bundle.py): the version it was made with
+    from .effconv_kernels_bundle import KERNELS as kernels
 
-    KERNELS_MISSING: str | None = None
-except Exception as error:  # noqa: BLE001 - any import failure: the reason is reported when it matters
-    kernels = None
-    KERNELS_MISSING = f"{type(error).__name__}: {error}"
+    KERNELS_SOURCE: str | None = "bundled with the model"
+except ImportError as bundle_error:
+    if bundle_error.name is None or not bundle_error.name.endswith("effconv_kernels_bundle"):
+        raise  # the bundle is there but broken: say so, do not hide it behind the slow path
+    try:  # effconv's own source tree (and exports from before the bundle): the effconv_kernels package
+        import effconv_kernels as kernels
+
+        KERNELS_SOURCE = "effconv_kernels package"
+    except Exception as error:  # noqa: BLE001 - any import failure: the reason is reported when it matters
+        kernels = None
+        KERNELS_SOURCE = None
+        KERNELS_MISSING = f"{type(error).__name__}: {error}"
 
 logger = logging.get_logger(__name__)
 
