@@ -199,3 +199,29 @@ def test_export_runs_its_bundled_kernels_without_effconv(tmp_path, monkeypatch):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["kernels"] == "bundled with the model" and result["static"]
     assert result["tokens"] == expected.tolist()
+
+
+def test_generate_bench_runs_on_cpu_tiny(tmp_path):
+    """bench/generate.py end to end on random tiny models: rows for every model (the export also without effconv,
+    on its bundled kernels), the memory cells and the summary."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "generate.json"
+    cmd = [sys.executable, str(root / "bench" / "generate.py"), "--tiny", "--device", "cpu", "--dtype", "float32",
+           "--batches", "1", "--contexts", "12", "--new-tokens", "2", "--memory-contexts", "8", "16",
+           "--memory-batch", "1", "--memory-prefill-chunk", "8", "--models", "student", "student-no-effconv",
+           "teacher-dynamic", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {r["model"] for r in rows} == {"student", "student-no-effconv", "teacher-dynamic"}
+    assert all(r["status"] == "ok" and r["decode_tokens_per_s"] > 0 and r["prefill_ms"] > 0 for r in rows)
+    assert sum(r.get("memory_cell", False) for r in rows) == 6
+    assert result["no_effconv_kernels"]["kernels"] == "bundled with the model"
+    assert set(result["summary"]["decode_speedup_over_faster_teacher"]) == {"student b1 c12",
+                                                                             "student-no-effconv b1 c12"}

@@ -270,13 +270,17 @@ class FastGenerationMixin:
         name = generate_cache_name()
         if model_kwargs.get(name) is not None or generation_config.use_cache is False:
             return result
-        mode = fast_generate_mode()
-        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
-            return result
         from transformers.generation.configuration_utils import GenerationMode
 
         from .backend import kernels
+        from .modeling_effconv import EffconvCache
 
+        # a growing cache unless the static one can serve (given here, not made by the forward, so that
+        # transformers' prefill chunking finds a cache)
+        model_kwargs[name] = EffconvCache(self.config.num_hidden_layers)
+        mode = fast_generate_mode()
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return result
         if generation_mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
             logger.warning_once(f"effconv: {generation_mode} decodes without the static cache (slower); greedy "
                                 "search and sampling use it")
