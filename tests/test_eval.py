@@ -515,3 +515,22 @@ def test_check_tasks_indexes_only_the_task_path_when_it_holds_every_task(tmp_pat
     assert made == [True]
     with pytest.raises(EffconvError, match="unknown lm-eval task"):
         eval_tasks.check_tasks(fake, ["nope"], str(tmp_path))
+
+
+def test_speed_through_generate_reports_each_models_path(tiny_model_dir, student_dir, tmp_path):
+    """--speed-method generate (the CUDA default): model.generate per cell, the teacher on the faster of its
+    default and static cache (the other kept in other_paths), one PNG per figure."""
+    out = tmp_path / "report"
+    report = evaluate(EvalConfig(model=str(student_dir), teacher=str(tiny_model_dir), contexts=[16], batch_sizes=[2],
+                                 decode_tokens=2, repeats=1, speed_method="generate", out=str(out), **QUIET))
+    assert report["speed"]["method"] == "generate"
+    rows = {r["model"]: r for r in report["speed"]["rows"]}
+    assert set(rows) == {"teacher", "student"} and all(r["status"] == "ok" for r in rows.values())
+    assert rows["teacher"]["path"].startswith("transformers") and len(rows["teacher"]["other_paths"]) == 1
+    assert rows["student"]["path"] == "eager (growing cache)"  # CPU: transformers' usual loop
+    assert all(r["decode_tokens_per_s"] > 0 and r["cache_bytes"] > 0 for r in rows.values())
+    for name in ("decode_tokens_per_s.png", "prefill_ms.png", "memory.png", "cache_bytes.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    assert "through `model.generate`" in (out / "report.md").read_text()
+    with pytest.raises(EffconvError, match="unknown --speed-method"):
+        evaluate(EvalConfig(model=str(student_dir), speed_method="fast", **QUIET))

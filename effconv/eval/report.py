@@ -148,11 +148,20 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     parts.append("")
     if report.get("speed"):
         s = report["speed"]
-        parts += ["## Speed and memory", "",
-                  "Random-token prompts of each context length. Prefill: one forward pass over the prompt that builds "
-                  f"the cache. Decode: {s['decode_tokens']} greedy tokens per row, one forward pass each through the "
-                  f"cache (tok/s counts every row of the batch). Medians of {s['repeats']} runs after {s['warmup']} "
-                  f"warm-up. Peak memory: {s['memory_method']}. Cache: bytes the generation cache holds after prefill."
+        if s.get("method") == "generate":
+            paths = sorted({(r["model"], r["path"]) for r in s["rows"] if r.get("path")})
+            how = ("Random-token prompts of each context length, through `model.generate` (greedy) on each model's "
+                   f"fastest path ({'; '.join(f'{m}: {p}' for m, p in paths)}). Prefill: the time of a call for one "
+                   f"new token. Decode: {s['decode_tokens']} more tokens per row, timed as the difference of two "
+                   f"calls (tok/s counts every row of the batch). Medians of {s['repeats']} runs after a warm-up "
+                   f"call. Peak memory: {s['memory_method']}. Cache: bytes a fresh prefill's cache holds.")
+        else:
+            how = ("Random-token prompts of each context length. Prefill: one forward pass over the prompt that "
+                   f"builds the cache. Decode: {s['decode_tokens']} greedy tokens per row, one forward pass each "
+                   f"through the cache (tok/s counts every row of the batch). Medians of {s['repeats']} runs after "
+                   f"{s['warmup']} warm-up. Peak memory: {s['memory_method']}. Cache: bytes the generation cache "
+                   "holds after prefill.")
+        parts += ["## Speed and memory", "", how
                   + (f" Other processes kept {s['other_cpu_load']:.2f} CPU cores busy on average meanwhile."
                      if s.get("other_cpu_load") is not None else ""),
                   ""]
@@ -188,7 +197,8 @@ def make_plots(report: dict, directory: Path) -> list[str]:
     batches = sorted({r["batch_size"] for r in rows})
 
     def series(role: str, batch: int, key: str):
-        pts = sorted((r["context"], r[key]) for r in rows if r["model"] == role and r["batch_size"] == batch)
+        pts = sorted((r["context"], r[key]) for r in rows
+                     if r["model"] == role and r["batch_size"] == batch and r.get(key) is not None)
         return [p[0] for p in pts], [p[1] for p in pts]
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -218,13 +228,14 @@ def make_plots(report: dict, directory: Path) -> list[str]:
             fig.savefig(directory / name, dpi=110)
             plt.close(fig)
             written.append(name)
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        draw(axes[0], "peak_memory_bytes", "peak memory over start (MiB)", 1 / 2**20)
-        draw(axes[1], "cache_bytes", "generation cache after prefill (MiB)", 1 / 2**20)
-        fig.tight_layout()
-        fig.savefig(directory / "memory.png", dpi=110)
-        plt.close(fig)
-        written.append("memory.png")
+        for name, key, ylabel in (("memory.png", "peak_memory_bytes", "peak memory over start (MiB)"),
+                                  ("cache_bytes.png", "cache_bytes", "generation cache after prefill (MiB)")):
+            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+            draw(ax, key, ylabel, 1 / 2**20)
+            fig.tight_layout()
+            fig.savefig(directory / name, dpi=110)
+            plt.close(fig)
+            written.append(name)
     ppl = report.get("perplexity", {})
     if ppl and "skipped" not in ppl:
         fig, ax = plt.subplots(figsize=(4.8, 4.2))

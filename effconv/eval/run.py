@@ -39,8 +39,9 @@ from ..training.run import resolve_device_and_dtype
 
 TEACHER_DATA = "teacher"  # --data teacher: held-out teacher-generated text, as linearize makes it
 DEFAULT_TEACHER = "default"  # --teacher default: the default model (SmolLM2-135M-Instruct)
-DEFAULT_CONTEXTS = {"cpu": [128, 256, 512], "cuda": [512, 1024, 2048, 4096, 8192]}
-DEFAULT_BATCH_SIZES = [1, 4]
+DEFAULT_CONTEXTS = {"cpu": [128, 256, 512], "cuda": [512, 1024, 2048, 4096, 8192, 16384, 32768]}
+DEFAULT_BATCH_SIZES = {"cpu": [1, 4], "cuda": [1, 4, 16, 64]}
+SPEED_METHODS = ("auto", "generate", "steps")
 DEFAULT_PPL_CONTEXT = {"cpu": 512, "cuda": 2048}
 BUILTIN_PROMPTS = [
     "Explain in two sentences why the sky is blue.",
@@ -74,7 +75,12 @@ class EvalConfig:
     max_new_tokens: int = option(48, "Tokens per greedy generation")
     contexts: list[int] | None = option(None, "Speed: comma-separated prompt lengths (default 128,256,512 on CPU; "
                                               "512..8192 on CUDA)")
-    batch_sizes: list[int] | None = option(None, "Speed: comma-separated batch sizes (default 1,4)")
+    batch_sizes: list[int] | None = option(None, "Speed: comma-separated batch sizes (default 1,4 on CPU; 1,4,16,64 "
+                                                 "on CUDA)")
+    speed_method: str = option("auto", "Speed: generate (model.generate on each model's fastest path: effconv's "
+                                       "static cache + CUDA graph, the teacher's faster of its default and static "
+                                       "cache), steps (one-token forwards in a loop) or auto (generate on CUDA, "
+                                       "steps on CPU)")
     decode_tokens: int = option(16, "Speed: greedy tokens timed per decode measurement")
     repeats: int = option(3, "Speed: timed runs per cell (median reported)")
     warmup: int = option(1, "Speed: untimed warm-up runs per cell")
@@ -132,6 +138,8 @@ class EvalConfig:
             raise EffconvError(f"--passkey-trials must be at least 1, got {self.passkey_trials}")
         if self.contexts_ppl and (self.data is None or self.data == TEACHER_DATA):
             raise EffconvError("--contexts-ppl needs long documents: pass --data FILE (e.g. data/long/test.jsonl)")
+        if self.speed_method not in SPEED_METHODS:
+            raise EffconvError(f"unknown --speed-method {self.speed_method!r}; choose {', '.join(SPEED_METHODS)}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise EffconvError(f"unknown --dtype {self.dtype!r}; choose auto, float32, bfloat16 or float16")
 
@@ -397,15 +405,20 @@ def evaluate(cfg: EvalConfig) -> dict:
         # Speed and memory.
         if cfg.speed:
             meter = MemoryMeter(device)
-            batch_sizes = sorted(set(cfg.batch_sizes or DEFAULT_BATCH_SIZES))
+            batch_sizes = sorted(set(cfg.batch_sizes or DEFAULT_BATCH_SIZES[device.type]))
+            method = cfg.speed_method if cfg.speed_method != "auto" else (
+                "generate" if device.type == "cuda" else "steps")
             rows = []
             with OtherCpuLoad() as other:
                 for role in roles:
                     for row in bench_model(models[role][0], contexts=contexts, batch_sizes=batch_sizes,
                                            decode_tokens=cfg.decode_tokens, repeats=cfg.repeats, warmup=cfg.warmup,
-                                           meter=meter, seed=cfg.seed, progress=progress, label=role):
+                                           meter=meter, seed=cfg.seed, progress=progress, label=role,
+                                           method=method):
                         rows.append({"model": role, **row})
-            report["speed"] = {"memory_method": meter.method, "decode_tokens": cfg.decode_tokens,
+            report["speed"] = {"method": method, "memory_method": meter.method if method == "steps" else
+                               "torch.cuda.max_memory_allocated over the cell's generate calls, minus memory "
+                               "allocated at its start", "decode_tokens": cfg.decode_tokens,
                                "repeats": cfg.repeats, "warmup": cfg.warmup, "other_cpu_load": other.value,
                                "rows": rows}
             if other.value is not None and other.value > 0.25:
