@@ -76,7 +76,7 @@ def measure(model, name: str, args, timing, teacher_mode: str | None = None, log
         row["path"] = timing.decode_path(model, teacher_mode)
         rows.append(row)
         log(json.dumps(row))
-    if args.memory_contexts:
+    if args.memory_contexts and teacher_mode != "static":  # chunked prefill would compile the static teacher again
         for context in args.memory_contexts:
             row = {"model": name, "batch": args.memory_batch, "context": context, "memory_cell": True,
                    "prefill_chunk": args.memory_prefill_chunk}
