@@ -4,6 +4,7 @@ traceback unless --debug / EFFCONV_DEBUG=1 asks for one, and leaves nothing behi
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import signal
@@ -146,7 +147,7 @@ def test_full_disk_in_a_writer_that_does_not_raise_oserror(tmp_path):
 @pytest.fixture(scope="module")
 def interrupted_run(tiny_model_dir, tmp_path_factory):
     """A real SIGINT to `effconv linearize` in a child process once stage 1 has a checkpoint at step >= 4, then
-    the same command with --resume (and a 2 s stage-1 cap, so it ends soon)."""
+    the same command with --resume (and a stage-1 cap 3 s past the time already spent, so it ends soon)."""
     tmp = tmp_path_factory.mktemp("interrupt")
     out = tmp / "out"
     args = [sys.executable, "-m", "effconv.cli", *map(str, tiny_args(tiny_model_dir, out, 5000, 2))]
@@ -167,8 +168,9 @@ def interrupted_run(tiny_model_dir, tmp_path_factory):
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, interrupted_err = proc.communicate(timeout=120)
-    resumed = subprocess.run([*args, "--resume", "--stage1-max-seconds", "2"], capture_output=True, text=True,
-                             env=env, preexec_fn=child_setup, timeout=300)
+    cap = load_checkpoint(ckpt)["wall_seconds"] + 3  # the cap counts the interrupted attempt's time: 3 s more
+    resumed = subprocess.run([*args, "--resume", "--stage1-max-seconds", f"{cap:.1f}"], capture_output=True,
+                             text=True, env=env, preexec_fn=child_setup, timeout=300)
     return dict(code=proc.returncode, err=interrupted_err, ckpt=ckpt, out=out, resumed=resumed)
 
 
@@ -245,9 +247,15 @@ def test_a_run_dir_with_a_checkpoint_is_still_an_interrupted_run(tmp_path):
     run_dir = tmp_path / ".out.effconv-run"
     prepare_run_dir(run_dir, {"seed": 0}, resume=False, overwrite=False)
     prepare_run_dir(run_dir, {"seed": 1}, resume=False, overwrite=False)  # settings only: started again
+    prepare_run_dir(run_dir, {"seed": 2}, resume=True, overwrite=False)  # nothing to resume: started again
+    assert json.loads((run_dir / "config.json").read_text()) == {"seed": 2}
     (run_dir / "stage1.pt").write_bytes(b"checkpoint")
     with pytest.raises(EffconvError, match="an interrupted run exists"):
-        prepare_run_dir(run_dir, {"seed": 1}, resume=False, overwrite=False)
+        prepare_run_dir(run_dir, {"seed": 2}, resume=False, overwrite=False)
+    with pytest.raises(EffconvError, match="--resume with different settings than the interrupted run: seed"):
+        prepare_run_dir(run_dir, {"seed": 3}, resume=True, overwrite=False)
+    with pytest.raises(EffconvError, match="nothing to resume"):
+        prepare_run_dir(tmp_path / ".other.effconv-run", {"seed": 0}, resume=True, overwrite=False)
 
 
 def test_hybridize_state_without_scores_does_not_block(tmp_path):

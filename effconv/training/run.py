@@ -45,9 +45,10 @@ def holds_progress(run_dir: Path) -> bool:
 
 
 def prepare_run_dir(run_dir: Path, identity: dict, *, resume: bool, overwrite: bool) -> None:
-    """Start a run directory, or check that `--resume` continues one made with the same settings (`identity`)."""
+    """Start a run directory, or check that `--resume` continues one made with the same settings (`identity`).
+    `--resume` of a run that stopped before its first checkpoint starts it again (with the settings given now)."""
     identity_file = run_dir / "config.json"
-    if resume:
+    if resume and (holds_progress(run_dir) or not identity_file.is_file()):
         check_resume_identity(identity_file, identity)
         return
     if holds_progress(run_dir) and not overwrite:
