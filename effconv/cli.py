@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .errors import EffconvError
+from .errors import EffconvError, failure_line
 
 app = typer.Typer(
     name="effconv",
@@ -27,11 +28,29 @@ app = typer.Typer(
 )
 
 RECIPE_HELP = "YAML recipe; options given here override it"
+DEBUG_ENV = "EFFCONV_DEBUG"
+DEBUG_HELP = f"Show a failure's full traceback instead of one line (also {DEBUG_ENV}=1)"
+_debug_option = False  # --debug, given before or after the command name
+
+
+class Interrupted(Exception):
+    """Ctrl-C inside a command, carried past typer (which would end it with exit code 130 and no message); its
+    message says what can be resumed."""
+
+
+def debug_requested() -> bool:
+    return _debug_option or os.environ.get(DEBUG_ENV, "") == "1"
+
+
+def _request_debug(on: bool) -> None:
+    global _debug_option
+    _debug_option = _debug_option or on
 
 
 @app.callback()
-def _root() -> None:
+def _root(debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False) -> None:
     """effconv: linearize softmax Transformers and distill them."""
+    _request_debug(debug)
 
 
 def _list_item_type(hint: Any) -> type | None:
@@ -84,10 +103,12 @@ def _cli_parameter(field: dataclasses.Field, hint: Any, argument: bool) -> tuple
 
 
 def add_command(target: typer.Typer, name: str, config_cls: type, run: Callable[[Any], Any], doc: str, *,
-                first: tuple[str, ...] = (), argument: str | None = None) -> None:
+                first: tuple[str, ...] = (), argument: str | None = None,
+                on_interrupt: Callable[[Any], str] | None = None) -> None:
     """Register `effconv NAME`: one option per CLI field of `config_cls` (the `first` ones first, then the rest in
-    declaration order), plus --recipe after --out; the command builds the config (defaults <- recipe <- options)
-    and calls `run` with it."""
+    declaration order), plus --recipe after --out and --debug; the command builds the config (defaults <- recipe <-
+    options) and calls `run` with it. Ctrl-C becomes `Interrupted` with `on_interrupt(config)` (what can be
+    resumed) as its message."""
     from .config import build_config
 
     hints = typing.get_type_hints(config_cls)
@@ -104,10 +125,18 @@ def add_command(target: typer.Typer, name: str, config_cls: type, run: Callable[
         params.append(inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[Optional[Path], typer.Option(help=RECIPE_HELP)]))
 
+    params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                    annotation=Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)]))
+
     def command(**values: Any) -> None:
+        _request_debug(values.pop("debug"))
         recipe = values.pop("recipe")
         overrides = {k: converters[k](v) for k, v in values.items()}
-        run(build_config(config_cls, recipe, overrides))
+        cfg = build_config(config_cls, recipe, overrides)
+        try:
+            run(cfg)
+        except KeyboardInterrupt as e:
+            raise Interrupted(on_interrupt(cfg) if on_interrupt else "interrupted") from e
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -139,6 +168,19 @@ def _run_eval(cfg) -> None:
     evaluate(cfg)
 
 
+def _interrupted_run(cfg) -> str:
+    from .training.run import interrupted_message, run_dir_for
+
+    return interrupted_message([run_dir_for(Path(cfg.out))])
+
+
+def _interrupted_hybridize(cfg) -> str:
+    from .pipelines.hybridize import state_dir_for
+    from .training.run import interrupted_message, run_dir_for
+
+    return interrupted_message([run_dir_for(Path(cfg.out)), state_dir_for(Path(cfg.out))])
+
+
 def register_commands(target: typer.Typer) -> None:
     """Add every effconv command to `target` (effconv's app, or a fresh one in tests)."""
     from .eval.run import EvalConfig
@@ -148,15 +190,17 @@ def register_commands(target: typer.Typer) -> None:
 
     add_command(target, "linearize", LinearizeConfig, _run_linearize,
                 "Replace softmax attention by linear attention (Hedgehog feature maps, optional sliding-window hybrid),"
-                " distill it back (attention transfer, then LoRA) and export safetensors.")
+                " distill it back (attention transfer, then LoRA) and export safetensors.",
+                on_interrupt=_interrupted_run)
     add_command(target, "hybridize", HybridizeConfig, _run_hybridize,
                 "Keep softmax attention in the layers where converting it costs most (measured) and convert the rest "
                 "to linear / sliding-window hybrid attention; distill and export with per-layer scores (scores.json, "
-                "scores.png).", first=("ratio", "select", "softmax_layers", "score", "score_tokens"))
+                "scores.png).", first=("ratio", "select", "softmax_layers", "score", "score_tokens"),
+                on_interrupt=_interrupted_hybridize)
     add_command(target, "moe-upcycle", MoeUpcycleConfig, _run_moe_upcycle,
                 "Turn every dense FFN into a mixture of experts (split or copy), initialise routers from the layers' "
                 "inputs, distill from the dense model and export (native Mixtral / Qwen-MoE format where the layout "
-                "allows).")
+                "allows).", on_interrupt=_interrupted_run)
     add_command(target, "eval", EvalConfig, _run_eval,
                 "Compare a converted model with its teacher: perplexity, lm-eval tasks, greedy generations, prefill "
                 "latency, decode tokens/s, peak memory and cache size over context lengths.", argument="model")
@@ -166,23 +210,28 @@ register_commands(app)
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    """Entry point: a failure is one line on stderr and a non-zero exit code, never a traceback (unless --debug or
+    EFFCONV_DEBUG=1 asks for one); Ctrl-C says what can be resumed and exits with 130."""
     from .training import distributed
 
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0", "1"):
+        print(f"effconv: error: {DEBUG_ENV}={os.environ[DEBUG_ENV]!r}: use 1 (show tracebacks) or 0", file=sys.stderr)
+        sys.exit(1)
     try:
         app()
     except SystemExit as e:  # typer ends a successful command with SystemExit(0)
         if e.code in (None, 0):
             distributed.shutdown()
         raise
-    except EffconvError as e:
-        distributed.report_error(str(e))  # under accelerate launch: once, not once per process
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("effconv: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+    except Interrupted as e:
+        if debug_requested():
+            raise
+        print(f"effconv: {e}", file=sys.stderr)
         sys.exit(130)
-    except MemoryError:
-        print("effconv: error: out of memory; lower --batch-size or --seq-len", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line
+        if debug_requested():
+            raise
+        distributed.report_error(failure_line(e))  # under accelerate launch: once, not once per process
         sys.exit(1)
 
 

@@ -76,6 +76,23 @@ def check_data_args(cfg: DataArgs) -> None:
                            "--generation-turns > 1")
 
 
+def check_generated_split(cfg: Any) -> None:
+    """Without --data the teacher writes --generate-tokens tokens of text; they must make enough blocks of --seq-len
+    for one training block and the validation blocks (data/packing.split_train_val), checked before any is written.
+    (The prompts add a little text too, so this asks at most one block more than the split itself would.)"""
+    if cfg.data is not None or cfg.seq_len < 1 or not 0 <= cfg.val_fraction < 1:
+        return  # a bad --seq-len or --val-fraction has its own error
+    blocks = cfg.generate_tokens // cfg.seq_len
+    needed = 2
+    while needed - max(1, round(needed * cfg.val_fraction)) < 1:
+        needed += 1
+    if blocks < needed:
+        raise EffconvError(
+            f"--generate-tokens {cfg.generate_tokens} makes {blocks} block{'' if blocks == 1 else 's'} of --seq-len "
+            f"{cfg.seq_len}, fewer than the {needed} needed for training and validation; use --generate-tokens "
+            f"{needed * cfg.seq_len} or more, or a shorter --seq-len")
+
+
 @dataclass
 class AttentionArgs:
     """What converted attention layers become."""
@@ -123,7 +140,9 @@ class TransferArgs:
     stage1_tokens: int = option(24_576, "Attention-transfer budget in tokens (0 skips it)")
     stage1_lr: float = option(1e-2, "Attention-transfer learning rate")
     stage1_max_seconds: float | None = option(None, "Wall-clock cap of attention transfer in seconds: fewer steps if "
-                                                    "needed, LR decayed at the new end")
+                                                    "needed, LR decayed at the new end; with --resume the cap counts "
+                                                    "the stage's time in earlier attempts (up to their last "
+                                                    "checkpoint) too")
     attn_ce_weight: float = option(0.0, "Weight of the attention-map cross-entropy in stage 1")
 
 
@@ -188,7 +207,8 @@ class MoeRecoveryArgs:
     train: str = option("router", "What distillation trains: router | router-lora | experts")
     tokens: int = option(0, "Distillation budget in tokens (0: export the step-0 model)")
     max_seconds: float | None = option(None, "Wall-clock cap of distillation in seconds: fewer steps if needed, LR "
-                                             "decayed at the new end")
+                                             "decayed at the new end; with --resume the cap counts the time of "
+                                             "earlier attempts (up to their last checkpoint) too")
     lr: float = option(1e-3, "Distillation learning rate")
     hidden_mse_weight: float = option(0.0, "Weight of per-layer hidden-state MSE beside the logit KL")
 

@@ -4,6 +4,7 @@ fields of linearize / hybridize / moe-upcycle are validated and reach the stages
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -165,6 +166,38 @@ def test_a_resumed_stage_counts_the_time_of_its_checkpoint(monkeypatch, tmp_path
                          resume_state=load_checkpoint(ckpt))
     # 5 steps after resume: done 9, elapsed 4 + 5 = 9 s -> 9 + floor(11 / 1) = 20
     assert resumed.steps == 20 and resumed.cut_by_time
+
+
+def test_a_resumed_stage_is_re_planned_before_its_first_new_step(monkeypatch, tmp_path):
+    # 6 steps (6 s) without a cap, then --resume with a 10 s cap: 4 more steps, not the 5 before the first projection
+    spec = StageSpec("toy", 100, LR, eval_every=1000, checkpoint_every=2)
+    ckpt = tmp_path / "stage.pt"
+    _run(monkeypatch, tmp_path, spec, checkpoint_path=ckpt, stop_after_steps=6)
+    capped = StageSpec("toy", 100, LR, max_seconds=10, eval_every=1000, checkpoint_every=2)
+    resumed, lrs, clock = _run(monkeypatch, tmp_path, capped, checkpoint_path=ckpt, resume_state=load_checkpoint(ckpt))
+    assert resumed.steps == 10 and len(lrs) == 4 and resumed.cut_by_time
+    assert resumed.wall_seconds == pytest.approx(10.0)
+
+
+def test_a_cap_spent_by_earlier_attempts_ends_the_resumed_stage_at_once(monkeypatch, tmp_path, capsys):
+    spec = StageSpec("toy", 100, LR, eval_every=1000, checkpoint_every=2)
+    ckpt = tmp_path / "stage.pt"
+    _run(monkeypatch, tmp_path, spec, checkpoint_path=ckpt, stop_after_steps=12)  # 12 s, checkpoint at step 12
+    capped = StageSpec("toy", 100, LR, max_seconds=10, eval_every=1000, checkpoint_every=2)
+    resumed, lrs, _ = _run(monkeypatch, tmp_path, capped, checkpoint_path=ckpt, resume_state=load_checkpoint(ckpt))
+    assert resumed.steps == 12 and lrs == [] and resumed.cut_by_time
+    assert load_checkpoint(ckpt)["step"] == 12
+    assert "toy: its time cap of 10 s was spent by earlier attempts (12 s); it ends at step 12" in " ".join(
+        capsys.readouterr().err.split())
+
+
+def test_help_says_how_caps_count_across_resumes():
+    from effconv.pipelines.linearize import LinearizeConfig
+    from effconv.pipelines.moe_upcycle import MoeUpcycleConfig
+
+    fields = {f.name: f.metadata["help"] for c in (LinearizeConfig, MoeUpcycleConfig) for f in dataclasses.fields(c)}
+    for name in ("stage1_max_seconds", "max_seconds"):
+        assert "with --resume the cap counts" in fields[name] and "earlier attempts" in fields[name]
 
 
 LAUNCHED_WORKER = textwrap.dedent(

@@ -82,11 +82,15 @@ def speed_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def print_report(report: dict) -> None:
+    """The report on stdout: rich tables on a terminal; the Markdown report (report.md's text) when stdout is a file
+    or a pipe, where a table of any width stays whole instead of being cut or wrapped to a guessed width."""
+    if not sys.stdout.isatty():
+        sys.stdout.write(render_markdown(report))
+        return
     from rich.console import Console
     from rich.table import Table
 
-    # piped to a file, rich would cut the tables to 80 columns: print them whole instead
-    console = Console() if sys.stdout.isatty() else Console(width=240)
+    console = Console()
     tables = [("Quality", quality_rows(report))]
     if "length" in report:
         tables += [("Perplexity by context", length.perplexity_rows(report["length"])),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoding import capture_step, decode
+from .decoding import accepts_argument, capture_step, decode
 
 
 @dataclass
@@ -40,6 +40,7 @@ class StaticDecoder:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.effconv = _is_effconv(model)
+        self.cache_name = "cache" if accepts_argument(model, "cache") else "past_key_values"  # the forward's name
         if use_cuda_graph is None:
             use_cuda_graph = self.device.type == "cuda"
         if self.effconv and not all(layer.self_attn.layer_type == "linear" for layer in model.model.layers):
@@ -66,7 +67,7 @@ class StaticDecoder:
         for start in range(0, t, chunk):
             piece = input_ids[:, start : start + chunk]
             kw = {} if self.effconv else {"cache_position": torch.arange(start, start + piece.shape[1], device=self.device)}
-            out = self.model(piece, past_key_values=self.cache, use_cache=True, logits_to_keep=1, **kw)
+            out = self.model(piece, **{self.cache_name: self.cache}, use_cache=True, logits_to_keep=1, **kw)
         self.prompt_len = t
         # static buffers: the step reads the token and position here and writes the next ones back
         self.token = out.logits[:, -1:].argmax(-1)
@@ -77,7 +78,7 @@ class StaticDecoder:
         return self.token.clone()
 
     def _forward_step(self) -> None:
-        kw = dict(position_ids=self.position_ids, past_key_values=self.cache, use_cache=True)
+        kw = {"position_ids": self.position_ids, self.cache_name: self.cache, "use_cache": True}
         if not self.effconv:
             kw["cache_position"] = self.position
         logits = self.model(self.token, **kw).logits

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .decoding import capture_step
+from .decoding import accepts_argument, capture_step
 
 DECODE_ATTENTION = "effconv_decode"
 
@@ -101,6 +101,7 @@ class GraphSampler:
         from transformers import StaticCache
 
         self.model = model
+        self.cache_name = "cache" if accepts_argument(model, "cache") else "past_key_values"  # the forward's name
         self.device = next(model.parameters()).device
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
@@ -163,7 +164,7 @@ class GraphSampler:
         valid = (self.slots[None, :] >= self.first_slot) & (self.slots[None, :] <= self.cache_position)
         self.step_mask.copy_(valid[:, None, None, :])
         out = self.model(self.token, attention_mask=self.step_mask, position_ids=self.position_ids,
-                         cache_position=self.cache_position, past_key_values=self.cache, use_cache=True)
+                         cache_position=self.cache_position, **{self.cache_name: self.cache}, use_cache=True)
         self._accept(self._choose(out.logits[:, -1]))
         self.cache_position.add_(1)
         self.position_ids.add_(1)
@@ -192,9 +193,7 @@ class GraphSampler:
         """New tokens for each prompt (at most max_new_tokens), cut after its first stop token."""
         config = self.model.config
         previous = config._attn_implementation
-        with torch.no_grad(), warnings.catch_warnings():
-            # newer transformers rename past_key_values; the old name works in every version we support
-            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        with torch.no_grad():
             try:
                 config._attn_implementation = DECODE_ATTENTION  # read at call time: captured steps keep theirs
                 return self._generate(prompts)
@@ -226,7 +225,7 @@ class GraphSampler:
         causal = (self.slots[None, :] <= query[:, None])[None] & (self.slots[None, None, :] >= first[:, :, None])
         prefill_mask = (causal | (self.slots[None, :] == query[:, None])[None])[:, None]
         out = self.model(input_ids, attention_mask=prefill_mask, position_ids=(query[None] - first).clamp(min=0),
-                         cache_position=query, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         cache_position=query, **{self.cache_name: self.cache}, use_cache=True, logits_to_keep=1)
         self.finished.zero_()
         self._accept(self._choose(out.logits[:, -1]))
         self.cache_position.fill_(width)

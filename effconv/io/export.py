@@ -8,6 +8,7 @@ writes MoE models in transformers' own formats.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import EffconvError
+from ..errors import EffconvError, disk_write_reason
 from ..modeling import MODELING_FILES
 from .kernel_bundle import write_kernel_bundle
 
@@ -35,11 +36,13 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise EffconvError(f"output path {out} exists and is not a directory")
     parent = out.resolve().parent
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True)
-        except OSError as e:
-            raise EffconvError(f"cannot create {parent}: {e.strerror}") from e
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        # a directory made and removed again: a read-only disk or a directory without write permission fails
+        # here, before any work, not at the first checkpoint
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
+        raise EffconvError(f"cannot write to {parent} ({e.strerror}); choose an --out on a writable disk") from e
 
 
 @contextmanager
@@ -51,6 +54,7 @@ def atomic_directory(out: Path, *, overwrite: bool = False, what: str = "the mod
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     try:
         yield tmp
+        share_like_new_files(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
             out.rename(old / out.name)
@@ -58,19 +62,39 @@ def atomic_directory(out: Path, *, overwrite: bool = False, what: str = "the mod
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise EffconvError(f"could not write {what} to {out}: {e.strerror or e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        reason = disk_write_reason(e)
+        if reason is None:
+            raise
+        raise EffconvError(f"could not write {what} to {out}: {reason}") from e
+
+
+def share_like_new_files(directory: Path) -> None:
+    """Give a finished output the permissions of files the user creates (0666 / 0777 less the umask): mkdtemp
+    makes its directory 0700 and some writers (transformers' weights) leave 0600 files."""
+    mask = os.umask(0)
+    os.umask(mask)  # reading the umask means setting it; it is put back at once
+    for root, _, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def write_file_atomic(path: Path, content: bytes) -> None:
-    """Write a file under a temporary name and rename it: a file under its final name is always whole."""
+    """Write a file under a temporary name and rename it: a file under its final name is always whole, and a
+    failed write leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = disk_write_reason(e)
+        if reason is None:
+            raise
+        raise EffconvError(f"could not write {path}: {reason}") from e
 
 
 def write_metadata(directory: Path, metadata: dict | None, extra_files: dict[str, bytes] | None = None) -> None:

@@ -520,14 +520,14 @@ class EffconvModel(EffconvPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: EffconvCache | None = None,
+        cache: EffconvCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         num_layers: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """`num_layers` stops after that many layers (attention transfer needs nothing past the last one)."""
-        past_key_values = _cache_argument(past_key_values, kwargs)
+        past_key_values = _cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -564,28 +564,33 @@ class EffconvModel(EffconvPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         layers = self.layers[: num_layers or len(self.layers)]
         for i, layer in enumerate(layers):
-            cache = past_key_values.layer_caches[i] if past_key_values is not None else None
+            layer_cache = past_key_values.layer_caches[i] if past_key_values is not None else None
             if self.gradient_checkpointing and self.training:
                 hidden_states = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, position_embeddings, cache, key_mask
+                    layer.__call__, hidden_states, position_embeddings, layer_cache, key_mask
                 )
             else:
-                hidden_states = layer(hidden_states, position_embeddings, cache, key_mask)
+                hidden_states = layer(hidden_states, position_embeddings, layer_cache, key_mask)
         if past_key_values is not None:
             past_key_values.seen_tokens += t
             if static_step:
                 past_key_values.static_context.position.add_(t)
         if num_layers is None or num_layers >= len(self.layers):
             hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: past_key_values})
 
 
-def _cache_argument(past_key_values, kwargs: dict):
+# transformers >= 5.2x names the cache `cache` (the old name `past_key_values` still works, with a deprecation
+# warning); earlier releases name it `past_key_values`. Outputs are built and read under the installed name.
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_argument(cache, kwargs: dict):
     """The cache under either name: transformers >= 5.2x passes `cache=`, earlier releases `past_key_values=`."""
-    cache = kwargs.pop("cache", None)
+    past_key_values = kwargs.pop("past_key_values", None)
     if past_key_values is not None and cache is not None and cache is not past_key_values:
         raise ValueError("pass the cache once, as `cache` or as `past_key_values`")
-    return past_key_values if past_key_values is not None else cache
+    return cache if cache is not None else past_key_values
 
 
 class EffconvForCausalLM(FastGenerationMixin, EffconvPreTrainedModel, GenerationMixin):
@@ -622,19 +627,18 @@ class EffconvForCausalLM(FastGenerationMixin, EffconvPreTrainedModel, Generation
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: EffconvCache | None = None,
+        cache: EffconvCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        past_key_values = _cache_argument(past_key_values, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_cache_argument(cache, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
@@ -649,4 +653,4 @@ class EffconvForCausalLM(FastGenerationMixin, EffconvPreTrainedModel, Generation
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})

@@ -39,7 +39,9 @@ from ..errors import EffconvError
 from ..io.export import check_output_dir, write_file_atomic
 from ..io.sources import load_model_config, load_teacher
 from ..training import distributed, fsdp
-from ..training.run import check_resume_identity, prepare_run_data, resolve_device_and_dtype, run_dir_for
+from ..training.run import (
+    check_resume_identity, holds_progress, prepare_run_data, resolve_device_and_dtype, run_dir_for,
+)
 from .linearize import LinearizeConfig, linearize
 
 SCORE_CHOICES = ("transfer", "next-token", "none")
@@ -81,11 +83,6 @@ class HybridizeConfig(LinearizeConfig):
         check_choice("score", self.score, SCORE_CHOICES)
         if self.score_tokens < 0:
             raise EffconvError(f"--score-tokens must be >= 0, got {self.score_tokens}")
-        if self.attention == "linear" and self.window >= self.seq_len:
-            raise EffconvError(
-                f"--window {self.window} is not smaller than --seq-len {self.seq_len}: the linear part would never "
-                "be trained or measured; use a smaller window or longer sequences"
-            )
         if self.selection == "explicit":
             if self.softmax_layers is None:
                 raise EffconvError("--select explicit needs --layers (the layers to keep as softmax)")
@@ -174,16 +171,18 @@ def _prepare_state(cfg: HybridizeConfig, state_dir: Path, linearize_run: Path) -
     if cfg.resume:
         check_resume_identity(identity_file, current, what="hybridize run")
         return LayerScores.from_json(json.loads(scores_file.read_text())) if scores_file.is_file() else None
-    if state_dir.exists() or linearize_run.exists():
-        if not cfg.overwrite:
-            raise EffconvError(
-                f"an interrupted run exists at {state_dir if state_dir.exists() else linearize_run}; pass --resume "
-                "to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(state_dir, ignore_errors=True)
-        shutil.rmtree(linearize_run, ignore_errors=True)
-    state_dir.mkdir(parents=True)
-    identity_file.write_text(json.dumps(current, indent=2) + "\n")
+    interrupted = [d for d in (state_dir, linearize_run) if holds_progress(d)]
+    if interrupted and not cfg.overwrite:
+        raise EffconvError(f"an interrupted run exists at {interrupted[0]}; pass --resume to continue it or "
+                           "--overwrite to start over")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(linearize_run, ignore_errors=True)
+    try:
+        state_dir.mkdir(parents=True)
+        identity_file.write_text(json.dumps(current, indent=2) + "\n")
+    except OSError as e:
+        raise EffconvError(f"cannot write the run directory {state_dir} ({e.strerror}); choose an --out on a "
+                           "writable disk") from e
     return None
 
 

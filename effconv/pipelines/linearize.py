@@ -16,7 +16,7 @@ import torch
 
 from ..config import (
     DTYPES, AttentionArgs, DataArgs, FinetuneArgs, LoraArgs, ModelArgs, RunArgs, TrainArgs, TransferArgs,
-    check_choice, check_data_args, check_non_negative, check_positive, option, run_identity,
+    check_choice, check_data_args, check_generated_split, check_non_negative, check_positive, option, run_identity,
 )
 from ..console import console
 from ..conversion.student import make_student
@@ -66,6 +66,7 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
             raise EffconvError("--ce-weight 0 and --kl-weight 0 leave stage 2 without a loss; set one of them")
         if not 0 < self.val_fraction < 1:
             raise EffconvError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        check_generated_split(self)
         check_choice("dtype", self.dtype, DTYPES)
         if self.layers_per_block is not None and self.layers_per_block < 1:
             raise EffconvError(f"--layers-per-block must be >= 1, got {self.layers_per_block}")
@@ -79,6 +80,12 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
     def _validate_attention(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
             raise EffconvError(f"unknown --attention {self.attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+        if self.attention == "linear" and self.window >= self.seq_len:
+            # a query's window holds itself and the window-1 tokens before it: the linear part starts window back
+            raise EffconvError(
+                f"--window {self.window} is not smaller than --seq-len {self.seq_len}: every token would be inside "
+                "the softmax window, so the linear part would never be trained or measured; use a smaller --window "
+                "or a longer --seq-len")
         if self.attention == "sliding":
             if self.window < 1:
                 raise EffconvError(f"--attention sliding needs --window >= 1, got {self.window}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import (
-    DTYPES, DataArgs, check_data_args, LoraArgs, ModelArgs, MoeArgs, MoeRecoveryArgs, RunArgs, TrainArgs, option, run_identity,
+    DTYPES, DataArgs, check_data_args, check_generated_split, LoraArgs, ModelArgs, MoeArgs, MoeRecoveryArgs, RunArgs, TrainArgs, option, run_identity,
 )
 from ..console import console
 from ..conversion.moe import collect_mlp_inputs, dense_effconv_model, moe_config, moe_layers, upcycle
@@ -85,6 +85,7 @@ class MoeUpcycleConfig(RunArgs, TrainArgs, DataArgs, LoraArgs, MoeRecoveryArgs, 
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise EffconvError(f"--max-seconds must be > 0 (seconds), got {self.max_seconds}")
         check_data_args(self)
+        check_generated_split(self)
 
     def identity(self) -> dict:
         """What must match for --resume: everything except output handling and the time budget."""

@@ -11,6 +11,7 @@ the budget (`run_stage`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -22,7 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..console import console
-from ..errors import EffconvError
+from ..errors import EffconvError, disk_write_reason
 from . import distributed
 from . import fsdp
 
@@ -73,11 +74,27 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    """Write a checkpoint under a temporary name and rename it over the previous one. Any failure (a full disk,
+    Ctrl-C) removes the temporary file and leaves the previous checkpoint as it was; a file-system failure becomes
+    one EffconvError line."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        # through a Python file object: a full disk then surfaces as OSError(ENOSPC), not as torch's zip writer's
+        # "unexpected pos" RuntimeError
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = disk_write_reason(e)
+        if reason is None:
+            raise
+        kept = f"the previous checkpoint is kept at {path}" if path.is_file() else "no earlier checkpoint"
+        raise EffconvError(f"could not write checkpoint {path}: {reason}; {kept}; free space, then rerun the same "
+                           "command with --resume") from e
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -136,7 +153,9 @@ def run_stage(
 ) -> StageResult:
     """Minimise loss_fn over `spec.steps` batches, checkpointing every `spec.checkpoint_every` steps.
 
-    `spec.max_seconds`: a wall-clock budget. After the first PROJECT_FIRST steps of the run and then every
+    `spec.max_seconds`: a wall-clock budget of the whole stage: a resumed stage counts the time of its earlier
+    attempts up to their last checkpoint, is re-planned at once from that checkpoint's time per step, and ends at
+    once when that time already reaches the budget. After the first PROJECT_FIRST steps of the run and then every
     PROJECT_EVERY steps the total is re-planned as project_steps(spec.steps, done, max_seconds, elapsed, t):
     `elapsed` is the stage's wall time so far (a resumed checkpoint's included), `t` the mean wall time per step
     over the steps since the last projection (evals and checkpoints included, so they are budgeted). The
@@ -185,6 +204,20 @@ def run_stage(
         result.seconds = resume_state["seconds"]
         carried_seconds = resume_state.get("wall_seconds", resume_state["seconds"])
         plan.steps = min(spec.steps, resume_state.get("planned_steps", spec.steps))
+        if spec.max_seconds is not None and start_step > 0:
+            # the cap counts the earlier attempts' time (up to their last checkpoint): re-plan now, from the
+            # checkpoint's own time per step, not after PROJECT_FIRST more steps
+            plan.steps = start_step if carried_seconds >= spec.max_seconds else min(plan.steps, project_steps(
+                spec.steps, start_step, spec.max_seconds, carried_seconds, carried_seconds / start_step))
+        if is_main:
+            if spec.max_seconds is not None and carried_seconds >= spec.max_seconds:
+                console.print(f"{spec.name}: its time cap of {spec.max_seconds:g} s was spent by earlier attempts "
+                              f"({carried_seconds:.0f} s); it ends at step {start_step}, from {checkpoint_path}")
+            elif start_step >= plan.steps:
+                console.print(f"{spec.name}: finished before the interruption ({start_step} steps), from "
+                              f"{checkpoint_path}")
+            else:
+                console.print(f"{spec.name}: resuming at step {start_step} of {plan.steps} from {checkpoint_path}")
     t_start = _now()
 
     def wall_seconds() -> float:

@@ -38,20 +38,49 @@ def run_dir_for(out: Path) -> Path:
     return Path(out).resolve().parent / f".{Path(out).name}.effconv-run"
 
 
+def holds_progress(run_dir: Path) -> bool:
+    """Whether a run directory holds work to continue (a checkpoint, saved scores): anything but its settings file.
+    A run that failed before its first checkpoint (a mistyped path, Ctrl-C while loading) left nothing to resume."""
+    return run_dir.is_dir() and any(p.name != "config.json" for p in run_dir.iterdir())
+
+
 def prepare_run_dir(run_dir: Path, identity: dict, *, resume: bool, overwrite: bool) -> None:
-    """Start a run directory, or check that `--resume` continues one made with the same settings (`identity`)."""
+    """Start a run directory, or check that `--resume` continues one made with the same settings (`identity`).
+    `--resume` of a run that stopped before its first checkpoint starts it again (with the settings given now)."""
     identity_file = run_dir / "config.json"
-    if resume:
+    if resume and (holds_progress(run_dir) or not identity_file.is_file()):
         check_resume_identity(identity_file, identity)
         return
-    if run_dir.exists():
-        if not overwrite:
-            raise EffconvError(
-                f"an interrupted run exists at {run_dir}; pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    identity_file.write_text(json.dumps(identity, indent=2) + "\n")
+    if holds_progress(run_dir) and not overwrite:
+        raise EffconvError(
+            f"an interrupted run exists at {run_dir}; pass --resume to continue it or --overwrite to start over"
+        )
+    try:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        identity_file.write_text(json.dumps(identity, indent=2) + "\n")
+    except OSError as e:
+        raise EffconvError(f"cannot write the run directory {run_dir} ({e.strerror}); choose an --out on a writable "
+                           "disk") from e
+
+
+def interrupted_message(run_dirs: list[Path]) -> str:
+    """What Ctrl-C leaves to resume from: the newest checkpoint in `run_dirs` (its stage and step), or that the run
+    stopped before its first one."""
+    checkpoints = sorted((p for d in run_dirs if d.is_dir() for p in d.glob("*.pt")), key=lambda p: p.stat().st_mtime)
+    if not checkpoints:
+        saved = [d for d in run_dirs if holds_progress(d)]  # e.g. hybridize's layer scores
+        if saved:
+            return f"interrupted; earlier work is saved in {saved[0]}; rerun the same command with --resume to use it"
+        return "interrupted before the first checkpoint; rerun the same command to start again"
+    latest = checkpoints[-1]
+    try:  # mmap: only the few numbers read come off the disk, not the weights
+        state = torch.load(latest, map_location="cpu", weights_only=True, mmap=True)
+        where = f"{state['stage']} at step {state['step']} of {state.get('planned_steps', '?')}"
+    except Exception:  # noqa: BLE001 - the hint must not fail; the file is named either way
+        where = "its last checkpoint"
+    return f"interrupted; {where} is saved in {latest}; rerun the same command with --resume to continue from there"
 
 
 def steps_for(tokens: int, batch_size: int, seq_len: int) -> int:
