@@ -225,3 +225,16 @@ def test_generate_bench_runs_on_cpu_tiny(tmp_path):
     assert result["no_effconv_kernels"]["kernels"] == "bundled with the model"
     assert set(result["summary"]["decode_speedup_over_faster_teacher"]) == {"student b1 c12",
                                                                              "student-no-effconv b1 c12"}
+
+
+def test_cache_sets_its_length_where_transformers_makes_it_read_only(monkeypatch):
+    # transformers 5.17 defines Cache.max_cache_len as a property without a setter
+    from transformers.cache_utils import Cache
+
+    from effconv.modeling.modeling_effconv import EffconvCache
+
+    monkeypatch.setattr(Cache, "max_cache_len", property(lambda self: 0), raising=False)
+    cache = EffconvCache(2, static=True, max_cache_len=64)
+    assert cache.max_cache_len == 64
+    cache.max_cache_len = 128
+    assert cache.max_cache_len == 128

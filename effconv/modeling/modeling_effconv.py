@@ -127,6 +127,15 @@ class EffconvCache(Cache):
         self.graph = None  # fast_generate.DecodeGraphs' captured step on these buffers
         self.graph_warm = False
 
+    # Some transformers releases (5.17) define `max_cache_len` on Cache as a read-only property: own it here.
+    @property
+    def max_cache_len(self) -> int:
+        return self._max_cache_len
+
+    @max_cache_len.setter
+    def max_cache_len(self, value: int) -> None:
+        self._max_cache_len = value
+
     def reset_for_generation(self) -> None:
         for c in self.layer_caches:
             c.clear()
