@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,9 +84,17 @@ def share_like_new_files(directory: Path) -> None:
 def write_file_atomic(path: Path, content: bytes) -> None:
     """Write a file under a temporary name and rename it: a file under its final name is always whole, and a
     failed write leaves no temporary file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    replace_atomically(path, lambda tmp: tmp.write_bytes(content))
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object], *, tmp: Path | None = None, what: str = "",
+                       advice: Callable[[], str] = lambda: "") -> None:
+    """`write(tmp)`, then rename `tmp` over `path`. Any failure (a full disk, Ctrl-C) removes `tmp` and leaves
+    `path` as it was; a file-system failure becomes one EffconvError line ("could not write {what}{path}: ...",
+    then `advice()`, which is asked after the cleanup)."""
+    tmp = tmp or path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_bytes(content)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -94,7 +102,7 @@ def write_file_atomic(path: Path, content: bytes) -> None:
         reason = disk_write_reason(e)
         if reason is None:
             raise
-        raise EffconvError(f"could not write {path}: {reason}") from e
+        raise EffconvError(f"could not write {what}{path}: {reason}{advice()}") from e
 
 
 def write_metadata(directory: Path, metadata: dict | None, extra_files: dict[str, bytes] | None = None) -> None:

@@ -11,7 +11,6 @@ the budget (`run_stage`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -23,7 +22,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..console import console
-from ..errors import EffconvError, disk_write_reason
+from ..errors import EffconvError
+from ..io.export import replace_atomically
 from . import distributed
 from . import fsdp
 
@@ -77,24 +77,20 @@ def atomic_torch_save(obj, path: Path) -> None:
     """Write a checkpoint under a temporary name and rename it over the previous one. Any failure (a full disk,
     Ctrl-C) removes the temporary file and leaves the previous checkpoint as it was; a file-system failure becomes
     one EffconvError line."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         # through a Python file object: a full disk then surfaces as OSError(ENOSPC), not as torch's zip writer's
         # "unexpected pos" RuntimeError
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        reason = disk_write_reason(e)
-        if reason is None:
-            raise
+
+    def advice() -> str:
         kept = f"the previous checkpoint is kept at {path}" if path.is_file() else "no earlier checkpoint"
-        raise EffconvError(f"could not write checkpoint {path}: {reason}; {kept}; free space, then rerun the same "
-                           "command with --resume") from e
+        return f"; {kept}; free space, then rerun the same command with --resume"
+
+    replace_atomically(path, write, tmp=path.with_name(path.name + ".tmp"), what="checkpoint ", advice=advice)
 
 
 def load_checkpoint(path: Path) -> dict:
