@@ -13,16 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from effconv.io.export import export_model
+from helpers_no_effconv import WITHOUT_EFFCONV  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "data" / "pre-restructure-export"
 
-NO_EFFCONV = """
-import importlib.abc, sys, torch
-class NoEffconv(importlib.abc.MetaPathFinder):  # behave as a machine without effconv installed
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("effconv", "effconv_kernels"):
-            raise ImportError(name)
-sys.meta_path.insert(0, NoEffconv())
+NO_EFFCONV = WITHOUT_EFFCONV + """
+import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 ids = torch.load(sys.argv[2], weights_only=True)["ids"]

@@ -9,6 +9,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from effconv.modeling import EffconvConfig, EffconvForCausalLM
+from helpers_no_effconv import WITHOUT_EFFCONV  # noqa: E402
 
 VOCAB = 400
 KINDS = {
@@ -149,13 +150,8 @@ def test_fast_generate_setting_is_checked(monkeypatch):
         generate(model, "fast", monkeypatch, ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
 
 
-NO_EFFCONV = """
-import importlib.abc, json, os, sys, torch
-class NoEffconv(importlib.abc.MetaPathFinder):  # behave as a machine without effconv installed
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("effconv", "effconv_kernels"):
-            raise ImportError(name)
-sys.meta_path.insert(0, NoEffconv())
+NO_EFFCONV = WITHOUT_EFFCONV + """
+import json, os, torch
 os.environ["EFFCONV_FAST_GENERATE"] = "on"
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)

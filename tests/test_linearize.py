@@ -20,6 +20,7 @@ from effconv.io.export import export_model
 from effconv.pipelines.linearize import LinearizeConfig, linearize
 from effconv.conversion.student import make_student
 from effconv.distill.transfer import set_attention_mode
+from helpers_no_effconv import WITHOUT_EFFCONV  # noqa: E402
 
 TINY = dict(seq_len=32, batch_size=4, eval_every=4, checkpoint_every=2, progress=False)
 
@@ -49,14 +50,9 @@ def test_linearize_trains_and_exports(tiny_model_dir, tmp_path):
     assert reloaded.config.attention_types == ["linear"] * 3
 
 
-ROUND_TRIP = textwrap.dedent(
+ROUND_TRIP = WITHOUT_EFFCONV + textwrap.dedent(
     """
-    import importlib.abc, sys, torch
-    class NoEffconv(importlib.abc.MetaPathFinder):  # this process behaves as a machine without effconv
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in ("effconv", "effconv_kernels"):
-                raise ImportError(name)
-    sys.meta_path.insert(0, NoEffconv())
+    import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
     ids = torch.load(sys.argv[2], weights_only=True)

@@ -17,6 +17,7 @@ from effconv.pipelines.moe_upcycle import MoeUpcycleConfig, moe_upcycle
 from effconv.conversion.moe import balanced_kmeans, collect_mlp_inputs, dense_effconv_model, upcycle
 from effconv.modeling.moe import MoeMLP, experts_loop
 from effconv.distill.transfer import set_attention_mode
+from helpers_no_effconv import WITHOUT_EFFCONV  # noqa: E402
 
 
 def _dense(arch: str):
@@ -146,13 +147,8 @@ def _tiny(model_dir, out, **kw) -> MoeUpcycleConfig:
     return MoeUpcycleConfig(**{**TINY, "model": str(model_dir), "data": str(model_dir / "train.txt"), "out": str(out), **kw})
 
 
-NO_EFFCONV_LOAD = """
-import importlib.abc, sys, torch
-class NoEffconv(importlib.abc.MetaPathFinder):  # behave as a machine without effconv installed
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("effconv", "effconv_kernels"):
-            raise ImportError(name)
-sys.meta_path.insert(0, NoEffconv())
+NO_EFFCONV_LOAD = WITHOUT_EFFCONV + """
+import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 ids = torch.load(sys.argv[2], weights_only=True)
