@@ -2,6 +2,7 @@
 
     python bench/generate.py --export EXPORT_DIR --teacher TEACHER --out runs/generate.json
     python bench/generate.py --tiny --device cpu --out /tmp/generate.json      # random tiny models, any machine
+    python bench/generate.py --random-shape smollm2-135m-w64 --out runs/generate-w64.json   # no weights needed
 
 Rows (each: model, batch, context, prefill ms, decode tokens/s, peak memory, decode path):
 * `student`: the export loaded through effconv (its fast generate path by itself);
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--export", help="effconv export directory")
     p.add_argument("--teacher", help="teacher: GGUF file, HF directory or hub id")
     p.add_argument("--tiny", action="store_true", help="random tiny teacher and export (CPU smoke run)")
+    p.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES),
+                   help="a random-weight SmolLM2-135M teacher and an export of a recipe's shape (speed does not "
+                        "depend on the weight values, so no weights need to be present)")
     p.add_argument("--out", required=True, help="JSON output file")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -152,6 +156,39 @@ def tiny_models(directory: Path, dtype) -> tuple[Path, Path]:
     return directory / "export", directory / "teacher"
 
 
+# SmolLM2-135M-Instruct's config; the layouts of the w64 recipe (window 64 + linear with decay, unrotated features)
+# and the r25 recipe (window 128 + linear, the layers its measured score kept as softmax)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+R25_KEPT_LAYERS = [8, 12, 14, 18, 19, 20, 21, 23]
+RANDOM_SHAPES = {
+    "smollm2-135m-w64": dict(window_size=64, kept=[], decay=True),
+    "smollm2-135m-r25": dict(window_size=128, kept=R25_KEPT_LAYERS, decay=False),
+}
+
+
+def random_shape_models(directory: Path, shape: str) -> tuple[Path, Path]:
+    """A random SmolLM2-135M-shaped teacher and an export with a recipe's attention layout."""
+    import torch
+    import transformers
+
+    from effconv.conversion.student import build_student, effconv_config_from_teacher
+    from effconv.io.export import export_model
+
+    torch.manual_seed(0)
+    layout = RANDOM_SHAPES[shape]
+    teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M)).eval()
+    teacher.save_pretrained(directory / "teacher")
+    n = teacher.config.num_hidden_layers
+    config = effconv_config_from_teacher(teacher.config, window_size=layout["window_size"], attention_types=[
+        "softmax" if i in layout["kept"] else "linear" for i in range(n)])
+    config.linear_decay, config.linear_rope = layout["decay"], not layout["decay"]
+    student = build_student(teacher, config)
+    export_model(student, None, directory / "export")
+    return directory / "export", directory / "teacher"
+
+
 def summary(rows: list[dict]) -> dict:
     ok = {(r["model"], r["batch"], r["context"]): r for r in rows if r["status"] == "ok" and not r.get("memory_cell")}
     ratios = {}
@@ -191,8 +228,11 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         if args.tiny:
             args.export, args.teacher = tiny_models(Path(scratch), dtype)
+        elif args.random_shape:
+            args.export, args.teacher = random_shape_models(Path(scratch), args.random_shape)
         if not args.export or not args.teacher:
-            raise SystemExit("pass --export and --teacher (or --tiny)")
+            raise SystemExit("pass --export and --teacher (or --tiny, or --random-shape)")
+        random_models = args.tiny or args.random_shape
         timing = load_timing()
         rows, kernels = [], None
         for name in args.models:
@@ -215,8 +255,8 @@ def main(argv=None) -> None:
                         "triton": _version("triton"), "device": str(device), "dtype": args.dtype,
                         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                         "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started, 1)},
-        "export": str(args.export) if not args.tiny else "tiny random", "teacher": str(args.teacher)
-        if not args.tiny else "tiny random", "no_effconv_kernels": kernels, "rows": rows, "summary": summary(rows),
+        "export": f"random weights: {args.random_shape or 'tiny'}" if random_models else str(args.export),
+        "teacher": f"random weights: {args.random_shape or 'tiny'}" if random_models else str(args.teacher), "no_effconv_kernels": kernels, "rows": rows, "summary": summary(rows),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
