@@ -13,7 +13,7 @@ from ..config import MoeRecoveryArgs
 from ..conversion.moe import moe_layers
 from ..training import distributed, fsdp
 from .lora import attach_lora
-from .losses import kl_to_teacher_logits
+from .losses import next_token_distill_loss
 
 
 def _layer_outputs(model, store: list[torch.Tensor]):
@@ -21,15 +21,23 @@ def _layer_outputs(model, store: list[torch.Tensor]):
     return [layer.register_forward_hook(lambda m, a, out: store.append(out)) for layer in layers]
 
 
+def _causal_lm(model):
+    """The EffconvForCausalLM inside a peft wrapper (LoRA layers are injected in place, so it runs them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def distill_loss(student, teacher, batch: torch.Tensor, cfg: MoeRecoveryArgs) -> tuple[torch.Tensor, dict]:
-    """KL(teacher || student) on next-token distributions + optional hidden MSE + load balancing."""
+    """KL(teacher || student) on next-token distributions + optional hidden MSE + load balancing.
+
+    The KL is formed from the final hidden states a chunk of positions at a time (losses.next_token_distill_loss):
+    the output head is the dense model's, untouched by upcycling, so both sides share it."""
     want_hidden = cfg.hidden_mse_weight > 0
     t_hidden: list[torch.Tensor] = []
     s_hidden: list[torch.Tensor] = []
     hooks = _layer_outputs(teacher, t_hidden) if want_hidden else []
     try:
         with torch.no_grad():
-            t_logits = fsdp.call(teacher, lambda: teacher(input_ids=batch, use_cache=False).logits.float())
+            t_last = fsdp.call(teacher, lambda: teacher.model(input_ids=batch, use_cache=False).last_hidden_state)
     finally:
         for h in hooks:
             h.remove()
@@ -37,12 +45,13 @@ def distill_loss(student, teacher, batch: torch.Tensor, cfg: MoeRecoveryArgs) ->
     for m in layers:
         m.keep_router_logits = cfg.load_balancing == "aux"
     hooks = _layer_outputs(student, s_hidden) if want_hidden else []
+    lm = _causal_lm(student)
     try:
-        s_logits = student(input_ids=batch, use_cache=False).logits.float()
+        s_last = lm.model(input_ids=batch, use_cache=False).last_hidden_state
     finally:
         for h in hooks:
             h.remove()
-    kl = kl_to_teacher_logits(s_logits, t_logits)
+    kl = next_token_distill_loss(s_last, lm.lm_head.weight, batch, t_last, ce_weight=0.0, kl_weight=1.0)
     loss = kl
     logs = {"kl": kl.detach()}  # no float(): a host sync every step (the training loop drops logs anyway)
     if want_hidden:
@@ -131,3 +140,72 @@ def trainable_model(model, cfg):
     for m in moe_layers(peft_model):
         m.gate.weight.requires_grad_(True)  # peft freezes everything that is not an adapter
     return peft_model
+
+
+def top_k_at(step: int, planned_steps: int, start_k: int, end_k: int, anneal_fraction: float) -> int:
+    """Top-k annealing: k falls linearly from start_k to end_k over the first anneal_fraction of the planned steps,
+    then stays at end_k (the exported model's k), so the last steps always train the exported routing."""
+    anneal_steps = anneal_fraction * planned_steps
+    if start_k <= end_k or step >= anneal_steps:
+        return end_k
+    return round(start_k + (end_k - start_k) * step / anneal_steps)
+
+
+def set_top_k(model, k: int) -> None:
+    for m in moe_layers(model):
+        m.top_k = k
+
+
+def routing_coverage(student, dense, blocks: torch.Tensor, batch_size: int) -> dict | None:
+    """How much of what the dense FFN computed for a token its MoE layer still runs: per token, the share of the
+    dense FFN's activation mass (|act(gate x) * up x| of each neuron times the norm of its down-projection
+    column) that lies in the shared expert's and the chosen experts' neurons, for the token's input x to the MoE
+    layer; mean over tokens and layers. `oracle` is the same for the top-k experts by that mass (the best any
+    router can do with these experts). None unless every MoE layer was split from `dense`'s FFN neurons, and for a
+    sharded dense model (its FFN weights are gathered only inside its own forward)."""
+    layers = moe_layers(student)
+    if not layers or any(getattr(m, "dense_neurons", None) is None for m in layers) or fsdp.is_sharded(dense):
+        return None
+    return fsdp.call(student, lambda: _routing_coverage(student, dense, layers, blocks, batch_size))
+
+
+@torch.no_grad()
+def _routing_coverage(student, dense, layers, blocks, batch_size) -> dict:
+    dense_mlps = [layer.mlp for layer in dense.model.layers]
+    sums = torch.zeros(len(layers), 2, dtype=torch.float64)
+    tokens = 0
+
+    def measure(i: int, x: torch.Tensor) -> None:
+        moe, mlp = layers[i], dense_mlps[i]
+        shared, routed = moe.dense_neurons  # index tensors: (S,) and (E, m)
+        flat = x.reshape(-1, x.shape[-1])
+        gate, up = F.linear(flat, mlp.gate_proj.weight), F.linear(flat, mlp.up_proj.weight)
+        mass = (mlp.act_fn(gate) * up).float().abs() * mlp.down_proj.weight.float().norm(dim=0)
+        total = mass.sum(-1).clamp_min(1e-12)
+        per_expert = mass[:, routed.to(mass.device)].sum(-1)  # (N, E)
+        base = mass[:, shared.to(mass.device)].sum(-1)
+        chosen = moe.route(flat)[2]
+        best = per_expert.topk(moe.top_k, dim=-1).indices
+        for j, idx in enumerate((chosen, best)):
+            sums[i, j] += float(((base + per_expert.gather(1, idx).sum(-1)) / total).sum())
+
+    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: measure(i, args[0])) for i, m in enumerate(layers)]
+    device = next(student.parameters()).device
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            batch = blocks[start : start + batch_size].to(device)
+            student(input_ids=batch, use_cache=False)
+            tokens += batch.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    per_layer = (sums / max(tokens, 1)).tolist()
+    return {"coverage": sum(c for c, _ in per_layer) / len(per_layer),
+            "oracle_coverage": sum(o for _, o in per_layer) / len(per_layer),
+            "per_layer": [round(c, 4) for c, _ in per_layer]}
+
+
+def load_balance(loads: list[float], num_experts: int) -> float:
+    """The balance figure: mean over layers of the busiest expert's share of routed tokens times the number of
+    experts (1.0: perfectly balanced; E: every token to one expert)."""
+    return sum(loads) / len(loads) * num_experts if loads else float("nan")

@@ -87,7 +87,7 @@ def print_report(report: dict) -> None:
 
     # piped to a file, rich would cut the tables to 80 columns: print them whole instead
     console = Console() if sys.stdout.isatty() else Console(width=240)
-    tables = [("Quality", quality_rows(report))]
+    tables = [("Parameters", parameter_rows(report)), ("Quality", quality_rows(report))]
     if "length" in report:
         tables += [("Perplexity by context", length.perplexity_rows(report["length"])),
                    ("Loss by position", length.position_rows(report["length"])),
@@ -113,6 +113,22 @@ def print_report(report: dict) -> None:
         console.print(table)
     for note in report.get("notes", []):
         console.print(f"note: {note}")
+
+
+def parameter_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Parameters stored and run per token (a mixture of experts runs its top-k experts only), and the FFN share
+    a token runs beside the teacher's dense FFN."""
+    models = report.get("models", {})
+    roles = [r for r in _roles(report) if "active_parameters" in models.get(r, {})]
+    teacher_ffn = models.get("teacher", {}).get("ffn_parameters")
+    header = ["model", "parameters", "active per token", "FFN", "FFN active per token", "FFN active / teacher FFN"]
+    rows = []
+    for role in roles:
+        m = models[role]
+        share = f"{m['active_ffn_parameters'] / teacher_ffn:.1%}" if teacher_ffn else "-"
+        rows.append([role, f"{m['parameters']:,}", f"{m['active_parameters']:,}", f"{m['ffn_parameters']:,}",
+                     f"{m['active_ffn_parameters']:,}", share])
+    return header, rows
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -142,6 +158,9 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     elif ppl:
         parts.append(f"Perplexity on {ppl['data']}; window {ppl['context']} tokens, stride {ppl['stride']} "
                      "(each token scored once, with up to window - 1 tokens of left context).")
+    header, rows = parameter_rows(report)
+    if rows:
+        parts += [_md_table(header, rows), ""]
     header, rows = quality_rows(report)
     if rows:
         parts += ["", _md_table(header, rows)]
