@@ -515,3 +515,13 @@ def test_check_tasks_indexes_only_the_task_path_when_it_holds_every_task(tmp_pat
     assert made == [True]
     with pytest.raises(EffconvError, match="unknown lm-eval task"):
         eval_tasks.check_tasks(fake, ["nope"], str(tmp_path))
+
+
+def test_parameter_rows_give_active_parameters_beside_the_teachers_ffn():
+    from effconv.eval.report import parameter_rows
+
+    models = {"teacher": {"parameters": 100, "active_parameters": 100, "ffn_parameters": 60, "active_ffn_parameters": 60},
+              "student": {"parameters": 101, "active_parameters": 71, "ffn_parameters": 61, "active_ffn_parameters": 31}}
+    header, rows = parameter_rows({"models": models})
+    assert header[-1] == "FFN active / teacher FFN"
+    assert rows == [["teacher", "100", "100", "60", "60", "100.0%"], ["student", "101", "71", "61", "31", "51.7%"]]
