@@ -101,23 +101,6 @@ def _kl_to_teacher(student, teacher, blocks: torch.Tensor, batch_size: int) -> f
     return total / max(count, 1)
 
 
-def expert_load(model, blocks: torch.Tensor, batch_size: int) -> list[float]:
-    """Mean over layers of the largest expert's share of routed tokens (1/E is perfectly balanced)."""
-    return fsdp.call(model, lambda: _expert_load(model, blocks, batch_size))
-
-
-@torch.no_grad()
-def _expert_load(model, blocks: torch.Tensor, batch_size: int) -> list[float]:
-    device = next(model.parameters()).device
-    layers = moe_layers(model)
-    loads = [torch.zeros(m.num_experts) for m in layers]
-    for start in range(0, blocks.shape[0], batch_size):
-        model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
-        for acc, m in zip(loads, layers):
-            acc += m.last_load.float().cpu()
-    return [float(x.max() / x.sum()) for x in loads]
-
-
 def mark_trainable(model, cfg: MoeRecoveryArgs) -> None:
     """Routers (and with --train experts the experts) trainable, everything else frozen."""
     model.requires_grad_(False)
@@ -160,20 +143,29 @@ def routing_coverage(student, dense, blocks: torch.Tensor, batch_size: int) -> d
     """How much of what the dense FFN computed for a token its MoE layer still runs: per token, the share of the
     dense FFN's activation mass (|act(gate x) * up x| of each neuron times the norm of its down-projection
     column) that lies in the shared expert's and the chosen experts' neurons, for the token's input x to the MoE
-    layer; mean over tokens and layers. `oracle` is the same for the top-k experts by that mass (the best any
-    router can do with these experts). None unless every MoE layer was split from `dense`'s FFN neurons, and for a
-    sharded dense model (its FFN weights are gathered only inside its own forward)."""
-    layers = moe_layers(student)
-    if not layers or any(getattr(m, "dense_neurons", None) is None for m in layers) or fsdp.is_sharded(dense):
-        return None
-    return fsdp.call(student, lambda: _routing_coverage(student, dense, layers, blocks, batch_size))
+    layer; mean over tokens and layers. `oracle_coverage` is the same for the top-k experts by that mass (the best
+    any router can do with these experts). None unless every MoE layer was split from `dense`'s FFN neurons, and
+    for a sharded dense model (its FFN weights are gathered only inside its own forward)."""
+    return held_out_metrics(student, dense, blocks, batch_size)["coverage"]
+
+
+def held_out_metrics(student, teacher, blocks: torch.Tensor, batch_size: int) -> dict:
+    """One pass of both models over held-out blocks: next-token loss of each, mean KL(teacher || student) per token,
+    each MoE layer's busiest expert's share of the routed tokens (1/E: perfectly balanced) and the routing
+    coverage (routing_coverage; None where it does not apply)."""
+    return fsdp.call_all([student, teacher], lambda: _held_out_metrics(student, teacher, blocks, batch_size))
 
 
 @torch.no_grad()
-def _routing_coverage(student, dense, layers, blocks, batch_size) -> dict:
-    dense_mlps = [layer.mlp for layer in dense.model.layers]
-    sums = torch.zeros(len(layers), 2, dtype=torch.float64)
-    tokens = 0
+def _held_out_metrics(student, teacher, blocks, batch_size) -> dict:
+    layers = moe_layers(student)
+    with_coverage = bool(layers) and not fsdp.is_sharded(teacher) and all(
+        getattr(m, "dense_neurons", None) is not None for m in layers)
+    dense_mlps = [layer.mlp for layer in teacher.model.layers]
+    coverage_sums = torch.zeros(len(layers), 2, dtype=torch.float64)
+    loads = [torch.zeros(m.num_experts) for m in layers]
+    totals = dict(student=0.0, teacher=0.0, kl=0.0)
+    tokens = predictions = 0
 
     def measure(i: int, x: torch.Tensor) -> None:
         moe, mlp = layers[i], dense_mlps[i]
@@ -184,25 +176,38 @@ def _routing_coverage(student, dense, layers, blocks, batch_size) -> dict:
         total = mass.sum(-1).clamp_min(1e-12)
         per_expert = mass[:, routed.to(mass.device)].sum(-1)  # (N, E)
         base = mass[:, shared.to(mass.device)].sum(-1)
-        chosen = moe.route(flat)[2]
         best = per_expert.topk(moe.top_k, dim=-1).indices
-        for j, idx in enumerate((chosen, best)):
-            sums[i, j] += float(((base + per_expert.gather(1, idx).sum(-1)) / total).sum())
+        for j, idx in enumerate((moe.route(flat)[2], best)):
+            coverage_sums[i, j] += float(((base + per_expert.gather(1, idx).sum(-1)) / total).sum())
 
-    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: measure(i, args[0])) for i, m in enumerate(layers)]
+    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: measure(i, args[0])) for i, m in enumerate(layers)] \
+        if with_coverage else []
     device = next(student.parameters()).device
     try:
         for start in range(0, blocks.shape[0], batch_size):
             batch = blocks[start : start + batch_size].to(device)
-            student(input_ids=batch, use_cache=False)
+            s = F.log_softmax(student(input_ids=batch, use_cache=False).logits.float(), -1)
+            for acc, m in zip(loads, layers):
+                acc += m.last_load.float().cpu()
+            t = F.log_softmax(teacher(input_ids=batch, use_cache=False).logits.float(), -1)
+            totals["kl"] += float((t.exp() * (t - s)).sum())
+            targets = batch[:, 1:, None]
+            totals["student"] -= float(s[:, :-1].gather(-1, targets).sum())
+            totals["teacher"] -= float(t[:, :-1].gather(-1, targets).sum())
             tokens += batch.numel()
+            predictions += targets.numel()
     finally:
         for h in hooks:
             h.remove()
-    per_layer = (sums / max(tokens, 1)).tolist()
-    return {"coverage": sum(c for c, _ in per_layer) / len(per_layer),
-            "oracle_coverage": sum(o for _, o in per_layer) / len(per_layer),
-            "per_layer": [round(c, 4) for c, _ in per_layer]}
+    coverage = None
+    if with_coverage:
+        per_layer = (coverage_sums / max(tokens, 1)).tolist()
+        coverage = {"coverage": sum(c for c, _ in per_layer) / len(per_layer),
+                    "oracle_coverage": sum(o for _, o in per_layer) / len(per_layer),
+                    "per_layer": [round(c, 4) for c, _ in per_layer]}
+    return {"loss": totals["student"] / max(predictions, 1), "teacher_loss": totals["teacher"] / max(predictions, 1),
+            "kl": totals["kl"] / max(tokens, 1), "max_expert_share": [float(x.max() / x.sum()) for x in loads],
+            "coverage": coverage}
 
 
 def load_balance(loads: list[float], num_experts: int) -> float:

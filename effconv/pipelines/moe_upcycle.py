@@ -22,12 +22,11 @@ from ..console import console
 from ..conversion.moe import collect_mlp_inputs, dense_effconv_model, moe_config, moe_layers, upcycle
 from ..data import BlockLoader
 from ..distill.moe import (
-    distill_loss, expert_load, kl_to_teacher, load_balance, mark_trainable, routing_coverage, set_top_k, top_k_at,
-    trainable_model,
+    distill_loss, held_out_metrics, kl_to_teacher, load_balance, mark_trainable, set_top_k, top_k_at, trainable_model,
 )
 from ..errors import EffconvError
 from ..eval.params import parameter_counts
-from ..eval.quality import next_token_loss, perplexity
+from ..eval.quality import perplexity
 from ..io.export import check_output_dir, export_model
 from ..io.native_moe import export_native, native_layout
 from ..io.sources import load_causal_lm
@@ -156,8 +155,6 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
         fsdp.shard(student, device)
     bs = cfg.batch_size
     metrics: dict = {"source": source.description, "data": data_description}
-    metrics["teacher_val_loss"] = next_token_loss(dense, val_blocks, batch_size=bs)
-    metrics["teacher_val_ppl"] = perplexity(metrics["teacher_val_loss"])
     metrics.update(_routing_metrics("upcycled", student, dense, val_blocks, bs))
     metrics["parameters"] = _parameter_metrics(student, dense)
     console.print(f"teacher validation perplexity {metrics['teacher_val_ppl']:.3f}; upcycled before training "
@@ -198,7 +195,8 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
         }
         # sharded: measured on the trained model itself (LoRA unmerged); the main process merges its gathered copy
         measured = trainee if sharded else (trainee.merge_and_unload() if cfg.train == "router-lora" else trainee)
-        metrics.update(_routing_metrics("distilled", measured, dense, val_blocks, bs))
+        metrics.update({k: v for k, v in _routing_metrics("distilled", measured, dense, val_blocks, bs).items()
+                        if not k.startswith("teacher_")})
         console.print(f"after distillation: validation perplexity {metrics['distilled_val_ppl']:.3f} "
                       f"(KL to teacher {metrics['distilled_kl']:.4f}"
                       + _coverage_note(metrics.get("distilled_coverage")) + ")")
@@ -233,16 +231,15 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
 
 def _routing_metrics(prefix: str, model, dense, val_blocks, batch_size: int) -> dict:
     """Held-out loss, perplexity and KL to the dense model; the busiest expert's share of routed tokens per layer
-    and the balance figure (distill/moe.load_balance); the routed experts' coverage of the dense activation mass."""
-    loss = next_token_loss(model, val_blocks, batch_size=batch_size)
-    shares = expert_load(model, val_blocks, batch_size)
-    num_experts = model.config.num_experts
-    out = {f"{prefix}_val_loss": loss, f"{prefix}_val_ppl": perplexity(loss),
-           f"{prefix}_kl": kl_to_teacher(model, dense, val_blocks, batch_size),
-           f"{prefix}_max_expert_share": shares, f"{prefix}_load_balance": load_balance(shares, num_experts)}
-    coverage = routing_coverage(model, dense, val_blocks, batch_size)
-    if coverage is not None:
-        out[f"{prefix}_coverage"] = coverage
+    and the balance figure (distill/moe.load_balance); the routed experts' coverage of the dense activation mass.
+    One pass of both models over the validation blocks (distill/moe.held_out_metrics)."""
+    m = held_out_metrics(model, dense, val_blocks, batch_size)
+    shares = m["max_expert_share"]
+    out = {"teacher_val_loss": m["teacher_loss"], "teacher_val_ppl": perplexity(m["teacher_loss"]),
+           f"{prefix}_val_loss": m["loss"], f"{prefix}_val_ppl": perplexity(m["loss"]), f"{prefix}_kl": m["kl"],
+           f"{prefix}_max_expert_share": shares, f"{prefix}_load_balance": load_balance(shares, model.config.num_experts)}
+    if m["coverage"] is not None:
+        out[f"{prefix}_coverage"] = m["coverage"]
     return out
 
 
