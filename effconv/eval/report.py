@@ -151,6 +151,9 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     load = f", load average {env['load_average_at_start'][0]} at start" if "load_average_at_start" in env else ""
     parts += [f"- device: {env['device']}{where}, {env['dtype']}, torch {env['torch']}, {env['threads']} threads{load}",
               ""]
+    header, rows = parameter_rows(report)
+    if rows:  # a mixture of experts runs fewer parameters per token than it stores
+        parts += ["## Parameters", "", _md_table(header, rows), ""]
     parts += ["## Quality", ""]
     ppl = report.get("perplexity", {})
     if "skipped" in ppl:
@@ -158,9 +161,6 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     elif ppl:
         parts.append(f"Perplexity on {ppl['data']}; window {ppl['context']} tokens, stride {ppl['stride']} "
                      "(each token scored once, with up to window - 1 tokens of left context).")
-    header, rows = parameter_rows(report)
-    if rows:
-        parts += [_md_table(header, rows), ""]
     header, rows = quality_rows(report)
     if rows:
         parts += ["", _md_table(header, rows)]
