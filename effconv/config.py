@@ -185,14 +185,20 @@ class MoeArgs:
     """How dense FFNs become experts (moe-upcycle)."""
 
     method: str = option("split", "split (partition the FFN's neurons) | copy (replicate FFN slices)")
-    split: str = option("balanced", "split: random | balanced (k-means of gate/up rows) | coactivation (k-means of "
+    split: str = option("coactivation", "split: random | balanced (k-means of gate/up rows) | coactivation (k-means of "
                                     "activations on data)")
-    experts: int = option(8, "Routed experts per layer")
-    top_k: int = option(2, "Experts per token")
+    experts: int = option(48, "Routed experts per layer")
+    top_k: int = option(15, "Routed experts per token (default: with --shared 16, 744 of 1,536 neurons run: 49.5% of "
+                            "SmolLM2's FFN parameters, router included)")
     granularity: int = option(1, "copy: each expert is a 1/G slice of the FFN")
-    shared: int = option(0, "Always-on shared experts (split: of expert size; copy: 0 or 1)")
+    shared: int = option(16, "Always-on shared experts (split: of expert size, the neurons of largest activation mass "
+                             "on calibration text; copy: 0 or 1)")
     router_init: str = option("auto", "auto | activation (split) | kmeans (copy) | uniform")
-    router_init_std: float = option(1.0, "Spread of the initial router logits")
+    router_init_std: float = option(0.01, "Spread (standard deviation across experts) of the initial router logits: "
+                                          "small keeps the chosen experts' weights equal, as in the dense FFN")
+    router_weights: str = option("auto", "auto (softmax for split, renormalised for copy) | softmax (the chosen "
+                                         "experts' softmax probabilities over all experts) | renormalised (top-k "
+                                         "probabilities rescaled to sum to 1)")
     calibration_tokens: int = option(8192, "Tokens of layer inputs for clustering and router init")
 
 
@@ -204,12 +210,17 @@ class MoeRecoveryArgs:
     aux_weight: float = option(0.01, "Weight of the load-balancing loss")
     bias_rate: float = option(0.001, "Step of the selection bias per distillation step (--load-balancing bias)",
                               cli=False)
-    train: str = option("router", "What distillation trains: router | router-lora | experts")
-    tokens: int = option(0, "Distillation budget in tokens (0: export the step-0 model)")
+    train: str = option("experts", "What distillation trains: router | router-lora | experts")
+    tokens: int = option(20_480, "Distillation budget in tokens (0: export the step-0 model)")
+    top_k_start: int | None = option(None, "Top-k annealing: distillation starts with this many experts per token and "
+                                           "ends at --top-k (default: twice --top-k, at most --experts; --top-k: no "
+                                           "annealing)")
+    anneal_fraction: float = option(0.5, "Top-k annealing: share of the distillation steps over which k falls to "
+                                         "--top-k")
     max_seconds: float | None = option(None, "Wall-clock cap of distillation in seconds: fewer steps if needed, LR "
                                              "decayed at the new end; with --resume the cap counts the time of "
                                              "earlier attempts (up to their last checkpoint) too")
-    lr: float = option(1e-3, "Distillation learning rate")
+    lr: float = option(3e-4, "Distillation learning rate")
     hidden_mse_weight: float = option(0.0, "Weight of per-layer hidden-state MSE beside the logit KL")
 
 

@@ -534,3 +534,13 @@ def test_speed_through_generate_reports_each_models_path(tiny_model_dir, student
     assert "through `model.generate`" in (out / "report.md").read_text()
     with pytest.raises(EffconvError, match="unknown --speed-method"):
         evaluate(EvalConfig(model=str(student_dir), speed_method="fast", **QUIET))
+
+
+def test_parameter_rows_give_active_parameters_beside_the_teachers_ffn():
+    from effconv.eval.report import parameter_rows
+
+    models = {"teacher": {"parameters": 100, "active_parameters": 100, "ffn_parameters": 60, "active_ffn_parameters": 60},
+              "student": {"parameters": 101, "active_parameters": 71, "ffn_parameters": 61, "active_ffn_parameters": 31}}
+    header, rows = parameter_rows({"models": models})
+    assert header[-1] == "FFN active / teacher FFN"
+    assert rows == [["teacher", "100", "100", "60", "60", "100.0%"], ["student", "101", "71", "61", "31", "51.7%"]]

@@ -294,7 +294,8 @@ def test_hybridize_under_two_processes_follows_one_process(tiny_model_dir, tmp_p
 
 def test_moe_upcycle_under_fsdp_follows_one_process(tiny_model_dir, tmp_path):
     # --train experts: the trained experts and routers are sharded; aux load balancing over the global batch
-    settings = dict(model=tiny_model_dir, data=tiny_model_dir / "train.txt", experts=4, top_k=2, train="experts",
+    settings = dict(model=tiny_model_dir, data=tiny_model_dir / "train.txt", experts=4, top_k=2, shared=0,
+                    router_weights="renormalised", train="experts",
                     load_balancing="aux", calibration_tokens=512, seq_len=32, batch_size=4, tokens=32 * 4 * 8,
                     checkpoint_every=2, eval_every=4)
     two = _one_and_launched(tmp_path, moe_upcycle, MoeUpcycleConfig, "moe-upcycle", settings, FSDP_CPU)

@@ -29,17 +29,23 @@ def _calibration(model, tokens: int = 256):
     return collect_mlp_inputs(model, blocks, tokens, batch_size=4), blocks
 
 
+# the tests' small layouts: 128 neurons do not take the default 16 shared + 48 routed experts
+SMALL = dict(shared=0)
+
+
 def _cfg(**kw) -> MoeUpcycleConfig:
-    cfg = MoeUpcycleConfig(**kw)
+    cfg = MoeUpcycleConfig(**{**SMALL, **kw})
     cfg.validate()
     return cfg
 
 
-@pytest.mark.parametrize("split", ["random", "balanced", "coactivation"])
-def test_split_with_top_k_equal_experts_reproduces_dense(split):
+@pytest.mark.parametrize("split,weights", [("random", "softmax"), ("balanced", "renormalised"),
+                                           ("coactivation", "softmax"), ("coactivation", "renormalised")])
+def test_split_with_top_k_equal_experts_reproduces_dense(split, weights):
     dense = _dense("llama")
     calib, blocks = _calibration(dense)
-    moe = upcycle(dense, calib, _cfg(method="split", split=split, experts=4, top_k=4, router_init="uniform"))
+    moe = upcycle(dense, calib, _cfg(method="split", split=split, experts=4, top_k=4, router_init="uniform",
+                                     router_weights=weights))
     with torch.no_grad():
         ref, got = dense(blocks).logits, moe(blocks).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -62,12 +68,13 @@ def test_split_with_shared_expert_and_top_k_all_reproduces_dense():
 def test_split_top2_with_activation_router_differs_but_routes_by_layer_input():
     dense = _dense("llama")
     calib, blocks = _calibration(dense)
-    moe = upcycle(dense, calib, _cfg(method="split", experts=4, top_k=2))
+    cfg = _cfg(method="split", experts=4, top_k=2, router_init_std=1.0)
+    moe = upcycle(dense, calib, cfg)
     gate = moe.model.layers[0].mlp.gate.weight
     assert gate.abs().sum() > 0
     logits = calib[0] @ gate.detach().T
     # the logits' spread across experts is the configured router_init_std
-    assert abs(float((logits.detach() - logits.mean(-1, keepdim=True)).std()) - 1.0) < 1e-2
+    assert abs(float((logits.detach() - logits.mean(-1, keepdim=True)).std()) - cfg.router_init_std) < 1e-2
     with torch.no_grad():
         assert not torch.allclose(moe(blocks).logits, dense(blocks).logits, atol=1e-3)
 
@@ -109,11 +116,12 @@ def test_balanced_kmeans_gives_equal_clusters_and_separates_groups():
         assert len(set(labels[c * 8 : (c + 1) * 8].tolist())) == 1
 
 
-@pytest.mark.parametrize("arch,shared,expected,train", [
-    ("llama", 0, "mixtral", "experts"), ("llama", 2, "qwen2_moe", "experts"), ("qwen3", 0, "qwen3_moe", "router"),
-    ("qwen2", 2, "effconv", "experts"), ("mistral", 0, "mixtral", "router-lora"),
+@pytest.mark.parametrize("arch,shared,weights,expected,train", [
+    ("llama", 0, "renormalised", "mixtral", "experts"), ("llama", 2, "auto", "qwen2_moe", "experts"),
+    ("llama", 0, "softmax", "qwen2_moe", "experts"), ("qwen3", 0, "auto", "qwen3_moe", "router"),
+    ("qwen2", 2, "auto", "effconv", "experts"), ("mistral", 0, "renormalised", "mixtral", "router-lora"),
 ])
-def test_export_round_trip_logits(tmp_path, arch, shared, expected, train):
+def test_export_round_trip_logits(tmp_path, arch, shared, weights, expected, train):
     teacher_dir = tmp_path / "teacher"
     tiny_teacher(arch).save_pretrained(teacher_dir)
     from helpers_tokenizer import make_tiny_tokenizer
@@ -122,7 +130,8 @@ def test_export_round_trip_logits(tmp_path, arch, shared, expected, train):
     (teacher_dir / "train.txt").write_text(" ".join(f"word{i % 37} is here." for i in range(800)))
     cfg = MoeUpcycleConfig(model=str(teacher_dir), out=str(tmp_path / "moe"), data=str(teacher_dir / "train.txt"),
                            experts=8 - shared, top_k=2, shared=shared, seq_len=32, batch_size=4, calibration_tokens=256,
-                           tokens=256, train=train, progress=False, device="cpu", load_balancing="aux")
+                           tokens=256, train=train, progress=False, device="cpu", load_balancing="aux",
+                           router_weights=weights)
     result = moe_upcycle(cfg)
     assert result.export_format == expected
     meta = json.loads((tmp_path / "moe" / "effconv.json").read_text())
@@ -144,7 +153,7 @@ TINY = dict(seq_len=32, batch_size=4, calibration_tokens=256, progress=False, de
 
 
 def _tiny(model_dir, out, **kw) -> MoeUpcycleConfig:
-    return MoeUpcycleConfig(**{**TINY, "model": str(model_dir), "data": str(model_dir / "train.txt"), "out": str(out), **kw})
+    return MoeUpcycleConfig(**{**TINY, **SMALL, "model": str(model_dir), "data": str(model_dir / "train.txt"), "out": str(out), **kw})
 
 
 NO_EFFCONV_LOAD = WITHOUT_EFFCONV + """
@@ -266,3 +275,125 @@ def test_resume_continues_interrupted_distillation(tiny_model_dir, tmp_path, mon
     for a, b in zip(resumed.model.model.layers, full.model.model.layers):
         torch.testing.assert_close(a.mlp.router_bias, b.mlp.router_bias)
         torch.testing.assert_close(a.mlp.experts.down_proj, b.mlp.experts.down_proj, rtol=1e-4, atol=1e-5)
+
+
+def test_top_k_annealing_schedule_ends_at_the_target_k():
+    from effconv.distill.moe import top_k_at
+
+    ks = [top_k_at(s, 10, 8, 2, 0.5) for s in range(10)]
+    assert ks[0] == 8 and ks[5:] == [2] * 5  # wide first, the target k over the last half of the planned steps
+    assert all(a >= b for a, b in zip(ks, ks[1:]))
+    assert [top_k_at(s, 10, 2, 2, 0.5) for s in range(10)] == [2] * 10  # no annealing asked
+
+
+def test_routing_coverage_of_split_experts():
+    from effconv.distill.moe import routing_coverage, set_top_k
+
+    dense = _dense("llama")
+    calib, blocks = _calibration(dense)
+    moe = upcycle(dense, calib, _cfg(method="split", split="coactivation", experts=6, shared=2, top_k=2))
+    some = routing_coverage(moe, dense, blocks, 4)
+    assert 0 < some["coverage"] <= some["oracle_coverage"] < 1 and len(some["per_layer"]) == 3
+    set_top_k(moe, 6)  # all experts chosen: every neuron of the dense FFN runs
+    assert routing_coverage(moe, dense, blocks, 4)["coverage"] == pytest.approx(1.0, abs=1e-6)
+    set_top_k(moe, 2)
+    # by hand: per layer and token, the mass of the shared and the chosen experts' neurons over that of all neurons
+    inputs = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, out: inputs.append(a[0].flatten(0, 1))) for layer in moe.model.layers]
+    with torch.no_grad():
+        moe(blocks)
+    for h in hooks:
+        h.remove()
+    per_layer = []
+    torch.set_grad_enabled(False)
+    for x, layer_d, layer_m in zip(inputs, dense.model.layers, moe.model.layers):
+        mlp, moe_mlp = layer_d.mlp, layer_m.mlp
+        a = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+        mass = a.abs() * mlp.down_proj.weight.norm(dim=0)
+        shared, routed = moe_mlp.dense_neurons
+        chosen = moe_mlp.route(x)[2]
+        covered = mass[:, shared].sum(1) + torch.stack([mass[t, routed[chosen[t]].flatten()].sum() for t in range(len(x))])
+        per_layer.append(float((covered / mass.sum(1)).mean()))
+    torch.set_grad_enabled(True)
+    got = routing_coverage(moe, dense, blocks, len(blocks))
+    assert got["coverage"] == pytest.approx(sum(per_layer) / len(per_layer), rel=1e-5)
+    assert got["per_layer"] == pytest.approx(per_layer, abs=1e-4)
+
+
+def test_parameter_counts_of_moe_and_its_native_export():
+    from effconv.eval.params import parameter_counts
+    from effconv.io.native_moe import native_model
+
+    dense = _dense("llama")
+    calib, _ = _calibration(dense)
+    moe = upcycle(dense, calib, _cfg(method="split", experts=6, shared=2, top_k=2))
+    c = parameter_counts(moe)
+    d = parameter_counts(dense)
+    assert d["active_parameters"] == d["parameters"] and d["active_ffn_fraction"] == 1.0
+    experts = sum(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in moe.model.layers
+                  for m in [m.mlp])
+    assert c["parameters"] - c["active_parameters"] == round(experts * (1 - 2 / 6))
+    # 128 neurons: 32 shared + 2 of 6 x 16 routed run, plus the router
+    router = sum(layer.mlp.gate.weight.numel() for layer in moe.model.layers)
+    assert c["active_ffn_parameters"] == (d["ffn_parameters"] * 64) // 128 + router
+    native = native_model(moe, "qwen2_moe")
+    n = parameter_counts(native)
+    # Qwen2-MoE adds its shared-expert gate (one row per layer) and zero q/k/v biases
+    extra = sum(layer.mlp.shared_expert_gate.weight.numel() for layer in native.model.layers)
+    assert n["active_ffn_parameters"] == c["active_ffn_parameters"] + extra
+    assert n["parameters"] - n["active_parameters"] == c["parameters"] - c["active_parameters"]
+
+
+def test_default_settings_run_at_most_half_of_smollm2s_ffn():
+    """The default layout on SmolLM2-135M's FFN shape (576 -> 1536): at most 50% of the dense FFN's parameters
+    (router included) run per token."""
+    from effconv.conversion.moe import moe_config
+    from effconv.eval.params import parameter_counts
+    from effconv.modeling import EffconvConfig, EffconvForCausalLM
+
+    dense_config = EffconvConfig(vocab_size=64, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
+                                 num_attention_heads=9, num_key_value_heads=3, attention_types=["softmax"])
+    with torch.device("meta"):
+        dense = EffconvForCausalLM(dense_config)
+        moe = EffconvForCausalLM(moe_config(dense_config, MoeUpcycleConfig()))
+    share = parameter_counts(moe)["active_ffn_parameters"] / parameter_counts(dense)["ffn_parameters"]
+    assert 0.4 < share <= 0.5
+    assert moe.config.shared_expert_intermediate_size > 0 and moe.config.num_experts >= 32  # shared + fine-grained
+
+
+def test_top_k_annealing_in_a_run_and_the_exported_k(tiny_model_dir, tmp_path, monkeypatch):
+    from effconv.pipelines import moe_upcycle as mod
+
+    seen = []
+    real = mod.set_top_k
+    monkeypatch.setattr(mod, "set_top_k", lambda model, k: (seen.append(k), real(model, k)))
+    result = moe_upcycle(_tiny(tiny_model_dir, tmp_path / "o", experts=6, shared=2, top_k=2, top_k_start=6,
+                               tokens=32 * 4 * 6, train="experts"))
+    assert seen[0] == 6 and seen[-2:] == [2, 2] and sorted(seen, reverse=True) == seen
+    assert all(m.mlp.top_k == 2 for m in result.model.model.layers)
+    m = result.metrics
+    assert m["distillation"]["top_k_start"] == 6 and m["distillation"]["top_k_end"] == 2
+    assert 1.0 <= m["distilled_load_balance"] <= 6
+    assert 0 < m["upcycled_coverage"]["coverage"] <= m["upcycled_coverage"]["oracle_coverage"] <= 1
+    assert m["parameters"]["active_ffn_fraction_of_dense"] < 1
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and config["num_experts_per_tok"] == 2
+    assert config["norm_topk_prob"] is False
+
+
+def test_masked_experts_match_the_loop_with_gradients():
+    from effconv.modeling.moe import experts_masked
+
+    torch.manual_seed(0)
+    e, d, i, n, k = 6, 8, 5, 11, 3
+    gate_up, down = torch.randn(e, 2 * i, d, requires_grad=True), torch.randn(e, d, i, requires_grad=True)
+    x = torch.randn(n, d)
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    w = torch.rand(n, k, requires_grad=True)
+    got = experts_masked(x, idx, w, gate_up, down, torch.nn.functional.silu)
+    want = experts_loop(x, idx, w, gate_up, down, torch.nn.functional.silu)
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got.square().sum(), [gate_up, down, w])
+    g_want = torch.autograd.grad(want.square().sum(), [gate_up, down, w])
+    for a, b in zip(g_got, g_want):  # sums in another order: fp32 rounding of values ~20
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

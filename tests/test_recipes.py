@@ -42,7 +42,7 @@ def test_moe_recipes_are_valid(recipe):
 
     cfg = build_config(MoeUpcycleConfig, recipe, {})
     cfg.validate()
-    assert cfg.out.startswith("out/") and cfg.experts == 8 and cfg.top_k == 2
+    assert cfg.out.startswith("out/") and 1 <= cfg.top_k < cfg.experts
 
 
 def _bench_recipes():

@@ -338,7 +338,7 @@ def test_moe_upcycle_reports_its_budget(tiny_model_dir, tmp_path):
     from effconv.pipelines.moe_upcycle import MoeUpcycleConfig, moe_upcycle
 
     cfg = MoeUpcycleConfig(model=str(tiny_model_dir), data=str(tiny_model_dir / "train.txt"), out=str(tmp_path / "o"),
-                           experts=4, top_k=2, seq_len=32, batch_size=4, tokens=32 * 4 * 8, eval_every=4,
+                           experts=4, top_k=2, shared=0, seq_len=32, batch_size=4, tokens=32 * 4 * 8, eval_every=4,
                            checkpoint_every=4, calibration_tokens=256, progress=False, max_seconds=1e-6)
     d = moe_upcycle(cfg).metrics["distillation"]
     assert (d["steps"], d["planned_steps"], d["cut_by_time"]) == (6, 8, True)

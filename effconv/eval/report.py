@@ -90,8 +90,9 @@ def print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    tables = [("Quality", quality_rows(report))]
+    # piped to a file, rich would cut the tables to 80 columns: print them whole instead
+    console = Console() if sys.stdout.isatty() else Console(width=240)
+    tables = [("Parameters", parameter_rows(report)), ("Quality", quality_rows(report))]
     if "length" in report:
         tables += [("Perplexity by context", length.perplexity_rows(report["length"])),
                    ("Loss by position", length.position_rows(report["length"])),
@@ -119,6 +120,22 @@ def print_report(report: dict) -> None:
         console.print(f"note: {note}")
 
 
+def parameter_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Parameters stored and run per token (a mixture of experts runs its top-k experts only), and the FFN share
+    a token runs beside the teacher's dense FFN."""
+    models = report.get("models", {})
+    roles = [r for r in _roles(report) if "active_parameters" in models.get(r, {})]
+    teacher_ffn = models.get("teacher", {}).get("ffn_parameters")
+    header = ["model", "parameters", "active per token", "FFN", "FFN active per token", "FFN active / teacher FFN"]
+    rows = []
+    for role in roles:
+        m = models[role]
+        share = f"{m['active_ffn_parameters'] / teacher_ffn:.1%}" if teacher_ffn else "-"
+        rows.append([role, f"{m['parameters']:,}", f"{m['active_parameters']:,}", f"{m['ffn_parameters']:,}",
+                     f"{m['active_ffn_parameters']:,}", share])
+    return header, rows
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     def esc(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", " ")
@@ -139,6 +156,9 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     load = f", load average {env['load_average_at_start'][0]} at start" if "load_average_at_start" in env else ""
     parts += [f"- device: {env['device']}{where}, {env['dtype']}, torch {env['torch']}, {env['threads']} threads{load}",
               ""]
+    header, rows = parameter_rows(report)
+    if rows:  # a mixture of experts runs fewer parameters per token than it stores
+        parts += ["## Parameters", "", _md_table(header, rows), ""]
     parts += ["## Quality", ""]
     ppl = report.get("perplexity", {})
     if "skipped" in ppl:

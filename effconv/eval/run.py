@@ -31,6 +31,7 @@ from ..console import quiet_transformers
 from ..data.teacher_text import format_prompt_ids
 from ..errors import EffconvError
 from .length import LengthEvalConfig, evaluate_length
+from .params import parameter_counts
 from .quality import document_ids, perplexity_report
 from .report import ROLES, print_report, write_report
 from .speed import MemoryMeter, OtherCpuLoad, bench_model
@@ -210,7 +211,7 @@ def _model_info(model, source, spec: str | None) -> dict:
         "source": source.description,
         "class": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        **parameter_counts(model),
         "max_position_embeddings": getattr(config, "max_position_embeddings", None),
     }
     types = getattr(config, "attention_types", None)

@@ -77,13 +77,14 @@ class NativeFormat:
     build: Callable  # (config, common config values, state dict) -> (model class, native config); may edit state
 
 
-# The first format that claims a model is its format: Qwen3 models Qwen3-MoE, a shared expert or q/k/v biases
-# Qwen2-MoE, the rest Mixtral.
+# The first format that claims a model is its format: Qwen3 models Qwen3-MoE, a shared expert, q/k/v biases or
+# top-k weights that are not renormalised (Mixtral always renormalises) Qwen2-MoE, the rest Mixtral.
 NATIVE_FORMATS = (
     NativeFormat("qwen3_moe", lambda c: c.base_model_type == "qwen3" or c.qk_norm, _qwen3_obstacle, _qwen3_moe),
-    NativeFormat("qwen2_moe", lambda c: bool(c.shared_expert_intermediate_size or c.attention_bias), _qwen2_obstacle,
-                 _qwen2_moe),
-    NativeFormat("mixtral", lambda c: True, lambda c: "", _mixtral),
+    NativeFormat("qwen2_moe", lambda c: bool(c.shared_expert_intermediate_size or c.attention_bias
+                                             or not c.norm_topk_prob), _qwen2_obstacle, _qwen2_moe),
+    NativeFormat("mixtral", lambda c: True,
+                 lambda c: "" if c.norm_topk_prob else "Mixtral renormalises the top-k weights", _mixtral),
 )
 
 

@@ -44,6 +44,19 @@ def experts_loop(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, ac
     return out
 
 
+def experts_masked(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn) -> torch.Tensor:
+    """The same sum computed with every expert for every token, the unchosen ones weighted 0: two large matrix
+    products (the dense FFN's arithmetic) instead of a gather per expert. On a CPU with many experts chosen per
+    token (top-15 of 48) it is faster, and for training it keeps (tokens, E * I) activations where the loop keeps
+    a copy of the input per chosen expert (k times the layer input: 16 GB for SmolLM2 at 2,048 tokens, top-30)."""
+    num_experts, two_i, d = gate_up_proj.shape
+    weights = torch.zeros(hidden.shape[0], num_experts, dtype=hidden.dtype, device=hidden.device)
+    weights = weights.scatter(1, top_k_index, top_k_weights.to(hidden.dtype))
+    gate, up = F.linear(hidden, gate_up_proj.reshape(num_experts * two_i, d)).view(-1, num_experts, two_i).chunk(2, -1)
+    inner = act_fn(gate) * up * weights[..., None]  # (N, E, I)
+    return inner.flatten(1) @ down_proj.transpose(1, 2).reshape(num_experts * (two_i // 2), d)
+
+
 class MoeExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str, backend: str = "auto"):
         super().__init__()
@@ -60,6 +73,8 @@ class MoeExperts(nn.Module):
         if self.hidden_act == "silu" and use_kernels(self.backend, hidden):
             return _kernels.moe_experts(hidden, top_k_index, top_k_weights.to(hidden.dtype), self.gate_up_proj,
                                         self.down_proj, backend="triton")
+        if not hidden.is_cuda and 4 * top_k_index.shape[1] >= self.num_experts:
+            return experts_masked(hidden, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
         return experts_loop(hidden, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
 
 

@@ -21,9 +21,12 @@ from ..config import (
 from ..console import console
 from ..conversion.moe import collect_mlp_inputs, dense_effconv_model, moe_config, moe_layers, upcycle
 from ..data import BlockLoader
-from ..distill.moe import distill_loss, expert_load, kl_to_teacher, mark_trainable, trainable_model
+from ..distill.moe import (
+    distill_loss, held_out_metrics, kl_to_teacher, load_balance, mark_trainable, set_top_k, top_k_at, trainable_model,
+)
 from ..errors import EffconvError
-from ..eval.quality import next_token_loss, perplexity
+from ..eval.params import parameter_counts
+from ..eval.quality import perplexity
 from ..io.export import check_output_dir, export_model
 from ..io.native_moe import export_native, native_layout
 from ..io.sources import load_causal_lm
@@ -36,6 +39,7 @@ from ..training.run import (
 METHODS = ("split", "copy")
 SPLITS = ("random", "balanced", "coactivation")
 ROUTER_INITS = ("auto", "activation", "kmeans", "uniform")
+ROUTER_WEIGHTS = ("auto", "softmax", "renormalised")
 LOAD_BALANCING = ("aux", "bias", "none")
 TRAINABLE = ("router", "router-lora", "experts")
 EXPORT_FORMATS = ("auto", "native", "effconv")
@@ -53,7 +57,8 @@ class MoeUpcycleConfig(RunArgs, TrainArgs, DataArgs, LoraArgs, MoeRecoveryArgs, 
     checkpoint_every: int = option(20, "Checkpoint every N steps")
 
     def validate(self) -> None:
-        choices = dict(method=METHODS, split=SPLITS, router_init=ROUTER_INITS, load_balancing=LOAD_BALANCING,
+        choices = dict(method=METHODS, split=SPLITS, router_init=ROUTER_INITS, router_weights=ROUTER_WEIGHTS,
+                       load_balancing=LOAD_BALANCING,
                        train=TRAINABLE, export_format=EXPORT_FORMATS, dtype=DTYPES)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -71,10 +76,18 @@ class MoeUpcycleConfig(RunArgs, TrainArgs, DataArgs, LoraArgs, MoeRecoveryArgs, 
                                    f"multiples of --granularity ({g})")
             if self.shared > 1:
                 raise EffconvError("--method copy supports --shared 0 or 1")
+            if self.router_weights == "softmax":
+                raise EffconvError("--method copy needs renormalised router weights (its step-0 output equals the "
+                                   "dense FFN only then); use --router-weights auto or renormalised")
             if self.router_init == "activation":
                 raise EffconvError("--router-init activation is for --method split; copy uses kmeans or uniform")
         elif self.router_init == "kmeans":
             raise EffconvError("--router-init kmeans is for --method copy; split uses activation or uniform")
+        if self.top_k_start is not None and not self.top_k <= self.top_k_start <= self.experts:
+            raise EffconvError(f"--top-k-start must be between --top-k ({self.top_k}) and --experts ({self.experts}), "
+                               f"got {self.top_k_start}")
+        if not 0 < self.anneal_fraction <= 1:
+            raise EffconvError(f"--anneal-fraction must be in (0, 1], got {self.anneal_fraction}")
         for name in ("tokens", "calibration_tokens", "generate_tokens"):
             if getattr(self, name) < 0:
                 raise EffconvError(f"--{name.replace('_', '-')} must be >= 0")
@@ -86,6 +99,10 @@ class MoeUpcycleConfig(RunArgs, TrainArgs, DataArgs, LoraArgs, MoeRecoveryArgs, 
             raise EffconvError(f"--max-seconds must be > 0 (seconds), got {self.max_seconds}")
         check_data_args(self)
         check_generated_split(self)
+
+    def annealing_start(self) -> int:
+        """The top-k distillation starts from (top_k_start; default twice top_k, at most the experts)."""
+        return self.top_k_start if self.top_k_start is not None else min(self.experts, 2 * self.top_k)
 
     def identity(self) -> dict:
         """What must match for --resume: everything except output handling and the time budget."""
@@ -139,14 +156,13 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
         fsdp.shard(student, device)
     bs = cfg.batch_size
     metrics: dict = {"source": source.description, "data": data_description}
-    metrics["teacher_val_loss"] = next_token_loss(dense, val_blocks, batch_size=bs)
-    metrics["teacher_val_ppl"] = perplexity(metrics["teacher_val_loss"])
-    metrics["upcycled_val_loss"] = next_token_loss(student, val_blocks, batch_size=bs)
-    metrics["upcycled_val_ppl"] = perplexity(metrics["upcycled_val_loss"])
-    metrics["upcycled_kl"] = kl_to_teacher(student, dense, val_blocks, bs)
-    metrics["upcycled_max_expert_share"] = expert_load(student, val_blocks, bs)
+    metrics.update(_routing_metrics("upcycled", student, dense, val_blocks, bs))
+    metrics["parameters"] = _parameter_metrics(student, dense)
     console.print(f"teacher validation perplexity {metrics['teacher_val_ppl']:.3f}; upcycled before training "
-                  f"{metrics['upcycled_val_ppl']:.3f} (KL to teacher {metrics['upcycled_kl']:.4f})")
+                  f"{metrics['upcycled_val_ppl']:.3f} (KL to teacher {metrics['upcycled_kl']:.4f}"
+                  + _coverage_note(metrics.get("upcycled_coverage")) + "); "
+                  f"{metrics['parameters']['active_ffn_fraction_of_dense']:.1%} of the dense FFN parameters active "
+                  "per token")
 
     model_to_export = student
     if steps > 0:
@@ -161,27 +177,30 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
             for m, b in zip(layers, resume_state["router_bias"]):
                 m.router_bias.copy_(b)
         loader = BlockLoader(train_blocks, bs, seed=cfg.seed)
+        start_k = cfg.annealing_start()
         result = run_stage(
             trainee, spec, loss_fn=lambda b: distill_loss(trainee, dense, b, cfg),
+            before_step=lambda step, planned: set_top_k(
+                trainee, top_k_at(step, planned, start_k, cfg.top_k, cfg.anneal_fraction)),
             next_batch=lambda step: loader.batch(step).to(device),
             evaluate=lambda: kl_to_teacher(trainee, dense, val_blocks, bs), checkpoint_path=ckpt,
             resume_state=resume_state, progress=cfg.progress,
             extra_state=lambda: {"router_bias": [m.router_bias.detach().cpu().clone() for m in layers]},
         )
+        set_top_k(trainee, cfg.top_k)  # the exported k, whatever the schedule reached
         metrics["distillation"] = {
-            "train": cfg.train, **stage_metrics(result),
+            "train": cfg.train, "top_k_start": start_k, "top_k_end": cfg.top_k, **stage_metrics(result),
             "first_train_loss": result.train_losses[0] if result.train_losses else None,
             "final_train_loss": result.train_losses[-1] if result.train_losses else None,
             "val_kl": result.val_losses,
         }
         # sharded: measured on the trained model itself (LoRA unmerged); the main process merges its gathered copy
         measured = trainee if sharded else (trainee.merge_and_unload() if cfg.train == "router-lora" else trainee)
-        metrics["distilled_val_loss"] = next_token_loss(measured, val_blocks, batch_size=bs)
-        metrics["distilled_val_ppl"] = perplexity(metrics["distilled_val_loss"])
-        metrics["distilled_kl"] = kl_to_teacher(measured, dense, val_blocks, bs)
-        metrics["distilled_max_expert_share"] = expert_load(measured, val_blocks, bs)
+        metrics.update({k: v for k, v in _routing_metrics("distilled", measured, dense, val_blocks, bs).items()
+                        if not k.startswith("teacher_")})
         console.print(f"after distillation: validation perplexity {metrics['distilled_val_ppl']:.3f} "
-                      f"(KL to teacher {metrics['distilled_kl']:.4f})")
+                      f"(KL to teacher {metrics['distilled_kl']:.4f}"
+                      + _coverage_note(metrics.get("distilled_coverage")) + ")")
         model_to_export = measured
     if sharded:
         model_to_export = fsdp.plain_copy(model_to_export)  # on the main process; None on the others
@@ -209,3 +228,32 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
     distributed.wait_for_everyone()
     return MoeUpcycleResult(out=out, export_format=metadata.get("export_format", ""), metrics=metrics,
                             model=model_to_export)
+
+
+def _routing_metrics(prefix: str, model, dense, val_blocks, batch_size: int) -> dict:
+    """Held-out loss, perplexity and KL to the dense model; the busiest expert's share of routed tokens per layer
+    and the balance figure (distill/moe.load_balance); the routed experts' coverage of the dense activation mass.
+    One pass of both models over the validation blocks (distill/moe.held_out_metrics)."""
+    m = held_out_metrics(model, dense, val_blocks, batch_size)
+    shares = m["max_expert_share"]
+    out = {"teacher_val_loss": m["teacher_loss"], "teacher_val_ppl": perplexity(m["teacher_loss"]),
+           f"{prefix}_val_loss": m["loss"], f"{prefix}_val_ppl": perplexity(m["loss"]), f"{prefix}_kl": m["kl"],
+           f"{prefix}_max_expert_share": shares, f"{prefix}_load_balance": load_balance(shares, model.config.num_experts)}
+    if m["coverage"] is not None:
+        out[f"{prefix}_coverage"] = m["coverage"]
+    return out
+
+
+def _coverage_note(coverage: dict | None) -> str:
+    if coverage is None:
+        return ""
+    return (f"; the chosen experts cover {coverage['coverage']:.1%} of the dense FFN's activation mass, an oracle "
+            f"router {coverage['oracle_coverage']:.1%}")
+
+
+def _parameter_metrics(student, dense) -> dict:
+    """Parameters per token of the MoE model (eval/params.py) beside the dense model's FFN."""
+    counts = parameter_counts(student)
+    dense_ffn = parameter_counts(dense)["ffn_parameters"]
+    return {**counts, "dense_parameters": sum(p.numel() for p in dense.parameters()), "dense_ffn_parameters": dense_ffn,
+            "active_ffn_fraction_of_dense": counts["active_ffn_parameters"] / dense_ffn}

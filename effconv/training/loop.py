@@ -146,6 +146,7 @@ def run_stage(
     stop_after_steps: int | None = None,
     accelerator=None,
     backward: bool = True,
+    before_step: Callable[[int, int], None] | None = None,
 ) -> StageResult:
     """Minimise loss_fn over `spec.steps` batches, checkpointing every `spec.checkpoint_every` steps.
 
@@ -169,6 +170,7 @@ def run_stage(
     its sharded parameters, the global gradient norm is clipped, and checkpoints hold the gathered full tensors
     (the 1-process format). `backward=False`: loss_fn leaves the gradients itself (fsdp.transfer_backward) and
     returns the loss without a graph.
+    `before_step(step, planned_steps)` runs before each step (schedules that follow a time-budgeted plan).
     """
     if accelerator is None:
         accelerator = distributed.get_accelerator()
@@ -269,6 +271,8 @@ def run_stage(
             if stop_after_steps is not None and step >= stop_after_steps:
                 break
             t0 = _now()
+            if before_step is not None:
+                before_step(step, plan.steps)
             batch = next_batch(step)
             local = distributed.shard_batch(batch, accelerator)
             optimizer.zero_grad(set_to_none=True)
