@@ -223,7 +223,7 @@ def test_bad_input_errors(tiny_model_dir, tmp_path):
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(EffconvError, match="no recognised gated FFN"):
         dense_effconv_model(gpt2)
-    moe = upcycle(dense, [], _cfg(experts=4, top_k=2, router_init="uniform"))
+    moe = upcycle(dense, [], _cfg(experts=4, top_k=2, shared=0, split="random", router_init="uniform"))
     with pytest.raises(EffconvError, match="already a mixture of experts"):
         dense_effconv_model(moe)
     # shape errors come before any output is written
