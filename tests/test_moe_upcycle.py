@@ -235,7 +235,7 @@ def test_bad_input_errors(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--experts", "8", "--top-k", "9"], "--top-k must be between 1 and --experts (8), got 9"),
     (["--method", "dense"], "--method must be one of split, copy"),
-    (["--experts", "5"], "divisible"),
+    (["--experts", "5", "--top-k", "2"], "divisible"),
 ])
 def test_cli_one_line_errors(tiny_model_dir, tmp_path, args, message):
     cmd = [sys.executable, "-m", "effconv.cli", "moe-upcycle", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
