@@ -190,7 +190,8 @@ def test_linear_moe_upcycled_model_linearizes_and_reloads(tiny_model_dir, tmp_pa
     from effconv.pipelines.linearize import LinearizeConfig, linearize
     from effconv.modeling import EffconvForCausalLM
 
-    result = moe_upcycle(_tiny(tiny_model_dir, tmp_path / "moe", experts=4, top_k=2, export_format="effconv"))
+    result = moe_upcycle(_tiny(tiny_model_dir, tmp_path / "moe", experts=4, top_k=2, tokens=32 * 4 * 4,
+                                export_format="effconv"))
     assert result.export_format == "effconv"
     (tmp_path / "moe" / "train.txt").write_text((tiny_model_dir / "train.txt").read_text())
     linearize(LinearizeConfig(model=str(tmp_path / "moe"), data=str(tmp_path / "moe" / "train.txt"), out=str(tmp_path / "moelin"),
