@@ -217,6 +217,11 @@ def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(lc, "_CHECKED", {})
     lc._self_check(fq, fk, v, True, force=True)
     assert len(lc._CHECKED) == 1
+    # the first call can come from evaluation under inference mode: the check still runs its backward
+    monkeypatch.setattr(lc, "_CHECKED", {})
+    with torch.inference_mode():
+        lc._self_check(fq, fk, v, True, force=True)
+    assert len(lc._CHECKED) == 1
     orig = lc.linear_fwd
     monkeypatch.setattr(lc, "linear_fwd", lambda *a, **k: (orig(*a, **k)[0] * 1.05,) + orig(*a, **k)[1:])
     monkeypatch.setattr(lc, "_CHECKED", {})

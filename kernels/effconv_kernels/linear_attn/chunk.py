@@ -366,18 +366,24 @@ def _self_check(fq, fk, v, normalize: bool, force: bool = False) -> None:
     key = (fq.device, fq.dtype, F, DV, H // Hkv, normalize)
     if key in _CHECKED:
         return
+    # The first call may come from evaluation under torch.inference_mode: the check builds its own autograd graph,
+    # which tensors made in inference mode cannot join.
+    with torch.inference_mode(False), torch.enable_grad():
+        _CHECKED[key] = _check_against_reference(fq, normalize, F, DV, H // Hkv, key)
+
+
+def _check_against_reference(fq, normalize: bool, F: int, DV: int, G: int, key) -> list[float]:
     from .naive import naive_linear_attention
     g = torch.Generator(device=fq.device).manual_seed(0)
-    G, Tc = H // Hkv, 256
+    Tc = 256
     x = [torch.randn(1, n, Tc, d, generator=g, device=fq.device) for n, d in ((G, F), (1, F), (1, DV), (G, DV))]
     xq, xk = x[0].softmax(-1).to(fq.dtype), x[1].softmax(-1).to(fq.dtype)
     xv, do = x[2].to(fq.dtype), x[3].to(fq.dtype)
 
     def run(fn):
         leaves = [t.detach().clone().requires_grad_() for t in (xq, xk, xv)]
-        with torch.enable_grad():
-            o = fn(*leaves)
-            o.float().backward(do.float())
+        o = fn(*leaves)
+        o.float().backward(do.float())
         return [o.detach()] + [t.grad for t in leaves]
 
     got = run(lambda a, b, c: LinearAttentionFunction.apply(a, b, c, None, None, None, normalize, 1e-6, False)[0])
@@ -389,7 +395,7 @@ def _self_check(fq, fk, v, normalize: bool, force: bool = False) -> None:
         raise RuntimeError(f"effconv_kernels: Triton linear attention disagrees with the reference on this GPU "
                            f"(relative errors o/dfq/dfk/dv {[f'{e:.3g}' for e in errs]} for {key}); "
                            "use effconv's PyTorch path (attention_backend='reference') and report it")
-    _CHECKED[key] = errs
+    return errs
 
 
 def chunk_linear_attention(fq, fk, v, *, normalize=True, eps=1e-6, initial_state=None, output_final_state=False,
