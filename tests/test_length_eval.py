@@ -412,3 +412,58 @@ def test_config_validation():
         le.LengthEvalConfig(passkey_filler="lorem").validate()
     with pytest.raises(EffconvError, match="contexts"):
         le.LengthEvalConfig(contexts=[0]).validate()
+
+
+def _bench_linear_share():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "linear_share.py"
+    spec = importlib.util.spec_from_file_location("bench_linear_share", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_linear_share_of_the_normaliser(teacher, decay):
+    """bench/linear_share.py: no linear share inside the first window, a share in (0, 1) past it, equal to the
+    share written out from the layer's window and linear weights; the model's output is left unchanged."""
+    bench = _bench_linear_share()
+    window = 4
+    student = make_student(teacher, LinearizeConfig(window=window, decay=decay), torch.device("cpu")).eval()
+    ids = torch.randint(4, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = student(input_ids=ids).logits
+    result = bench.measure(student, [ids[0].tolist()], 40)
+    with torch.no_grad():
+        after = student(input_ids=ids).logits
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    assert set(result) == {str(a.layer_idx) for a in student.converted_attentions()}
+    for row in result.values():
+        shares = row["share"]
+        assert all(shares[label] == 0 for label in ("0", "1", "2-4"))  # positions < window: no linear part
+        assert all(0 < shares[label] < 1 for label in ("8-16", "16-32", "32-40"))
+        assert (row["decay_memory"] is not None) == decay
+
+    # the share written out for one layer: (1-a) * linear weights / ((1-a) * linear + a * window weights)
+    attn = student.converted_attentions()[0]
+    q, k = torch.randn(1, attn.num_heads, 12, attn.head_dim), torch.randn(1, attn.num_kv_heads, 12, attn.head_dim)
+    with torch.no_grad():
+        share = bench.linear_share(attn, q, k)[0]
+        fq, fk = attn.feature_map_q(q), attn.feature_map_k(k)
+        g = attn.num_heads // attn.num_kv_heads
+        a = torch.sigmoid(attn.window_mix.float())
+        log_decay = attn.log_decay()
+        expected = torch.zeros(12)
+        for i in range(12):
+            per_head = []
+            for h in range(attn.num_heads):
+                kh = h // g
+                s = torch.stack([q[0, h, i] @ k[0, kh, j] * attn.scale for j in range(max(0, i - window + 1), i + 1)])
+                win = torch.exp(s - s.max()).sum()
+                lin = sum((fq[0, h, i] @ fk[0, kh, j]) * (1.0 if log_decay is None else float(log_decay[kh].exp()) ** (i - j))
+                          for j in range(0, i - window + 1))
+                lin = torch.as_tensor(lin, dtype=torch.float32)
+                per_head.append((1 - a[h]) * lin / ((1 - a[h]) * lin + a[h] * win))
+            expected[i] = torch.stack(per_head).mean()
+    torch.testing.assert_close(share, expected, rtol=1e-4, atol=1e-6)
