@@ -16,6 +16,19 @@ from helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
 os.environ.setdefault("EFFCONV_CACHE", str(Path(__file__).parent.parent / ".pytest_cache" / "effconv"))
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def load_bench_script(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package; some import their neighbours)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 VOCAB = 400
 
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_teacher
+from conftest import load_bench_script, tiny_teacher
 from helpers_tokenizer import make_tiny_tokenizer
 
 from effconv.eval import length as le
@@ -414,21 +414,11 @@ def test_config_validation():
         le.LengthEvalConfig(contexts=[0]).validate()
 
 
-def _bench_linear_share():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "bench" / "linear_share.py"
-    spec = importlib.util.spec_from_file_location("bench_linear_share", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("decay", [False, True])
 def test_linear_share_of_the_normaliser(teacher, decay):
     """bench/linear_share.py: no linear share inside the first window, a share in (0, 1) past it, equal to the
     share written out from the layer's window and linear weights; the model's output is left unchanged."""
-    bench = _bench_linear_share()
+    bench = load_bench_script("linear_share")
     window = 4
     student = make_student(teacher, LinearizeConfig(window=window, decay=decay), torch.device("cpu")).eval()
     ids = torch.randint(4, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))

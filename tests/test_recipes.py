@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from conftest import load_bench_script
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 
@@ -45,21 +46,9 @@ def test_moe_recipes_are_valid(recipe):
     assert cfg.out.startswith("out/") and 1 <= cfg.top_k < cfg.experts
 
 
-def _bench_recipes():
-    import importlib.util
-    import sys
-    path = Path(__file__).resolve().parents[1] / "bench" / "recipes.py"
-    if str(path.parent) not in sys.path:  # it imports its neighbour bench/ablations.py
-        sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location("bench_recipes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_report_counts_the_tokens_actually_trained():
     """A stage cut by its wall-clock budget reports what it trained, not what the recipe asked for."""
-    trained_tokens = _bench_recipes().trained_tokens
+    trained_tokens = load_bench_script("recipes").trained_tokens
     lin = {"settings": {"stage1_tokens": 20_000_000, "stage2_tokens": 1_500_000},
            "metadata": {"metrics": {"stage1": {"tokens": 9_977_856, "cut_by_time": True},
                                     "stage2": {"tokens": 1_507_328, "cut_by_time": False}}}}
@@ -75,7 +64,7 @@ def test_bench_plot_of_stage2_length(tmp_path):
     """bench/recipes.py plot: one series per command/ratio/window/loss, points sorted by stage-2 tokens, a PNG."""
     import json
 
-    bench = _bench_recipes()
+    bench = load_bench_script("recipes")
 
     def record(command, window, stage2, prose, ce_weight=1.0):
         settings = {"stage1_tokens": 10_000_000, "stage2_tokens": stage2, "window": window, "ratio": 0.25,
@@ -101,7 +90,7 @@ def test_bench_plot_of_moe_runs(tmp_path):
     """bench/recipes.py plot-moe: before / after / prose ratios of moe-upcycle records only, with trained tokens."""
     import json
 
-    bench = _bench_recipes()
+    bench = load_bench_script("recipes")
     moe = {"command": "moe-upcycle", "name": "moe-x", "settings": {"tokens": 2_000_000},
            "metadata": {"metrics": {"upcycled_val_ppl": 400.0, "distilled_val_ppl": 8.0, "teacher_val_ppl": 4.0,
                                     "distillation": {"tokens": 1_500_000}}},
