@@ -223,6 +223,10 @@ class MoeRecoveryArgs:
                                              "earlier attempts (up to their last checkpoint) too")
     lr: float = option(3e-4, "Distillation learning rate")
     hidden_mse_weight: float = option(0.0, "Weight of per-layer hidden-state MSE beside the logit KL")
+    experts_compute: str = option("auto", "How distillation computes the routed experts: auto (the Triton kernel on "
+                                          "CUDA; on CPU masked when top-k >= experts / 4) | masked (every expert for "
+                                          "every token, the unchosen weighted 0: two dense matmuls, for many small "
+                                          "experts with a large top-k). The export is not affected")
 
 
 def check_choice(name: str, value: Any, allowed: typing.Sequence[Any]) -> None:

@@ -398,3 +398,21 @@ def test_masked_experts_match_the_loop_with_gradients():
     g_want = torch.autograd.grad(want.square().sum(), [gate_up, down, w])
     for a, b in zip(g_got, g_want):  # sums in another order: fp32 rounding of values ~20
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_experts_compute_masked_trains_like_the_loop_and_exports_the_same_layout(tiny_model_dir, tmp_path, monkeypatch):
+    from effconv.modeling import moe as moe_mod
+
+    calls = []
+    real = moe_mod.experts_masked
+    monkeypatch.setattr(moe_mod, "experts_masked", lambda *a: (calls.append(torch.is_grad_enabled()), real(*a))[1])
+    settings = dict(experts=8, shared=0, top_k=1, top_k_start=1, tokens=32 * 4 * 3, train="experts")
+    looped = moe_upcycle(_tiny(tiny_model_dir, tmp_path / "loop", **settings))
+    assert not calls  # auto on CPU with 4 * top-k < experts: the per-expert loop
+    masked = moe_upcycle(_tiny(tiny_model_dir, tmp_path / "masked", experts_compute="masked", **settings))
+    assert any(calls)  # distillation steps ran masked
+    a, b = looped.metrics["distillation"], masked.metrics["distillation"]
+    assert abs(a["final_train_loss"] - b["final_train_loss"]) < 1e-4 * max(1.0, abs(a["final_train_loss"]))
+    assert all(m.mlp.experts.compute == "auto" for m in masked.model.model.layers)
+    assert json.loads((tmp_path / "masked" / "config.json").read_text()) == \
+        json.loads((tmp_path / "loop" / "config.json").read_text())

@@ -125,6 +125,12 @@ def trainable_model(model, cfg):
     return peft_model
 
 
+def set_experts_compute(model, compute: str) -> None:
+    """auto | masked for every MoE layer's routed experts (MoeExperts.compute)."""
+    for m in moe_layers(model):
+        m.experts.compute = compute
+
+
 def top_k_at(step: int, planned_steps: int, start_k: int, end_k: int, anneal_fraction: float) -> int:
     """Top-k annealing: k falls linearly from start_k to end_k over the first anneal_fraction of the planned steps,
     then stays at end_k (the exported model's k), so the last steps always train the exported routing."""

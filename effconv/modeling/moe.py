@@ -66,10 +66,14 @@ class MoeExperts(nn.Module):
         self.hidden_act = hidden_act
         self.act_fn = ACT2FN[hidden_act]
         self.backend = backend  # the config's attention_backend: auto | triton | reference (backend.py)
+        # "masked" forces experts_masked (moe-upcycle --experts-compute sets it for distillation only)
+        self.compute = "auto"
         if backend == "triton" and hidden_act != "silu":
             raise ValueError(f"the Triton expert kernel computes SwiGLU experts; this model's activation is {hidden_act}")
 
     def forward(self, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        if self.compute == "masked":
+            return experts_masked(hidden, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
         if self.hidden_act == "silu" and use_kernels(self.backend, hidden):
             return _kernels.moe_experts(hidden, top_k_index, top_k_weights.to(hidden.dtype), self.gate_up_proj,
                                         self.down_proj, backend="triton")

@@ -22,7 +22,8 @@ from ..console import console
 from ..conversion.moe import collect_mlp_inputs, dense_effconv_model, moe_config, moe_layers, upcycle
 from ..data import BlockLoader
 from ..distill.moe import (
-    distill_loss, held_out_metrics, kl_to_teacher, load_balance, mark_trainable, set_top_k, top_k_at, trainable_model,
+    distill_loss, held_out_metrics, kl_to_teacher, load_balance, mark_trainable, set_experts_compute, set_top_k,
+    top_k_at, trainable_model,
 )
 from ..errors import EffconvError
 from ..eval.params import parameter_counts
@@ -58,7 +59,7 @@ class MoeUpcycleConfig(RunArgs, TrainArgs, DataArgs, LoraArgs, MoeRecoveryArgs, 
 
     def validate(self) -> None:
         choices = dict(method=METHODS, split=SPLITS, router_init=ROUTER_INITS, router_weights=ROUTER_WEIGHTS,
-                       load_balancing=LOAD_BALANCING,
+                       load_balancing=LOAD_BALANCING, experts_compute=("auto", "masked"),
                        train=TRAINABLE, export_format=EXPORT_FORMATS, dtype=DTYPES)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -106,7 +107,7 @@ class MoeUpcycleConfig(RunArgs, TrainArgs, DataArgs, LoraArgs, MoeRecoveryArgs, 
 
     def identity(self) -> dict:
         """What must match for --resume: everything except output handling and the time budget."""
-        return run_identity(self, "max_seconds")
+        return run_identity(self, "max_seconds", "experts_compute")  # same arithmetic either way
 
 
 @dataclass
@@ -178,6 +179,7 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
                 m.router_bias.copy_(b)
         loader = BlockLoader(train_blocks, bs, seed=cfg.seed)
         start_k = cfg.annealing_start()
+        set_experts_compute(trainee, cfg.experts_compute)
         result = run_stage(
             trainee, spec, loss_fn=lambda b: distill_loss(trainee, dense, b, cfg),
             before_step=lambda step, planned: set_top_k(
@@ -188,6 +190,7 @@ def moe_upcycle(cfg: MoeUpcycleConfig) -> MoeUpcycleResult:
             extra_state=lambda: {"router_bias": [m.router_bias.detach().cpu().clone() for m in layers]},
         )
         set_top_k(trainee, cfg.top_k)  # the exported k, whatever the schedule reached
+        set_experts_compute(trainee, "auto")  # measurement and the returned model use the inference path
         metrics["distillation"] = {
             "train": cfg.train, "top_k_start": start_k, "top_k_end": cfg.top_k, **stage_metrics(result),
             "first_train_loss": result.train_losses[0] if result.train_losses else None,
