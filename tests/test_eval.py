@@ -544,3 +544,19 @@ def test_parameter_rows_give_active_parameters_beside_the_teachers_ffn():
     header, rows = parameter_rows({"models": models})
     assert header[-1] == "FFN active / teacher FFN"
     assert rows == [["teacher", "100", "100", "60", "60", "100.0%"], ["student", "101", "71", "61", "31", "51.7%"]]
+
+
+def test_copy_loss_scores_only_the_second_copy(tiny_model_dir):
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from effconv.eval.quality import copy_loss, repeated_halves
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    blocks = torch.randint(0, model.config.vocab_size, (3, 17))
+    copies = repeated_halves(blocks)
+    assert copies.shape == (3, 16) and torch.equal(copies[:, :8], copies[:, 8:]) and torch.equal(copies[:, :8], blocks[:, :8])
+    with torch.no_grad():
+        logits = model(copies).logits
+    want = F.cross_entropy(logits[:, 8:-1].flatten(0, 1), copies[:, 9:].flatten())
+    assert copy_loss(model, copies, batch_size=2) == pytest.approx(float(want), rel=1e-5)

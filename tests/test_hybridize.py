@@ -161,6 +161,33 @@ def test_next_token_score(hard_layer_dir, tiny_model_dir, tmp_path):
     assert result.softmax_layers == [max(range(6), key=lambda i: (deltas[i], -i))]
 
 
+@pytest.mark.parametrize("score", ["copy", "next-token+copy"])
+def test_copy_scores(hard_layer_dir, tiny_model_dir, tmp_path, score):
+    from effconv.distill.layer_scores import _shares
+
+    result = hybridize(cfg_for(hard_layer_dir, tiny_model_dir, tmp_path / "out", ratio=0.34, score=score,
+                               stage1_tokens=0, stage2_tokens=0))
+    report = json.loads((tmp_path / "out" / "scores.json").read_text())
+    copy = [row["copy_delta"] for row in report["layers"]]
+    assert copy == result.scores.copy_delta and report["teacher_copy_loss"] > 0
+    if score == "copy":
+        assert report["metric"] == "copy_delta" and "next_token_delta" not in report["layers"][0]
+        expected = copy
+    else:
+        nt = [row["next_token_delta"] for row in report["layers"]]
+        assert report["metric"] == "next_token+copy"
+        expected = [a + b for a, b in zip(_shares(nt), _shares(copy))]
+    assert [row["score"] for row in report["layers"]] == pytest.approx(expected)
+    assert result.softmax_layers == sorted(sorted(range(6), key=lambda i: (-expected[i], i))[:2])
+
+
+def test_shares_clip_negative_rises_and_sum_to_one():
+    from effconv.distill.layer_scores import _shares
+
+    assert _shares([1.0, -2.0, 3.0]) == pytest.approx([0.25, 0.0, 0.75])
+    assert _shares([-1.0, 0.0]) == [0.0, 0.0]
+
+
 def _cli_app() -> typer.Typer:
     from effconv.cli import register_commands
 

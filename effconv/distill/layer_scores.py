@@ -6,6 +6,10 @@
    layers are independent and one forward pass per validation batch scores all of them;
 3. optionally ("next-token") the score is instead the rise of the validation next-token loss when that layer
    alone runs converted (L extra evaluations);
+   or ("copy") the rise of the loss on the second copy of validation text written twice ([x, x], x half a block),
+   that layer alone converted: what the layer does for retrieving tokens far behind it, which the next-token loss
+   of ordinary text barely sees (most of its tokens are predictable from the last few);
+   or ("next-token+copy") each layer's share of the summed next-token rise plus its share of the summed copy rise;
 4. the round(ratio * L) highest-scoring layers keep softmax.
 """
 
@@ -23,7 +27,7 @@ from ..console import console
 from ..conversion.student import converted_layer_indices
 from ..data import BlockLoader
 from ..errors import EffconvError
-from ..eval.quality import next_token_loss
+from ..eval.quality import copy_loss, next_token_loss, repeated_halves
 from ..training import fsdp
 from ..training.loop import StageSpec, run_stage
 from ..training.run import steps_for
@@ -36,18 +40,26 @@ SELECT_CHOICES = ("measured", "interval", "first", "last", "explicit")
 class LayerScores:
     """What converting each layer costs, measured after a short joint attention transfer of all layers."""
 
-    metric: str  # the score used for selection: "transfer_mse" or "next_token_delta"
+    metric: str  # the score used for selection: "transfer_mse", "next_token_delta", "copy_delta", "next_token+copy"
     transfer_mse: list[float]  # per layer: MSE between converted and softmax attention output (after o_proj)
     relative_mse: list[float]  # transfer_mse / mean square of the softmax output (scale-free, for reference)
     next_token_delta: list[float] | None = None  # per layer: val loss with that layer alone converted - teacher
     teacher_val_loss: float | None = None
+    copy_delta: list[float] | None = None  # per layer: copy loss with that layer alone converted - teacher
+    teacher_copy_loss: float | None = None
     trained_tokens: int = 0
     val_tokens: int = 0
     seconds: float = 0.0
 
     @property
     def scores(self) -> list[float]:
-        return list(self.next_token_delta if self.metric == "next_token_delta" else self.transfer_mse)
+        if self.metric == "next_token_delta":
+            return list(self.next_token_delta)
+        if self.metric == "copy_delta":
+            return list(self.copy_delta)
+        if self.metric == "next_token+copy":
+            return [a + b for a, b in zip(_shares(self.next_token_delta), _shares(self.copy_delta))]
+        return list(self.transfer_mse)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -55,6 +67,13 @@ class LayerScores:
     @classmethod
     def from_json(cls, d: dict) -> LayerScores:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def _shares(values: list[float]) -> list[float]:
+    """Each layer's share of the summed (non-negative) values: two probes of different scale on one footing."""
+    clipped = [max(v, 0.0) for v in values]
+    total = sum(clipped)
+    return [v / total if total > 0 else 0.0 for v in clipped]
 
 
 def kept_count(ratio: float, num_layers: int) -> int:
@@ -158,10 +177,29 @@ def layer_next_token_deltas(student, blocks: torch.Tensor, *, batch_size: int) -
     return teacher_loss, deltas
 
 
+@torch.no_grad()
+def layer_copy_deltas(student, blocks: torch.Tensor, *, batch_size: int) -> tuple[float, list[float]]:
+    """Teacher copy loss on `repeated_halves(blocks)`, and per layer its rise when that layer alone runs converted."""
+    copies = repeated_halves(blocks)
+    attns = [layer.self_attn for layer in student.model.layers]
+    try:
+        set_attention_mode(attns, "teacher")
+        teacher_loss = copy_loss(student, copies, batch_size=batch_size)
+        deltas = []
+        for a in attns:
+            set_attention_mode([a], "student")
+            deltas.append(copy_loss(student, copies, batch_size=batch_size) - teacher_loss)
+            set_attention_mode([a], "teacher")
+    finally:
+        set_attention_mode(attns, "student")
+    return teacher_loss, deltas
+
+
 def measure_layer_scores(student, train_blocks, val_blocks, *, score: str, score_tokens: int, lr: float,
                          batch_size: int, seed: int, attn_ce_weight: float, device, progress: bool = True) -> LayerScores:
     """Short joint attention transfer of every layer (`score_tokens`), then per-layer scores on `val_blocks`
-    (`score`: "transfer" = transfer MSE, "next-token" = validation-loss rise)."""
+    (`score`: "transfer" = transfer MSE, "next-token" = validation-loss rise, "copy" = copy-loss rise,
+    "next-token+copy" = both, as shares)."""
     t0 = time.perf_counter()
     n = len(student.model.layers)
     if len(student.converted_attentions()) != n:
@@ -182,10 +220,13 @@ def measure_layer_scores(student, train_blocks, val_blocks, *, score: str, score
     mse, rel = fsdp.call(student, lambda: layer_transfer_errors(student, val_blocks, batch_size=batch_size,
                                                                  device=device))
     scores = LayerScores("transfer_mse", mse, rel, trained_tokens=trained, val_tokens=val_blocks.numel())
-    if score == "next-token":
+    if score in ("next-token", "next-token+copy"):
         scores.teacher_val_loss, scores.next_token_delta = layer_next_token_deltas(student, val_blocks,
                                                                                    batch_size=batch_size)
         scores.metric = "next_token_delta"
+    if score in ("copy", "next-token+copy"):
+        scores.teacher_copy_loss, scores.copy_delta = layer_copy_deltas(student, val_blocks, batch_size=batch_size)
+        scores.metric = "copy_delta" if score == "copy" else "next_token+copy"
     scores.seconds = round(time.perf_counter() - t0, 2)
     return scores
 
@@ -203,7 +244,7 @@ def scores_report(cfg, scores: LayerScores | None, kept: list[int], num_layers: 
     if scores is not None:
         report.update(
             metric=scores.metric, score_tokens=scores.trained_tokens, val_tokens=scores.val_tokens,
-            teacher_val_loss=scores.teacher_val_loss, seconds=scores.seconds,
+            teacher_val_loss=scores.teacher_val_loss, teacher_copy_loss=scores.teacher_copy_loss, seconds=scores.seconds,
             layers=[
                 {
                     "layer": i,
@@ -211,6 +252,7 @@ def scores_report(cfg, scores: LayerScores | None, kept: list[int], num_layers: 
                     "transfer_mse": scores.transfer_mse[i],
                     "relative_mse": scores.relative_mse[i],
                     **({"next_token_delta": scores.next_token_delta[i]} if scores.next_token_delta else {}),
+                    **({"copy_delta": scores.copy_delta[i]} if scores.copy_delta else {}),
                     "rank": sorted(range(num_layers), key=lambda j: (-scores.scores[j], j)).index(i) + 1,
                     "kept_softmax": i in kept,
                 }
@@ -231,12 +273,16 @@ def print_scores_table(scores: LayerScores, kept: list[int]) -> None:
     table.add_column("relative MSE", justify="right")
     if scores.next_token_delta is not None:
         table.add_column("Δ val loss", justify="right")
+    if scores.copy_delta is not None:
+        table.add_column("Δ copy loss", justify="right")
     table.add_column("rank", justify="right")
     table.add_column("attention")
     for i in range(n):
         row = [str(i), f"{scores.transfer_mse[i]:.4g}", f"{scores.relative_mse[i]:.4g}"]
         if scores.next_token_delta is not None:
             row.append(f"{scores.next_token_delta[i]:+.4f}")
+        if scores.copy_delta is not None:
+            row.append(f"{scores.copy_delta[i]:+.4f}")
         row += [str(order.index(i) + 1), "[bold red]softmax[/bold red]" if i in kept else "converted"]
         table.add_row(*row)
     console.print(table)
@@ -252,6 +298,8 @@ def plot_scores(scores: LayerScores, kept: list[int], title: str) -> bytes:
     panels = [("attention-transfer MSE (validation)", scores.transfer_mse)]
     if scores.next_token_delta is not None:
         panels.append(("Δ validation loss, layer alone converted (nats)", scores.next_token_delta))
+    if scores.copy_delta is not None:
+        panels.append(("Δ copy loss (second half of [x, x]), layer alone converted (nats)", scores.copy_delta))
     fig = Figure(figsize=(max(6.0, 0.32 * n + 2), 2.8 * len(panels) + 0.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]

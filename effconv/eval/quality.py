@@ -40,6 +40,35 @@ def _next_token_loss(model, blocks: torch.Tensor, *, batch_size: int, device) ->
     return total / max(count, 1)
 
 
+def repeated_halves(blocks: torch.Tensor) -> torch.Tensor:
+    """Each block's first half written twice, [x, x] (length 2 * (T // 2)): a copying probe over T // 2 tokens."""
+    half = blocks[:, : blocks.shape[1] // 2]
+    return torch.cat([half, half], dim=1)
+
+
+def copy_loss(model, blocks: torch.Tensor, *, batch_size: int = 8, device=None) -> float:
+    """Mean next-token cross-entropy on the second copy of `repeated_halves(blocks)` blocks (targets from the
+    copy's second token on): near zero for a model that retrieves the earlier copy, T // 2 tokens back."""
+    from ..training.fsdp import call
+
+    return call(model, lambda: _copy_loss(model, blocks, batch_size=batch_size, device=device))
+
+
+@torch.no_grad()
+def _copy_loss(model, blocks: torch.Tensor, *, batch_size: int, device) -> float:
+    device = device or next(model.parameters()).device
+    half = blocks.shape[1] // 2
+    rows = max(1, min(batch_size, LOSS_TOKENS // max(blocks.shape[1], 1)))
+    total, count = 0.0, 0
+    for start in range(0, blocks.shape[0], rows):
+        batch = blocks[start : start + rows].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, half:-1]
+        targets = batch[:, half + 1 :]
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"))
+        count += targets.numel()
+    return total / max(count, 1)
+
+
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 

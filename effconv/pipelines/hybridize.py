@@ -8,8 +8,9 @@ hybrid of `effconv linearize`. Which layers stay is measured (`select="measured"
 2. each layer is scored on held-out validation blocks by its attention-transfer MSE (after `o_proj`). In
    transfer mode every layer gets the teacher's own hidden states and passes the softmax output on, so the
    layers are independent and one forward pass per validation batch scores all of them;
-3. optionally (`score="next-token"`) the score is instead the rise of the validation next-token loss when
-   that layer alone runs converted (L extra evaluations);
+3. optionally the score is instead the rise of the validation next-token loss when that layer alone runs
+   converted (`score="next-token"`, the default; L extra evaluations), the rise of a long-range copying loss
+   ("copy") or both ("next-token+copy"): distill/layer_scores.py;
 4. the round(ratio * L) highest-scoring layers keep softmax; `linearize()` then runs on the others
    (`LinearizeConfig.layers`) and the scores go into the export (effconv.json, scores.json, scores.png).
 
@@ -44,7 +45,7 @@ from ..training.run import (
 )
 from .linearize import LinearizeConfig, linearize
 
-SCORE_CHOICES = ("transfer", "next-token", "none")
+SCORE_CHOICES = ("transfer", "next-token", "copy", "next-token+copy", "none")
 
 
 @dataclass
@@ -60,7 +61,9 @@ class HybridizeConfig(LinearizeConfig):
     softmax_layers: list[int] | None = option(None, "Comma-separated layers to KEEP as softmax (instead of --ratio)",
                                               flag="--layers")
     # next-token: val-loss rise (measured better than transfer MSE on SmolLM2 r25, docs/hybridize.md)
-    score: str = option("next-token", "next-token (val-loss rise, L extra evaluations; default) | transfer "
+    score: str = option("next-token", "next-token (val-loss rise, L extra evaluations; default) | copy (rise of "
+                                      "the loss on validation text written twice, [x, x]: long-range retrieval) | "
+                                      "next-token+copy (each layer's share of both) | transfer "
                                       "(attention-transfer MSE, one pass) | none")
     score_tokens: int = option(8_192, "Joint attention-transfer tokens before scoring (0: score the initial maps)")
     stage1_lr: float = option(1e-2, "Attention-transfer learning rate (scoring uses it too)")
@@ -98,7 +101,7 @@ class HybridizeConfig(LinearizeConfig):
             if not 0 < self.ratio < 1:
                 raise EffconvError(f"--ratio must be in (0, 1) (the fraction of layers kept as softmax), got {self.ratio}")
         if self.selection == "measured" and self.score == "none":
-            raise EffconvError("--select measured needs scores: use --score transfer or next-token")
+            raise EffconvError("--select measured needs scores: use --score next-token, copy, next-token+copy or transfer")
 
     def linearize_config(self, converted: list[int]) -> LinearizeConfig:
         """linearize's config for the chosen layers: the same settings, `layers` = the converted ones."""
