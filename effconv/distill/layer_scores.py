@@ -19,6 +19,7 @@ import dataclasses
 import io
 import math
 import time
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -160,39 +161,33 @@ def layer_transfer_errors(student, blocks: torch.Tensor, *, batch_size: int, dev
     return mse, rel
 
 
-@torch.no_grad()
-def layer_next_token_deltas(student, blocks: torch.Tensor, *, batch_size: int) -> tuple[float, list[float]]:
-    """Teacher validation loss, and per layer the rise of it when that layer alone runs converted."""
+def _per_layer_rise(student, loss: typing.Callable[[], float]) -> tuple[float, list[float]]:
+    """`loss()` with every layer softmax, and per layer its rise when that layer alone runs converted."""
     attns = [layer.self_attn for layer in student.model.layers]
     try:
         set_attention_mode(attns, "teacher")
-        teacher_loss = next_token_loss(student, blocks, batch_size=batch_size)
+        teacher_loss = loss()
         deltas = []
         for a in attns:
             set_attention_mode([a], "student")
-            deltas.append(next_token_loss(student, blocks, batch_size=batch_size) - teacher_loss)
+            deltas.append(loss() - teacher_loss)
             set_attention_mode([a], "teacher")
     finally:
         set_attention_mode(attns, "student")
     return teacher_loss, deltas
+
+
+@torch.no_grad()
+def layer_next_token_deltas(student, blocks: torch.Tensor, *, batch_size: int) -> tuple[float, list[float]]:
+    """Teacher validation loss, and per layer the rise of it when that layer alone runs converted."""
+    return _per_layer_rise(student, lambda: next_token_loss(student, blocks, batch_size=batch_size))
 
 
 @torch.no_grad()
 def layer_copy_deltas(student, blocks: torch.Tensor, *, batch_size: int) -> tuple[float, list[float]]:
     """Teacher copy loss on `repeated_halves(blocks)`, and per layer its rise when that layer alone runs converted."""
     copies = repeated_halves(blocks)
-    attns = [layer.self_attn for layer in student.model.layers]
-    try:
-        set_attention_mode(attns, "teacher")
-        teacher_loss = copy_loss(student, copies, batch_size=batch_size)
-        deltas = []
-        for a in attns:
-            set_attention_mode([a], "student")
-            deltas.append(copy_loss(student, copies, batch_size=batch_size) - teacher_loss)
-            set_attention_mode([a], "teacher")
-    finally:
-        set_attention_mode(attns, "student")
-    return teacher_loss, deltas
+    return _per_layer_rise(student, lambda: copy_loss(student, copies, batch_size=batch_size))
 
 
 def measure_layer_scores(student, train_blocks, val_blocks, *, score: str, score_tokens: int, lr: float,
