@@ -26,17 +26,18 @@ def next_token_loss(model, blocks: torch.Tensor, *, batch_size: int = 8, device=
     return call(model, lambda: _next_token_loss(model, blocks, batch_size=batch_size, device=device))
 
 
-def _next_token_loss(model, blocks: torch.Tensor, *, batch_size: int, device) -> float:
+def _next_token_loss(model, blocks: torch.Tensor, *, batch_size: int, device, first_target: int = 1) -> float:
+    """Mean cross-entropy of the targets at positions first_target..T-1 of each block."""
     device = device or next(model.parameters()).device
     # at most LOSS_TOKENS positions per forward: the logits of 8 x 8K positions alone would be 13 GB in fp32
     rows = max(1, min(batch_size, LOSS_TOKENS // max(blocks.shape[1], 1)))
     total, count = 0.0, 0
     for start in range(0, blocks.shape[0], rows):
         batch = blocks[start : start + rows].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total += float(losses)
-        count += batch[:, 1:].numel()
+        logits = model(input_ids=batch, use_cache=False).logits[:, first_target - 1 : -1]
+        targets = batch[:, first_target:]
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"))
+        count += targets.numel()
     return total / max(count, 1)
 
 
@@ -46,27 +47,14 @@ def repeated_halves(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([half, half], dim=1)
 
 
+@torch.no_grad()
 def copy_loss(model, blocks: torch.Tensor, *, batch_size: int = 8, device=None) -> float:
     """Mean next-token cross-entropy on the second copy of `repeated_halves(blocks)` blocks (targets from the
     copy's second token on): near zero for a model that retrieves the earlier copy, T // 2 tokens back."""
     from ..training.fsdp import call
 
-    return call(model, lambda: _copy_loss(model, blocks, batch_size=batch_size, device=device))
-
-
-@torch.no_grad()
-def _copy_loss(model, blocks: torch.Tensor, *, batch_size: int, device) -> float:
-    device = device or next(model.parameters()).device
-    half = blocks.shape[1] // 2
-    rows = max(1, min(batch_size, LOSS_TOKENS // max(blocks.shape[1], 1)))
-    total, count = 0.0, 0
-    for start in range(0, blocks.shape[0], rows):
-        batch = blocks[start : start + rows].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, half:-1]
-        targets = batch[:, half + 1 :]
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"))
-        count += targets.numel()
-    return total / max(count, 1)
+    return call(model, lambda: _next_token_loss(model, blocks, batch_size=batch_size, device=device,
+                                                first_target=blocks.shape[1] // 2 + 1))
 
 
 def perplexity(loss: float) -> float:
