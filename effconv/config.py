@@ -105,6 +105,9 @@ class AttentionArgs:
                                 "context", flag="--decay")
     decay_memory: float = option(1024.0, "--decay: initial memory in tokens (1 / (1 - g)); the KV heads start at "
                                          "memory/4 .. memory*4")
+    gate: bool = option(False, "Linear layers get a data-dependent forget gate per KV head and token (GLA / Mamba-2 "
+                               "style, scalar per head): g_t = sigmoid(decay logit + w . x_t), started as the "
+                               "--decay-memory decay; runs on the PyTorch path (no Triton kernel yet)", flag="--gate")
     linear_rope: bool = option(True, "Feature maps read the unrotated queries and keys: the linear part carries no "
                                      "absolute position, so positions past the training length are no new input to it "
                                      "(the window keeps RoPE)", flag="--no-linear-rope")
@@ -318,4 +321,4 @@ def run_identity(cfg: Any, *volatile: str) -> dict:
 #: Settings added after runs existed, with the value those runs had.
 SETTINGS_ADDED_LATER = {"generation_mode": "static", "ce_weight": 1.0, "generation_turns": 1, "packing": "stream",
                         "decay": False, "decay_memory": 1024.0, "generation_new_tokens": 256,
-                        "linear_rope": True}
+                        "linear_rope": True, "gate": False}

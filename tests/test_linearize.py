@@ -327,3 +327,24 @@ def test_long_context_settings_train_decay_on_teacher_conversations(tiny_model_d
     logits = model.model.layers[0].self_attn.decay_logit.detach()
     initial = torch.log(16.0 * torch.logspace(-2, 2, logits.numel(), base=2.0) - 1)
     assert model.config.linear_decay and not torch.allclose(logits, initial, atol=1e-4)
+
+
+def test_gate_trains_and_exports(tiny_model_dir, tmp_path):
+    """--gate end to end: attention transfer moves the zero-initialised forget gates, the export loads with them
+    (config.linear_gate) and its cached decoding equals its forward."""
+    from transformers import AutoModelForCausalLM
+
+    linearize(tiny_cfg(tiny_model_dir, tmp_path / "out", gate=True, decay_memory=16.0, stage1_lr=3e-2))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    attn = model.model.layers[0].self_attn
+    assert model.config.linear_gate and attn.is_gated and attn.forget_gate.weight.abs().max() > 0
+    ids = torch.randint(0, 400, (1, 24))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :16], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(16, 24):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)

@@ -224,3 +224,85 @@ def test_unrotated_features_make_the_linear_part_shift_invariant():
     loss = attention_transfer_loss(free, ids, len(free.model.layers) - 1)
     loss.backward()
     assert free.model.layers[0].self_attn.feature_map_k.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("window,chunk", [(0, 16), (8, 16), (16, 32)])
+def test_gated_chunked_paths_equal_the_quadratic_weights_and_continue(window, chunk):
+    """Per-token gates (log_gate): the chunked linear / hybrid paths equal the O(T^2) weights, a run in two pieces
+    (the second starting from the first's final state, the hybrid re-reading its window) equals one run, a constant
+    gate equals the per-head decay, and gradients reach the gates."""
+    torch.manual_seed(0)
+    b, h, hkv, t, d, f = 2, 4, 2, 77, 8, 12  # 77: not a multiple of the chunk; GQA 2:1
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    fq, fk = torch.rand(b, h, t, f), torch.rand(b, hkv, t, f)
+    mix = torch.randn(h)
+    log_gate = (-torch.rand(b, hkv, t) * 0.5).requires_grad_(True)
+
+    def run(q, k, v, fq, fk, lg, **kw):
+        if window == 0:
+            return linear_attention(fq, fk, v, chunk_size=chunk, **kw)
+        return hybrid_attention(q, k, v, fq, fk, mix, window=window, scale=0.3, chunk_size=chunk, **kw)
+
+    o, _ = run(q, k, v, fq, fk, None, log_gate=log_gate, eps=0.0)
+    w = hybrid_attention_weights(q, k, fq, fk, mix, window=window, scale=0.3, eps=0.0, log_gate=log_gate)
+    torch.testing.assert_close(o, w @ v.repeat_interleave(2, 1), rtol=1e-4, atol=1e-5)
+    run(q, k, v, fq, fk, None, log_gate=log_gate)[0].square().sum().backward()  # default eps: padded rows stay finite
+    assert log_gate.grad.isfinite().all() and log_gate.grad.abs().sum() > 0
+
+    lg = log_gate.detach()
+    with torch.no_grad():
+        full, _ = run(q, k, v, fq, fk, None, log_gate=lg)
+        t1 = 40
+        first, state = run(q[:, :, :t1], k[:, :, :t1], v[:, :, :t1], fq[:, :, :t1], fk[:, :, :t1], None,
+                           log_gate=lg[..., :t1], output_final_state=True)
+        s = t1 - window  # the hybrid re-reads the last `window` keys; their query rows are dropped
+        zq = torch.zeros_like(q[:, :, s:t1]), torch.zeros_like(fq[:, :, s:t1])
+        second, _ = run(torch.cat([zq[0], q[:, :, t1:]], 2), k[:, :, s:], v[:, :, s:],
+                        torch.cat([zq[1], fq[:, :, t1:]], 2), fk[:, :, s:], None, log_gate=lg[..., s:],
+                        initial_state=state)
+        torch.testing.assert_close(torch.cat([first, second[:, :, window:]], 2), full, rtol=1e-4, atol=1e-5)
+
+        lam = torch.tensor([-0.2, -0.01])
+        const = lam[None, :, None].expand(b, hkv, t)
+        a, sa = run(q, k, v, fq, fk, None, log_gate=const, output_final_state=True)
+        d_, sd = run(q, k, v, fq, fk, None, log_decay=lam, output_final_state=True)
+        torch.testing.assert_close(a, d_, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sa[0], sd[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gated_student_starts_as_the_decay_trains_its_gate_and_decodes_like_its_forward():
+    """--gate: each linear layer gets a zero-initialised forget gate on top of the decay logits, so the untrained
+    model equals the --decay model; attention transfer trains the gate; cached decoding (prefill, one-token steps,
+    a multi-token step) equals the full forward once the gate is data-dependent, for the hybrid and pure linear."""
+    from effconv.conversion.student import make_student
+    from effconv.distill.transfer import attention_transfer_loss
+    from effconv.pipelines.linearize import LinearizeConfig
+
+    teacher = tiny_teacher("llama")
+    ids = torch.randint(0, 400, (2, 40))
+    for window in (4, 0):
+        decayed = make_student(teacher, LinearizeConfig(window=window, decay=True, decay_memory=8.0),
+                               torch.device("cpu"))
+        gated = make_student(teacher, LinearizeConfig(window=window, gate=True, decay_memory=8.0),
+                             torch.device("cpu"))
+        attn = gated.model.layers[0].self_attn
+        assert attn.is_gated and attn.log_decay() is None and attn.forget_gate.weight.requires_grad
+        with torch.no_grad():
+            torch.testing.assert_close(gated(ids, use_cache=False).logits, decayed(ids, use_cache=False).logits,
+                                       rtol=1e-4, atol=1e-4)
+        loss = attention_transfer_loss(gated, ids, len(gated.model.layers) - 1)
+        loss.backward()
+        assert attn.forget_gate.weight.grad.abs().sum() > 0
+        with torch.no_grad():
+            for a in gated.converted_attentions():
+                a.forget_gate.weight.normal_(std=0.5)
+            full = gated(ids, use_cache=False).logits
+            assert not torch.allclose(full, decayed(ids, use_cache=False).logits, atol=1e-3)
+            out = gated(ids[:, :20], use_cache=True)
+            cache, pieces = out.past_key_values, [out.logits]
+            for t in range(20, 30):
+                out = gated(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                pieces.append(out.logits)
+            pieces.append(gated(ids[:, 30:], past_key_values=cache, use_cache=True).logits)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)

@@ -105,6 +105,8 @@ def build_student(teacher, config: EffconvConfig) -> EffconvForCausalLM:
         if hasattr(module, "decay_logit"):
             with torch.no_grad():
                 module.decay_logit.copy_(decay_logit_init(module.num_kv_heads, config.decay_memory))
+        if hasattr(module, "forget_gate"):
+            torch.nn.init.zeros_(module.forget_gate.weight)
     if config.tie_word_embeddings:
         student.tie_weights()
     # rotary inv_freq buffers are not in the state dict: recompute them on the real device
@@ -114,7 +116,7 @@ def build_student(teacher, config: EffconvConfig) -> EffconvForCausalLM:
 
 
 def _is_new_attention_param(key: str) -> bool:
-    return ".feature_map_" in key or key.endswith((".window_mix", ".decay_logit"))
+    return ".feature_map_" in key or key.endswith((".window_mix", ".decay_logit", ".forget_gate.weight"))
 
 
 def converted_layer_indices(num_layers: int, layers: list[int] | None) -> list[int]:
@@ -143,6 +145,7 @@ def make_student(teacher, cfg, device: torch.device):
     )
     config.sink_tokens, config.sparse_block_size, config.sparse_topk = cfg.sinks, cfg.block_size, cfg.topk
     config.linear_decay, config.decay_memory = cfg.decay, float(cfg.decay_memory)
+    config.linear_gate = cfg.gate
     config.linear_rope = cfg.linear_rope
     student = build_student(teacher, config).to(device)
     if cfg.attention == "gqa":
@@ -150,7 +153,7 @@ def make_student(teacher, cfg, device: torch.device):
     student.requires_grad_(False)
     for attn in student.converted_attentions():
         for name, p in attn.named_parameters():
-            if name.startswith("feature_map_") or name in ("window_mix", "decay_logit"):
+            if name.startswith(("feature_map_", "forget_gate.")) or name in ("window_mix", "decay_logit"):
                 p.data = p.data.float()  # small trainable maps stay fp32 even in a bf16 model
                 p.requires_grad_(True)
             elif attn.layer_type == "gqa" and name.split(".")[0] in ("k_proj", "v_proj"):

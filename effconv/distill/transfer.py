@@ -53,9 +53,9 @@ def transfer_mse(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
     return _TransferMSE.apply(y_pred, y_true)
 
 
-def attention_map_ce(attn, q: torch.Tensor, k: torch.Tensor, features=None) -> torch.Tensor:
+def attention_map_ce(attn, q: torch.Tensor, k: torch.Tensor, features=None, log_gate=None) -> torch.Tensor:
     """Cross-entropy between the softmax and the converted attention maps (Hedgehog's loss); O(T^2). `features`:
-    the (q, k) the feature maps read, when not q and k themselves."""
+    the (q, k) the feature maps read, when not q and k themselves; `log_gate`: a gated layer's gates."""
     feature_q, feature_k = features if features is not None else (q, k)
     t = q.shape[2]
     k_rep = k.float().repeat_interleave(attn.num_heads // attn.num_kv_heads, 1)
@@ -64,7 +64,7 @@ def attention_map_ce(attn, q: torch.Tensor, k: torch.Tensor, features=None) -> t
     mix = getattr(attn, "window_mix", torch.zeros(attn.num_heads, device=q.device))
     student = hybrid_attention_weights(
         q, k, attn.feature_map_q(feature_q), attn.feature_map_k(feature_k), mix, window=attn.window, scale=attn.scale,
-        log_decay=attn.log_decay(),
+        log_decay=attn.log_decay(), log_gate=log_gate,
     )
     return -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1).mean()
 
@@ -109,9 +109,10 @@ def transfer_forward(attn, losses: dict, attn_ce_weight: float, hidden_states, p
         q, k, v, *unrotated = attn.project(hidden_states, position_embeddings, unrotated=attn.features_unrotated)
         y_true = attn.merge_heads(attn.softmax(q, k, v, None, key_mask))
     features = tuple(unrotated) or None
-    loss = transfer_mse(attn.merge_heads(attn.converted(q, k, v, None, key_mask, features)), y_true)
+    log_gate = attn.log_gate(hidden_states)  # trained: outside no_grad
+    loss = transfer_mse(attn.merge_heads(attn.converted(q, k, v, None, key_mask, features, log_gate)), y_true)
     if attn_ce_weight > 0 and not attn.is_sparse:  # sparse layers have no attention-map parameters
-        loss = loss + attn_ce_weight * attention_map_ce(attn, q, k, features)
+        loss = loss + attn_ce_weight * attention_map_ce(attn, q, k, features, log_gate)
     losses[attn] = loss
     return y_true
 

@@ -21,6 +21,14 @@ i.e. it is decayed to the last token it holds. Running a sequence in two pieces 
 as the second's initial state (the hybrid also re-reads the last W keys) equals one run. Positions are array
 indices (padding included). Every factor is g^e with e >= 0: nothing can overflow.
 `log_decay=None` runs the code without any decay arithmetic.
+
+Gates (`log_gate`, fp32 (B, Hkv, T), values <= 0; data-dependent, GLA / Mamba-2 style with one scalar per kv head
+and token): the state update is S_t = g_t S_{t-1} + fk_t v_t^T, so the linear term of key j read by query i gets
+exp(C_i - C_j) with C the running sum of the log gates (a per-head decay is the case log g_t = log g). Numerator
+and normaliser alike; the window terms are unchanged; the initial state gets exp(C_i), the final state after L
+tokens is exp(C_{L-1}) S0 + sum_{j<L} exp(C_{L-1} - C_j) fk_j v_j^T. Sums are taken chunk by chunk (exponents of
+differences that are never positive), so nothing overflows. A continuation's log_gate covers the same tokens as
+its keys (the hybrid's re-read window included).
 """
 
 from __future__ import annotations
@@ -134,6 +142,52 @@ def _final_state(fk32, v32, length: int, initial_state, log_decay):
     return s, z
 
 
+def _chunk_gates(log_gate: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running sums of the log gates inside each chunk (B, Hkv, n, C) and each chunk's total (B, Hkv, n); padded
+    positions get gate 1."""
+    lg = _pad_time(log_gate.float()[..., None], c)[..., 0]
+    cum = lg.unflatten(2, (lg.shape[-1] // c, c)).cumsum(-1)
+    return cum, cum[..., -1]
+
+
+def _gated_prefix_states(chunk_s, chunk_z, totals, initial_state):
+    """Gated states entering each chunk (at the position before it): H_n = sum_{m<n} exp(P_n - P_{m+1}) K_m
+    + exp(P_n) S0, with P_n the log gates of all chunks before n and K_m chunk m's keys gated to its last position.
+    chunk_s (B, Hkv, n, F, Dv), chunk_z (B, Hkv, n, F), totals (B, Hkv, n)."""
+    n = totals.shape[-1]
+    before = totals.cumsum(-1) - totals  # P_n
+    idx = torch.arange(n, device=totals.device)
+    earlier = idx[None, :] < idx[:, None]
+    m = torch.exp((before[..., :, None] - (before + totals)[..., None, :]).clamp(max=0)) * earlier  # (B, Hkv, n, n)
+    prefix_s = torch.einsum("bknm,bkmfd->bknfd", m, chunk_s)
+    prefix_z = torch.einsum("bknm,bkmf->bknf", m, chunk_z)
+    if initial_state is not None:
+        g0 = torch.exp(before)
+        prefix_s = prefix_s + g0[..., None, None] * initial_state[0].float()[:, :, None]
+        prefix_z = prefix_z + g0[..., None] * initial_state[1].float()[:, :, None]
+    return prefix_s, prefix_z
+
+
+def _gated_final_state(fk32, v32, log_gate, length: int, initial_state):
+    """State after the first `length` tokens under per-token gates (module docstring)."""
+    fk32, v32 = fk32[:, :, :length], v32[:, :, :length]
+    s0 = z0 = None
+    if initial_state is not None:
+        s0, z0 = initial_state[0].float(), initial_state[1].float()
+    if length == 0:
+        if s0 is None:
+            return fk32.new_zeros(*fk32.shape[:2], fk32.shape[-1], v32.shape[-1]), fk32.new_zeros(*fk32.shape[:2], fk32.shape[-1])
+        return s0, z0
+    cum = log_gate.float()[:, :, :length].cumsum(-1)
+    w = torch.exp((cum[..., -1:] - cum).clamp(max=0))[..., None]
+    s = torch.einsum("bktf,bktd->bkfd", fk32 * w, v32)
+    z = (fk32 * w).sum(2)
+    if s0 is not None:
+        g = torch.exp(cum[..., -1])
+        s, z = s + g[..., None, None] * s0, z + g[..., None] * z0
+    return s, z
+
+
 def linear_attention(
     fq: torch.Tensor,
     fk: torch.Tensor,
@@ -145,11 +199,18 @@ def linear_attention(
     output_final_state: bool = False,
     chunk_size: int = 64,
     log_decay: torch.Tensor | None = None,
+    log_gate: torch.Tensor | None = None,
 ):
     """Causal linear attention, chunked: O(T * chunk) memory. Returns (o, final_state or None).
 
-    `log_decay` (Hkv,): per-head decay of the linear terms (module docstring); None = no decay.
+    `log_decay` (Hkv,): per-head decay of the linear terms; `log_gate` (B, Hkv, T): per-token gates (module
+    docstring); at most one of them.
     """
+    if log_gate is not None:
+        if log_decay is not None:
+            raise ValueError("pass log_decay or log_gate, not both")
+        return _linear_attention_gated(fq, fk, v, log_gate, normalize=normalize, eps=eps, initial_state=initial_state,
+                                       output_final_state=output_final_state, chunk_size=chunk_size)
     if log_decay is not None:
         return _linear_attention_decay(fq, fk, v, log_decay, normalize=normalize, eps=eps, initial_state=initial_state,
                                        output_final_state=output_final_state, chunk_size=chunk_size)
@@ -226,6 +287,39 @@ def _linear_attention_decay(fq, fk, v, log_decay, *, normalize, eps, initial_sta
     return o, final_state
 
 
+def _linear_attention_gated(fq, fk, v, log_gate, *, normalize, eps, initial_state, output_final_state, chunk_size):
+    """linear_attention with per-token gates: weights exp(C_i - C_j), chunked like the decayed one.
+
+    Inside a chunk: scores * exp(c_r - c_s) (c the running sum within the chunk). State entering chunk n
+    (_gated_prefix_states) is read by row r with exp(c_r)."""
+    b, h, t, _ = fq.shape
+    hkv = fk.shape[1]
+    out_dtype = v.dtype
+    c = min(chunk_size, max(t, 1))
+    fq32, fk32, v32 = (_pad_time(x.float(), c) for x in (fq, fk, v))
+    n = fq32.shape[-2] // c
+    qg = _group_queries(fq32, hkv).unflatten(3, (n, c))  # (B, Hkv, G, n, C, F)
+    kc = fk32.unflatten(2, (n, c))  # (B, Hkv, n, C, F)
+    vc = v32.unflatten(2, (n, c))  # (B, Hkv, n, C, Dv)
+    cum, totals = _chunk_gates(log_gate, c)  # (B, Hkv, n, C), (B, Hkv, n)
+
+    kw = kc * torch.exp(totals[..., None] - cum)[..., None]  # keys gated to the chunk's last position
+    prefix_s, prefix_z = _gated_prefix_states(torch.einsum("bkncf,bkncd->bknfd", kw, vc), kw.sum(3), totals,
+                                              initial_state)
+    causal = torch.ones(c, c, dtype=torch.bool, device=fq.device).tril()
+    intra = torch.exp((cum[..., :, None] - cum[..., None, :]).clamp(max=0)) * causal  # (B, Hkv, n, C, C)
+    scores = torch.einsum("bkgncf,bknjf->bkgncj", qg, kc) * intra[:, :, None]
+    qd = torch.exp(cum)[:, :, None]  # (B, Hkv, 1, n, C): gates from the chunk's start to row r
+    num = torch.einsum("bkgncj,bknjd->bkgncd", scores, vc) + qd[..., None] * torch.einsum(
+        "bkgncf,bknfd->bkgncd", qg, prefix_s)
+    if normalize:
+        den = scores.sum(-1) + qd * torch.einsum("bkgncf,bknf->bkgnc", qg, prefix_z)
+        num = num / (den[..., None] + eps)
+    o = num.reshape(b, h, n * c, -1)[:, :, :t].to(out_dtype)
+    final_state = _gated_final_state(fk32, v32, log_gate, t, initial_state) if output_final_state else None
+    return o, final_state
+
+
 def hybrid_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -242,15 +336,18 @@ def hybrid_attention(
     key_padding_mask: torch.Tensor | None = None,
     chunk_size: int = 64,
     log_decay: torch.Tensor | None = None,
+    log_gate: torch.Tensor | None = None,
 ):
     """Sliding-window softmax + linear attention under one normaliser, chunked: O(T * chunk) memory.
 
     Chunks are at least `window` long, so a query's window lies in its own chunk and the one before, and every
     chunk two or more back is entirely in its linear part. `key_padding_mask` (B, T), True for real tokens,
     removes padded keys from both parts. Returns (o, final_state or None); final_state is the linear state of
-    all tokens that have left the window after the last one. `log_decay` (Hkv,): per-head decay of the linear part
-    (module docstring); None = no decay.
+    all tokens that have left the window after the last one. `log_decay` (Hkv,): per-head decay of the linear part;
+    `log_gate` (B, Hkv, T): per-token gates (module docstring); at most one of them.
     """
+    if log_decay is not None and log_gate is not None:
+        raise ValueError("pass log_decay or log_gate, not both")
     b, h, t, _ = q.shape
     hkv = k.shape[1]
     g = h // hkv
@@ -293,7 +390,21 @@ def hybrid_attention(
 
     # Linear state of chunks two or more back.
     kc, vc = fk32.unflatten(2, (n, c)), v32.unflatten(2, (n, c))
-    if log_decay is None:
+    if log_gate is not None:
+        # running log-gate sums over (previous chunk, own chunk): key jj read by row r gets exp(loc_r - loc_jj);
+        # the state read by chunk n enters chunk max(n-1, 0), and the gates since then are loc at row r
+        cum, totals = _chunk_gates(log_gate, c)
+        steps = _pad_time(log_gate.float()[..., None], c)[..., 0].unflatten(2, (n, c))
+        loc = torch.cat([F.pad(steps, (0, 0, 1, 0))[:, :, :n], steps], dim=-1).cumsum(-1)  # (B, Hkv, n, 2C)
+        rows = loc[..., c:]
+        lin_w = lin_w * torch.exp((rows[..., :, None] - loc[..., None, :]).clamp(max=0))[:, :, None]
+        kw = kc * torch.exp(totals[..., None] - cum)[..., None]
+        prefix_s, prefix_z = _gated_prefix_states(torch.einsum("bkncf,bkncd->bknfd", kw, vc), kw.sum(3), totals,
+                                                  initial_state)
+        src = (torch.arange(n, device=q.device) - 1).clamp(min=0)
+        old_s, old_z = prefix_s[:, :, src], prefix_z[:, :, src]
+        qd = torch.exp(rows)[:, :, None]  # (B, Hkv, 1, n, C)
+    elif log_decay is None:
         chunk_states = torch.einsum("bkncf,bkncd->bknfd", kc, vc)
         chunk_norms = kc.sum(3)
         old_s = F.pad(torch.cumsum(chunk_states, 2), (0, 0, 0, 0, 2, 0))[:, :, :n]
@@ -317,7 +428,7 @@ def hybrid_attention(
     alpha = torch.sigmoid(mix.float()).view(1, hkv, g, 1, 1, 1)
     state_num = torch.einsum("bkgncf,bknfd->bkgncd", fqg, old_s)
     state_den = torch.einsum("bkgncf,bknf->bkgnc", fqg, old_z)
-    if log_decay is not None:
+    if log_decay is not None or log_gate is not None:
         state_num, state_den = state_num * qd[..., None], state_den * qd
     num = alpha * torch.einsum("bkgncj,bknjd->bkgncd", win_w, v_loc) + (1 - alpha) * (
         torch.einsum("bkgncj,bknjd->bkgncd", lin_w, v_loc) + state_num
@@ -327,16 +438,19 @@ def hybrid_attention(
 
     final_state = None
     if output_final_state:
-        final_state = _final_state(fk32, v32, max(t - window, 0), initial_state, log_decay)
+        if log_gate is not None:
+            final_state = _gated_final_state(fk32, v32, log_gate, max(t - window, 0), initial_state)
+        else:
+            final_state = _final_state(fk32, v32, max(t - window, 0), initial_state, log_decay)
     return o, final_state
 
 
 def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, eps: float = 1e-6,
-                             log_decay: torch.Tensor | None = None):
+                             log_decay: torch.Tensor | None = None, log_gate: torch.Tensor | None = None):
     """The (B, H, T, T) attention weights of the hybrid (or pure linear when window == 0), O(T^2).
 
     Used for the optional attention-map cross-entropy of attention transfer, on short sequences only.
-    `log_decay` (Hkv,): the linear weights get g^(i-j) (module docstring).
+    `log_decay` (Hkv,): the linear weights get g^(i-j); `log_gate` (B, Hkv, T): exp(C_i - C_j) (module docstring).
     """
     hkv = k.shape[1]
     g = q.shape[1] // hkv
@@ -348,6 +462,9 @@ def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, ep
     lin_w = (fq.float() @ fk_rep.transpose(-1, -2)) * (j <= i - window)
     if log_decay is not None:
         lin_w = lin_w * _decay(log_decay.float().repeat_interleave(g), i - j, (1, -1, 1, 1))
+    if log_gate is not None:
+        cum = log_gate.float().cumsum(-1).repeat_interleave(g, 1)  # (B, H, T)
+        lin_w = lin_w * torch.exp((cum[..., :, None] - cum[..., None, :]).clamp(max=0))
     if window <= 0:
         return lin_w / (lin_w.sum(-1, keepdim=True) + eps)
     in_window = (j <= i) & (j > i - window)

@@ -44,6 +44,7 @@ class EffconvConfig(PretrainedConfig):
         window_size: int = 64,
         linear_eps: float = 1e-6,
         linear_decay: bool = False,
+        linear_gate: bool = False,
         linear_rope: bool = True,
         decay_memory: float = 1024.0,
         attention_backend: str = "auto",
@@ -88,6 +89,9 @@ class EffconvConfig(PretrainedConfig):
         self.linear_eps = linear_eps
         # per-kv-head learned decay of the linear part (retention style), started at memories around decay_memory
         self.linear_decay = linear_decay
+        # data-dependent forget gate per kv head and token, log g_t = logsigmoid(decay_logit + w . x_t) (the decay is
+        # its bias): the linear state keeps what the token says to keep (GLA / Mamba-2 style, scalar per head)
+        self.linear_gate = linear_gate
         # feature maps read RoPE-rotated queries and keys (True) or the unrotated ones (False)
         self.linear_rope = linear_rope
         self.decay_memory = decay_memory

@@ -58,6 +58,8 @@ def static_unsupported(model, kernels) -> str | None:
     types = sorted(set(model.config.attention_types) - set(STATIC_LAYER_TYPES))
     if types:
         return f"its {', '.join(types)} layers have no static decode cache"
+    if getattr(model.config, "linear_gate", False):
+        return "its gated linear layers have no static decode cache (they decode on the PyTorch path)"
     if kernels is None:
         from .backend import KERNELS_MISSING
 

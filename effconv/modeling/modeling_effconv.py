@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.utils import logging
 
 from .attention_ops import (
     FeatureMap,
@@ -34,6 +35,14 @@ from .backend import use_kernels
 from .configuration_effconv import EffconvConfig
 from .fast_generate import FastGenerationMixin, freeze, thaw
 from .moe import MoeExperts, MoeMLP
+
+logger = logging.get_logger(__name__)
+
+
+def _say_gates_use_pytorch() -> None:
+    logger.warning_once("effconv: gated linear layers (linear_gate) run on the PyTorch path; the Triton kernels take no "
+                        "per-token gates yet (slower, same results)")
+
 
 def decay_logit_init(num_kv_heads: int, memory: float) -> torch.Tensor:
     """Decay logits whose decays g = 1 - 1/tau keep a memory of tau tokens, tau log-spaced from memory / 4 to
@@ -81,6 +90,7 @@ class LayerCache:
     values: torch.Tensor | None = None
     key_features: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None  # (B, tokens held) True for real tokens; None when nothing is padded
+    key_gates: torch.Tensor | None = None  # gated hybrid layers: (B, Hkv, tokens held) log gates of the held keys
     state: tuple[torch.Tensor, torch.Tensor] | None = None
     key_positions: torch.Tensor | None = None  # sliding layers: absolute positions of the held keys (sinks + window)
     block_selection: torch.Tensor | None = None  # block_sparse layers: (B, H, blocks so far, topk + 1) chosen blocks
@@ -106,7 +116,7 @@ class LayerCache:
 
     def clear(self) -> None:
         """Forget the tokens; keep the static buffers (a graph captured on them stays valid)."""
-        self.keys = self.values = self.key_features = self.key_mask = self.state = None
+        self.keys = self.values = self.key_features = self.key_mask = self.key_gates = self.state = None
         self.key_positions = self.block_selection = self.ring = self.ring_position = self.static = None
 
 
@@ -226,14 +236,32 @@ class EffconvAttention(nn.Module):
             if self.window > 0:
                 # sigmoid(0) = 0.5: window and linear terms start with equal weight
                 self.window_mix = nn.Parameter(torch.zeros(self.num_heads))
-            if config.linear_decay:
+            gated = getattr(config, "linear_gate", False)
+            if config.linear_decay or gated:
                 # per kv head: g = sigmoid(decay_logit), the weight of the linear state per token of age
                 self.decay_logit = nn.Parameter(decay_logit_init(self.num_kv_heads, config.decay_memory))
+            if gated:
+                # per kv head and token: g_t = sigmoid(decay_logit + forget_gate(x_t)); zero weights start it as the
+                # plain decay (long memory), training makes it data-dependent
+                self.forget_gate = nn.Linear(h, self.num_kv_heads, bias=False)
+                nn.init.zeros_(self.forget_gate.weight)
+
+    @property
+    def is_gated(self) -> bool:
+        return hasattr(self, "forget_gate")
 
     def log_decay(self) -> torch.Tensor | None:
-        """log g per kv head (fp32), or None for a layer without decay."""
+        """log g per kv head (fp32), or None for a layer without decay (and for a gated layer, whose decay is per
+        token: log_gate)."""
         logit = getattr(self, "decay_logit", None)
-        return None if logit is None else F.logsigmoid(logit.float())
+        return None if logit is None or self.is_gated else F.logsigmoid(logit.float())
+
+    def log_gate(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """log g_t (B, Hkv, T) fp32 of a gated layer from its input (B, T, hidden), else None."""
+        if not self.is_gated:
+            return None
+        logits = self.forget_gate(hidden_states).float() + self.decay_logit.float()
+        return F.logsigmoid(logits).transpose(1, 2)
 
     @property
     def is_converted(self) -> bool:
@@ -376,12 +404,16 @@ class EffconvAttention(nn.Module):
         cache.keys, cache.values, cache.key_features = (x.index_select(2, order) for x in (ring.k, ring.v, ring.fk))
         cache.state, cache.ring, cache.ring_position = (ring.S, ring.z), None, None
 
-    def _linear(self, q, k, v, cache: LayerCache | None, key_mask, features=None):
+    def _linear(self, q, k, v, cache: LayerCache | None, key_mask, features=None, log_gate=None):
         """Linear / hybrid attention over the new tokens, continuing from `cache` when it holds earlier ones.
-        `features`: the (queries, keys) the feature maps read (default q and k)."""
+        `features`: the (queries, keys) the feature maps read (default q and k); `log_gate` (B, Hkv, T): the new
+        tokens' gates of a gated layer (gated layers run the PyTorch path: no Triton kernel takes per-token gates)."""
         feature_q, feature_k = features if features is not None else (q, k)
+        gated = log_gate is not None
+        if gated and self._use_kernels(q):
+            _say_gates_use_pytorch()
         if (
-            cache is not None and q.shape[2] == 1 and key_mask is None and _kernels is not None
+            cache is not None and q.shape[2] == 1 and key_mask is None and _kernels is not None and not gated
             and (cache.state is not None or cache.ring is not None) and not torch.is_grad_enabled()
         ):
             return self._decode_step(q, k, v, cache, feature_q, feature_k)
@@ -403,13 +435,15 @@ class EffconvAttention(nn.Module):
                 q = torch.cat([q.new_zeros(*q.shape[:2], held, q.shape[3]), q], dim=2)
                 fq = torch.cat([fq.new_zeros(*fq.shape[:2], held, fq.shape[3]), fq], dim=2)
                 k, v, fk = (torch.cat([c, x], dim=2) for c, x in ((cache.keys, k), (cache.values, v), (cache.key_features, fk)))
+                if gated:
+                    log_gate = torch.cat([cache.key_gates, log_gate], dim=2)
         keep_state = cache is not None
         log_decay = self.log_decay()
         if key_mask is not None:
             key_mask = key_mask[:, -k.shape[2]:]
         if self.window > 0:
             mix = self.window_mix
-            if self._use_kernels(q) and key_mask is None:
+            if self._use_kernels(q) and key_mask is None and not gated:
                 # the kernels take every operand in one dtype and accumulate in fp32 themselves
                 o, state = _kernels.hybrid_attention(
                     q, k, v, fq.to(v.dtype), fk.to(v.dtype), mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
@@ -419,13 +453,13 @@ class EffconvAttention(nn.Module):
                 o, state = hybrid_attention(
                     q, k, v, fq, fk, mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
                     initial_state=initial_state, output_final_state=keep_state, key_padding_mask=key_mask,
-                    log_decay=log_decay,
+                    log_decay=log_decay, log_gate=log_gate,
                 )
         else:
             if key_mask is not None:
                 keep = key_mask[:, None, :, None].to(fk.dtype)
                 fk, v = fk * keep, v * keep
-            if self._use_kernels(q):
+            if self._use_kernels(q) and not gated:
                 o, state = _kernels.linear_attention(
                     fq.to(v.dtype), fk.to(v.dtype), v, eps=self.config.linear_eps, initial_state=initial_state,
                     output_final_state=keep_state, log_decay=log_decay, backend="triton",
@@ -433,7 +467,7 @@ class EffconvAttention(nn.Module):
             else:
                 o, state = linear_attention(
                     fq, fk, v, eps=self.config.linear_eps, initial_state=initial_state, output_final_state=keep_state,
-                    log_decay=log_decay,
+                    log_decay=log_decay, log_gate=log_gate,
                 )
         if cache is not None:
             cache.state = state
@@ -441,14 +475,17 @@ class EffconvAttention(nn.Module):
                 # clone: a slice would keep the whole prefill's k/v/fk storage alive (cache memory grows with the context)
                 cache.keys, cache.values, cache.key_features = (x[:, :, -self.window:].clone() for x in (k, v, fk))
                 cache.key_mask = None if key_mask is None else key_mask[:, -self.window:]
+                if gated:
+                    cache.key_gates = log_gate[:, :, -self.window:].clone()
         return o[:, :, -t_new:]
 
-    def converted(self, q, k, v, cache: LayerCache | None, key_mask, features=None):
+    def converted(self, q, k, v, cache: LayerCache | None, key_mask, features=None, log_gate=None):
         """The layer's converted attention (linear / hybrid, or sparse softmax) of q, k, v; `features`: the
-        unrotated (q, k) when the feature maps read them (features_unrotated)."""
+        unrotated (q, k) when the feature maps read them (features_unrotated); `log_gate`: a gated layer's
+        log_gate(hidden_states)."""
         if self.is_sparse:
             return self._sparse(q, k, v, cache, key_mask)
-        return self._linear(q, k, v, cache, key_mask, features)
+        return self._linear(q, k, v, cache, key_mask, features, log_gate)
 
     def forward(
         self,
@@ -457,12 +494,13 @@ class EffconvAttention(nn.Module):
         cache: LayerCache | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        log_gate = self.log_gate(hidden_states)
         if self.features_unrotated:
             q, k, v, q_raw, k_raw = self.project(hidden_states, position_embeddings, unrotated=True)
-            return self.merge_heads(self.converted(q, k, v, cache, key_mask, (q_raw, k_raw)))
+            return self.merge_heads(self.converted(q, k, v, cache, key_mask, (q_raw, k_raw), log_gate))
         q, k, v = self.project(hidden_states, position_embeddings)
         if self.is_converted and self.layer_type != "gqa":
-            return self.merge_heads(self.converted(q, k, v, cache, key_mask))
+            return self.merge_heads(self.converted(q, k, v, cache, key_mask, None, log_gate))
         return self.merge_heads(self.softmax(q, k, v, cache, key_mask))  # softmax and merged-KV (gqa) layers
 
 
@@ -501,6 +539,8 @@ class EffconvPreTrainedModel(PreTrainedModel):
             hf_init.zeros_(module.window_mix)
         if isinstance(module, EffconvAttention) and hasattr(module, "decay_logit"):
             hf_init.copy_(module.decay_logit, decay_logit_init(module.num_kv_heads, self.config.decay_memory))
+            if hasattr(module, "forget_gate"):
+                hf_init.zeros_(module.forget_gate.weight)
         elif isinstance(module, MoeExperts):
             hf_init.normal_(module.gate_up_proj, std=self.config.initializer_range)
             hf_init.normal_(module.down_proj, std=self.config.initializer_range)

@@ -54,6 +54,10 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
             raise EffconvError(f"--decay-memory must be at least 2 tokens, got {self.decay_memory}")
         if self.decay and self.attention != "linear":
             raise EffconvError(f"--decay applies to --attention linear layers, not {self.attention}")
+        if self.gate and self.attention != "linear":
+            raise EffconvError(f"--gate applies to --attention linear layers, not {self.attention}")
+        if self.gate and not self.decay_memory >= 2:
+            raise EffconvError(f"--decay-memory must be at least 2 tokens, got {self.decay_memory}")
         if self.window < 0:
             raise EffconvError(f"--window must be >= 0 (0 = pure linear attention), got {self.window}")
         self._validate_attention()
