@@ -28,12 +28,13 @@ from effconv.io.sources import load_causal_lm  # noqa: E402
 from effconv.modeling.attention_ops import hybrid_attention_weights  # noqa: E402
 
 
-def linear_share(attn, q, k, features=None) -> torch.Tensor:
-    """(B, T) mean over heads of the linear terms' share of the hybrid normaliser of layer `attn`."""
+def linear_share(attn, q, k, features=None, log_gate=None) -> torch.Tensor:
+    """(B, T) mean over heads of the linear terms' share of the hybrid normaliser of layer `attn` (`log_gate`: a
+    gated layer's gates)."""
     feature_q, feature_k = features if features is not None else (q, k)
     fq, fk = attn.feature_map_q(feature_q), attn.feature_map_k(feature_k)
     weights = hybrid_attention_weights(q, k, fq, fk, attn.window_mix, window=attn.window, scale=attn.scale,
-                                       eps=attn.config.linear_eps, log_decay=attn.log_decay())
+                                       eps=attn.config.linear_eps, log_decay=attn.log_decay(), log_gate=log_gate)
     t = q.shape[2]
     i = torch.arange(t, device=q.device)[:, None]
     j = torch.arange(t, device=q.device)[None, :]
@@ -53,9 +54,9 @@ def measure(model, sequences: list[list[int]], length: int) -> dict:
     sums = {a.layer_idx: torch.zeros(length, dtype=torch.float64) for a in layers}
     originals = {}
     for attn in layers:
-        def recording(q, k, v, cache, key_mask, features=None, _attn=attn, _orig=attn._linear):
-            sums[_attn.layer_idx] += linear_share(_attn, q, k, features)[0].double().cpu()
-            return _orig(q, k, v, cache, key_mask, features)
+        def recording(q, k, v, cache, key_mask, features=None, log_gate=None, *, _attn=attn, _orig=attn._linear):
+            sums[_attn.layer_idx] += linear_share(_attn, q, k, features, log_gate)[0].double().cpu()
+            return _orig(q, k, v, cache, key_mask, features, log_gate)
         originals[attn] = attn._linear
         attn._linear = recording
     try:

@@ -260,7 +260,8 @@ class EffconvAttention(nn.Module):
         """log g_t (B, Hkv, T) fp32 of a gated layer from its input (B, T, hidden), else None."""
         if not self.is_gated:
             return None
-        logits = self.forget_gate(hidden_states).float() + self.decay_logit.float()
+        w = self.forget_gate.weight  # fp32 while trained (the new parameters stay fp32 in a bf16 model)
+        logits = F.linear(hidden_states.to(w.dtype), w).float() + self.decay_logit.float()
         return F.logsigmoid(logits).transpose(1, 2)
 
     @property

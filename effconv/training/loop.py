@@ -62,6 +62,7 @@ class StageResult:
     planned_steps: int = 0  # the requested steps (StageSpec.steps)
     cut_by_time: bool = False  # max_seconds cut the stage short of planned_steps
     wall_seconds: float = 0.0  # the stage's wall time, evals and checkpoints included
+    peak_memory_gb: float | None = None  # this process's peak CUDA memory during the stage (None off CUDA)
 
     @property
     def tokens_per_second(self) -> float:
@@ -186,6 +187,8 @@ def run_stage(
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(spec, plan))
     result = StageResult(spec.name, 0, 0, 0.0, planned_steps=spec.steps)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start_step = 0
     carried_seconds = 0.0  # wall time of the stage before this run (from a resumed checkpoint)
     if resume_state is not None:
@@ -323,4 +326,6 @@ def run_stage(
     if result.cut_by_time and result.steps == plan.steps:
         console.print(f"{spec.name}: the time budget ended it after {plan.steps} of {spec.steps} steps")
     result.wall_seconds = wall_seconds()
+    if torch.cuda.is_available():
+        result.peak_memory_gb = torch.cuda.max_memory_allocated() / 1e9
     return result

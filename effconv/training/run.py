@@ -91,9 +91,12 @@ def steps_for(tokens: int, batch_size: int, seq_len: int) -> int:
 def stage_metrics(result: StageResult) -> dict:
     """A stage's steps against its plan (steps trained, steps the token budget asked for, whether the time budget
     cut it, its wall time with evals and checkpoints) and its throughput, for the metrics."""
-    return {"steps": result.steps, "planned_steps": result.planned_steps, "cut_by_time": result.cut_by_time,
-            "wall_seconds": round(result.wall_seconds, 2), "tokens": result.tokens,
-            "seconds": round(result.seconds, 2), "tokens_per_second": round(result.tokens_per_second, 1)}
+    metrics = {"steps": result.steps, "planned_steps": result.planned_steps, "cut_by_time": result.cut_by_time,
+               "wall_seconds": round(result.wall_seconds, 2), "tokens": result.tokens,
+               "seconds": round(result.seconds, 2), "tokens_per_second": round(result.tokens_per_second, 1)}
+    if result.peak_memory_gb is not None:
+        metrics["peak_memory_gb"] = round(result.peak_memory_gb, 2)
+    return metrics
 
 
 def prepare_run_data(cfg, tokenizer, teacher_factory):
