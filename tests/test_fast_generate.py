@@ -16,6 +16,8 @@ KINDS = {
     "linear": dict(window_size=0),
     "hybrid": dict(window_size=4),
     "decay": dict(window_size=4, linear_decay=True, decay_memory=8.0),
+    "gated": dict(window_size=4, linear_gate=True, decay_memory=8.0),
+    "gated-linear": dict(window_size=0, linear_gate=True, decay_memory=8.0),
     "softmax-layers": dict(window_size=4, attention_types=["linear", "softmax", "linear"]),
     "gqa-sliding-teacher": dict(window_size=0, attention_types=["softmax", "linear", "gqa"], gqa_kv_heads=1,
                                 sliding_window=6, teacher_sliding_layers=[True, False, False]),

@@ -58,8 +58,6 @@ def static_unsupported(model, kernels) -> str | None:
     types = sorted(set(model.config.attention_types) - set(STATIC_LAYER_TYPES))
     if types:
         return f"its {', '.join(types)} layers have no static decode cache"
-    if getattr(model.config, "linear_gate", False):
-        return "its gated linear layers have no static decode cache (they decode on the PyTorch path)"
     if kernels is None:
         from .backend import KERNELS_MISSING
 
@@ -149,14 +147,14 @@ def freeze(model, cache, attention_mask, kernels) -> bool:
                 attn._unroll_ring(c)
             ring = kernels.HybridDecodeCache.from_prefill(c.keys, c.values, c.key_features.to(c.keys.dtype),
                                                           window=attn.window, final_state=c.state,
-                                                          log_decay=attn.log_decay())
+                                                          log_decay=attn.log_decay(), key_gates=c.key_gates)
             w, held = ring.k.shape[2], c.keys.shape[2]
             # from_prefill numbers the held tokens from 0; the device counter is absolute: token t in slot t % W
             shift = (seen - held) % w
             old = c.static_ring
-            for name in ("S", "z", "k", "v", "fk"):
+            for name in ("S", "z", "k", "v", "fk") + (("lg",) if ring.lg is not None else ()):
                 new = getattr(ring, name)
-                if name in ("k", "v", "fk") and shift:
+                if name in ("k", "v", "fk", "lg") and shift:
                     new = torch.roll(new, shift, dims=2)
                 buffer = _reuse(getattr(old, name) if old is not None else None, new)
                 buffer.copy_(new)
@@ -170,7 +168,7 @@ def freeze(model, cache, attention_mask, kernels) -> bool:
             ring.seen = seen
             c.static_ring = c.ring = ring
             c.ring_position = ctx.position
-            c.keys = c.values = c.key_features = c.state = None
+            c.keys = c.values = c.key_features = c.state = c.key_gates = None
         c.key_mask = None
         c.static = ctx
     cache.frozen = True

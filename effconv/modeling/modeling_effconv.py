@@ -108,8 +108,8 @@ class LayerCache:
     static_ring: object | None = None
 
     def nbytes(self) -> int:
-        ring = [self.ring.S, self.ring.z, self.ring.k, self.ring.v, self.ring.fk] if self.ring is not None else []
-        tensors = [self.keys, self.values, self.key_features, *(self.state or ()), *ring]
+        ring = [self.ring.S, self.ring.z, self.ring.k, self.ring.v, self.ring.fk, self.ring.lg] if self.ring is not None else []
+        tensors = [self.keys, self.values, self.key_features, self.key_gates, *(self.state or ()), *ring]
         if self.static is not None:
             tensors += [self.static_keys, self.static_values]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -360,10 +360,12 @@ class EffconvAttention(nn.Module):
     def _use_kernels(self, x: torch.Tensor) -> bool:
         return use_kernels(self.config.attention_backend, x)
 
-    def _decode_step(self, q, k, v, cache: LayerCache, feature_q, feature_k):
+    def _decode_step(self, q, k, v, cache: LayerCache, feature_q, feature_k, log_gate=None):
         """One new token per sequence with a filled cache: O(1) recurrent update of the state (and of the window's
-        ring buffer for the hybrid) with the decode-step ops, instead of a chunked pass over the window prefix."""
-        backend = "triton" if self._use_kernels(q) else "reference"
+        ring buffer for the hybrid) with the decode-step ops, instead of a chunked pass over the window prefix.
+        A gated layer's step (`log_gate` (B, Hkv, 1)) runs the PyTorch step: no Triton kernel takes gates."""
+        gate = None if log_gate is None else log_gate[:, :, 0]
+        backend = "triton" if self._use_kernels(q) and gate is None else "reference"
         fm_kernel = None
         if backend == "triton" and hasattr(_kernels, "hedgehog_feature_map"):
             def fm_kernel(x, w, b):
@@ -377,20 +379,20 @@ class EffconvAttention(nn.Module):
             if S.dtype != torch.float32 or z.dtype != torch.float32 or not (S.is_contiguous() and z.is_contiguous()):
                 cache.state = (S.float().contiguous(), z.float().contiguous())  # the op updates it in place
             o, _ = _kernels.linear_decode_step(fq, fk, v, cache.state, eps=eps, log_decay=self.log_decay(),
-                                               backend=backend)
+                                               backend=backend, log_gate=gate)
         else:
             if cache.ring is None:  # first decode step after a prefill: window tail + the prefill's final state
                 cache.ring = _kernels.HybridDecodeCache.from_prefill(
                     cache.keys, cache.values, cache.key_features.to(cache.keys.dtype), window=self.window,
-                    final_state=cache.state, log_decay=self.log_decay(),
+                    final_state=cache.state, log_decay=self.log_decay(), key_gates=cache.key_gates,
                 )
-                cache.keys = cache.values = cache.key_features = cache.state = None
+                cache.keys = cache.values = cache.key_features = cache.state = cache.key_gates = None
             extra = {} if cache.ring_position is None else {"position": cache.ring_position}
             if cache.static is not None:
                 extra["first"] = cache.static.first_token
             o = _kernels.hybrid_decode_step(
                 q, k, v, fq, fk, self.window_mix, cache.ring, window=self.window, scale=self.scale, eps=eps,
-                log_decay=self.log_decay(), backend=backend, **extra,
+                log_decay=self.log_decay(), backend=backend, log_gate=gate, **extra,
             )
         return o[:, :, None]
 
@@ -403,6 +405,7 @@ class EffconvAttention(nn.Module):
         held = min(seen, w)
         order = torch.tensor([(seen - held + i) % w for i in range(held)], device=ring.k.device)
         cache.keys, cache.values, cache.key_features = (x.index_select(2, order) for x in (ring.k, ring.v, ring.fk))
+        cache.key_gates = None if ring.lg is None else ring.lg.index_select(2, order)
         cache.state, cache.ring, cache.ring_position = (ring.S, ring.z), None, None
 
     def _linear(self, q, k, v, cache: LayerCache | None, key_mask, features=None, log_gate=None):
@@ -414,10 +417,10 @@ class EffconvAttention(nn.Module):
         if gated and self._use_kernels(q):
             _say_gates_use_pytorch()
         if (
-            cache is not None and q.shape[2] == 1 and key_mask is None and _kernels is not None and not gated
+            cache is not None and q.shape[2] == 1 and key_mask is None and _kernels is not None
             and (cache.state is not None or cache.ring is not None) and not torch.is_grad_enabled()
         ):
-            return self._decode_step(q, k, v, cache, feature_q, feature_k)
+            return self._decode_step(q, k, v, cache, feature_q, feature_k, log_gate)
         if cache is not None and cache.ring is not None:
             self._unroll_ring(cache)
         fm_kernel = None

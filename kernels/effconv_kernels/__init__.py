@@ -22,6 +22,10 @@ g = exp(log_decay) of the linear terms, retention style: weight g^(i-j) for a li
 initial state (which sits at position -1); the (final) state is decayed to the last token it holds
 (S_L = g^L S0 + sum_{j<L} g^(L-1-j) fk_j v_j^T), so chaining segments through the state equals one run, and the
 decode caches hold the same state. Gradients flow to log_decay.
+
+`log_gate` (fp32 (B, Hkv), decode steps only): the new token's data-dependent log gate, GLA style (the parallel
+form is attention_ops' `log_gate`); the decode steps run it on the PyTorch path ("auto" picks it; "triton" is an
+error: no kernel takes per-token gates yet).
 """
 from __future__ import annotations
 
@@ -45,6 +49,20 @@ def _same_dtype(*tensors):
 def _check_state(initial_state):
     if initial_state is not None and (not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2):
         raise ValueError("initial_state must be a pair (S, z)")
+
+
+def _gate_backend(log_gate, log_decay, batch: int, num_kv_heads: int, backend: str) -> str:
+    """The decode step's backend with a per-token gate: the PyTorch step (no Triton kernel takes gates)."""
+    if log_gate is None:
+        return backend
+    if log_decay is not None:
+        raise ValueError("pass log_decay or log_gate, not both")
+    if not isinstance(log_gate, torch.Tensor) or tuple(log_gate.shape) != (batch, num_kv_heads):
+        raise ValueError(f"log_gate must be a tensor of shape ({batch}, {num_kv_heads}), got "
+                         f"{tuple(log_gate.shape) if isinstance(log_gate, torch.Tensor) else type(log_gate)}")
+    if backend == "triton":
+        raise ValueError("the Triton decode kernels take no per-token gates (log_gate); use backend='reference'")
+    return "reference"
 
 
 def _check_decay(log_decay, num_kv_heads: int):
@@ -111,26 +129,28 @@ def hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, eps: fl
 
 @torch.no_grad()
 def linear_decode_step(fq_t, fk_t, v_t, state, *, normalize: bool = True, eps: float = 1e-6, log_decay=None,
-                       backend: str = "auto"):
+                       backend: str = "auto", log_gate=None):
     """One decode token: fq_t (B,H,F), fk_t (B,Hkv,F), v_t (B,Hkv,Dv); state (S, z) fp32, updated IN PLACE:
     S = g S + fk_t v_t^T, z = g z + fk_t (g = exp(log_decay[kv head]), 1 without log_decay).
 
     Returns (o_t (B,H,Dv), state) where state is the same tensor pair. Inference only (no autograd).
     """
     _check_decay(log_decay, fk_t.shape[1])
+    backend = _gate_backend(log_gate, log_decay, fk_t.shape[0], fk_t.shape[1], backend)
     be = resolve_backend(backend, fq_t, fk_t, v_t, *state)
     if be == "triton":
         _same_dtype(fq_t, fk_t, v_t)
         from .linear_attn.recurrent import triton_linear_decode_step
         return triton_linear_decode_step(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps, log_decay=log_decay)
     from .linear_attn.naive import linear_decode_step_ref
-    return linear_decode_step_ref(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps, log_decay=log_decay)
+    return linear_decode_step_ref(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps, log_decay=log_decay,
+                                  log_gate=log_gate)
 
 
 @torch.no_grad()
 def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int, scale: float,
                        eps: float = 1e-6, log_decay=None, backend: str = "auto", position: torch.Tensor | None = None,
-                       first: torch.Tensor | None = None):
+                       first: torch.Tensor | None = None, log_gate=None):
     """Append one token per sequence to `cache` (IN PLACE) and return its hybrid-attention output (B,H,Dv).
 
     Equals `hybrid_attention` (same log_decay) on the whole sequence at that position. Inference only (no autograd).
@@ -144,6 +164,7 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
     if position is not None and position.numel() != 1:
         raise ValueError("position must hold one integer (tokens seen)")
     _check_decay(log_decay, k_t.shape[1])
+    backend = _gate_backend(log_gate, log_decay, k_t.shape[0], k_t.shape[1], backend)
     be = resolve_backend(backend, q_t, k_t, v_t, fq_t, fk_t, cache.S)
     kw = dict(window=window, scale=scale, eps=eps, log_decay=log_decay, first=first)
     if be == "triton":
@@ -151,14 +172,7 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
         from .hybrid_attn.recurrent import triton_hybrid_decode_step
         return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, position=position, **kw)
     from .hybrid_attn.naive import hybrid_decode_step_ref
-    if position is None:
-        return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, **kw)
-    seen = cache.seen
-    cache.seen = int(position)
-    try:
-        return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, **kw)
-    finally:
-        cache.seen = seen
+    return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, position=position, log_gate=log_gate, **kw)
 
 
 def hedgehog_feature_map(x, weight, bias=None, *, out_dtype=None, backend: str = "auto"):

@@ -293,3 +293,64 @@ def test_hybrid_feature_grads_without_qkv_grads(W, dtype, decay, device):
     tol = 1e-6 if dtype == torch.float32 else 4e-3  # bf16: at most a rounding step apart
     for name, a, b in zip(["fq", "fk", "mix", "log_decay"], part, full):
         assert rel_err(a, b, floor=1e-6) < tol, name
+
+
+@pytest.mark.parametrize("W,prefill,padded", [(5, 0, False), (5, 11, False), (16, 7, False), (5, 4, True)])
+def test_gated_decode_matches_the_chunked_gated_op(W, prefill, padded, attention_ops):
+    """Per-token gates (log_gate): a prefill through the chunked op (its final state and the held keys' gates in
+    the cache), then one token at a time with a device position, equals the chunked op on the whole sequence,
+    with wrap-around, GQA and left padding; the state after the last token is the chunked final state, and the
+    eager counter gives the same outputs. The Triton decode kernel takes no gates: asking for it is an error."""
+    B, H, Hkv, T, D, F = 3, 4, 2, 23, 16, 32
+    (q, k, v, fq, fk), mix, state = make_inputs(B, H, Hkv, T, D, F, torch.float32, "cpu", init=True)
+    lg = -torch.rand(B, Hkv, T, generator=torch.Generator().manual_seed(5)) * 0.4
+    first = torch.tensor([0, 2, 4]) if padded else None
+    real = torch.arange(T)[None, :] >= first[:, None] if padded else torch.ones(B, T, dtype=torch.bool)
+    keep = real[:, None, :, None].float()
+    v0, fk0 = v * keep, fk * keep
+    init = None if padded else state
+    scale = D ** -0.5
+    with torch.no_grad():
+        o_par, (S_par, z_par) = attention_ops.hybrid_attention(
+            q, k, v, fq, fk, mix, window=W, scale=scale, log_gate=lg, initial_state=init, output_final_state=True,
+            key_padding_mask=real if padded else None)
+        for counter in ("device", "eager"):
+            if prefill:
+                _, fs = attention_ops.hybrid_attention(
+                    q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], fq[:, :, :prefill], fk[:, :, :prefill],
+                    mix, window=W, scale=scale, log_gate=lg[..., :prefill], initial_state=init,
+                    output_final_state=True, key_padding_mask=real[:, :prefill] if padded else None)
+                cache = HybridDecodeCache.from_prefill(k[:, :, :prefill], v0[:, :, :prefill], fk0[:, :, :prefill],
+                                                       window=W, final_state=fs, key_gates=lg[..., :prefill])
+            else:
+                cache = HybridDecodeCache.empty(B, Hkv, W, D, F, dtype=torch.float32, initial_state=init, gated=True)
+            position = torch.tensor([prefill]) if counter == "device" else None
+            for t in range(prefill, T):
+                o_t = ek.hybrid_decode_step(q[:, :, t], k[:, :, t], v0[:, :, t], fq[:, :, t], fk0[:, :, t], mix,
+                                            cache, window=W, scale=scale, log_gate=lg[:, :, t], position=position,
+                                            first=first)
+                if position is not None:
+                    position += 1
+                assert rel_err(o_t, o_par[:, :, t]) < 1e-5, (counter, t)
+            assert rel_err(cache.S, S_par) < 1e-5 and rel_err(cache.z, z_par) < 1e-5
+    with pytest.raises(ValueError, match="per-token gates"):
+        ek.hybrid_decode_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], mix, cache, window=W,
+                              scale=scale, log_gate=lg[:, :, 0], backend="triton")
+
+
+def test_gated_linear_decode_matches_the_chunked_gated_op(attention_ops):
+    """Pure linear attention with per-token gates: the decode recurrence S = g_t S + fk_t v_t^T equals the chunked
+    op token by token and ends at its final state."""
+    from effconv_kernels.linear_attn.naive import linear_decode_step_ref
+
+    B, H, Hkv, T, F, Dv = 2, 4, 2, 19, 16, 8
+    fq, fk = torch.rand(B, H, T, F), torch.rand(B, Hkv, T, F)
+    v = torch.randn(B, Hkv, T, Dv)
+    lg = -torch.rand(B, Hkv, T) * 0.5
+    o_par, (S_par, z_par) = attention_ops.linear_attention(fq, fk, v, log_gate=lg, output_final_state=True,
+                                                           chunk_size=8)
+    state = (torch.zeros(B, Hkv, F, Dv), torch.zeros(B, Hkv, F))
+    for t in range(T):
+        o_t, state = linear_decode_step_ref(fq[:, :, t], fk[:, :, t], v[:, :, t], state, log_gate=lg[:, :, t])
+        assert rel_err(o_t, o_par[:, :, t]) < 1e-5, t
+    assert rel_err(state[0], S_par) < 1e-5 and rel_err(state[1], z_par) < 1e-5

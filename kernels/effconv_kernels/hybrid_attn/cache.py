@@ -26,6 +26,10 @@ class HybridDecodeCache:
     p = seen - 1 - W the last token that left the window (p = -1 while none has), i.e. exactly the state
     `hybrid_attention(..., output_final_state=True, log_decay=...)` returns for the tokens seen so far; the
     cache itself does not store the decay (pass the same log_decay to every step).
+
+    With per-token gates (`log_gate` of the decode step, GLA style) the cache also keeps each held token's log gate
+    in `lg` (B, Hkv, W) fp32: an eviction moves the state to the evicted token with that token's own gate, and the
+    query reads the state with the gates of the tokens still in the window.
     """
 
     S: torch.Tensor
@@ -34,6 +38,7 @@ class HybridDecodeCache:
     v: torch.Tensor
     fk: torch.Tensor
     seen: int = 0
+    lg: torch.Tensor | None = None
 
     @property
     def window(self) -> int:
@@ -42,7 +47,7 @@ class HybridDecodeCache:
     @classmethod
     def empty(cls, batch: int, num_kv_heads: int, window: int, head_dim: int, feature_dim: int,
               value_dim: int | None = None, *, dtype=torch.bfloat16, device=None,
-              initial_state=None) -> "HybridDecodeCache":
+              initial_state=None, gated: bool = False) -> "HybridDecodeCache":
         Dv = head_dim if value_dim is None else value_dim
         if initial_state is not None:
             S, z = (x.float().clone() for x in initial_state)
@@ -54,16 +59,18 @@ class HybridDecodeCache:
                    k=torch.zeros(batch, num_kv_heads, window, head_dim, **kw),
                    v=torch.zeros(batch, num_kv_heads, window, Dv, **kw),
                    fk=torch.zeros(batch, num_kv_heads, window, feature_dim, **kw),
-                   seen=0)
+                   seen=0,
+                   lg=torch.zeros(batch, num_kv_heads, window, dtype=torch.float32, device=device) if gated else None)
 
     @classmethod
     def from_prefill(cls, k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, *, window: int,
-                     initial_state=None, final_state=None, log_decay=None) -> "HybridDecodeCache":
+                     initial_state=None, final_state=None, log_decay=None, key_gates=None) -> "HybridDecodeCache":
         """Cache after a parallel prefill of k (B, Hkv, T, D), v, fk.
 
         `final_state` is the (S, z) returned by `hybrid_attention(..., output_final_state=True)` on
         the same prefill (it already includes `initial_state`); if not given it is recomputed here (with the
-        decay `log_decay` (Hkv,) when given, which must then be the one the decode steps use).
+        decay `log_decay` (Hkv,) when given, which must then be the one the decode steps use). `key_gates`
+        (B, Hkv, T): the log gates of a gated layer's tokens (then `final_state` is required).
         """
         B, Hkv, T, D = k.shape
         W = int(window)
@@ -72,9 +79,12 @@ class HybridDecodeCache:
         L = max(0, T - W)  # tokens 0..L-1 have left the window
         if final_state is not None:
             S, z = (x.float().clone() for x in final_state)
+        elif key_gates is not None:
+            raise ValueError("from_prefill with key_gates needs the prefill's final_state")
         else:
             S, z = linear_state(fk, v, L, initial_state, log_decay)
-        cache = cls.empty(B, Hkv, W, D, fk.shape[-1], v.shape[-1], dtype=k.dtype, device=k.device)
+        cache = cls.empty(B, Hkv, W, D, fk.shape[-1], v.shape[-1], dtype=k.dtype, device=k.device,
+                          gated=key_gates is not None)
         cache.S, cache.z = S.contiguous(), z.contiguous()
         if T > 0:
             tok = torch.arange(L, T, device=k.device)
@@ -82,5 +92,7 @@ class HybridDecodeCache:
             cache.k[:, :, slots] = k[:, :, L:]
             cache.v[:, :, slots] = v[:, :, L:]
             cache.fk[:, :, slots] = fk[:, :, L:]
+            if key_gates is not None:
+                cache.lg[:, :, slots] = key_gates[:, :, L:].float()
         cache.seen = T
         return cache

@@ -64,59 +64,80 @@ def naive_hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, e
 
 
 def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int,
-                           scale: float, eps=1e-6, log_decay=None, first=None):
+                           scale: float, eps=1e-6, log_decay=None, log_gate=None, first=None, position=None):
     """Append one token per sequence to `cache` (in place) and return its output (B, H, Dv).
     `first` (B,) int: row b's tokens before index first[b] are left padding, left out of the window (the caller
-    keeps their fk and v zero, so their eviction adds nothing to the state)."""
+    keeps their fk and v zero, so their eviction adds nothing to the state). `log_gate` (B, Hkv): the new token's
+    log gate (a gated layer; the cache keeps the window's gates in `cache.lg`). `position`: a 1-element device
+    tensor holding the token index instead of `cache.seen` (then left alone): no host value is read, so the step
+    can be captured in a CUDA graph."""
     W = cache.window
     if int(window) != W:
         raise ValueError(f"window={window} but the cache holds {W} slots")
+    if log_gate is not None and cache.lg is None:
+        raise ValueError("a gated decode step needs a cache that keeps gates (HybridDecodeCache.empty(..., "
+                         "gated=True) or from_prefill(..., key_gates=...))")
     B, H, D = q_t.shape
     Hkv = k_t.shape[1]
     G = H // Hkv
-    t = cache.seen
-    slot = t % W
-    if t >= W:  # token t - W leaves the window: fold it into the linear state first
-        old_fk, old_v = cache.fk[:, :, slot].float(), cache.v[:, :, slot].float()
-        if log_decay is not None:
-            g = torch.exp(log_decay.float()).view(1, Hkv)
-            cache.S.mul_(g[..., None, None])
-            cache.z.mul_(g[..., None])
-        cache.S.add_(old_fk.unsqueeze(-1) * old_v.unsqueeze(-2))
-        cache.z.add_(old_fk)
-    cache.k[:, :, slot] = k_t
-    cache.v[:, :, slot] = v_t
-    cache.fk[:, :, slot] = fk_t
-    cache.seen = t + 1
-    n = min(t + 1, W)
+    dev = cache.S.device
+    t = torch.tensor(cache.seen, device=dev) if position is None else position.reshape(()).to(dev, torch.long)
+    slot = (t % W).reshape(1)
+    evict = (t >= W).float()  # token t - W leaves the window: fold it into the linear state first
+    old_fk = cache.fk.index_select(2, slot)[:, :, 0].float()
+    old_v = cache.v.index_select(2, slot)[:, :, 0].float()
+    if cache.lg is not None and log_gate is not None:  # the state moves to the evicted token: its own gate
+        g = torch.exp(cache.lg.index_select(2, slot)[:, :, 0])
+    elif log_decay is not None:
+        g = torch.exp(log_decay.float()).view(1, Hkv).expand(B, Hkv)
+    else:
+        g = torch.ones(B, Hkv, device=dev)
+    keep = 1.0 + evict * (g - 1.0)
+    cache.S.mul_(keep[..., None, None]).add_(evict * old_fk.unsqueeze(-1) * old_v.unsqueeze(-2))
+    cache.z.mul_(keep[..., None]).add_(evict * old_fk)
+    cache.k.index_copy_(2, slot, k_t[:, :, None].to(cache.k.dtype))
+    cache.v.index_copy_(2, slot, v_t[:, :, None].to(cache.v.dtype))
+    cache.fk.index_copy_(2, slot, fk_t[:, :, None].to(cache.fk.dtype))
+    if log_gate is not None:
+        cache.lg.index_copy_(2, slot, log_gate.float()[:, :, None])
+    if position is None:
+        cache.seen += 1
 
+    slots = torch.arange(W, device=dev)
+    valid = (slots <= t)[None, :]  # (1, W): slots that hold a token
+    if first is not None:  # slot j holds token t - ((t - j) mod W)
+        token = t - (t - slots) % W
+        valid = valid & (token[None, :] >= first.to(dev)[:, None])
     qq = q_t.float().reshape(B, Hkv, G, D)
     fqq = fq_t.float().reshape(B, Hkv, G, -1)
-    s = torch.einsum("bhgd,bhjd->bhgj", qq, cache.k[:, :, :n].float()) * scale
-    if first is not None:  # slot j holds token t - ((t - j) mod W)
-        slots = torch.arange(n, device=s.device)
-        token = t - (t - slots) % W
-        s = s.masked_fill((token[None, :] < first.to(s.device)[:, None])[:, None, None, :], float("-inf"))
+    s = torch.einsum("bhgd,bhjd->bhgj", qq, cache.k.float()) * scale
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     a = torch.exp(s - s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min))
     alpha = torch.sigmoid(mix.float()).reshape(1, Hkv, G, 1)
     beta = 1.0 - alpha
     lin_num = torch.einsum("bhgf,bhfd->bhgd", fqq, cache.S)
     lin_den = torch.einsum("bhgf,bhf->bhg", fqq, cache.z)
-    if log_decay is not None:  # the state sits at token max(t - W, -1): query t is min(W, t + 1) tokens later
-        qd = decay_pow(log_decay, torch.tensor(min(W, t + 1)), (1, Hkv, 1))
+    # the state sits at token max(t - W, -1): it reaches the query through the gates of the tokens in the window
+    if log_gate is not None:
+        qd = torch.exp((cache.lg * (slots <= t)).sum(-1))[..., None]  # (B, Hkv, 1)
+    elif log_decay is not None:
+        qd = torch.exp(log_decay.float().view(1, Hkv, 1) * torch.clamp(t + 1, max=W).float())
+    if log_gate is not None or log_decay is not None:
         lin_num, lin_den = lin_num * qd[..., None], lin_den * qd
-    num = alpha * torch.einsum("bhgj,bhjd->bhgd", a, cache.v[:, :, :n].float()) + beta * lin_num
+    num = alpha * torch.einsum("bhgj,bhjd->bhgd", a, cache.v.float()) + beta * lin_num
     den = alpha[..., 0] * a.sum(-1) + beta[..., 0] * lin_den + eps
     return (num / den.unsqueeze(-1)).reshape(B, H, -1).to(q_t.dtype)
 
 
 def recurrent_hybrid_attention_ref(q, k, v, fq, fk, mix, *, window: int, scale: float, eps=1e-6,
-                                   initial_state=None, log_decay=None):
-    """Token-by-token loop over `hybrid_decode_step_ref`. Returns (o, cache)."""
+                                   initial_state=None, log_decay=None, log_gate=None):
+    """Token-by-token loop over `hybrid_decode_step_ref` (`log_gate` (B, Hkv, T): per-token gates). Returns
+    (o, cache)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     cache = HybridDecodeCache.empty(B, Hkv, window, D, fk.shape[-1], v.shape[-1], dtype=k.dtype,
-                                    device=k.device, initial_state=initial_state)
+                                    device=k.device, initial_state=initial_state, gated=log_gate is not None)
     outs = [hybrid_decode_step_ref(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], mix, cache,
-                                   window=window, scale=scale, eps=eps, log_decay=log_decay) for t in range(T)]
+                                   window=window, scale=scale, eps=eps, log_decay=log_decay,
+                                   log_gate=None if log_gate is None else log_gate[:, :, t]) for t in range(T)]
     return torch.stack(outs, 2), cache

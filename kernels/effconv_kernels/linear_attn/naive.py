@@ -72,16 +72,16 @@ def linear_state(fk, v, L: int, initial_state=None, log_decay=None):
     return S, z
 
 
-def linear_decode_step_ref(fq_t, fk_t, v_t, state, *, normalize=True, eps=1e-6, log_decay=None):
+def linear_decode_step_ref(fq_t, fk_t, v_t, state, *, normalize=True, eps=1e-6, log_decay=None, log_gate=None):
     """One decode step. `state=(S, z)` (fp32) is updated IN PLACE: S = g S + fk_t v_t^T, z = g z + fk_t
-    (g = 1 without `log_decay`)."""
+    (g = exp(log_decay) per kv head, exp(log_gate) (B, Hkv) per row and kv head, 1 without either)."""
     S, z = state
     B, H, F = fq_t.shape
     Hkv = fk_t.shape[1]
     G = H // Hkv
     k, vv = fk_t.float(), v_t.float()
-    if log_decay is not None:
-        g = torch.exp(log_decay.float()).view(1, Hkv)
+    if log_decay is not None or log_gate is not None:
+        g = torch.exp(log_gate.float()) if log_gate is not None else torch.exp(log_decay.float()).view(1, Hkv)
         S.mul_(g[..., None, None])
         z.mul_(g[..., None])
     S.add_(k.unsqueeze(-1) * vv.unsqueeze(-2))
