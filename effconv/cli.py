@@ -83,11 +83,18 @@ def _cli_parameter(field: dataclasses.Field, hint: Any, argument: bool) -> tuple
         info = typer.Argument(help=help_text)
         annotation, convert = Annotated[Optional[str], info], lambda v: v
     elif _scalar_type(hint) is bool:
-        switch = flag or f"--{name.replace('_', '-')}"
-        annotation = Annotated[bool, typer.Option(switch, help=help_text)]
-        value = not field.default  # "--resume" turns a False default on, "--no-progress" a True default off
-        convert = lambda v, value=value: value if v else None  # noqa: E731
-        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=annotation), convert
+        # a pair of switches ("--decay/--no-decay", "--progress/--no-progress"): either one overrides a recipe's
+        # value; the help names the one that changes the default
+        dash = name.replace("_", "-")
+        switch = flag or (f"--no-{dash}" if field.default else f"--{dash}")
+        said = help_text if switch == f"--{dash}" else f"{switch}: {help_text}"
+        annotation = Annotated[Optional[bool], typer.Option(f"--{dash}/--no-{dash}", help=said, show_default=False)]
+        if switch not in (f"--{dash}", f"--no-{dash}"):  # a switch named unlike its setting: that switch alone
+            value = not field.default
+            annotation = Annotated[bool, typer.Option(switch, help=help_text)]
+            convert = lambda v, value=value: value if v else None  # noqa: E731
+            return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=annotation), convert
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation), lambda v: v
     else:
         decls = (flag,) if flag else ()
         item = _list_item_type(hint)

@@ -101,3 +101,27 @@ def test_bench_plot_of_moe_runs(tmp_path):
     pts = bench.plot_moe([log], tmp_path / "m.png")
     assert pts == [("moe-x (1.5M)", 100.0, 2.0, 3.0)]
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_switch_pairs_override_a_recipe_both_ways(tmp_path):
+    """Every boolean setting has a pair of switches: `--no-gate` turns off a recipe's `gate: true`, `--decay`
+    turns on what the recipe leaves off, and no switch keeps the recipe's value."""
+    import typer
+    from typer.testing import CliRunner
+
+    from effconv.cli import add_command
+    from effconv.pipelines.linearize import LinearizeConfig
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("gate: true\nlinear_rope: false\n")
+    seen = []
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    add_command(app, "linearize", LinearizeConfig, seen.append, "test")
+    runner = CliRunner()
+    for args, gate, decay, rope in ((["--no-gate", "--decay"], False, True, False), ([], True, False, False),
+                                    (["--linear-rope"], True, False, True)):
+        result = runner.invoke(app, ["linearize", "--recipe", str(recipe), *args])
+        assert result.exit_code == 0, result.output
+        cfg = seen[-1]
+        assert (cfg.gate, cfg.decay, cfg.linear_rope) == (gate, decay, rope), args
