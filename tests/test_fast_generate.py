@@ -167,9 +167,11 @@ print(json.dumps({"tokens": out.tolist(), "kernels": backend.KERNELS_SOURCE,
 """
 
 
-def test_export_runs_its_bundled_kernels_without_effconv(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["softmax-layers", "gated"])
+def test_export_runs_its_bundled_kernels_without_effconv(kind, tmp_path, monkeypatch):
     """The export carries the kernels as flat sibling files; loaded by plain transformers with effconv unimportable,
-    the model uses them (static generate included) and gives the same tokens as effconv's own model."""
+    the model uses them (static generate included; a gated model's PyTorch decode steps too) and gives the same
+    tokens as effconv's own model."""
     import json
     import subprocess
     import sys
@@ -178,7 +180,7 @@ def test_export_runs_its_bundled_kernels_without_effconv(tmp_path, monkeypatch):
 
     from effconv.io.export import export_model
 
-    model = tiny_model(**KINDS["softmax-layers"])
+    model = tiny_model(**KINDS[kind])
     export_model(model, None, tmp_path / "export")
     bundled = sorted(p.name for p in (tmp_path / "export").glob("effconv_kernels*.py"))
     assert "effconv_kernels_bundle.py" in bundled and "effconv_kernels_hybrid_attn_recurrent.py" in bundled
