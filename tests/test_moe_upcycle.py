@@ -166,16 +166,19 @@ with torch.no_grad():
 """
 
 
-def test_linear_moe_linearized_model_upcycles_exports_and_reloads(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("gate", [False, True], ids=["ungated", "gated"])
+def test_linear_moe_linearized_model_upcycles_exports_and_reloads(gate, tiny_model_dir, tmp_path):
     from effconv.pipelines.linearize import LinearizeConfig, linearize
 
     linearize(LinearizeConfig(model=str(tiny_model_dir), data=str(tiny_model_dir / "train.txt"), out=str(tmp_path / "lin"),
-                              window=4, seq_len=32, batch_size=4, stage1_tokens=32 * 4 * 2, stage2_tokens=0, progress=False))
+                              window=4, seq_len=32, batch_size=4, stage1_tokens=32 * 4 * 2, stage2_tokens=0, progress=False,
+                              gate=gate, stage1_lr=3e-2))
     (tmp_path / "lin" / "train.txt").write_text((tiny_model_dir / "train.txt").read_text())
     result = moe_upcycle(_tiny(tmp_path / "lin", tmp_path / "lmoe", experts=4, top_k=2, tokens=32 * 4 * 2, train="router"))
     assert result.export_format == "effconv"  # linear attention needs effconv's modeling code
     config = json.loads((tmp_path / "lmoe" / "config.json").read_text())
     assert config["num_experts"] == 4 and config["attention_types"] == ["linear"] * 3
+    assert config["linear_gate"] == gate  # the attention comes through unchanged
     assert (tmp_path / "lmoe" / "moe.py").is_file()
     ids = torch.randint(3, 400, (2, 20), generator=torch.Generator().manual_seed(2))
     torch.save(ids, tmp_path / "ids.pt")
