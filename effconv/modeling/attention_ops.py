@@ -188,6 +188,16 @@ def _gated_final_state(fk32, v32, log_gate, length: int, initial_state):
     return s, z
 
 
+def _linear_chunks(fq, fk, v, chunk_size: int):
+    """The chunked operands of linear attention: chunk length c, chunk count n, fp32 padded fk and v, and the
+    queries (B, Hkv, G, n, C, F), keys (B, Hkv, n, C, F) and values (B, Hkv, n, C, Dv) per chunk."""
+    c = min(chunk_size, max(fq.shape[2], 1))
+    fq32, fk32, v32 = (_pad_time(x.float(), c) for x in (fq, fk, v))
+    n = fq32.shape[-2] // c
+    qg = _group_queries(fq32, fk.shape[1]).unflatten(3, (n, c))
+    return c, n, fk32, v32, qg, fk32.unflatten(2, (n, c)), v32.unflatten(2, (n, c))
+
+
 def linear_attention(
     fq: torch.Tensor,
     fk: torch.Tensor,
@@ -215,14 +225,8 @@ def linear_attention(
         return _linear_attention_decay(fq, fk, v, log_decay, normalize=normalize, eps=eps, initial_state=initial_state,
                                        output_final_state=output_final_state, chunk_size=chunk_size)
     b, h, t, _ = fq.shape
-    hkv = fk.shape[1]
     out_dtype = v.dtype
-    c = min(chunk_size, max(t, 1))
-    fq32, fk32, v32 = (_pad_time(x.float(), c) for x in (fq, fk, v))
-    n = fq32.shape[-2] // c
-    qg = _group_queries(fq32, hkv).unflatten(3, (n, c))  # (B, Hkv, G, n, C, F)
-    kc = fk32.unflatten(2, (n, c))  # (B, Hkv, n, C, F)
-    vc = v32.unflatten(2, (n, c))  # (B, Hkv, n, C, Dv)
+    c, n, fk32, v32, qg, kc, vc = _linear_chunks(fq, fk, v, chunk_size)
 
     # State entering each chunk: exclusive prefix sum of the per-chunk states.
     chunk_states = torch.einsum("bkncf,bkncd->bknfd", kc, vc)
@@ -259,14 +263,9 @@ def _linear_attention_decay(fq, fk, v, log_decay, *, normalize, eps, initial_sta
     nC-1), read by row r with g^(r+1). Final state computed directly from the unpadded keys.
     """
     b, h, t, _ = fq.shape
-    hkv = fk.shape[1]
     out_dtype = v.dtype
-    c = min(chunk_size, max(t, 1))
-    fq32, fk32, v32 = (_pad_time(x.float(), c) for x in (fq, fk, v))
-    n = fq32.shape[-2] // c
-    qg = _group_queries(fq32, hkv).unflatten(3, (n, c))  # (B, Hkv, G, n, C, F)
-    kc = fk32.unflatten(2, (n, c))  # (B, Hkv, n, C, F)
-    vc = v32.unflatten(2, (n, c))  # (B, Hkv, n, C, Dv)
+    c, n, fk32, v32, qg, kc, vc = _linear_chunks(fq, fk, v, chunk_size)
+    hkv = fk.shape[1]
     r = torch.arange(c, device=fq.device)
 
     kw = kc * _decay(log_decay, (c - 1 - r)[:, None], (1, hkv, 1, 1, 1))  # keys decayed to the chunk's last position
@@ -293,14 +292,8 @@ def _linear_attention_gated(fq, fk, v, log_gate, *, normalize, eps, initial_stat
     Inside a chunk: scores * exp(c_r - c_s) (c the running sum within the chunk). State entering chunk n
     (_gated_prefix_states) is read by row r with exp(c_r)."""
     b, h, t, _ = fq.shape
-    hkv = fk.shape[1]
     out_dtype = v.dtype
-    c = min(chunk_size, max(t, 1))
-    fq32, fk32, v32 = (_pad_time(x.float(), c) for x in (fq, fk, v))
-    n = fq32.shape[-2] // c
-    qg = _group_queries(fq32, hkv).unflatten(3, (n, c))  # (B, Hkv, G, n, C, F)
-    kc = fk32.unflatten(2, (n, c))  # (B, Hkv, n, C, F)
-    vc = v32.unflatten(2, (n, c))  # (B, Hkv, n, C, Dv)
+    c, n, fk32, v32, qg, kc, vc = _linear_chunks(fq, fk, v, chunk_size)
     cum, totals = _chunk_gates(log_gate, c)  # (B, Hkv, n, C), (B, Hkv, n)
 
     kw = kc * torch.exp(totals[..., None] - cum)[..., None]  # keys gated to the chunk's last position
