@@ -256,6 +256,17 @@ def linear_attention(
     return o, final_state
 
 
+def _chunk_outputs(qg, vc, scores, qd, prefix_s, prefix_z, normalize: bool, eps: float):
+    """Per-chunk outputs of (decayed or gated) linear attention: the chunk's own weighted scores plus the state
+    entering it, read with the factor qd, over the normaliser built the same way. (B, Hkv, G, n, C, Dv)"""
+    num = torch.einsum("bkgncj,bknjd->bkgncd", scores, vc) + qd[..., None] * torch.einsum(
+        "bkgncf,bknfd->bkgncd", qg, prefix_s)
+    if normalize:
+        den = scores.sum(-1) + qd * torch.einsum("bkgncf,bknf->bkgnc", qg, prefix_z)
+        num = num / (den[..., None] + eps)
+    return num
+
+
 def _linear_attention_decay(fq, fk, v, log_decay, *, normalize, eps, initial_state, output_final_state, chunk_size):
     """linear_attention with a per-kv-head decay g: weights g^(i-j), chunked like the plain one.
 
@@ -276,12 +287,8 @@ def _linear_attention_decay(fq, fk, v, log_decay, *, normalize, eps, initial_sta
     intra = _decay(log_decay, r[:, None] - r[None, :], (1, hkv, 1, 1, 1, 1)) * causal  # g^(r-s), s <= r
     scores = torch.einsum("bkgncf,bknjf->bkgncj", qg, kc) * intra
     qd = _decay(log_decay, r + 1, (1, hkv, 1, 1, 1))  # the state sits at the position before the chunk
-    num = torch.einsum("bkgncj,bknjd->bkgncd", scores, vc) + qd[..., None] * torch.einsum(
-        "bkgncf,bknfd->bkgncd", qg, prefix_s)
-    if normalize:
-        den = scores.sum(-1) + qd * torch.einsum("bkgncf,bknf->bkgnc", qg, prefix_z)
-        num = num / (den[..., None] + eps)
-    o = num.reshape(b, h, n * c, -1)[:, :, :t].to(out_dtype)
+    o = _chunk_outputs(qg, vc, scores, qd, prefix_s, prefix_z, normalize, eps).reshape(b, h, n * c, -1)
+    o = o[:, :, :t].to(out_dtype)
     final_state = _final_state(fk32, v32, t, initial_state, log_decay) if output_final_state else None
     return o, final_state
 
@@ -303,12 +310,8 @@ def _linear_attention_gated(fq, fk, v, log_gate, *, normalize, eps, initial_stat
     intra = torch.exp((cum[..., :, None] - cum[..., None, :]).clamp(max=0)) * causal  # (B, Hkv, n, C, C)
     scores = torch.einsum("bkgncf,bknjf->bkgncj", qg, kc) * intra[:, :, None]
     qd = torch.exp(cum)[:, :, None]  # (B, Hkv, 1, n, C): gates from the chunk's start to row r
-    num = torch.einsum("bkgncj,bknjd->bkgncd", scores, vc) + qd[..., None] * torch.einsum(
-        "bkgncf,bknfd->bkgncd", qg, prefix_s)
-    if normalize:
-        den = scores.sum(-1) + qd * torch.einsum("bkgncf,bknf->bkgnc", qg, prefix_z)
-        num = num / (den[..., None] + eps)
-    o = num.reshape(b, h, n * c, -1)[:, :, :t].to(out_dtype)
+    o = _chunk_outputs(qg, vc, scores, qd, prefix_s, prefix_z, normalize, eps).reshape(b, h, n * c, -1)
+    o = o[:, :, :t].to(out_dtype)
     final_state = _gated_final_state(fk32, v32, log_gate, t, initial_state) if output_final_state else None
     return o, final_state
 
