@@ -114,7 +114,9 @@ class AttentionArgs:
     attention: str = option("linear", "What converted layers become: linear (feature-map linear + --window softmax, "
                                       "default) | sliding (softmax over --window + --sinks) | block_sparse (top-k "
                                       "blocks) | gqa (merged K/V heads, --kv-heads)")
-    sinks: int = option(0, "--attention sliding: sink tokens at the start every query sees")
+    sinks: int = option(0, "Sink tokens: the first N tokens every later query reads by softmax (StreamingLLM), "
+                           "outside the window and the linear state; --attention sliding, and linear with --window "
+                           "> 0 (runs on the PyTorch path: no Triton kernel reads sinks yet)")
     block_size: int = option(64, "--attention block_sparse: tokens per block (power of two >= 16)")
     topk: int = option(8, "--attention block_sparse: earlier blocks each query block attends to")
     kv_heads: int | None = option(None, "--attention gqa: key/value heads after merging (1 = MQA)")

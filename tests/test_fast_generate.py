@@ -18,6 +18,8 @@ KINDS = {
     "decay": dict(window_size=4, linear_decay=True, decay_memory=8.0),
     "gated": dict(window_size=4, linear_gate=True, decay_memory=8.0),
     "gated-linear": dict(window_size=0, linear_gate=True, decay_memory=8.0),
+    "sinks": dict(window_size=4, linear_sinks=2),
+    "gated-sinks": dict(window_size=4, linear_gate=True, decay_memory=8.0, linear_sinks=3),
     "softmax-layers": dict(window_size=4, attention_types=["linear", "softmax", "linear"]),
     "gqa-sliding-teacher": dict(window_size=0, attention_types=["softmax", "linear", "gqa"], gqa_kv_heads=1,
                                 sliding_window=6, teacher_sliding_layers=[True, False, False]),
@@ -167,7 +169,7 @@ print(json.dumps({"tokens": out.tolist(), "kernels": backend.KERNELS_SOURCE,
 """
 
 
-@pytest.mark.parametrize("kind", ["softmax-layers", "gated"])
+@pytest.mark.parametrize("kind", ["softmax-layers", "gated", "gated-sinks"])
 def test_export_runs_its_bundled_kernels_without_effconv(kind, tmp_path, monkeypatch):
     """The export carries the kernels as flat sibling files; loaded by plain transformers with effconv unimportable,
     the model uses them (static generate included; a gated model's PyTorch decode steps too) and gives the same

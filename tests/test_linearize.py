@@ -348,3 +348,32 @@ def test_gate_trains_and_exports(tiny_model_dir, tmp_path):
             cache = out.past_key_values
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_sinks_train_and_export_and_are_refused_where_they_cannot_work(tiny_model_dir, tmp_path):
+    """--sinks with the window hybrid: the export keeps them (config.linear_sinks, transformers loads it), its
+    cached decoding equals its forward, and they change the model; --sinks without a window is one clear error."""
+    from transformers import AutoModelForCausalLM
+
+    linearize(tiny_cfg(tiny_model_dir, tmp_path / "out", sinks=2))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.linear_sinks == 2 and model.model.layers[0].self_attn.sinks == 2
+    ids = torch.randint(0, 400, (1, 24))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :16], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(16, 24):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+        for layer in model.model.layers:
+            layer.self_attn.sinks = 0
+        assert not torch.allclose(model(ids, use_cache=False).logits, full, atol=1e-3)
+    for bad, message in ((dict(sinks=2, window=0), "--sinks needs --window >= 1"),
+                         (dict(sinks=-1), "--sinks must be >= 0"),
+                         (dict(sinks=2, attention="block_sparse"), "--sinks applies to")):
+        with pytest.raises(EffconvError, match=message):
+            linearize(tiny_cfg(tiny_model_dir, tmp_path / "bad", **bad))
+        assert not (tmp_path / "bad").exists()

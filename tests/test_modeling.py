@@ -306,3 +306,83 @@ def test_gated_student_starts_as_the_decay_trains_its_gate_and_decodes_like_its_
                 pieces.append(out.logits)
             pieces.append(gated(ids[:, 30:], past_key_values=cache, use_cache=True).logits)
         torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window,chunk,count", [(8, 16, 4), (16, 32, 1), (4, 16, 20)])
+def test_sinks_chunked_and_recurrent_equal_the_quadratic_weights(window, chunk, count):
+    """Attention sinks: the first `count` tokens are softmax terms of every later query and never linear ones.
+    The chunked hybrid (plain and gated) and the token-by-token decode steps equal the O(T^2) weights; gradients
+    reach the sink keys and values; with left padding the first real tokens are the sinks."""
+    from effconv.modeling.attention_ops import take_sinks
+    from effconv_kernels.hybrid_attn.naive import recurrent_hybrid_attention_ref
+
+    torch.manual_seed(count)
+    b, h, hkv, t, d, f = 2, 4, 2, 77, 8, 12  # 77: not a multiple of the chunk; GQA 2:1
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, hkv, t, d, requires_grad=True), torch.randn(b, hkv, t, d)
+    fq, fk = torch.rand(b, h, t, f), torch.rand(b, hkv, t, f)
+    mix = torch.randn(h)
+    for log_gate in (None, -torch.rand(b, hkv, t) * 0.5):
+        sinks = take_sinks(k, v, count)
+        o, _ = hybrid_attention(q, k, v, fq, fk, mix, window=window, scale=0.3, chunk_size=chunk, eps=0.0,
+                                sinks=sinks, log_gate=log_gate)
+        w = hybrid_attention_weights(q, k, fq, fk, mix, window=window, scale=0.3, eps=0.0, sinks=count,
+                                     log_gate=log_gate)
+        expected = w @ v.repeat_interleave(2, 1)
+        torch.testing.assert_close(o, expected, rtol=1e-4, atol=1e-5)
+        plain = hybrid_attention_weights(q, k, fq, fk, mix, window=window, scale=0.3, eps=0.0, log_gate=log_gate)
+        assert not torch.allclose(plain @ v.repeat_interleave(2, 1), expected, atol=1e-3)  # the sinks matter
+        with torch.no_grad():
+            rec, _ = recurrent_hybrid_attention_ref(q, k, v, fq, fk, mix, window=window, scale=0.3, eps=0.0,
+                                                    log_gate=log_gate, sinks=count)
+        torch.testing.assert_close(rec, expected, rtol=1e-4, atol=1e-5)
+    k.grad = None
+    o.square().sum().backward()
+    assert k.grad[:, :, :count].abs().sum() > 0
+
+    pad = 5  # row 1 gets 5 padding tokens in front: its sinks are its first real tokens
+    mask = torch.ones(b, t + pad, dtype=torch.bool)
+    mask[1, :pad] = False
+    shift = lambda x: torch.cat([torch.zeros_like(x[:, :, :pad]), x], 2)  # noqa: E731
+    kp, vp = shift(k.detach()), shift(v)
+    sinks = take_sinks(kp, vp, count, key_mask=mask)
+    assert sinks.key_is_sink[1, pad : pad + count].all() and sinks.key_is_sink[1].sum() == min(count, t)
+    with torch.no_grad():
+        got, _ = hybrid_attention(shift(q), kp, vp, shift(fq), shift(fk), mix, window=window, scale=0.3,
+                                  chunk_size=chunk, eps=0.0, sinks=sinks, key_padding_mask=mask)
+        alone, _ = hybrid_attention(q[1:], k[1:].detach(), v[1:], fq[1:], fk[1:], mix, window=window, scale=0.3,
+                                    chunk_size=chunk, eps=0.0, sinks=take_sinks(k[1:].detach(), v[1:], count))
+    torch.testing.assert_close(got[1:, :, pad:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_sink_model_decodes_like_its_forward_and_refuses_sinks_without_a_window():
+    """linear_sinks: prefill, one-token ring steps and multi-token steps (which unroll the ring) continue the
+    sinks exactly, whatever the prompt length (shorter than the sinks included), gated or not."""
+    from effconv.modeling import EffconvConfig, EffconvForCausalLM
+
+    for extra in ({}, {"linear_gate": True, "decay_memory": 8.0}):
+        config = EffconvConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, window_size=4, linear_sinks=3, **extra)
+        torch.manual_seed(0)
+        model = EffconvForCausalLM(config).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "decay_logit" not in name and "norm" not in name:
+                    p.normal_(0.0, 0.08 if p.dim() > 1 else 0.3)
+        ids = torch.randint(3, 400, (2, 30))
+        with torch.no_grad():
+            full = model(ids, use_cache=False).logits
+            unsunk = EffconvForCausalLM(EffconvConfig(**{**config.to_dict(), "linear_sinks": 0})).eval()
+            unsunk.load_state_dict(model.state_dict())
+            assert not torch.allclose(unsunk(ids, use_cache=False).logits, full, atol=1e-3)
+            for split in (1, 2, 9):
+                out = model(ids[:, :split], use_cache=True)
+                cache, pieces, t = out.past_key_values, [out.logits], split
+                while t < 30:
+                    step = 1 if t % 5 else 3
+                    out = model(ids[:, t : t + step], past_key_values=cache, use_cache=True)
+                    cache, t = out.past_key_values, t + step
+                    pieces.append(out.logits)
+                torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="linear_sinks needs window_size"):
+        EffconvConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, window_size=0, linear_sinks=3)

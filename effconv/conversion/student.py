@@ -143,7 +143,9 @@ def make_student(teacher, cfg, device: torch.device):
         window_size=cfg.window,
         attention_backend="auto" if cfg.kernel == "auto" else cfg.kernel,
     )
-    config.sink_tokens, config.sparse_block_size, config.sparse_topk = cfg.sinks, cfg.block_size, cfg.topk
+    config.sparse_block_size, config.sparse_topk = cfg.block_size, cfg.topk
+    config.sink_tokens = cfg.sinks if cfg.attention == "sliding" else 0
+    config.linear_sinks = cfg.sinks if cfg.attention == "linear" else 0
     config.linear_decay, config.decay_memory = cfg.decay, float(cfg.decay_memory)
     config.linear_gate = cfg.gate
     config.linear_rope = cfg.linear_rope

@@ -29,11 +29,18 @@ and normaliser alike; the window terms are unchanged; the initial state gets exp
 tokens is exp(C_{L-1}) S0 + sum_{j<L} exp(C_{L-1} - C_j) fk_j v_j^T. Sums are taken chunk by chunk (exponents of
 differences that are never positive), so nothing overflows. A continuation's log_gate covers the same tokens as
 its keys (the hybrid's re-read window included).
+
+Sinks (StreamingLLM; hybrid only): the first `sinks` real tokens of a sequence leave the window and linear parts
+(no feature in the state) and are read by softmax from every later query, for ever, under the window's row max and
+the shared normaliser: o_i's softmax terms run over Win(i) and the sinks. The teacher puts a large share of its
+attention on the first token in most layers at every position, which a window alone loses after W tokens and the
+linear part can only smear out. `take_sinks` finds them and carries them across calls.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -316,6 +323,47 @@ def _linear_attention_gated(fq, fk, v, log_gate, *, normalize, eps, initial_stat
     return o, final_state
 
 
+class Sinks(NamedTuple):
+    """The attention sinks one hybrid call reads (`take_sinks`).
+
+    key_is_sink (B, T) bool: which of the call's keys are sinks; keys (B, Hkv, S, D), values (B, Hkv, S, Dv): sink s
+    of each sequence; positions (B, S) long: its index among the call's keys, negative for a sink of an earlier call
+    (read by every query), NO_SINK for a slot not filled yet (read by none)."""
+
+    key_is_sink: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+
+
+NO_SINK = torch.iinfo(torch.long).max
+
+
+def take_sinks(k: torch.Tensor, v: torch.Tensor, count: int, *, key_mask: torch.Tensor | None = None,
+               earlier: Sinks | None = None) -> Sinks:
+    """The first `count` real tokens of each sequence as sinks: those of `earlier` calls (the cache; their
+    positions become -1) and, while slots are free, this call's first real keys (k (B, Hkv, T, D), v; `key_mask`
+    (B, T), True for real tokens). Gathered with a one-hot product: no host sync, gradients reach k and v."""
+    b, hkv, t, _ = k.shape
+    slot = torch.arange(count, device=k.device)
+    if earlier is None:
+        keys, values = k.new_zeros(b, hkv, count, k.shape[-1]), v.new_zeros(b, hkv, count, v.shape[-1])
+        positions = torch.full((b, count), NO_SINK, dtype=torch.long, device=k.device)
+    else:
+        keys, values = earlier.keys.to(k.dtype), earlier.values.to(v.dtype)
+        positions = torch.where(earlier.positions == NO_SINK, NO_SINK, -1)
+    real = torch.ones(b, t, dtype=torch.bool, device=k.device) if key_mask is None else key_mask.bool()
+    rank = (positions < 0).sum(-1, keepdim=True) + real.long().cumsum(-1) - 1  # (B, T)
+    key_is_sink = real & (rank < count)
+    onehot = key_is_sink[..., None] & (rank[..., None] == slot)  # (B, T, S)
+    taken = onehot.any(1)  # (B, S)
+    w = onehot.to(k.dtype)
+    keys = torch.where(taken[:, None, :, None], torch.einsum("bts,bktd->bksd", w, k), keys)
+    values = torch.where(taken[:, None, :, None], torch.einsum("bts,bktd->bksd", w.to(v.dtype), v), values)
+    index = (onehot.long() * torch.arange(t, device=k.device)[None, :, None]).sum(1)
+    return Sinks(key_is_sink, keys, values, torch.where(taken, index, positions))
+
+
 def hybrid_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -333,6 +381,7 @@ def hybrid_attention(
     chunk_size: int = 64,
     log_decay: torch.Tensor | None = None,
     log_gate: torch.Tensor | None = None,
+    sinks: "Sinks | None" = None,
 ):
     """Sliding-window softmax + linear attention under one normaliser, chunked: O(T * chunk) memory.
 
@@ -340,10 +389,14 @@ def hybrid_attention(
     chunk two or more back is entirely in its linear part. `key_padding_mask` (B, T), True for real tokens,
     removes padded keys from both parts. Returns (o, final_state or None); final_state is the linear state of
     all tokens that have left the window after the last one. `log_decay` (Hkv,): per-head decay of the linear part;
-    `log_gate` (B, Hkv, T): per-token gates (module docstring); at most one of them.
+    `log_gate` (B, Hkv, T): per-token gates (module docstring); at most one of them. `sinks` (`take_sinks`): this
+    call's sink keys leave the window and linear parts, and every query reads the sinks before it by softmax.
     """
     if log_decay is not None and log_gate is not None:
         raise ValueError("pass log_decay or log_gate, not both")
+    if sinks is not None:
+        local = ~sinks.key_is_sink
+        key_padding_mask = local if key_padding_mask is None else key_padding_mask.bool() & local
     b, h, t, _ = q.shape
     hkv = k.shape[1]
     g = h // hkv
@@ -380,7 +433,14 @@ def hybrid_attention(
 
     scores = torch.einsum("bkgncd,bknjd->bkgncj", qg, k_loc) * scale
     scores = scores.masked_fill(~in_window, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # padded rows: no window
+    row_max = scores.amax(-1, keepdim=True)
+    if sinks is not None:
+        sink_scores = torch.einsum("bkgncd,bksd->bkgncs", qg, sinks.keys.float()) * scale
+        rows = torch.arange(n * c, device=q.device).view(n, c)
+        visible = sinks.positions[:, None, None, :] <= rows[None, :, :, None]  # (B, n, C, S)
+        sink_scores = sink_scores.masked_fill(~visible[:, None, None], float("-inf"))
+        row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
+    row_max = row_max.clamp_min(torch.finfo(torch.float32).min)  # padded rows: no window
     win_w = torch.exp(scores - row_max)
     lin_w = torch.einsum("bkgncf,bknjf->bkgncj", fqg, fk_loc) * in_linear
 
@@ -430,6 +490,10 @@ def hybrid_attention(
         torch.einsum("bkgncj,bknjd->bkgncd", lin_w, v_loc) + state_num
     )
     den = alpha * win_w.sum(-1, keepdim=True) + (1 - alpha) * (lin_w.sum(-1, keepdim=True) + state_den[..., None])
+    if sinks is not None:
+        sink_w = torch.exp(sink_scores - row_max)
+        num = num + alpha * torch.einsum("bkgncs,bksd->bkgncd", sink_w, sinks.values.float())
+        den = den + alpha * sink_w.sum(-1, keepdim=True)
     o = (num / (den + eps)).reshape(b, h, n * c, -1)[:, :, :t].to(out_dtype)
 
     final_state = None
@@ -442,11 +506,13 @@ def hybrid_attention(
 
 
 def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, eps: float = 1e-6,
-                             log_decay: torch.Tensor | None = None, log_gate: torch.Tensor | None = None):
+                             log_decay: torch.Tensor | None = None, log_gate: torch.Tensor | None = None,
+                             sinks: int = 0):
     """The (B, H, T, T) attention weights of the hybrid (or pure linear when window == 0), O(T^2).
 
-    Used for the optional attention-map cross-entropy of attention transfer, on short sequences only.
-    `log_decay` (Hkv,): the linear weights get g^(i-j); `log_gate` (B, Hkv, T): exp(C_i - C_j) (module docstring).
+    Used for the optional attention-map cross-entropy of attention transfer, on short sequences only, and as the
+    tests' oracle. `log_decay` (Hkv,): the linear weights get g^(i-j); `log_gate` (B, Hkv, T): exp(C_i - C_j)
+    (module docstring); `sinks`: keys j < sinks are softmax terms of every query i >= j (no padding here).
     """
     hkv = k.shape[1]
     g = q.shape[1] // hkv
@@ -455,7 +521,7 @@ def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, ep
     fk_rep = fk.float().repeat_interleave(g, 1)
     i = torch.arange(t, device=q.device)[:, None]
     j = torch.arange(t, device=q.device)[None, :]
-    lin_w = (fq.float() @ fk_rep.transpose(-1, -2)) * (j <= i - window)
+    lin_w = (fq.float() @ fk_rep.transpose(-1, -2)) * ((j <= i - window) & (j >= sinks))
     if log_decay is not None:
         lin_w = lin_w * _decay(log_decay.float().repeat_interleave(g), i - j, (1, -1, 1, 1))
     if log_gate is not None:
@@ -463,7 +529,7 @@ def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, ep
         lin_w = lin_w * torch.exp((cum[..., :, None] - cum[..., None, :]).clamp(max=0))
     if window <= 0:
         return lin_w / (lin_w.sum(-1, keepdim=True) + eps)
-    in_window = (j <= i) & (j > i - window)
+    in_window = (j <= i) & ((j > i - window) | (j < sinks))
     scores = (q.float() @ k_rep.transpose(-1, -2) * scale).masked_fill(~in_window, float("-inf"))
     win_w = torch.exp(scores - scores.amax(-1, keepdim=True))
     alpha = torch.sigmoid(mix.float()).view(1, -1, 1, 1)

@@ -46,6 +46,7 @@ class EffconvConfig(PretrainedConfig):
         linear_decay: bool = False,
         linear_gate: bool = False,
         linear_rope: bool = True,
+        linear_sinks: int = 0,
         decay_memory: float = 1024.0,
         attention_backend: str = "auto",
         sink_tokens: int = 0,
@@ -94,6 +95,9 @@ class EffconvConfig(PretrainedConfig):
         self.linear_gate = linear_gate
         # feature maps read RoPE-rotated queries and keys (True) or the unrotated ones (False)
         self.linear_rope = linear_rope
+        # hybrid linear layers: the first linear_sinks tokens stay softmax terms of every later query (attention
+        # sinks), outside the window and the linear state
+        self.linear_sinks = linear_sinks
         self.decay_memory = decay_memory
         self.attention_backend = attention_backend
         self.sink_tokens = sink_tokens  # "sliding" layers
@@ -118,6 +122,9 @@ class EffconvConfig(PretrainedConfig):
             raise ValueError(f"unknown layer types {unknown}; known: {', '.join(ATTENTION_TYPES)}")
         if window_size < 0:
             raise ValueError(f"window_size must be >= 0, got {window_size}")
+        if linear_sinks < 0 or (linear_sinks and window_size < 1):
+            raise ValueError(f"linear_sinks needs window_size >= 1 (sinks are softmax terms of the window), got "
+                             f"linear_sinks={linear_sinks}, window_size={window_size}")
         if "sliding" in self.attention_types and (window_size < 1 or sink_tokens < 0):
             raise ValueError(f"sliding layers need window_size >= 1 and sink_tokens >= 0, got {window_size}, {sink_tokens}")
         if "gqa" in self.attention_types and (not gqa_kv_heads or self.num_key_value_heads % gqa_kv_heads):

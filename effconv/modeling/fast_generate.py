@@ -147,12 +147,14 @@ def freeze(model, cache, attention_mask, kernels) -> bool:
                 attn._unroll_ring(c)
             ring = kernels.HybridDecodeCache.from_prefill(c.keys, c.values, c.key_features.to(c.keys.dtype),
                                                           window=attn.window, final_state=c.state,
-                                                          log_decay=attn.log_decay(), key_gates=c.key_gates)
+                                                          log_decay=attn.log_decay(), key_gates=c.key_gates,
+                                                          **attn._ring_sinks(c))
             w, held = ring.k.shape[2], c.keys.shape[2]
             # from_prefill numbers the held tokens from 0; the device counter is absolute: token t in slot t % W
             shift = (seen - held) % w
             old = c.static_ring
-            for name in ("S", "z", "k", "v", "fk") + (("lg",) if ring.lg is not None else ()):
+            for name in ("S", "z", "k", "v", "fk") + (("lg",) if ring.lg is not None else ()) + (
+                    ("sk", "sv") if ring.sk is not None else ()):
                 new = getattr(ring, name)
                 if name in ("k", "v", "fk", "lg") and shift:
                     new = torch.roll(new, shift, dims=2)
@@ -169,6 +171,7 @@ def freeze(model, cache, attention_mask, kernels) -> bool:
             c.static_ring = c.ring = ring
             c.ring_position = ctx.position
             c.keys = c.values = c.key_features = c.state = c.key_gates = None
+            c.sinks = c.key_sinks = None
         c.key_mask = None
         c.static = ctx
     cache.frozen = True

@@ -26,7 +26,10 @@ from .attention_ops import (
     hybrid_attention,
     linear_attention,
     select_key_blocks,
+    NO_SINK,
+    Sinks,
     softmax_attention,
+    take_sinks,
 )
 from .attention_ops import block_sparse_attention as block_sparse_attention_ref
 from .attention_ops import sliding_window_attention as sliding_window_attention_ref
@@ -39,9 +42,9 @@ from .moe import MoeExperts, MoeMLP
 logger = logging.get_logger(__name__)
 
 
-def _say_gates_use_pytorch() -> None:
-    logger.warning_once("effconv: gated linear layers (linear_gate) run on the PyTorch path; the Triton kernels take no "
-                        "per-token gates yet (slower, same results)")
+def _say_uses_pytorch(what: str) -> None:
+    logger.warning_once(f"effconv: {what} run on the PyTorch path; the Triton kernels do not take them yet (slower, "
+                        "same results)")
 
 
 def decay_logit_init(num_kv_heads: int, memory: float) -> torch.Tensor:
@@ -92,6 +95,9 @@ class LayerCache:
     key_mask: torch.Tensor | None = None  # (B, tokens held) True for real tokens; None when nothing is padded
     key_gates: torch.Tensor | None = None  # gated hybrid layers: (B, Hkv, tokens held) log gates of the held keys
     state: tuple[torch.Tensor, torch.Tensor] | None = None
+    sinks: object | None = None  # hybrid layers with sinks: attention_ops.Sinks of the tokens so far
+    key_sinks: torch.Tensor | None = None  # ... and (B, tokens held) which of the held keys are sinks
+    seen: int = 0  # hybrid layers with sinks: tokens so far (the ring numbers its tokens absolutely)
     key_positions: torch.Tensor | None = None  # sliding layers: absolute positions of the held keys (sinks + window)
     block_selection: torch.Tensor | None = None  # block_sparse layers: (B, H, blocks so far, topk + 1) chosen blocks
     # One-token decoding of a hybrid layer keeps the window in a ring buffer (effconv_kernels.HybridDecodeCache,
@@ -108,8 +114,10 @@ class LayerCache:
     static_ring: object | None = None
 
     def nbytes(self) -> int:
-        ring = [self.ring.S, self.ring.z, self.ring.k, self.ring.v, self.ring.fk, self.ring.lg] if self.ring is not None else []
-        tensors = [self.keys, self.values, self.key_features, self.key_gates, *(self.state or ()), *ring]
+        ring = [self.ring.S, self.ring.z, self.ring.k, self.ring.v, self.ring.fk, self.ring.lg, self.ring.sk,
+                self.ring.sv] if self.ring is not None else []
+        sinks = [self.sinks.keys, self.sinks.values] if self.sinks is not None else []
+        tensors = [self.keys, self.values, self.key_features, self.key_gates, *(self.state or ()), *ring, *sinks]
         if self.static is not None:
             tensors += [self.static_keys, self.static_values]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -117,6 +125,8 @@ class LayerCache:
     def clear(self) -> None:
         """Forget the tokens; keep the static buffers (a graph captured on them stays valid)."""
         self.keys = self.values = self.key_features = self.key_mask = self.key_gates = self.state = None
+        self.sinks = self.key_sinks = None
+        self.seen = 0
         self.key_positions = self.block_selection = self.ring = self.ring_position = self.static = None
 
 
@@ -229,6 +239,7 @@ class EffconvAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.window = config.window_size if self.layer_type == "linear" else 0
+        self.sinks = getattr(config, "linear_sinks", 0) if self.window > 0 else 0
         if self.layer_type == "linear":
             fm, fd = config.feature_map, config.feature_dim
             self.feature_map_q = FeatureMap(fm, self.num_heads, self.head_dim, fd)
@@ -365,7 +376,7 @@ class EffconvAttention(nn.Module):
         ring buffer for the hybrid) with the decode-step ops, instead of a chunked pass over the window prefix.
         A gated layer's step (`log_gate` (B, Hkv, 1)) runs the PyTorch step: no Triton kernel takes gates."""
         gate = None if log_gate is None else log_gate[:, :, 0]
-        backend = "triton" if self._use_kernels(q) and gate is None else "reference"
+        backend = "triton" if self._use_kernels(q) and gate is None and not self.sinks else "reference"
         fm_kernel = None
         if backend == "triton" and hasattr(_kernels, "hedgehog_feature_map"):
             def fm_kernel(x, w, b):
@@ -385,8 +396,10 @@ class EffconvAttention(nn.Module):
                 cache.ring = _kernels.HybridDecodeCache.from_prefill(
                     cache.keys, cache.values, cache.key_features.to(cache.keys.dtype), window=self.window,
                     final_state=cache.state, log_decay=self.log_decay(), key_gates=cache.key_gates,
+                    **self._ring_sinks(cache), seen=cache.seen if self.sinks else None,
                 )
                 cache.keys = cache.values = cache.key_features = cache.state = cache.key_gates = None
+                cache.sinks = cache.key_sinks = None
             extra = {} if cache.ring_position is None else {"position": cache.ring_position}
             if cache.static is not None:
                 extra["first"] = cache.static.first_token
@@ -395,6 +408,14 @@ class EffconvAttention(nn.Module):
                 log_decay=self.log_decay(), backend=backend, log_gate=gate, **extra,
             )
         return o[:, :, None]
+
+    def _ring_sinks(self, cache: LayerCache) -> dict:
+        """from_prefill's sink arguments: the prefill's sinks (its first tokens; no padding on this path)."""
+        if not self.sinks:
+            return {}
+        if cache.sinks is None:
+            raise RuntimeError("a hybrid layer with sinks has a cache without them")
+        return {"sink_keys": cache.sinks.keys, "sink_values": cache.sinks.values}
 
     @staticmethod
     def _unroll_ring(cache: LayerCache) -> None:
@@ -406,6 +427,15 @@ class EffconvAttention(nn.Module):
         order = torch.tensor([(seen - held + i) % w for i in range(held)], device=ring.k.device)
         cache.keys, cache.values, cache.key_features = (x.index_select(2, order) for x in (ring.k, ring.v, ring.fk))
         cache.key_gates = None if ring.lg is None else ring.lg.index_select(2, order)
+        if ring.sk is not None:  # tokens first..first+S-1 are the sinks (first: the static cache's left padding)
+            count, b, dev = ring.sk.shape[2], ring.k.shape[0], ring.k.device
+            first = (cache.static.first_token if cache.static is not None
+                     else torch.zeros(b, dtype=torch.long, device=dev))[:, None]
+            positions = torch.where(first + torch.arange(count, device=dev) < seen, -1, NO_SINK)
+            token = seen - held + torch.arange(held, device=dev)
+            cache.sinks = Sinks(None, ring.sk, ring.sv, positions)
+            cache.key_sinks = (token >= first) & (token < first + count)
+            cache.seen = seen
         cache.state, cache.ring, cache.ring_position = (ring.S, ring.z), None, None
 
     def _linear(self, q, k, v, cache: LayerCache | None, key_mask, features=None, log_gate=None):
@@ -415,7 +445,9 @@ class EffconvAttention(nn.Module):
         feature_q, feature_k = features if features is not None else (q, k)
         gated = log_gate is not None
         if gated and self._use_kernels(q):
-            _say_gates_use_pytorch()
+            _say_uses_pytorch("gated linear layers (linear_gate)")
+        if self.sinks and self._use_kernels(q):
+            _say_uses_pytorch("hybrid layers with attention sinks (linear_sinks)")
         if (
             cache is not None and q.shape[2] == 1 and key_mask is None and _kernels is not None
             and (cache.state is not None or cache.ring is not None) and not torch.is_grad_enabled()
@@ -445,9 +477,12 @@ class EffconvAttention(nn.Module):
         log_decay = self.log_decay()
         if key_mask is not None:
             key_mask = key_mask[:, -k.shape[2]:]
+        sinks = self._take_sinks(k, v, t_new, cache, key_mask) if self.sinks else None
+        if sinks is not None:  # sinks never enter the linear state (nor the cache's window features)
+            fk = fk * (~sinks.key_is_sink)[:, None, :, None].to(fk.dtype)
         if self.window > 0:
             mix = self.window_mix
-            if self._use_kernels(q) and key_mask is None and not gated:
+            if self._use_kernels(q) and key_mask is None and not gated and sinks is None:
                 # the kernels take every operand in one dtype and accumulate in fp32 themselves
                 o, state = _kernels.hybrid_attention(
                     q, k, v, fq.to(v.dtype), fk.to(v.dtype), mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
@@ -457,7 +492,7 @@ class EffconvAttention(nn.Module):
                 o, state = hybrid_attention(
                     q, k, v, fq, fk, mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
                     initial_state=initial_state, output_final_state=keep_state, key_padding_mask=key_mask,
-                    log_decay=log_decay, log_gate=log_gate,
+                    log_decay=log_decay, log_gate=log_gate, sinks=sinks,
                 )
         else:
             if key_mask is not None:
@@ -481,7 +516,23 @@ class EffconvAttention(nn.Module):
                 cache.key_mask = None if key_mask is None else key_mask[:, -self.window:]
                 if gated:
                     cache.key_gates = log_gate[:, :, -self.window:].clone()
+                if sinks is not None:
+                    cache.sinks, cache.key_sinks = sinks, sinks.key_is_sink[:, -self.window:].clone()
+                    cache.seen = (cache.seen if initial_state is not None else 0) + t_new
         return o[:, :, -t_new:]
+
+    def _take_sinks(self, k, v, t_new: int, cache: LayerCache | None, key_mask):
+        """The sinks of a hybrid call over k, v (the held window keys, then the t_new new ones): the cache's, and
+        the first real new tokens while there are free slots; held keys that are sinks stay out of the window."""
+        held = k.shape[2] - t_new
+        continuing = cache is not None and cache.sinks is not None and held >= 0 and cache.state is not None
+        new_real = (torch.ones(k.shape[0], t_new, dtype=torch.bool, device=k.device) if key_mask is None
+                    else key_mask[:, -t_new:].bool())
+        sinks = take_sinks(k, v, self.sinks, key_mask=F.pad(new_real, (held, 0), value=False),
+                           earlier=cache.sinks if continuing else None)
+        if continuing and held and cache.key_sinks is not None:
+            sinks = sinks._replace(key_is_sink=sinks.key_is_sink | F.pad(cache.key_sinks, (0, t_new), value=False))
+        return sinks
 
     def converted(self, q, k, v, cache: LayerCache | None, key_mask, features=None, log_gate=None):
         """The layer's converted attention (linear / hybrid, or sparse softmax) of q, k, v; `features`: the

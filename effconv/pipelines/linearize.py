@@ -90,11 +90,19 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
                 f"--window {self.window} is not smaller than --seq-len {self.seq_len}: every token would be inside "
                 "the softmax window, so the linear part would never be trained or measured; use a smaller --window "
                 "or a longer --seq-len")
+        if self.sinks < 0:
+            raise EffconvError(f"--sinks must be >= 0, got {self.sinks}")
+        if self.sinks and self.attention not in ("linear", "sliding"):
+            raise EffconvError(f"--sinks applies to --attention linear (with --window) and sliding, not {self.attention}")
+        if self.sinks and self.attention == "linear" and self.window < 1:
+            raise EffconvError("--sinks needs --window >= 1: sinks are softmax terms beside the window, and --window 0 "
+                               "has no softmax part")
+        if self.attention == "linear" and self.sinks and self.window + self.sinks >= self.seq_len:
+            raise EffconvError(f"--window {self.window} + --sinks {self.sinks} covers the whole --seq-len "
+                               f"{self.seq_len}: the linear part would never be trained")
         if self.attention == "sliding":
             if self.window < 1:
                 raise EffconvError(f"--attention sliding needs --window >= 1, got {self.window}")
-            if self.sinks < 0:
-                raise EffconvError(f"--sinks must be >= 0, got {self.sinks}")
             if self.window + self.sinks >= self.seq_len:
                 raise EffconvError(
                     f"--window {self.window} + --sinks {self.sinks} covers the whole --seq-len {self.seq_len}: the "

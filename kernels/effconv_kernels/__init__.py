@@ -165,6 +165,11 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
         raise ValueError("position must hold one integer (tokens seen)")
     _check_decay(log_decay, k_t.shape[1])
     backend = _gate_backend(log_gate, log_decay, k_t.shape[0], k_t.shape[1], backend)
+    if cache.sk is not None:  # the Triton step reads no sinks
+        if backend == "triton":
+            raise ValueError("the Triton decode kernel reads no attention sinks (a cache with sk); use "
+                             "backend='reference'")
+        backend = "reference"
     be = resolve_backend(backend, q_t, k_t, v_t, fq_t, fk_t, cache.S)
     kw = dict(window=window, scale=scale, eps=eps, log_decay=log_decay, first=first)
     if be == "triton":

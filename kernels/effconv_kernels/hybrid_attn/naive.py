@@ -70,7 +70,7 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
     keeps their fk and v zero, so their eviction adds nothing to the state). `log_gate` (B, Hkv): the new token's
     log gate (a gated layer; the cache keeps the window's gates in `cache.lg`). `position`: a 1-element device
     tensor holding the token index instead of `cache.seen` (then left alone): no host value is read, so the step
-    can be captured in a CUDA graph."""
+    can be captured in a CUDA graph. A cache with sinks (`cache.sk`) makes token first + s sink s (cache docstring)."""
     W = cache.window
     if int(window) != W:
         raise ValueError(f"window={window} but the cache holds {W} slots")
@@ -95,6 +95,15 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
     keep = 1.0 + evict * (g - 1.0)
     cache.S.mul_(keep[..., None, None]).add_(evict * old_fk.unsqueeze(-1) * old_v.unsqueeze(-2))
     cache.z.mul_(keep[..., None]).add_(evict * old_fk)
+    start = torch.zeros(B, dtype=torch.long, device=dev) if first is None else first.to(dev, torch.long)
+    if cache.sk is not None:  # token start + s is sink s: kept apart, never in the linear state
+        rank = t - start  # (B,)
+        is_sink = (rank >= 0) & (rank < cache.sk.shape[2])
+        into = (is_sink[:, None] & (torch.arange(cache.sk.shape[2], device=dev)[None, :] == rank[:, None]))
+        into = into[:, None, :, None]
+        cache.sk.copy_(torch.where(into, k_t[:, :, None].to(cache.sk.dtype), cache.sk))
+        cache.sv.copy_(torch.where(into, v_t[:, :, None].to(cache.sv.dtype), cache.sv))
+        fk_t = fk_t * (~is_sink).to(fk_t.dtype)[:, None, None]
     cache.k.index_copy_(2, slot, k_t[:, :, None].to(cache.k.dtype))
     cache.v.index_copy_(2, slot, v_t[:, :, None].to(cache.v.dtype))
     cache.fk.index_copy_(2, slot, fk_t[:, :, None].to(cache.fk.dtype))
@@ -105,14 +114,22 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
 
     slots = torch.arange(W, device=dev)
     valid = (slots <= t)[None, :]  # (1, W): slots that hold a token
-    if first is not None:  # slot j holds token t - ((t - j) mod W)
+    if first is not None or cache.sk is not None:  # slot j holds token t - ((t - j) mod W)
         token = t - (t - slots) % W
-        valid = valid & (token[None, :] >= first.to(dev)[:, None])
+        lowest = start if cache.sk is None else start + cache.sk.shape[2]  # sinks are read from sk, not the ring
+        valid = valid & (token[None, :] >= lowest[:, None])
     qq = q_t.float().reshape(B, Hkv, G, D)
     fqq = fq_t.float().reshape(B, Hkv, G, -1)
     s = torch.einsum("bhgd,bhjd->bhgj", qq, cache.k.float()) * scale
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    a = torch.exp(s - s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min))
+    row_max = s.amax(-1, keepdim=True)
+    if cache.sk is not None:
+        filled = start[:, None] + torch.arange(cache.sk.shape[2], device=dev)[None, :] <= t  # (B, S)
+        sink_s = torch.einsum("bhgd,bhsd->bhgs", qq, cache.sk.float()) * scale
+        sink_s = sink_s.masked_fill(~filled[:, None, None, :], float("-inf"))
+        row_max = torch.maximum(row_max, sink_s.amax(-1, keepdim=True))
+    row_max = row_max.clamp_min(torch.finfo(torch.float32).min)
+    a = torch.exp(s - row_max)
     alpha = torch.sigmoid(mix.float()).reshape(1, Hkv, G, 1)
     beta = 1.0 - alpha
     lin_num = torch.einsum("bhgf,bhfd->bhgd", fqq, cache.S)
@@ -126,17 +143,22 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
         lin_num, lin_den = lin_num * qd[..., None], lin_den * qd
     num = alpha * torch.einsum("bhgj,bhjd->bhgd", a, cache.v.float()) + beta * lin_num
     den = alpha[..., 0] * a.sum(-1) + beta[..., 0] * lin_den + eps
+    if cache.sk is not None:
+        sink_a = torch.exp(sink_s - row_max)
+        num = num + alpha * torch.einsum("bhgs,bhsd->bhgd", sink_a, cache.sv.float())
+        den = den + alpha[..., 0] * sink_a.sum(-1)
     return (num / den.unsqueeze(-1)).reshape(B, H, -1).to(q_t.dtype)
 
 
 def recurrent_hybrid_attention_ref(q, k, v, fq, fk, mix, *, window: int, scale: float, eps=1e-6,
-                                   initial_state=None, log_decay=None, log_gate=None):
-    """Token-by-token loop over `hybrid_decode_step_ref` (`log_gate` (B, Hkv, T): per-token gates). Returns
-    (o, cache)."""
+                                   initial_state=None, log_decay=None, log_gate=None, sinks: int = 0):
+    """Token-by-token loop over `hybrid_decode_step_ref` (`log_gate` (B, Hkv, T): per-token gates; `sinks`: the
+    first tokens are attention sinks). Returns (o, cache)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     cache = HybridDecodeCache.empty(B, Hkv, window, D, fk.shape[-1], v.shape[-1], dtype=k.dtype,
-                                    device=k.device, initial_state=initial_state, gated=log_gate is not None)
+                                    device=k.device, initial_state=initial_state, gated=log_gate is not None,
+                                    sinks=sinks)
     outs = [hybrid_decode_step_ref(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], mix, cache,
                                    window=window, scale=scale, eps=eps, log_decay=log_decay,
                                    log_gate=None if log_gate is None else log_gate[:, :, t]) for t in range(T)]
