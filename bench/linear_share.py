@@ -34,11 +34,12 @@ def linear_share(attn, q, k, features=None, log_gate=None) -> torch.Tensor:
     feature_q, feature_k = features if features is not None else (q, k)
     fq, fk = attn.feature_map_q(feature_q), attn.feature_map_k(feature_k)
     weights = hybrid_attention_weights(q, k, fq, fk, attn.window_mix, window=attn.window, scale=attn.scale,
-                                       eps=attn.config.linear_eps, log_decay=attn.log_decay(), log_gate=log_gate)
+                                       eps=attn.config.linear_eps, log_decay=attn.log_decay(), log_gate=log_gate,
+                                       sinks=attn.sinks)
     t = q.shape[2]
     i = torch.arange(t, device=q.device)[:, None]
     j = torch.arange(t, device=q.device)[None, :]
-    return (weights * (j <= i - attn.window)).sum(-1).mean(1)
+    return (weights * ((j <= i - attn.window) & (j >= attn.sinks))).sum(-1).mean(1)  # sinks: softmax terms
 
 
 def hybrid_layers(model) -> list:
