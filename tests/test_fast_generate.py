@@ -18,7 +18,7 @@ KINDS = {
     "decay": dict(window_size=4, linear_decay=True, decay_memory=8.0),
     "gated": dict(window_size=4, linear_gate=True, decay_memory=8.0),
     "gated-linear": dict(window_size=0, linear_gate=True, decay_memory=8.0),
-    "sinks": dict(window_size=4, linear_sinks=2),
+    "sinks": dict(window_size=4, linear_sinks=2, max_position_embeddings=16),  # generation runs past the cap
     "gated-sinks": dict(window_size=4, linear_gate=True, decay_memory=8.0, linear_sinks=3),
     "softmax-layers": dict(window_size=4, attention_types=["linear", "softmax", "linear"]),
     "gqa-sliding-teacher": dict(window_size=0, attention_types=["softmax", "linear", "gqa"], gqa_kv_heads=1,
@@ -31,8 +31,8 @@ KINDS = {
 def tiny_model(seed: int = 0, **overrides) -> EffconvForCausalLM:
     """A random 3-layer effconv model whose weights are large enough that attention shapes the logits."""
     config = EffconvConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
-                           num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-                           bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
+                           num_attention_heads=6, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=0, **{"max_position_embeddings": 512, **overrides})
     torch.manual_seed(seed)
     model = EffconvForCausalLM(config).eval()
     with torch.no_grad():

@@ -356,12 +356,15 @@ def test_sinks_chunked_and_recurrent_equal_the_quadratic_weights(window, chunk, 
 
 def test_sink_model_decodes_like_its_forward_and_refuses_sinks_without_a_window():
     """linear_sinks: prefill, one-token ring steps and multi-token steps (which unroll the ring) continue the
-    sinks exactly, whatever the prompt length (shorter than the sinks included), gated or not."""
+    sinks exactly, whatever the prompt length (shorter than the sinks included), gated or not; past
+    max_position_embeddings (16 here) the sinks are read with queries rotated at the last position, so the model
+    equals one with more positions up to there and differs after."""
     from effconv.modeling import EffconvConfig, EffconvForCausalLM
 
     for extra in ({}, {"linear_gate": True, "decay_memory": 8.0}):
         config = EffconvConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, window_size=4, linear_sinks=3, **extra)
+                               num_attention_heads=4, num_key_value_heads=2, window_size=4, linear_sinks=3,
+                               max_position_embeddings=16, **extra)
         torch.manual_seed(0)
         model = EffconvForCausalLM(config).eval()
         with torch.no_grad():
@@ -374,6 +377,11 @@ def test_sink_model_decodes_like_its_forward_and_refuses_sinks_without_a_window(
             unsunk = EffconvForCausalLM(EffconvConfig(**{**config.to_dict(), "linear_sinks": 0})).eval()
             unsunk.load_state_dict(model.state_dict())
             assert not torch.allclose(unsunk(ids, use_cache=False).logits, full, atol=1e-3)
+            uncapped = EffconvForCausalLM(EffconvConfig(**{**config.to_dict(), "max_position_embeddings": 64})).eval()
+            uncapped.load_state_dict(model.state_dict())
+            wide = uncapped(ids, use_cache=False).logits
+            torch.testing.assert_close(wide[:, :16], full[:, :16])
+            assert not torch.allclose(wide[:, 16:], full[:, 16:], atol=1e-3)
             for split in (1, 2, 9):
                 out = model(ids[:, :split], use_cache=True)
                 cache, pieces, t = out.past_key_values, [out.logits], split

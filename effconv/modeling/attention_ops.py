@@ -382,6 +382,7 @@ def hybrid_attention(
     log_decay: torch.Tensor | None = None,
     log_gate: torch.Tensor | None = None,
     sinks: "Sinks | None" = None,
+    sink_queries: torch.Tensor | None = None,
 ):
     """Sliding-window softmax + linear attention under one normaliser, chunked: O(T * chunk) memory.
 
@@ -390,7 +391,9 @@ def hybrid_attention(
     removes padded keys from both parts. Returns (o, final_state or None); final_state is the linear state of
     all tokens that have left the window after the last one. `log_decay` (Hkv,): per-head decay of the linear part;
     `log_gate` (B, Hkv, T): per-token gates (module docstring); at most one of them. `sinks` (`take_sinks`): this
-    call's sink keys leave the window and linear parts, and every query reads the sinks before it by softmax.
+    call's sink keys leave the window and linear parts, and every query reads the sinks before it by softmax;
+    `sink_queries` (B, H, T, D, default q): the queries that read them (the model's are rotated at positions capped
+    where the teacher's RoPE ends).
     """
     if log_decay is not None and log_gate is not None:
         raise ValueError("pass log_decay or log_gate, not both")
@@ -435,7 +438,8 @@ def hybrid_attention(
     scores = scores.masked_fill(~in_window, float("-inf"))
     row_max = scores.amax(-1, keepdim=True)
     if sinks is not None:
-        sink_scores = torch.einsum("bkgncd,bksd->bkgncs", qg, sinks.keys.float()) * scale
+        qs = qg if sink_queries is None else _group_queries(_pad_time(sink_queries.float(), c), hkv).unflatten(3, (n, c))
+        sink_scores = torch.einsum("bkgncd,bksd->bkgncs", qs, sinks.keys.float()) * scale
         rows = torch.arange(n * c, device=q.device).view(n, c)
         visible = sinks.positions[:, None, None, :] <= rows[None, :, :, None]  # (B, n, C, S)
         sink_scores = sink_scores.masked_fill(~visible[:, None, None], float("-inf"))

@@ -17,7 +17,7 @@ from transformers import initialization as hf_init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb, rotate_half
 from transformers.utils import logging
 
 from .attention_ops import (
@@ -85,6 +85,15 @@ class GatedMLP(nn.Module):
 
 
 @dataclass
+class RotaryTables(tuple):
+    """(cos, sin) of the tokens' positions, and in `capped` those of the positions capped at
+    max_position_embeddings - 1: hybrid layers read their sinks with queries rotated there, so a sink is never
+    further from a query than the teacher's positions reach (the window is never that far; the linear part has no
+    RoPE when it reads unrotated features). Below the cap both are the same."""
+
+    capped: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class LayerCache:
     """Per-layer generation state. Softmax layers keep all keys/values; linear layers keep the linear state
     (S, z) of tokens older than the window plus the last `window` keys, values and feature-mapped keys."""
@@ -371,7 +380,7 @@ class EffconvAttention(nn.Module):
     def _use_kernels(self, x: torch.Tensor) -> bool:
         return use_kernels(self.config.attention_backend, x)
 
-    def _decode_step(self, q, k, v, cache: LayerCache, feature_q, feature_k, log_gate=None):
+    def _decode_step(self, q, k, v, cache: LayerCache, feature_q, feature_k, log_gate=None, sink_queries=None):
         """One new token per sequence with a filled cache: O(1) recurrent update of the state (and of the window's
         ring buffer for the hybrid) with the decode-step ops, instead of a chunked pass over the window prefix.
         A gated layer's step (`log_gate` (B, Hkv, 1)) runs the PyTorch step: no Triton kernel takes gates."""
@@ -403,6 +412,8 @@ class EffconvAttention(nn.Module):
             extra = {} if cache.ring_position is None else {"position": cache.ring_position}
             if cache.static is not None:
                 extra["first"] = cache.static.first_token
+            if sink_queries is not None:
+                extra["sink_queries"] = sink_queries[:, :, 0]
             o = _kernels.hybrid_decode_step(
                 q, k, v, fq, fk, self.window_mix, cache.ring, window=self.window, scale=self.scale, eps=eps,
                 log_decay=self.log_decay(), backend=backend, log_gate=gate, **extra,
@@ -438,7 +449,7 @@ class EffconvAttention(nn.Module):
             cache.seen = seen
         cache.state, cache.ring, cache.ring_position = (ring.S, ring.z), None, None
 
-    def _linear(self, q, k, v, cache: LayerCache | None, key_mask, features=None, log_gate=None):
+    def _linear(self, q, k, v, cache: LayerCache | None, key_mask, features=None, log_gate=None, sink_queries=None):
         """Linear / hybrid attention over the new tokens, continuing from `cache` when it holds earlier ones.
         `features`: the (queries, keys) the feature maps read (default q and k); `log_gate` (B, Hkv, T): the new
         tokens' gates of a gated layer (gated layers run the PyTorch path: no Triton kernel takes per-token gates)."""
@@ -452,7 +463,7 @@ class EffconvAttention(nn.Module):
             cache is not None and q.shape[2] == 1 and key_mask is None and _kernels is not None
             and (cache.state is not None or cache.ring is not None) and not torch.is_grad_enabled()
         ):
-            return self._decode_step(q, k, v, cache, feature_q, feature_k, log_gate)
+            return self._decode_step(q, k, v, cache, feature_q, feature_k, log_gate, sink_queries)
         if cache is not None and cache.ring is not None:
             self._unroll_ring(cache)
         fm_kernel = None
@@ -469,6 +480,8 @@ class EffconvAttention(nn.Module):
                 # Earlier tokens still inside the window are prepended; their query rows are computed and dropped.
                 held = cache.keys.shape[2]
                 q = torch.cat([q.new_zeros(*q.shape[:2], held, q.shape[3]), q], dim=2)
+                if sink_queries is not None:
+                    sink_queries = torch.cat([sink_queries.new_zeros(*q.shape[:2], held, q.shape[3]), sink_queries], 2)
                 fq = torch.cat([fq.new_zeros(*fq.shape[:2], held, fq.shape[3]), fq], dim=2)
                 k, v, fk = (torch.cat([c, x], dim=2) for c, x in ((cache.keys, k), (cache.values, v), (cache.key_features, fk)))
                 if gated:
@@ -492,7 +505,7 @@ class EffconvAttention(nn.Module):
                 o, state = hybrid_attention(
                     q, k, v, fq, fk, mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
                     initial_state=initial_state, output_final_state=keep_state, key_padding_mask=key_mask,
-                    log_decay=log_decay, log_gate=log_gate, sinks=sinks,
+                    log_decay=log_decay, log_gate=log_gate, sinks=sinks, sink_queries=sink_queries,
                 )
         else:
             if key_mask is not None:
@@ -534,13 +547,22 @@ class EffconvAttention(nn.Module):
             sinks = sinks._replace(key_is_sink=sinks.key_is_sink | F.pad(cache.key_sinks, (0, t_new), value=False))
         return sinks
 
-    def converted(self, q, k, v, cache: LayerCache | None, key_mask, features=None, log_gate=None):
+    def _sink_queries(self, q_raw, position_embeddings):
+        """The queries a hybrid layer reads its sinks with: RoPE at the positions capped at
+        max_position_embeddings - 1 (RotaryTables), or None (= the queries) when the tables are not capped."""
+        capped = getattr(position_embeddings, "capped", None)
+        if not self.sinks or capped is None:
+            return None
+        cos, sin = (x.unsqueeze(1) for x in capped)
+        return q_raw * cos + rotate_half(q_raw) * sin
+
+    def converted(self, q, k, v, cache: LayerCache | None, key_mask, features=None, log_gate=None, sink_queries=None):
         """The layer's converted attention (linear / hybrid, or sparse softmax) of q, k, v; `features`: the
         unrotated (q, k) when the feature maps read them (features_unrotated); `log_gate`: a gated layer's
         log_gate(hidden_states)."""
         if self.is_sparse:
             return self._sparse(q, k, v, cache, key_mask)
-        return self._linear(q, k, v, cache, key_mask, features, log_gate)
+        return self._linear(q, k, v, cache, key_mask, features, log_gate, sink_queries)
 
     def forward(
         self,
@@ -550,9 +572,11 @@ class EffconvAttention(nn.Module):
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         log_gate = self.log_gate(hidden_states)
-        if self.features_unrotated:
+        if self.features_unrotated or self.sinks:
             q, k, v, q_raw, k_raw = self.project(hidden_states, position_embeddings, unrotated=True)
-            return self.merge_heads(self.converted(q, k, v, cache, key_mask, (q_raw, k_raw), log_gate))
+            features = (q_raw, k_raw) if self.features_unrotated else None
+            return self.merge_heads(self.converted(q, k, v, cache, key_mask, features, log_gate,
+                                                   sink_queries=self._sink_queries(q_raw, position_embeddings)))
         q, k, v = self.project(hidden_states, position_embeddings)
         if self.is_converted and self.layer_type != "gqa":
             return self.merge_heads(self.converted(q, k, v, cache, key_mask, None, log_gate))
@@ -665,7 +689,10 @@ class EffconvModel(EffconvPreTrainedModel):
                 raise ValueError(f"attention_mask covers {key_mask.shape[1]} tokens, expected {past + t}")
 
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        position_embeddings = RotaryTables(self.rotary_emb(hidden_states, position_ids))
+        if getattr(self.config, "linear_sinks", 0):  # device-side clamp: no host sync (CUDA-graph safe)
+            cap = self.config.max_position_embeddings - 1
+            position_embeddings.capped = self.rotary_emb(hidden_states, position_ids.clamp(max=cap))
         layers = self.layers[: num_layers or len(self.layers)]
         for i, layer in enumerate(layers):
             layer_cache = past_key_values.layer_caches[i] if past_key_values is not None else None

@@ -150,7 +150,7 @@ def linear_decode_step(fq_t, fk_t, v_t, state, *, normalize: bool = True, eps: f
 @torch.no_grad()
 def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int, scale: float,
                        eps: float = 1e-6, log_decay=None, backend: str = "auto", position: torch.Tensor | None = None,
-                       first: torch.Tensor | None = None, log_gate=None):
+                       first: torch.Tensor | None = None, log_gate=None, sink_queries=None):
     """Append one token per sequence to `cache` (IN PLACE) and return its hybrid-attention output (B,H,Dv).
 
     Equals `hybrid_attention` (same log_decay) on the whole sequence at that position. Inference only (no autograd).
@@ -160,6 +160,7 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
     `cache.seen`, which is then left alone; the caller advances it), so the step can be captured in a CUDA graph.
     `first`: optional (B,) integer tensor, row b's left padding: tokens before index first[b] are left out of its
     window (keep their fk and v zero in the cache, so that evicting them adds nothing to the state).
+    `sink_queries` (B, H, D): the query that reads a cache's sinks, when not q_t.
     """
     if position is not None and position.numel() != 1:
         raise ValueError("position must hold one integer (tokens seen)")
@@ -177,7 +178,8 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
         from .hybrid_attn.recurrent import triton_hybrid_decode_step
         return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, position=position, **kw)
     from .hybrid_attn.naive import hybrid_decode_step_ref
-    return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, position=position, log_gate=log_gate, **kw)
+    return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, position=position, log_gate=log_gate,
+                                  sink_queries=sink_queries, **kw)
 
 
 def hedgehog_feature_map(x, weight, bias=None, *, out_dtype=None, backend: str = "auto"):

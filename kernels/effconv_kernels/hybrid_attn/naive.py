@@ -64,13 +64,15 @@ def naive_hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, e
 
 
 def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int,
-                           scale: float, eps=1e-6, log_decay=None, log_gate=None, first=None, position=None):
+                           scale: float, eps=1e-6, log_decay=None, log_gate=None, first=None, position=None,
+                           sink_queries=None):
     """Append one token per sequence to `cache` (in place) and return its output (B, H, Dv).
     `first` (B,) int: row b's tokens before index first[b] are left padding, left out of the window (the caller
     keeps their fk and v zero, so their eviction adds nothing to the state). `log_gate` (B, Hkv): the new token's
     log gate (a gated layer; the cache keeps the window's gates in `cache.lg`). `position`: a 1-element device
     tensor holding the token index instead of `cache.seen` (then left alone): no host value is read, so the step
-    can be captured in a CUDA graph. A cache with sinks (`cache.sk`) makes token first + s sink s (cache docstring)."""
+    can be captured in a CUDA graph. A cache with sinks (`cache.sk`) makes token first + s sink s (cache docstring); `sink_queries` (B, H, D,
+    default q_t): the query that reads them."""
     W = cache.window
     if int(window) != W:
         raise ValueError(f"window={window} but the cache holds {W} slots")
@@ -125,7 +127,8 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
     row_max = s.amax(-1, keepdim=True)
     if cache.sk is not None:
         filled = start[:, None] + torch.arange(cache.sk.shape[2], device=dev)[None, :] <= t  # (B, S)
-        sink_s = torch.einsum("bhgd,bhsd->bhgs", qq, cache.sk.float()) * scale
+        qs = qq if sink_queries is None else sink_queries.float().reshape(B, Hkv, G, D)
+        sink_s = torch.einsum("bhgd,bhsd->bhgs", qs, cache.sk.float()) * scale
         sink_s = sink_s.masked_fill(~filled[:, None, None, :], float("-inf"))
         row_max = torch.maximum(row_max, sink_s.amax(-1, keepdim=True))
     row_max = row_max.clamp_min(torch.finfo(torch.float32).min)
