@@ -162,9 +162,13 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
                     rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 R25_KEPT_LAYERS = [8, 12, 14, 18, 19, 20, 21, 23]
+R25_LONG_KEPT_LAYERS = [2, 3, 8, 10, 15, 18, 20, 23]
 RANDOM_SHAPES = {
     "smollm2-135m-w64": dict(window_size=64, kept=[], decay=True),
     "smollm2-135m-r25": dict(window_size=128, kept=R25_KEPT_LAYERS, decay=False),
+    # the long recipes: gated linear part (PyTorch decode step), 4 sinks, unrotated features
+    "smollm2-135m-w64-long": dict(window_size=64, kept=[], decay=True, gate=True, sinks=4),
+    "smollm2-135m-r25-long": dict(window_size=128, kept=R25_LONG_KEPT_LAYERS, decay=True, gate=True, sinks=4),
 }
 
 
@@ -184,6 +188,7 @@ def random_shape_models(directory: Path, shape: str) -> tuple[Path, Path]:
     config = effconv_config_from_teacher(teacher.config, window_size=layout["window_size"], attention_types=[
         "softmax" if i in layout["kept"] else "linear" for i in range(n)])
     config.linear_decay, config.linear_rope = layout["decay"], not layout["decay"]
+    config.linear_gate, config.linear_sinks = layout.get("gate", False), layout.get("sinks", 0)
     student = build_student(teacher, config)
     export_model(student, None, directory / "export")
     return directory / "export", directory / "teacher"
