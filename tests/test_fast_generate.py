@@ -240,3 +240,29 @@ def test_cache_sets_its_length_where_transformers_makes_it_read_only(monkeypatch
     assert cache.max_cache_len == 64
     cache.max_cache_len = 128
     assert cache.max_cache_len == 128
+
+
+@pytest.mark.parametrize("kind", ["gated", "gated-sinks"])
+def test_batch_reordering_moves_every_part_of_the_cache(kind):
+    """Beam search and batch expansion (reorder_cache / batch_repeat_interleave) move the gates and sinks with the
+    rest of the cache: a repeated cache continues each copy as the original, both from a prefill (window keys,
+    sinks) and from one-token steps (ring buffer)."""
+    model = tiny_model(**KINDS[kind])
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for decoded in (0, 2):
+            cache = model(ids[:, :9], use_cache=True).past_key_values
+            for t in range(9, 9 + decoded):
+                cache = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).past_key_values
+            rest = ids[:, 9 + decoded :]
+            expected = model(rest, past_key_values=cache, use_cache=True).logits
+            cache = model(ids[:, : 9 + decoded], use_cache=True).past_key_values
+            if decoded:  # rebuild the ring: one-token steps after an 8-token prefill
+                cache = model(ids[:, : 8 + decoded], use_cache=True).past_key_values
+                cache = model(ids[:, 8 + decoded : 9 + decoded], past_key_values=cache, use_cache=True).past_key_values
+            cache.batch_repeat_interleave(2)
+            got = model(rest.repeat_interleave(2, 0), past_key_values=cache, use_cache=True).logits
+            torch.testing.assert_close(got, expected.repeat_interleave(2, 0), rtol=1e-4, atol=1e-5)
+            cache.reorder_cache(torch.tensor([1, 0, 3, 2]))
+            again = model(ids[:, :1].repeat_interleave(2, 0), past_key_values=cache, use_cache=True).logits
+            torch.testing.assert_close(again[0::2], again[1::2], rtol=1e-4, atol=1e-5)

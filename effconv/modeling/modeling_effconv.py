@@ -200,15 +200,18 @@ class EffconvCache(Cache):
 
     def _map(self, fn) -> None:
         for c in self.layer_caches:
-            for name in ("keys", "values", "key_features", "key_mask", "block_selection"):
+            for name in ("keys", "values", "key_features", "key_mask", "key_gates", "key_sinks", "block_selection"):
                 t = getattr(c, name)
                 if t is not None:
                     setattr(c, name, fn(t))
             if c.state is not None:
                 c.state = tuple(fn(t) for t in c.state)
+            if c.sinks is not None:
+                c.sinks = Sinks(*(None if t is None else fn(t) for t in c.sinks))
             if c.ring is not None:
-                for name in ("S", "z", "k", "v", "fk"):
-                    setattr(c.ring, name, fn(getattr(c.ring, name)).contiguous())
+                for name in ("S", "z", "k", "v", "fk", "lg", "sk", "sv"):
+                    if getattr(c.ring, name) is not None:
+                        setattr(c.ring, name, fn(getattr(c.ring, name)).contiguous())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
