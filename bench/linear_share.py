@@ -55,9 +55,9 @@ def measure(model, sequences: list[list[int]], length: int) -> dict:
     sums = {a.layer_idx: torch.zeros(length, dtype=torch.float64) for a in layers}
     originals = {}
     for attn in layers:
-        def recording(q, k, v, cache, key_mask, features=None, log_gate=None, *, _attn=attn, _orig=attn._linear):
+        def recording(q, k, v, cache, key_mask, features=None, log_gate=None, *rest, _attn=attn, _orig=attn._linear):
             sums[_attn.layer_idx] += linear_share(_attn, q, k, features, log_gate)[0].double().cpu()
-            return _orig(q, k, v, cache, key_mask, features, log_gate)
+            return _orig(q, k, v, cache, key_mask, features, log_gate, *rest)
         originals[attn] = attn._linear
         attn._linear = recording
     try:

@@ -93,6 +93,11 @@ def check_generated_split(cfg: Any) -> None:
             f"{needed * cfg.seq_len} or more, or a shorter --seq-len")
 
 
+#: Sink tokens of the linear hybrid by default: StreamingLLM's number. On held-out validation documents they took
+#: the CPU default from 2.53x to 1.19x the teacher's perplexity at 512 tokens (docs/results.md).
+DEFAULT_SINKS = 4
+
+
 @dataclass
 class AttentionArgs:
     """What converted attention layers become."""
@@ -105,23 +110,37 @@ class AttentionArgs:
                                 "context", flag="--decay")
     decay_memory: float = option(1024.0, "--decay: initial memory in tokens (1 / (1 - g)); the KV heads start at "
                                          "memory/4 .. memory*4")
-    gate: bool = option(False, "Linear layers get a data-dependent forget gate per KV head and token (GLA / Mamba-2 "
-                               "style, scalar per head): g_t = sigmoid(decay logit + w . x_t), started as the "
-                               "--decay-memory decay; runs on the PyTorch path (no Triton kernel yet)", flag="--gate")
-    linear_rope: bool = option(True, "Feature maps read the unrotated queries and keys: the linear part carries no "
-                                     "absolute position, so positions past the training length are no new input to it "
-                                     "(the window keeps RoPE)", flag="--no-linear-rope")
+    gate: bool | None = option(None, "Linear layers get a data-dependent forget gate per KV head and token (GLA / "
+                                     "Mamba-2 style, scalar per head): g_t = sigmoid(decay logit + w . x_t), started "
+                                     "as the --decay-memory decay; runs on the PyTorch path (no Triton kernel yet). "
+                                     "On by default for --attention linear; --no-gate: ungated linear layers (the "
+                                     "Triton kernels)", flag="--no-gate")
+    linear_rope: bool = option(False, "Feature maps read the RoPE-rotated queries and keys. Off by default: they read "
+                                      "the unrotated ones, so the linear part carries no absolute position and "
+                                      "positions past the training length are no new input to it (the window keeps "
+                                      "RoPE)", flag="--linear-rope")
     attention: str = option("linear", "What converted layers become: linear (feature-map linear + --window softmax, "
                                       "default) | sliding (softmax over --window + --sinks) | block_sparse (top-k "
                                       "blocks) | gqa (merged K/V heads, --kv-heads)")
-    sinks: int = option(0, "Sink tokens: the first N tokens every later query reads by softmax (StreamingLLM), "
-                           "outside the window and the linear state; --attention sliding, and linear with --window "
-                           "> 0 (runs on the PyTorch path: no Triton kernel reads sinks yet)")
+    sinks: int | None = option(None, "Sink tokens: the first N tokens every later query reads by softmax "
+                                     "(StreamingLLM), outside the window and the linear state; --attention sliding, "
+                                     "and linear with --window > 0 (runs on the PyTorch path: no Triton kernel reads "
+                                     "sinks yet). Default: 4 for the linear hybrid, 0 otherwise")
     block_size: int = option(64, "--attention block_sparse: tokens per block (power of two >= 16)")
     topk: int = option(8, "--attention block_sparse: earlier blocks each query block attends to")
     kv_heads: int | None = option(None, "--attention gqa: key/value heads after merging (1 = MQA)")
     kv_merge: str = option("mean", "--attention gqa: mean (consecutive heads) | similar (group similar heads)")
     kernel: str = option("auto", "auto | triton | reference")
+
+    def effective_gate(self) -> bool:
+        """--gate / --no-gate as given, or its default: gated linear layers."""
+        return self.attention == "linear" if self.gate is None else self.gate
+
+    def effective_sinks(self) -> int:
+        """--sinks as given, or its default: DEFAULT_SINKS for the linear hybrid (--window > 0), else none."""
+        if self.sinks is not None:
+            return self.sinks
+        return DEFAULT_SINKS if self.attention == "linear" and self.window > 0 else 0
 
 
 @dataclass

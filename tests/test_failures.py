@@ -313,8 +313,11 @@ def test_window_not_smaller_than_seq_len_is_refused():
     for seq_len in (32, 64):
         with pytest.raises(EffconvError, match=f"--window 64 is not smaller than --seq-len {seq_len}: every token"):
             LinearizeConfig(window=64, seq_len=seq_len).validate()
-    LinearizeConfig(window=64, seq_len=65).validate()
-    LinearizeConfig(window=0, seq_len=16).validate()
+    LinearizeConfig(window=64, seq_len=65, sinks=0).validate()
+    LinearizeConfig(window=0, seq_len=16).validate()  # no window: no sinks by default either
+    with pytest.raises(EffconvError, match="--window 64 \\+ --sinks 4 covers the whole --seq-len 68"):
+        LinearizeConfig(window=64, seq_len=68).validate()  # the default 4 sinks leave no linear part
+    LinearizeConfig(window=64, seq_len=69).validate()
 
 
 # ---- 7. permissions; 8. tables on a pipe ---------------------------------------------------------------------------

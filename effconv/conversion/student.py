@@ -144,10 +144,11 @@ def make_student(teacher, cfg, device: torch.device):
         attention_backend="auto" if cfg.kernel == "auto" else cfg.kernel,
     )
     config.sparse_block_size, config.sparse_topk = cfg.block_size, cfg.topk
-    config.sink_tokens = cfg.sinks if cfg.attention == "sliding" else 0
-    config.linear_sinks = cfg.sinks if cfg.attention == "linear" else 0
+    sinks = cfg.effective_sinks()
+    config.sink_tokens = sinks if cfg.attention == "sliding" else 0
+    config.linear_sinks = sinks if cfg.attention == "linear" else 0
     config.linear_decay, config.decay_memory = cfg.decay, float(cfg.decay_memory)
-    config.linear_gate = cfg.gate
+    config.linear_gate = cfg.effective_gate()
     config.linear_rope = cfg.linear_rope
     student = build_student(teacher, config).to(device)
     if cfg.attention == "gqa":

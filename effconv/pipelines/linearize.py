@@ -54,9 +54,9 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
             raise EffconvError(f"--decay-memory must be at least 2 tokens, got {self.decay_memory}")
         if self.decay and self.attention != "linear":
             raise EffconvError(f"--decay applies to --attention linear layers, not {self.attention}")
-        if self.gate and self.attention != "linear":
+        if self.gate and self.attention != "linear":  # asked for explicitly (None: the default)
             raise EffconvError(f"--gate applies to --attention linear layers, not {self.attention}")
-        if self.gate and not self.decay_memory >= 2:
+        if self.effective_gate() and not self.decay_memory >= 2:
             raise EffconvError(f"--decay-memory must be at least 2 tokens, got {self.decay_memory}")
         if self.window < 0:
             raise EffconvError(f"--window must be >= 0 (0 = pure linear attention), got {self.window}")
@@ -90,8 +90,9 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
                 f"--window {self.window} is not smaller than --seq-len {self.seq_len}: every token would be inside "
                 "the softmax window, so the linear part would never be trained or measured; use a smaller --window "
                 "or a longer --seq-len")
-        if self.sinks < 0:
+        if self.sinks is not None and self.sinks < 0:
             raise EffconvError(f"--sinks must be >= 0, got {self.sinks}")
+        self.sinks, self.gate = self.effective_sinks(), self.effective_gate()
         if self.sinks and self.attention not in ("linear", "sliding"):
             raise EffconvError(f"--sinks applies to --attention linear (with --window) and sliding, not {self.attention}")
         if self.sinks and self.attention == "linear" and self.window < 1:
@@ -99,7 +100,8 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
                                "has no softmax part")
         if self.attention == "linear" and self.sinks and self.window + self.sinks >= self.seq_len:
             raise EffconvError(f"--window {self.window} + --sinks {self.sinks} covers the whole --seq-len "
-                               f"{self.seq_len}: the linear part would never be trained")
+                               f"{self.seq_len}: the linear part would never be trained; lower --window or --sinks "
+                               "or raise --seq-len")
         if self.attention == "sliding":
             if self.window < 1:
                 raise EffconvError(f"--attention sliding needs --window >= 1, got {self.window}")
@@ -140,7 +142,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None,
     """Run the pipeline; `metadata` (optional) is merged into the export's effconv.json and `extra_files` (name ->
     bytes) are written beside it, in the export's one atomic write (e.g. hybridize's per-layer scores)."""
     cfg.validate()
-    distributed.check_launch(cfg.batch_size, blockwise=cfg.layers_per_block is not None)
+    distributed.check_launch(cfg.batch_size, blockwise=cfg.layers_per_block is not None, sinks=cfg.effective_sinks())
     out = Path(cfg.out)
     check_output_dir(out, cfg.overwrite)
     run_dir = run_dir_for(out)
