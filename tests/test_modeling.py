@@ -202,7 +202,7 @@ def test_unrotated_features_make_the_linear_part_shift_invariant():
     teacher = tiny_teacher("llama")
     ids = torch.randint(0, 400, (1, 30))
     shifted = torch.arange(5000, 5030)[None]
-    rope = make_student(teacher, LinearizeConfig(window=0), torch.device("cpu"))
+    rope = make_student(teacher, LinearizeConfig(window=0, linear_rope=True), torch.device("cpu"))
     free = make_student(teacher, LinearizeConfig(window=0, linear_rope=False, decay=True), torch.device("cpu"))
     for model in (rope, free):  # give the maps something to be position-dependent with
         for attn in model.converted_attentions():
