@@ -338,16 +338,21 @@ def test_gate_trains_and_exports(tiny_model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     attn = model.model.layers[0].self_attn
     assert model.config.linear_gate and attn.is_gated and attn.forget_gate.weight.abs().max() > 0
-    ids = torch.randint(0, 400, (1, 24))
+    assert_cached_decoding_equals_forward(model, torch.randint(0, 400, (1, 24)))
+
+
+def assert_cached_decoding_equals_forward(model, ids, prefill: int = 16):
+    """A prefill of `prefill` tokens, then one-token steps: the logits equal one forward over `ids`."""
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out = model(ids[:, :16], use_cache=True)
+        out = model(ids[:, :prefill], use_cache=True)
         cache, steps = out.past_key_values, [out.logits]
-        for t in range(16, 24):
+        for t in range(prefill, ids.shape[1]):
             out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+    return full
 
 
 def test_sinks_train_and_export_and_are_refused_where_they_cannot_work(tiny_model_dir, tmp_path):
@@ -359,15 +364,8 @@ def test_sinks_train_and_export_and_are_refused_where_they_cannot_work(tiny_mode
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.linear_sinks == 2 and model.model.layers[0].self_attn.sinks == 2
     ids = torch.randint(0, 400, (1, 24))
+    full = assert_cached_decoding_equals_forward(model, ids)
     with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = model(ids[:, :16], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        for t in range(16, 24):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits)
-        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
         for layer in model.model.layers:
             layer.self_attn.sinks = 0
         assert not torch.allclose(model(ids, use_cache=False).logits, full, atol=1e-3)

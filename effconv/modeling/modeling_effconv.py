@@ -541,7 +541,7 @@ class EffconvAttention(nn.Module):
         """The sinks of a hybrid call over k, v (the held window keys, then the t_new new ones): the cache's, and
         the first real new tokens while there are free slots; held keys that are sinks stay out of the window."""
         held = k.shape[2] - t_new
-        continuing = cache is not None and cache.sinks is not None and held >= 0 and cache.state is not None
+        continuing = cache is not None and cache.sinks is not None and cache.state is not None
         new_real = (torch.ones(k.shape[0], t_new, dtype=torch.bool, device=k.device) if key_mask is None
                     else key_mask[:, -t_new:].bool())
         sinks = take_sinks(k, v, self.sinks, key_mask=F.pad(new_real, (held, 0), value=False),
