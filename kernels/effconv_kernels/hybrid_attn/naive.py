@@ -71,8 +71,8 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
     keeps their fk and v zero, so their eviction adds nothing to the state). `log_gate` (B, Hkv): the new token's
     log gate (a gated layer; the cache keeps the window's gates in `cache.lg`). `position`: a 1-element device
     tensor holding the token index instead of `cache.seen` (then left alone): no host value is read, so the step
-    can be captured in a CUDA graph. A cache with sinks (`cache.sk`) makes token first + s sink s (cache docstring); `sink_queries` (B, H, D,
-    default q_t): the query that reads them."""
+    can be captured in a CUDA graph. A cache with sinks (`cache.sk`) makes token first + s sink s (cache
+    docstring); `sink_queries` (B, H, D, default q_t): the query that reads them."""
     W = cache.window
     if int(window) != W:
         raise ValueError(f"window={window} but the cache holds {W} slots")
