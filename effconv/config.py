@@ -112,7 +112,8 @@ class AttentionArgs:
                                          "memory/4 .. memory*4")
     gate: bool | None = option(None, "Linear layers get a data-dependent forget gate per KV head and token (GLA / "
                                      "Mamba-2 style, scalar per head): g_t = sigmoid(decay logit + w . x_t), started "
-                                     "as the --decay-memory decay; runs on the PyTorch path (no Triton kernel yet). "
+                                     "as the --decay-memory decay; training and prompts run on the PyTorch path (no "
+                                     "chunked Triton kernel yet), decoding on the Triton step. "
                                      "On by default for --attention linear; --no-gate: ungated linear layers (the "
                                      "Triton kernels)", flag="--no-gate")
     linear_rope: bool = option(False, "Feature maps read the RoPE-rotated queries and keys. Off by default: they read "
@@ -124,8 +125,9 @@ class AttentionArgs:
                                       "blocks) | gqa (merged K/V heads, --kv-heads)")
     sinks: int | None = option(None, "Sink tokens: the first N tokens every later query reads by softmax "
                                      "(StreamingLLM), outside the window and the linear state; --attention sliding, "
-                                     "and linear with --window > 0 (runs on the PyTorch path: no Triton kernel reads "
-                                     "sinks yet). Default: 4 for the linear hybrid, 0 otherwise")
+                                     "and linear with --window > 0 (training and prompts on the PyTorch path: no "
+                                     "chunked Triton kernel reads sinks yet; decoding on the Triton step). Default: "
+                                     "4 for the linear hybrid, 0 otherwise")
     block_size: int = option(64, "--attention block_sparse: tokens per block (power of two >= 16)")
     topk: int = option(8, "--attention block_sparse: earlier blocks each query block attends to")
     kv_heads: int | None = option(None, "--attention gqa: key/value heads after merging (1 = MQA)")

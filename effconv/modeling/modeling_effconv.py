@@ -43,8 +43,9 @@ logger = logging.get_logger(__name__)
 
 
 def _say_uses_pytorch(what: str) -> None:
-    logger.warning_once(f"effconv: {what} run on the PyTorch path; the Triton kernels do not take them yet (slower, "
-                        "same results)")
+    logger.warning_once(f"effconv: {what} run their chunked (prompt and training) path on PyTorch: the chunked "
+                        "Triton kernels do not take them yet (slower, same results); one-token decoding uses the "
+                        "Triton step")
 
 
 def decay_logit_init(num_kv_heads: int, memory: float) -> torch.Tensor:
@@ -386,9 +387,11 @@ class EffconvAttention(nn.Module):
     def _decode_step(self, q, k, v, cache: LayerCache, feature_q, feature_k, log_gate=None, sink_queries=None):
         """One new token per sequence with a filled cache: O(1) recurrent update of the state (and of the window's
         ring buffer for the hybrid) with the decode-step ops, instead of a chunked pass over the window prefix.
-        A gated layer's step (`log_gate` (B, Hkv, 1)) runs the PyTorch step: no Triton kernel takes gates."""
+        A gated layer's step (`log_gate` (B, Hkv, 1)) and a step with sinks run the Triton hybrid step; a gated pure
+        linear layer (window 0) runs the PyTorch step: the linear decode kernel takes no gates."""
         gate = None if log_gate is None else log_gate[:, :, 0]
-        backend = "triton" if self._use_kernels(q) and gate is None and not self.sinks else "reference"
+        triton_step = self._use_kernels(q) and (gate is None or self.window > 0)
+        backend = "triton" if triton_step else "reference"
         fm_kernel = None
         if backend == "triton" and hasattr(_kernels, "hedgehog_feature_map"):
             def fm_kernel(x, w, b):
@@ -455,7 +458,8 @@ class EffconvAttention(nn.Module):
     def _linear(self, q, k, v, cache: LayerCache | None, key_mask, features=None, log_gate=None, sink_queries=None):
         """Linear / hybrid attention over the new tokens, continuing from `cache` when it holds earlier ones.
         `features`: the (queries, keys) the feature maps read (default q and k); `log_gate` (B, Hkv, T): the new
-        tokens' gates of a gated layer (gated layers run the PyTorch path: no Triton kernel takes per-token gates)."""
+        tokens' gates of a gated layer (their chunked path is PyTorch: no chunked Triton kernel takes per-token
+        gates; the one-token hybrid step does)."""
         feature_q, feature_k = features if features is not None else (q, k)
         gated = log_gate is not None
         if gated and self._use_kernels(q):

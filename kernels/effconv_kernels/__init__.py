@@ -24,8 +24,8 @@ initial state (which sits at position -1); the (final) state is decayed to the l
 decode caches hold the same state. Gradients flow to log_decay.
 
 `log_gate` (fp32 (B, Hkv), decode steps only): the new token's data-dependent log gate, GLA style (the parallel
-form is attention_ops' `log_gate`); the decode steps run it on the PyTorch path ("auto" picks it; "triton" is an
-error: no kernel takes per-token gates yet).
+form is attention_ops' `log_gate`). The hybrid decode kernel takes it (and a cache's attention sinks); the pure
+linear decode step runs it on the PyTorch path ("auto" picks it; "triton" is an error there).
 """
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def _check_state(initial_state):
         raise ValueError("initial_state must be a pair (S, z)")
 
 
-def _gate_backend(log_gate, log_decay, batch: int, num_kv_heads: int, backend: str) -> str:
-    """The decode step's backend with a per-token gate: the PyTorch step (no Triton kernel takes gates)."""
+def _gate_backend(log_gate, log_decay, batch: int, num_kv_heads: int, backend: str, triton_takes_gates: bool) -> str:
+    """The decode step's backend with a per-token gate (checked): the PyTorch step unless the Triton one takes
+    gates (the hybrid step does; the pure linear step does not)."""
     if log_gate is None:
         return backend
     if log_decay is not None:
@@ -60,8 +61,11 @@ def _gate_backend(log_gate, log_decay, batch: int, num_kv_heads: int, backend: s
     if not isinstance(log_gate, torch.Tensor) or tuple(log_gate.shape) != (batch, num_kv_heads):
         raise ValueError(f"log_gate must be a tensor of shape ({batch}, {num_kv_heads}), got "
                          f"{tuple(log_gate.shape) if isinstance(log_gate, torch.Tensor) else type(log_gate)}")
+    if triton_takes_gates:
+        return backend
     if backend == "triton":
-        raise ValueError("the Triton decode kernels take no per-token gates (log_gate); use backend='reference'")
+        raise ValueError("the Triton linear decode kernel takes no per-token gates (log_gate); use "
+                         "backend='reference'")
     return "reference"
 
 
@@ -136,7 +140,7 @@ def linear_decode_step(fq_t, fk_t, v_t, state, *, normalize: bool = True, eps: f
     Returns (o_t (B,H,Dv), state) where state is the same tensor pair. Inference only (no autograd).
     """
     _check_decay(log_decay, fk_t.shape[1])
-    backend = _gate_backend(log_gate, log_decay, fk_t.shape[0], fk_t.shape[1], backend)
+    backend = _gate_backend(log_gate, log_decay, fk_t.shape[0], fk_t.shape[1], backend, triton_takes_gates=False)
     be = resolve_backend(backend, fq_t, fk_t, v_t, *state)
     if be == "triton":
         _same_dtype(fq_t, fk_t, v_t)
@@ -165,21 +169,21 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
     if position is not None and position.numel() != 1:
         raise ValueError("position must hold one integer (tokens seen)")
     _check_decay(log_decay, k_t.shape[1])
-    backend = _gate_backend(log_gate, log_decay, k_t.shape[0], k_t.shape[1], backend)
-    if cache.sk is not None:  # the Triton step reads no sinks
-        if backend == "triton":
-            raise ValueError("the Triton decode kernel reads no attention sinks (a cache with sk); use "
-                             "backend='reference'")
-        backend = "reference"
+    backend = _gate_backend(log_gate, log_decay, k_t.shape[0], k_t.shape[1], backend, triton_takes_gates=True)
+    if log_gate is not None and cache.lg is None:
+        raise ValueError("a gated decode step needs a cache that keeps gates (HybridDecodeCache.empty(..., "
+                         "gated=True) or from_prefill(..., key_gates=...))")
+    if sink_queries is not None and tuple(sink_queries.shape) != tuple(q_t.shape):
+        raise ValueError(f"sink_queries must have q_t's shape {tuple(q_t.shape)}, got {tuple(sink_queries.shape)}")
     be = resolve_backend(backend, q_t, k_t, v_t, fq_t, fk_t, cache.S)
-    kw = dict(window=window, scale=scale, eps=eps, log_decay=log_decay, first=first)
+    kw = dict(window=window, scale=scale, eps=eps, log_decay=log_decay, first=first, log_gate=log_gate,
+              sink_queries=sink_queries, position=position)
     if be == "triton":
         _same_dtype(q_t, k_t, v_t, fq_t, fk_t)
         from .hybrid_attn.recurrent import triton_hybrid_decode_step
-        return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, position=position, **kw)
+        return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, **kw)
     from .hybrid_attn.naive import hybrid_decode_step_ref
-    return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, position=position, log_gate=log_gate,
-                                  sink_queries=sink_queries, **kw)
+    return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, **kw)
 
 
 def hedgehog_feature_map(x, weight, bias=None, *, out_dtype=None, backend: str = "auto"):

@@ -300,7 +300,7 @@ def test_gated_decode_matches_the_chunked_gated_op(W, prefill, padded, attention
     """Per-token gates (log_gate): a prefill through the chunked op (its final state and the held keys' gates in
     the cache), then one token at a time with a device position, equals the chunked op on the whole sequence,
     with wrap-around, GQA and left padding; the state after the last token is the chunked final state, and the
-    eager counter gives the same outputs. The Triton decode kernel takes no gates: asking for it is an error."""
+    eager counter gives the same outputs (the PyTorch step; the Triton step is checked against it below)."""
     B, H, Hkv, T, D, F = 3, 4, 2, 23, 16, 32
     (q, k, v, fq, fk), mix, state = make_inputs(B, H, Hkv, T, D, F, torch.float32, "cpu", init=True)
     lg = -torch.rand(B, Hkv, T, generator=torch.Generator().manual_seed(5)) * 0.4
@@ -333,9 +333,6 @@ def test_gated_decode_matches_the_chunked_gated_op(W, prefill, padded, attention
                     position += 1
                 assert rel_err(o_t, o_par[:, :, t]) < 1e-5, (counter, t)
             assert rel_err(cache.S, S_par) < 1e-5 and rel_err(cache.z, z_par) < 1e-5
-    with pytest.raises(ValueError, match="per-token gates"):
-        ek.hybrid_decode_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], mix, cache, window=W,
-                              scale=scale, log_gate=lg[:, :, 0], backend="triton")
 
 
 def test_gated_linear_decode_matches_the_chunked_gated_op(attention_ops):
@@ -354,3 +351,49 @@ def test_gated_linear_decode_matches_the_chunked_gated_op(attention_ops):
         o_t, state = linear_decode_step_ref(fq[:, :, t], fk[:, :, t], v[:, :, t], state, log_gate=lg[:, :, t])
         assert rel_err(o_t, o_par[:, :, t]) < 1e-5, t
     assert rel_err(state[0], S_par) < 1e-5 and rel_err(state[1], z_par) < 1e-5
+
+
+def _copy_cache(cache: HybridDecodeCache) -> HybridDecodeCache:
+    return HybridDecodeCache(**{f: (x.clone() if isinstance(x, torch.Tensor) else x) for f, x in vars(cache).items()})
+
+
+@pytest.mark.parametrize("B,H,Hkv,W,sinks,gated,padded,dtype", [
+    (2, 4, 2, 5, 0, True, False, torch.float32),      # gates, wrap-around, GQA 2
+    (3, 4, 2, 7, 3, True, True, torch.float32),       # gates + sinks + left padding (sinks at first[b] + s)
+    (1, 3, 1, 20, 4, False, False, torch.float32),    # sinks alone, GQA 3, W not a power of two
+    (2, 2, 2, 3, 5, True, True, torch.float32),       # more sinks than the window
+    (2, 4, 1, 6, 4, True, True, torch.bfloat16),      # bf16 ring and sinks, GQA 4
+])
+def test_triton_decode_step_with_gates_and_sinks_equals_the_pytorch_step(B, H, Hkv, W, sinks, gated, padded, dtype,
+                                                                         device):
+    """The Triton decode step with per-token gates and / or attention sinks: from the same cache, token by token
+    with a device position (as under CUDA graphs), its outputs and every cache tensor (state, rings, gates, sinks)
+    equal the PyTorch step's (hybrid_decode_step_ref, itself checked against the chunked op above and in
+    tests/test_modeling.py), across evictions, sink filling and rows whose whole prompt is padding."""
+    T, D, F = 23, 16, 32
+    (q, k, v, fq, fk), mix, _ = make_inputs(B, H, Hkv, T, D, F, dtype, device, seed=3)
+    q, k, v, fq, fk, mix = (x.detach() for x in (q, k, v, fq, fk, mix))
+    g = torch.Generator().manual_seed(7)
+    lg = (-torch.rand(B, Hkv, T, generator=g) * 0.4).to(device) if gated else None
+    qs = torch.randn(B, H, T, D, generator=g).to(device, dtype) if sinks else None  # the capped-rope queries
+    first = torch.tensor([0, 2, 9][:B], device=device) if padded else None
+    if padded:  # the model keeps padded tokens' fk and v zero
+        real = (torch.arange(T, device=device)[None, :] >= first[:, None])[:, None, :, None].to(dtype)
+        v, fk = v * real, fk * real
+    cache = HybridDecodeCache.empty(B, Hkv, W, D, F, dtype=dtype, device=device, gated=gated, sinks=sinks)
+    ref_cache = _copy_cache(cache)
+    position = torch.tensor([0], device=device)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    with torch.no_grad():
+        for t in range(T):
+            kw = dict(window=W, scale=D ** -0.5, position=position, first=first,
+                      log_gate=lg[:, :, t] if gated else None, sink_queries=qs[:, :, t] if sinks else None)
+            args = (q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], mix)
+            o = ek.hybrid_decode_step(*args, cache, backend="triton", **kw)
+            o_ref = ek.hybrid_decode_step(*args, ref_cache, backend="reference", **kw)
+            position += 1
+            assert torch.isfinite(o).all() and rel_err(o, o_ref) < tol, t
+            for name in ("S", "z", "k", "v", "fk", "lg", "sk", "sv"):
+                a, b = getattr(cache, name), getattr(ref_cache, name)
+                if b is not None:
+                    assert rel_err(a, b, floor=1e-6) < 1e-5, (t, name)
