@@ -252,3 +252,27 @@ def test_cuda_graph_greedy_matches_generate_teacher():
     graph = greedy_generate(teacher, x, 20, use_cuda_graph=True)
     assert graph.cuda_graph
     assert torch.equal(graph.tokens, expected)
+
+
+@cuda_only
+@pytest.mark.parametrize("extra", [{"linear_sinks": 3}, {"linear_gate": True, "decay_memory": 8.0},
+                                   {"linear_gate": True, "decay_memory": 8.0, "linear_sinks": 3}])
+def test_cuda_gated_and_sink_decode_steps_equal_the_forward(extra):
+    """The Triton hybrid step with gates and / or sinks, inside the model: cached one-token decoding equals the
+    full forward (the chunked PyTorch path), past the window and the sinks."""
+    from effconv.modeling import EffconvConfig, EffconvForCausalLM
+
+    config = EffconvConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, window_size=4, **extra)
+    torch.manual_seed(0)
+    model = EffconvForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "decay_logit" not in name and "norm" not in name:
+                p.normal_(0.0, 0.08 if p.dim() > 1 else 0.3)
+    model = model.cuda()
+    x = torch.randint(3, 400, (2, 40), device="cuda")
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+    incremental, _ = _token_by_token(model, x, prefill=2)
+    torch.testing.assert_close(incremental, full, rtol=1e-3, atol=1e-3)
