@@ -192,7 +192,7 @@ def _prepare_state(cfg: HybridizeConfig, state_dir: Path, linearize_run: Path) -
 def hybridize(cfg: HybridizeConfig) -> HybridizeResult:
     """Score the layers, keep the most expensive ones as softmax, linearize the others, export with the scores."""
     cfg.validate()
-    distributed.check_launch(cfg.batch_size, blockwise=cfg.layers_per_block is not None, sinks=cfg.effective_sinks())
+    distributed.check_launch(cfg.batch_size, blockwise=cfg.layers_per_block is not None)
     out = Path(cfg.out)
     check_output_dir(out, cfg.overwrite)
     resolve_device_and_dtype(cfg.device, cfg.dtype)  # a bad --device fails before any work

@@ -142,7 +142,7 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None,
     """Run the pipeline; `metadata` (optional) is merged into the export's effconv.json and `extra_files` (name ->
     bytes) are written beside it, in the export's one atomic write (e.g. hybridize's per-layer scores)."""
     cfg.validate()
-    distributed.check_launch(cfg.batch_size, blockwise=cfg.layers_per_block is not None, sinks=cfg.effective_sinks())
+    distributed.check_launch(cfg.batch_size, blockwise=cfg.layers_per_block is not None)
     out = Path(cfg.out)
     check_output_dir(out, cfg.overwrite)
     run_dir = run_dir_for(out)

@@ -44,17 +44,12 @@ def fsdp_reshard_after_forward() -> bool:
     return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "no_reshard")
 
 
-def check_launch(batch_size: int, *, blockwise: bool = False, sinks: int = 0) -> None:
+def check_launch(batch_size: int, *, blockwise: bool = False) -> None:
     """Settings that cannot work with the launched processes: one clear error before any work."""
     n = launched_world_size()
     if n <= 1:
         return
     mode = "FSDP" if fsdp_requested() else "data parallel"
-    if sinks and fsdp_requested():
-        # the two-process run's checkpoints did not match the one-process run's (a LoRA weight came back with
-        # another shape): refused until that is understood
-        raise EffconvError(f"--sinks {sinks} is not supported under FSDP yet; pass --sinks 0, or run data parallel "
-                           "or in one process")
     if blockwise:
         raise EffconvError(f"--layers-per-block runs in one process; it is not supported under accelerate launch "
                            f"({n} processes, {mode}): run block-wise conversion without accelerate launch")
