@@ -49,6 +49,24 @@ def tiny_teacher_config(arch: str, **overrides):
     raise ValueError(arch)
 
 
+def random_effconv_model(seed: int = 0, *, norms: bool = False, **config):
+    """An effconv model (EffconvConfig(**config)) with random weights large enough that attention shapes the
+    logits; decay logits keep their initialisation; `norms`: the norm weights are drawn near 1 too."""
+    from effconv.modeling import EffconvConfig, EffconvForCausalLM
+
+    model_config = EffconvConfig(**config)
+    torch.manual_seed(seed)
+    model = EffconvForCausalLM(model_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                if norms:
+                    p.normal_(1.0, 0.1)
+            elif "decay_logit" not in name:
+                p.normal_(0.0, 0.08 if p.dim() > 1 else 0.3)
+    return model
+
+
 def tiny_teacher(arch: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = tiny_teacher_config(arch, **overrides)

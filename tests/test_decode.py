@@ -260,17 +260,10 @@ def test_cuda_graph_greedy_matches_generate_teacher():
 def test_cuda_gated_and_sink_decode_steps_equal_the_forward(extra):
     """The Triton hybrid step with gates and / or sinks, inside the model: cached one-token decoding equals the
     full forward (the chunked PyTorch path), past the window and the sinks."""
-    from effconv.modeling import EffconvConfig, EffconvForCausalLM
+    from conftest import random_effconv_model
 
-    config = EffconvConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, window_size=4, **extra)
-    torch.manual_seed(0)
-    model = EffconvForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "decay_logit" not in name and "norm" not in name:
-                p.normal_(0.0, 0.08 if p.dim() > 1 else 0.3)
-    model = model.cuda()
+    model = random_effconv_model(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, window_size=4, **extra).cuda()
     x = torch.randint(3, 400, (2, 40), device="cuda")
     with torch.no_grad():
         full = model(x, use_cache=False).logits

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from effconv.modeling import EffconvConfig, EffconvForCausalLM
+from conftest import random_effconv_model
+from effconv.modeling import EffconvForCausalLM
 from helpers_no_effconv import WITHOUT_EFFCONV  # noqa: E402
 
 VOCAB = 400
@@ -30,18 +31,9 @@ KINDS = {
 
 def tiny_model(seed: int = 0, **overrides) -> EffconvForCausalLM:
     """A random 3-layer effconv model whose weights are large enough that attention shapes the logits."""
-    config = EffconvConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
-                           num_attention_heads=6, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                           pad_token_id=0, **{"max_position_embeddings": 512, **overrides})
-    torch.manual_seed(seed)
-    model = EffconvForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif "decay_logit" not in name:
-                p.normal_(0.0, 0.08 if p.dim() > 1 else 0.3)
-    return model
+    return random_effconv_model(seed, norms=True, vocab_size=VOCAB, hidden_size=96, intermediate_size=128,
+                                num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, bos_token_id=1,
+                                eos_token_id=2, pad_token_id=0, **{"max_position_embeddings": 512, **overrides})
 
 
 def generate(model, mode: str, monkeypatch, *args, **kwargs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_teacher
+from conftest import random_effconv_model, tiny_teacher
 from effconv.conversion.student import build_student, effconv_config_from_teacher
 from effconv.modeling.attention_ops import FeatureMap, hybrid_attention, hybrid_attention_weights, linear_attention
 from effconv.distill.transfer import set_attention_mode
@@ -362,15 +362,10 @@ def test_sink_model_decodes_like_its_forward_and_refuses_sinks_without_a_window(
     from effconv.modeling import EffconvConfig, EffconvForCausalLM
 
     for extra in ({}, {"linear_gate": True, "decay_memory": 8.0}):
-        config = EffconvConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, window_size=4, linear_sinks=3,
-                               max_position_embeddings=16, **extra)
-        torch.manual_seed(0)
-        model = EffconvForCausalLM(config).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "decay_logit" not in name and "norm" not in name:
-                    p.normal_(0.0, 0.08 if p.dim() > 1 else 0.3)
+        model = random_effconv_model(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, window_size=4, linear_sinks=3,
+                                     max_position_embeddings=16, **extra)
+        config = model.config
         ids = torch.randint(3, 400, (2, 30))
         with torch.no_grad():
             full = model(ids, use_cache=False).logits
