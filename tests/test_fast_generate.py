@@ -129,6 +129,105 @@ def test_eos_and_streamer_behave_as_in_the_eager_loop(monkeypatch):
     assert streams["on"] == streams["off"]
 
 
+def _spy_loop(monkeypatch) -> list:
+    """Count the calls of effconv's own generation loop (fast_generate.fast_loop)."""
+    from effconv.modeling import fast_generate
+
+    calls, loop = [], fast_generate.fast_loop
+    monkeypatch.setattr(fast_generate, "fast_loop", lambda *a, **k: calls.append(1) or loop(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_effconv_loop_equals_transformers_loop(kind, monkeypatch):
+    """Greedy search through effconv's loop (static cache, stop decision read one step late) gives transformers'
+    tokens, lengths and padding: left-padded rows, an EOS that ends rows at different steps (and all rows before
+    max_new_tokens), and none."""
+    model = tiny_model(**KINDS[kind])
+    ids, mask = prompts(3, 9, padded=True)
+    base = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    free = generate(model, "off", monkeypatch, ids, **base)
+    new = free[:, ids.shape[1]:]
+    # end of sequence: a token row 0 produces early (the others may or may not), then each row's own second token
+    eos_sets = [None, int(new[0, 2]), [int(new[r, 1]) for r in range(3)]]
+    calls = _spy_loop(monkeypatch)
+    for eos in eos_sets:
+        args = {**base, **({} if eos is None else {"eos_token_id": eos})}
+        expected = generate(model, "off", monkeypatch, ids, **args)
+        got = generate(model, "on", monkeypatch, ids, **args)
+        assert got.shape == expected.shape and torch.equal(got, expected), (kind, eos)
+    assert len(calls) == len(eos_sets)  # effconv's loop ran each "on" call
+    stopped = generate(model, "on", monkeypatch, ids, **{**base, "eos_token_id": eos_sets[2]})
+    assert stopped.shape[1] < free.shape[1]  # every row ended early: the loop stopped early too
+
+
+def test_effconv_loop_samples_like_transformers(monkeypatch):
+    """Sampling from the same random state: effconv's loop applies transformers' warpers (temperature, top-k,
+    top-p) and draws once per step, so it gives transformers' tokens."""
+    model = tiny_model(**KINDS["hybrid"])
+    ids, mask = prompts(4, 10, padded=True)
+    for extra in ({"temperature": 0.7, "top_k": 20, "top_p": 0.9}, {"top_k": 0}, {"temperature": 1.3}):
+        args = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, pad_token_id=0, **extra)
+        runs = {}
+        for mode in ("off", "on"):
+            torch.manual_seed(11)
+            runs[mode] = generate(model, mode, monkeypatch, ids, **args)
+        assert torch.equal(runs["on"], runs["off"]), extra
+
+
+@pytest.mark.parametrize("extra", [{"repetition_penalty": 1.3}, {"num_beams": 2}, {"no_repeat_ngram_size": 2},
+                                   {"return_dict_in_generate": True, "output_scores": True}])
+def test_other_generation_settings_run_transformers_loop(extra, monkeypatch):
+    """Settings effconv's loop does not implement go to transformers' loop (static cache where it serves), with
+    transformers' results."""
+    model = tiny_model(**KINDS["hybrid"])
+    ids, mask = prompts(2, 8, padded=True)
+    args = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, **extra)
+    expected = generate(model, "off", monkeypatch, ids, **args)
+    calls = _spy_loop(monkeypatch)
+    got = generate(model, "on", monkeypatch, ids, **args)
+    assert not calls
+    if isinstance(got, torch.Tensor):
+        assert torch.equal(got, expected)
+    else:
+        assert torch.equal(got.sequences, expected.sequences)
+
+
+def test_loop_setting_keeps_transformers_loop_on_the_static_cache(monkeypatch):
+    """EFFCONV_GENERATE_LOOP=transformers: transformers' own loop, still on the static cache, same tokens; min_new_tokens
+    (EOS barred for the first steps) in effconv's loop equals it; a bad value is one clear error."""
+    model = tiny_model(**KINDS["gated-sinks"])
+    ids, mask = prompts(3, 9, padded=True)
+    free = generate(model, "off", monkeypatch, ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                    pad_token_id=0)
+    eos = int(free[1, ids.shape[1] + 1])
+    args = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                eos_token_id=eos)
+    expected = generate(model, "off", monkeypatch, ids, **args)
+    calls = _spy_loop(monkeypatch)
+    assert torch.equal(generate(model, "on", monkeypatch, ids, **args), expected) and len(calls) == 1
+    monkeypatch.setenv("EFFCONV_GENERATE_LOOP", "transformers")
+    assert torch.equal(generate(model, "on", monkeypatch, ids, **args), expected) and len(calls) == 1
+    assert model._effconv_generation_cache.frozen  # transformers' loop ran on the static cache
+    monkeypatch.setenv("EFFCONV_GENERATE_LOOP", "mine")
+    with pytest.raises(ValueError, match="EFFCONV_GENERATE_LOOP must be one of effconv, transformers"):
+        generate(model, "on", monkeypatch, ids, **args)
+
+
+def test_generation_config_object_takes_the_effconv_loop(monkeypatch):
+    from transformers import GenerationConfig
+
+    model = tiny_model(**KINDS["hybrid"])
+    ids, mask = prompts(2, 8, padded=True)
+    config = GenerationConfig(max_new_tokens=9, do_sample=True, top_k=5, pad_token_id=0)
+    runs = {}
+    calls = _spy_loop(monkeypatch)
+    for mode in ("off", "on"):
+        torch.manual_seed(3)
+        runs[mode] = generate(model, mode, monkeypatch, ids, attention_mask=mask, generation_config=config)
+    assert len(calls) == 1 and torch.equal(runs["on"], runs["off"])
+
+
 def test_models_without_a_static_cache_say_so_and_decode_eagerly(monkeypatch, caplog):
     model = tiny_model(window_size=4, attention_types=["linear", "sliding", "linear"], sink_tokens=1)
     ids, mask = prompts(2, 9, padded=False)

@@ -263,8 +263,213 @@ class DecodeGraphs:
         return cache.graph
 
 
+# GenerationConfig fields the effconv loop honours (beside the metadata that does not change decoding); a call
+# that sets any other field away from its default runs transformers' own loop
+LOOP_FIELDS = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
+               "top_p", "eos_token_id", "pad_token_id", "bos_token_id", "use_cache", "disable_compile",
+               "transformers_version", "_from_model_config"}
+LOOPS = ("effconv", "transformers")
+
+
+def generate_loop() -> str:
+    """EFFCONV_GENERATE_LOOP: `effconv` (default) runs the calls it can serve in effconv's loop, `transformers`
+    always runs transformers' own loop (the static cache and CUDA graph still serve it)."""
+    value = os.environ.get("EFFCONV_GENERATE_LOOP", "").strip().lower() or "effconv"
+    if value not in LOOPS:
+        raise ValueError(f"EFFCONV_GENERATE_LOOP must be one of {', '.join(LOOPS)}, got {value!r}")
+    return value
+
+
+@dataclass
+class _LoopPlan:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    new_tokens: int
+    config: object  # the effective GenerationConfig
+    eos: torch.Tensor | None  # (n,) eos ids on the device
+    pad: int | None
+    eos_banned: int  # the first steps at which EOS may not be chosen (min_new_tokens / min_length)
+    warpers: object  # LogitsProcessorList of the sampling warpers (empty for greedy)
+
+
+def _loop_plan(model, args: tuple, kwargs: dict) -> _LoopPlan | None:
+    """The effconv loop's settings for a `generate` call, or None when transformers' loop must run it: anything
+    beyond greedy / sampling with temperature, top-k and top-p, EOS and a length, a streamer and an attention mask
+    (beams, other processors or stopping criteria, scores or dict outputs, prefill chunking, ...)."""
+    import copy
+
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    if generate_loop() == "transformers" or len(args) > 1:
+        return None
+    if model.device.type != "cuda" and fast_generate_mode() != "on":
+        return None
+    if fast_generate_mode() == "off" or static_unsupported(model, _kernels()) is not None:
+        return None
+    kwargs = dict(kwargs)
+    input_ids = args[0] if args else kwargs.pop("inputs", None)
+    input_ids = kwargs.pop("input_ids", input_ids)
+    attention_mask = kwargs.pop("attention_mask", None)
+    kwargs.pop("streamer", None)
+    given = kwargs.pop("generation_config", None)
+    base = given if given is not None else model.generation_config
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        return None
+    asked = copy.deepcopy(base)
+    if asked.update(**kwargs):  # keys that are not generation settings (model inputs): transformers' loop
+        return None
+    default = type(asked)()
+    for key, value in asked.to_dict().items():  # what the model's and the call's settings ask for
+        unset = getattr(default, key, value)
+        if key not in LOOP_FIELDS and value != unset and (value or unset):  # None, False and 0 all mean "off"
+            return None
+    try:  # the values transformers would decode with (its defaults filled in: e.g. top-k 50 when sampling)
+        config, extra = model._prepare_generation_config(given, **kwargs)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if any(extra.values()) or config.use_cache is False or config.cache_implementation is not None:
+        return None
+    prompt = input_ids.shape[1]
+    new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt
+    if new_tokens is None or new_tokens < 1:
+        return None
+    eos = config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else (list(eos) if eos is not None else [])
+    pad = config.pad_token_id
+    if isinstance(pad, (list, tuple)):
+        return None
+    if pad is None and eos:
+        pad = eos[0]  # as transformers does (it also says so)
+    if attention_mask is None:
+        if pad is not None and bool((input_ids == pad).any()):
+            return None  # transformers would infer a mask from the padding: let it
+        attention_mask = torch.ones_like(input_ids)
+    warpers = LogitsProcessorList()
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None and config.top_k != 0:
+            warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+        if config.top_p is not None and config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    # transformers' MinLength / MinNewTokens processors: EOS scores -inf until the lengths are reached
+    banned = max(config.min_new_tokens or 0, (config.min_length or 0) - prompt) if eos else 0
+    device = input_ids.device
+    return _LoopPlan(input_ids=input_ids, attention_mask=attention_mask.to(device), new_tokens=int(new_tokens),
+                     config=config, eos=torch.tensor(eos, device=device) if eos else None, pad=pad,
+                     eos_banned=max(banned, 0), warpers=warpers)
+
+
+def _kernels():
+    from .backend import kernels
+
+    return kernels
+
+
+class _StopFlag:
+    """Whether every row has finished, read one step late: the flag is copied to pinned host memory without
+    blocking, so the host queues the next step while the device still runs this one."""
+
+    def __init__(self, device):
+        pinned = device.type == "cuda"
+        self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=pinned) for _ in range(2)]
+        self.events = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self.turn = 0
+
+    def push(self, unfinished: torch.Tensor) -> None:
+        self.flags[self.turn].copy_(unfinished.max() == 0, non_blocking=True)
+        if self.events[self.turn] is not None:
+            self.events[self.turn].record()
+        self.turn ^= 1
+
+    def previous(self) -> bool:
+        """The flag pushed before the last one (False before there is one)."""
+        i = self.turn  # two pushes ago wrote here; the last push wrote the other slot
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        return bool(self.flags[i])
+
+
+@torch.no_grad()
+def fast_loop(model, plan: _LoopPlan, streamer=None) -> torch.Tensor:
+    """Greedy search or sampling with transformers' semantics (the same tokens as its loop for greedy, and for
+    sampling from the same random state: the same warpers and one multinomial draw per step), through the static
+    cache and the CUDA-graph step, without a host sync per step: the stop decision is read one step late (at most
+    one extra step is computed and dropped), the tokens stay on the device until the end (a streamer gets each
+    token as it comes, which needs that sync)."""
+    ids, mask, n = plan.input_ids, plan.attention_mask, plan.new_tokens
+    batch, prompt = ids.shape
+    device = ids.device
+    cache = model._generation_cache(prompt + n)
+    name = generate_cache_name()
+    graph_ok = device.type == "cuda" and not plan.config.disable_compile
+    forward = model.get_compiled_call() if graph_ok else model.__call__
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    # positions as transformers numbers them: real tokens from 0, left padding skipped
+    positions = mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(mask == 0, 1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, return_dict=True,
+                logits_to_keep=1, **{name: cache})
+    position = positions[:, -1:]
+    tokens = torch.empty(batch, n, dtype=ids.dtype, device=device)
+    unfinished = torch.ones(batch, dtype=torch.long, device=device)
+    stop = _StopFlag(device)
+    done = n
+    for step in range(n):
+        scores = out.logits[:, -1].to(dtype=torch.float32, copy=True)
+        if step < plan.eos_banned:
+            scores[:, plan.eos] = float("-inf")
+        if plan.config.do_sample:
+            scores = plan.warpers(ids, scores)  # temperature, top-k and top-p do not read the ids
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = torch.argmax(scores, dim=-1)
+        if plan.eos is not None:
+            token = token * unfinished + plan.pad * (1 - unfinished)
+            unfinished = unfinished & ~torch.isin(token, plan.eos)
+        tokens[:, step] = token
+        if streamer is not None:  # the host has the token now anyway: decide at once
+            streamer.put(token.cpu())
+            if plan.eos is not None and not bool(unfinished.any()):
+                done = step + 1
+                break
+        if step == n - 1:
+            break
+        if plan.eos is not None and streamer is None:
+            stop.push(unfinished)
+            if step >= 1 and stop.previous():  # every row had finished one step ago
+                done = step  # tokens[:, :step] are the answer; this step's token is dropped
+                break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
+        position = position + 1
+        out = forward(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                      return_dict=True, logits_to_keep=1, **{name: cache})
+    if plan.eos is not None:  # transformers stops at the step where the last row finished
+        done = _all_finished_at(tokens[:, :done], plan.eos)
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([ids, tokens[:, :done]], 1)
+
+
+def _all_finished_at(tokens: torch.Tensor, eos: torch.Tensor) -> int:
+    """The number of steps after which every row had produced an EOS (all of them when some row never did)."""
+    hit = torch.isin(tokens, eos)
+    if not bool(hit.any(1).all()):
+        return tokens.shape[1]
+    return int(hit.int().argmax(1).max()) + 1
+
+
 class FastGenerationMixin:
     """GenerationMixin overrides of EffconvForCausalLM (module docstring)."""
+
+    def generate(self, *args, **kwargs):
+        plan = _loop_plan(self, args, kwargs)
+        if plan is None:
+            return super().generate(*args, **kwargs)
+        return fast_loop(self, plan, kwargs.get("streamer"))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
