@@ -527,7 +527,7 @@ def test_speed_through_generate_reports_each_models_path(tiny_model_dir, student
     rows = {r["model"]: r for r in report["speed"]["rows"]}
     assert set(rows) == {"teacher", "student"} and all(r["status"] == "ok" for r in rows.values())
     assert rows["teacher"]["path"].startswith("transformers") and len(rows["teacher"]["other_paths"]) == 1
-    assert rows["student"]["path"] == "eager (growing cache)"  # CPU: transformers' usual loop
+    assert rows["student"]["path"] == "transformers loop, eager (growing cache)"  # CPU: transformers' usual loop
     assert all(r["decode_tokens_per_s"] > 0 and r["cache_bytes"] > 0 for r in rows.values())
     for name in ("decode_tokens_per_s.png", "prefill_ms.png", "memory.png", "cache_bytes.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name

@@ -30,9 +30,10 @@ def decode_path(model, teacher_mode: str | None = None) -> str:
         return {"dynamic": "transformers DynamicCache", "static": f"transformers StaticCache{compiled}"}.get(
             teacher_mode, teacher_mode)
     cache = getattr(model, "_effconv_generation_cache", None)
+    loop = f"{getattr(model, '_effconv_generate_loop', 'transformers')} loop, "
     if cache is None or not cache.static:
-        return "eager (growing cache)"
-    return "static cache + CUDA graph" if cache.graph is not None else "static cache, eager steps"
+        return loop + "eager (growing cache)"
+    return loop + ("static cache + CUDA graph" if cache.graph is not None else "static cache, eager steps")
 
 
 def teacher_kwargs(mode: str) -> dict:

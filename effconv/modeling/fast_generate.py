@@ -467,6 +467,7 @@ class FastGenerationMixin:
 
     def generate(self, *args, **kwargs):
         plan = _loop_plan(self, args, kwargs)
+        self._effconv_generate_loop = "transformers" if plan is None else "effconv"  # what the last call ran
         if plan is None:
             return super().generate(*args, **kwargs)
         return fast_loop(self, plan, kwargs.get("streamer"))
