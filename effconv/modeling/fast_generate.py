@@ -1,7 +1,8 @@
 """The fast path of `model.generate` for effconv models: a static decode cache and a CUDA graph of the one-token step.
 
 Shipped inside every export (imports only torch, transformers and its siblings). It plugs into transformers' own
-generation loop, so logits processors, stopping criteria, sampling and streamers behave as for any model:
+generation loop, so logits processors, stopping criteria, sampling and streamers behave as for any model
+(`EFFCONV_GENERATE_LOOP` below says which loop runs):
 
 * `_prepare_cache_for_generation` gives greedy and sampling runs an `EffconvCache(static=True)`;
 * at the first one-token step the prompt's cache is moved into fixed buffers (`freeze`): the fp32 linear state,
@@ -11,11 +12,15 @@ generation loop, so logits processors, stopping criteria, sampling and streamers
 * `_valid_auto_compile_criteria` / `get_compiled_call` (transformers' switch to a compiled forward for static
   caches) hand the loop a `DecodeGraphs` runner on CUDA: the first step runs eagerly (kernels compile), the second
   captures the step in a CUDA graph, later steps replay it. Cache and graph are kept for the next call of the
-  same batch size.
+  same batch size;
+* `generate` itself runs the calls it can serve exactly in effconv's own loop (`fast_loop`: greedy or sampling with
+  transformers' warpers, EOS, lengths, streamer, left padding), which reads the stop decision one step late
+  instead of syncing with the device after every step; everything else goes to transformers' loop above.
 
 `EFFCONV_FAST_GENERATE` (docs/environment.md): `auto` (default) static cache + CUDA graph on CUDA, transformers'
 usual loop elsewhere; `on` the static cache on every device (the CUDA graph on CUDA only); `off` never.
 `model.generate(..., disable_compile=True)` keeps the static cache but runs the steps eagerly.
+`EFFCONV_GENERATE_LOOP`: `effconv` (default) as above, `transformers` always transformers' loop.
 """
 
 from __future__ import annotations
