@@ -112,8 +112,9 @@ class AttentionArgs:
                                          "memory/4 .. memory*4")
     gate: bool | None = option(None, "Linear layers get a data-dependent forget gate per KV head and token (GLA / "
                                      "Mamba-2 style, scalar per head): g_t = sigmoid(decay logit + w . x_t), started "
-                                     "as the --decay-memory decay; training and prompts run on the PyTorch path (no "
-                                     "chunked Triton kernel yet), decoding on the Triton step. "
+                                     "as the --decay-memory decay; with --window 0 it runs on the Triton kernels, "
+                                     "with a window its training and prompts run on the PyTorch path (no fused "
+                                     "hybrid kernel takes gates yet) and decoding on the Triton step. "
                                      "On by default for --attention linear; --no-gate: ungated linear layers (the "
                                      "Triton kernels)", flag="--no-gate")
     linear_rope: bool = option(False, "Feature maps read the RoPE-rotated queries and keys. Off by default: they read "

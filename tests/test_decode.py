@@ -256,16 +256,38 @@ def test_cuda_graph_greedy_matches_generate_teacher():
 
 @cuda_only
 @pytest.mark.parametrize("extra", [{"linear_sinks": 3}, {"linear_gate": True, "decay_memory": 8.0},
-                                   {"linear_gate": True, "decay_memory": 8.0, "linear_sinks": 3}])
+                                   {"linear_gate": True, "decay_memory": 8.0, "linear_sinks": 3},
+                                   {"linear_gate": True, "decay_memory": 8.0, "window_size": 0}])
 def test_cuda_gated_and_sink_decode_steps_equal_the_forward(extra):
     """The Triton hybrid step with gates and / or sinks, inside the model: cached one-token decoding equals the
-    full forward (the chunked PyTorch path), past the window and the sinks."""
+    full forward (the chunked PyTorch path; for the gated pure linear model the gated chunk kernel, checked against
+    the PyTorch path below), past the window and the sinks."""
     from conftest import random_effconv_model
 
     model = random_effconv_model(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, window_size=4, **extra).cuda()
+                                 num_attention_heads=4, num_key_value_heads=2, **{"window_size": 4, **extra}).cuda()
     x = torch.randint(3, 400, (2, 40), device="cuda")
     with torch.no_grad():
         full = model(x, use_cache=False).logits
     incremental, _ = _token_by_token(model, x, prefill=2)
     torch.testing.assert_close(incremental, full, rtol=1e-3, atol=1e-3)
+
+
+@cuda_only
+def test_cuda_gated_pure_linear_kernel_equals_the_pytorch_path():
+    """A gated window-0 model on the gated chunk kernel (attention_backend auto) and on the PyTorch path
+    (reference): same logits and same gradients of the gate weights."""
+    from conftest import random_effconv_model
+
+    grads, logits = [], []
+    for backend in ("auto", "reference"):
+        model = random_effconv_model(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, window_size=0, linear_gate=True,
+                                     decay_memory=8.0, attention_backend=backend).cuda()
+        x = torch.randint(3, 400, (2, 150), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        out = model(x, use_cache=False).logits
+        out.float().square().mean().backward()
+        logits.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "gate" in n and p.grad is not None]))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-3, atol=1e-5)

@@ -458,12 +458,12 @@ class EffconvAttention(nn.Module):
     def _linear(self, q, k, v, cache: LayerCache | None, key_mask, features=None, log_gate=None, sink_queries=None):
         """Linear / hybrid attention over the new tokens, continuing from `cache` when it holds earlier ones.
         `features`: the (queries, keys) the feature maps read (default q and k); `log_gate` (B, Hkv, T): the new
-        tokens' gates of a gated layer (their chunked path is PyTorch: no chunked Triton kernel takes per-token
-        gates; the one-token hybrid step does)."""
+        tokens' gates of a gated layer (the chunked linear kernel and the one-token hybrid step take them; the
+        chunked hybrid path with gates is PyTorch)."""
         feature_q, feature_k = features if features is not None else (q, k)
         gated = log_gate is not None
-        if gated and self._use_kernels(q):
-            _say_uses_pytorch("gated linear layers (linear_gate)")
+        if gated and self.window > 0 and self._use_kernels(q):
+            _say_uses_pytorch("gated hybrid layers (linear_gate with a window)")
         if self.sinks and self._use_kernels(q):
             _say_uses_pytorch("hybrid layers with attention sinks (linear_sinks)")
         if (
@@ -518,10 +518,10 @@ class EffconvAttention(nn.Module):
             if key_mask is not None:
                 keep = key_mask[:, None, :, None].to(fk.dtype)
                 fk, v = fk * keep, v * keep
-            if self._use_kernels(q) and not gated:
+            if self._use_kernels(q):  # gated too: the chunked kernels take per-token gates
                 o, state = _kernels.linear_attention(
                     fq.to(v.dtype), fk.to(v.dtype), v, eps=self.config.linear_eps, initial_state=initial_state,
-                    output_final_state=keep_state, log_decay=log_decay, backend="triton",
+                    output_final_state=keep_state, log_decay=log_decay, log_gate=log_gate, backend="triton",
                 )
             else:
                 o, state = linear_attention(

@@ -1,11 +1,13 @@
 """effconv_kernels: attention kernels for converted (linear / hybrid) models.
 
 Public entry points (all take backend="auto" | "triton" | "reference" | "naive"):
-    linear_attention(fq, fk, v, *, normalize, eps, initial_state, output_final_state, log_decay) -> (o, final_state)
+    linear_attention(fq, fk, v, *, normalize, eps, initial_state, output_final_state, log_decay, log_gate)
+        -> (o, final_state)
     hybrid_attention(q, k, v, fq, fk, mix, *, window, scale, eps, initial_state, output_final_state, log_decay)
         -> (o, final_state)
-    linear_decode_step(fq_t, fk_t, v_t, state, *, normalize, eps, log_decay) -> (o_t, state)  # state updated in place
-    hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, *, window, scale, eps, log_decay) -> o_t  # cache too
+    linear_decode_step(fq_t, fk_t, v_t, state, *, normalize, eps, log_decay, log_gate) -> (o_t, state)  # in place
+    hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, *, window, scale, eps, log_decay, log_gate,
+                       sink_queries) -> o_t  # cache too
     HybridDecodeCache
     hedgehog_feature_map(x, weight, bias=None, *, out_dtype=None) -> [softmax(xW+b), softmax(-(xW+b))]
     moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj) -> (N,D)  # Mixtral layout
@@ -23,9 +25,10 @@ initial state (which sits at position -1); the (final) state is decayed to the l
 (S_L = g^L S0 + sum_{j<L} g^(L-1-j) fk_j v_j^T), so chaining segments through the state equals one run, and the
 decode caches hold the same state. Gradients flow to log_decay.
 
-`log_gate` (fp32 (B, Hkv), decode steps only): the new token's data-dependent log gate, GLA style (the parallel
-form is attention_ops' `log_gate`). The hybrid decode kernel takes it (and a cache's attention sinks); the pure
-linear decode step runs it on the PyTorch path ("auto" picks it; "triton" is an error there).
+`log_gate`: data-dependent log gates, GLA style: (B, Hkv, T) for `linear_attention` (the Triton chunk kernels and
+the O(T^2) oracle take them; the hybrid's parallel form with gates is attention_ops' `log_gate`), (B, Hkv) for the
+decode steps (the new token's). The hybrid decode kernel takes it (and a cache's attention sinks); the pure linear
+decode step runs it on the PyTorch path ("auto" picks it; "triton" is an error there).
 """
 from __future__ import annotations
 
@@ -81,27 +84,38 @@ def _check_decay(log_decay, num_kv_heads: int):
 
 
 def linear_attention(fq, fk, v, *, normalize: bool = True, eps: float = 1e-6, initial_state=None,
-                     output_final_state: bool = False, log_decay=None, backend: str = "auto"):
+                     output_final_state: bool = False, log_decay=None, log_gate=None, backend: str = "auto"):
     """Causal linear attention. fq (B,H,T,F), fk (B,Hkv,T,F), v (B,Hkv,T,Dv) -> o (B,H,T,Dv), (S, z) or None.
 
     o_i = sum_{j<=i} g^(i-j) (fq_i.fk_j) v_j / (sum_{j<=i} g^(i-j) fq_i.fk_j + eps) (no division when
     normalize=False; g = exp(log_decay[kv head]), 1 without log_decay); initial_state (S0 (B,Hkv,F,Dv),
     z0 (B,Hkv,F)) enters query i with g^(i+1); final state S_T = g^T S0 + sum_j g^(T-1-j) fk_j v_j^T.
-    Backends "triton" and "naive" ("auto": triton on CUDA, naive otherwise; see the module docstring).
+    `log_gate` (B, Hkv, T), values <= 0, instead of log_decay: per-token gates, GLA style: key j reaches query i
+    with exp(C_i - C_j), C its cumulative sum (the chunk kernels form only chunk-local differences); gradients
+    reach it. Backends "triton" and "naive" ("auto": triton on CUDA, naive otherwise; see the module docstring).
     """
     float_dtype_ok(fq, fk, v)
     check_gqa(fq.shape[1], fk.shape[1])
     _check_state(initial_state)
     _check_decay(log_decay, fk.shape[1])
-    kw = dict(normalize=normalize, eps=eps, initial_state=initial_state, output_final_state=output_final_state,
-              log_decay=log_decay)
+    if log_gate is not None:
+        if log_decay is not None:
+            raise ValueError("pass log_decay or log_gate, not both")
+        B, _, T, _ = fq.shape
+        if not isinstance(log_gate, torch.Tensor) or tuple(log_gate.shape) != (B, fk.shape[1], T):
+            raise ValueError(f"log_gate must be a tensor of shape {(B, fk.shape[1], T)}, got "
+                             f"{tuple(log_gate.shape) if isinstance(log_gate, torch.Tensor) else type(log_gate)}")
+    kw = dict(normalize=normalize, eps=eps, initial_state=initial_state, output_final_state=output_final_state)
     be = resolve_attention_backend(backend, "linear_attention", fq, fk, v)
     if be == "triton":
         _same_dtype(fq, fk, v)
         from .linear_attn.chunk import chunk_linear_attention
-        return chunk_linear_attention(fq, fk, v, **kw)
+        return chunk_linear_attention(fq, fk, v, log_decay=log_decay, log_gate=log_gate, **kw)
+    if log_gate is not None:
+        from .linear_attn.naive import naive_gated_linear_attention
+        return naive_gated_linear_attention(fq, fk, v, log_gate, **kw)
     from .linear_attn.naive import naive_linear_attention
-    return naive_linear_attention(fq, fk, v, **kw)
+    return naive_linear_attention(fq, fk, v, log_decay=log_decay, **kw)
 
 
 def hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, eps: float = 1e-6, initial_state=None,

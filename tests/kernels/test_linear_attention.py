@@ -233,3 +233,77 @@ def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(lc, "linear_bwd", lambda *a, **k: (lambda r: (r[0] * 1.1,) + r[1:])(orig_bwd(*a, **k)))
     with pytest.raises(RuntimeError):
         lc._self_check(fq, fk, v, True, force=True)
+
+
+GATED_CASES = [
+    # B, H, Hkv, T, F, Dv, dtype, normalize, init, gate strength (log gates uniform in [-strength, 0])
+    (1, 2, 2, 1, 32, 16, torch.float32, True, True, 0.3),       # single token
+    (2, 4, 2, 45, 32, 16, torch.float32, True, True, 0.3),      # GQA 2, partial last chunk
+    (1, 3, 1, 100, 64, 32, torch.float32, False, False, 0.05),  # GQA 3, no normaliser, weak gates, 4 chunks
+    (1, 2, 1, 70, 64, 48, torch.float32, True, True, 2.0),      # strong gates (a token forgets fast)
+    (1, 3, 1, 100, 64, 32, torch.bfloat16, True, True, 0.1),    # bf16: two chunks of 64
+    (2, 2, 2, 37, 32, 32, torch.bfloat16, False, False, 0.3),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,F,Dv,dtype,normalize,init,strength", GATED_CASES)
+def test_gated_chunk_kernel_matches_naive(B, H, Hkv, T, F, Dv, dtype, normalize, init, strength, device):
+    """Per-token gates (log_gate (B, Hkv, T)) in the chunked kernels: output, final state and the gradients of
+    fq, fk, v, the gates and the initial state against the O(T^2) gated oracle."""
+    from effconv_kernels.linear_attn.naive import naive_gated_linear_attention
+
+    (fq, fk, v), state = make_inputs(B, H, Hkv, T, F, Dv, dtype, device, init=init, seed=4)
+    lg = (-torch.rand(B, Hkv, T, generator=torch.Generator().manual_seed(9)) * strength).to(device)
+    lg.requires_grad_()
+    g = torch.Generator().manual_seed(2)
+    do = torch.randn(B, H, T, Dv, generator=g).to(device)
+    dS, dz = torch.randn(B, Hkv, F, Dv, generator=g).to(device), torch.randn(B, Hkv, F, generator=g).to(device)
+    leaves = [fq, fk, v, lg] + (list(state) if init else [])
+
+    def run(fn):
+        for x in leaves:
+            x.grad = None
+        o, (S, z) = fn()
+        ((o.float() * do).sum() + (S * dS).sum() + (z * dz).sum()).backward()
+        return [o, S, z] + [x.grad.clone() for x in leaves]
+
+    kw = dict(normalize=normalize, initial_state=state, output_final_state=True, log_gate=lg)
+    got = run(lambda: ek.linear_attention(fq, fk, v, backend="triton", **kw))
+    ref = run(lambda: naive_gated_linear_attention(fq, fk, v, lg, normalize=normalize, initial_state=state,
+                                                   output_final_state=True))
+    tol_o, tol_g = TOL[dtype]
+    names = ["o", "S", "z", "dfq", "dfk", "dv", "dgate", "dS0", "dz0"]
+    for name, a, b in zip(names, got, ref):
+        tol = tol_o if name in ("o", "S", "z") else (tol_g if name != "dgate" else TOL_LD[dtype])
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+def test_gated_chunk_kernel_equals_the_model_op(device, attention_ops):
+    """The Triton gated op and the model's chunked PyTorch gated op (attention_ops.linear_attention) agree, so a
+    gated pure linear layer may run either; chaining two pieces through the state equals one run."""
+    B, H, Hkv, T, F, Dv = 2, 4, 2, 90, 32, 16
+    (fq, fk, v), state = make_inputs(B, H, Hkv, T, F, Dv, torch.float32, device, init=True, seed=5)
+    lg = (-torch.rand(B, Hkv, T, generator=torch.Generator().manual_seed(1)) * 0.3).to(device)
+    with torch.no_grad():
+        o_t, (S_t, z_t) = ek.linear_attention(fq, fk, v, initial_state=state, output_final_state=True, log_gate=lg,
+                                              backend="triton")
+        o_p, (S_p, z_p) = attention_ops.linear_attention(fq, fk, v, initial_state=state, output_final_state=True,
+                                                         log_gate=lg)
+        assert rel_err(o_t, o_p) < 2e-5 and rel_err(S_t, S_p) < 2e-5 and rel_err(z_t, z_p) < 2e-5
+        cut = 41
+        o1, s1 = ek.linear_attention(fq[:, :, :cut], fk[:, :, :cut], v[:, :, :cut], initial_state=state,
+                                     output_final_state=True, log_gate=lg[..., :cut], backend="triton")
+        o2, s2 = ek.linear_attention(fq[:, :, cut:], fk[:, :, cut:], v[:, :, cut:], initial_state=s1,
+                                     output_final_state=True, log_gate=lg[..., cut:], backend="triton")
+        assert rel_err(torch.cat([o1, o2], 2), o_t) < 2e-5 and rel_err(s2[0], S_t) < 2e-5
+
+
+def test_gated_self_check_runs_and_records(device):
+    """The first gated call on a GPU checks the kernels against the oracle (forced here on any device)."""
+    from effconv_kernels.linear_attn import chunk
+
+    (fq, fk, v), _ = make_inputs(1, 2, 1, 8, 32, 16, torch.float32, device)
+    chunk._CHECKED.pop(("gated", fq.device, fq.dtype, 32, 16, 2, True), None)
+    chunk._self_check_gated(fq, fk, v, True, force=True)
+    errs = chunk._CHECKED[("gated", fq.device, fq.dtype, 32, 16, 2, True)]
+    assert len(errs) == 5 and max(errs) < 1e-3

@@ -36,7 +36,7 @@ def chunk_state_fwd_kernel(
     fk, v, S0, z0, h, zh, ST, zT, ld,
     T, L, NS, HKV,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_S0: tl.constexpr, PREC: tl.constexpr, HAS_DECAY: tl.constexpr = False,
+    HAS_S0: tl.constexpr, PREC: tl.constexpr, HAS_DECAY: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
 ):
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh64 = i_bh.to(tl.int64)
@@ -66,12 +66,18 @@ def chunk_state_fwd_kernel(
         m_t = o_t < L
         b_k = tl.load(p_fk + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_v = tl.load(p_v + o_t[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        if HAS_DECAY:
+        if HAS_DECAY or HAS_GATE:
             # this chunk's keys, decayed to its last key (position min((n+1)C, L) - 1); the state moves there too
             n_len = tl.minimum(L - n * BT, BT)
-            w = tl.exp(lam * tl.maximum(n_len - 1 - tl.arange(0, BT), 0).to(tl.float32))
+            if HAS_GATE:  # ld: the chunk-local cumulative log gates cl (B*Hkv, T)
+                b_cl = tl.load(ld + i_bh64 * T + o_t, mask=m_t, other=0.0)
+                cl_last = tl.sum(tl.where(tl.arange(0, BT) == n_len - 1, b_cl, 0.0), 0)
+                w = tl.exp(tl.where(m_t, cl_last - b_cl, 0.0))
+                g_len = tl.exp(cl_last)
+            else:
+                w = tl.exp(lam * tl.maximum(n_len - 1 - tl.arange(0, BT), 0).to(tl.float32))
+                g_len = tl.exp(lam * n_len)
             b_kw = b_k.to(tl.float32) * w[:, None]
-            g_len = tl.exp(lam * n_len)
             b_hi = b_kw.to(b_k.dtype)
             b_S = b_S * g_len + tl.dot(tl.trans(b_hi), b_v, input_precision=PREC)
             if b_k.dtype != tl.float32:
@@ -95,7 +101,7 @@ def chunk_state_bwd_kernel(
     T, G, H, NT, D_OFF, L,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_BETA: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr,
-    HAS_DECAY: tl.constexpr = False,
+    HAS_DECAY: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
 ):
     i_k, i_v, i_bk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     Hkv = H // G
@@ -117,7 +123,13 @@ def chunk_state_bwd_kernel(
     p_dh = dh + i_bk64 * NT * F * DV
     p_dzh = dzh + i_bk64 * NT * F
     # the last d + 1 key chunks feed no state that any query reads: only the final-state gradient
-    if HAS_DECAY:
+    if HAS_GATE:  # linear attention only (d = 0): ld holds the chunk-local cumulative log gates cl (B*Hkv, T)
+        tl.store(p_dh + (NT - 1) * F * DV + o_kv, b_dS.to(dh.dtype.element_ty), mask=m_kv)
+        tl.store(p_dzh + (NT - 1) * F + o_k, b_dz, mask=m_z)
+        f = tl.exp(tl.load(ld + i_bk64 * T + L - 1))  # back through the last chunk to its boundary
+        b_dS = b_dS * f
+        b_dz = b_dz * f
+    elif HAS_DECAY:
         lam = tl.load(ld + i_hk)
         for c in range(tl.maximum(NT - 1 - D_OFF, 0), NT):
             # h[c+1] sits at (c+1)C - 1 (the final state h[NS] at L - 1): g^(L - (c+1)C) dfinal (chunks past L: unused)
@@ -152,7 +164,12 @@ def chunk_state_bwd_kernel(
                 b_dn = b_dn * b_beta
                 if NORMALIZE:
                     b_dd = b_dd * b_beta
-            if HAS_DECAY:  # query i reads boundary b = max(n - d, 0) with g^(i - bC + 1)
+            if HAS_GATE:  # query i reads boundary n with exp(cl_i)
+                rf = tl.exp(tl.load(ld + i_bk64 * T + o_t, mask=m_t, other=0.0))
+                b_dn = b_dn * rf[:, None]
+                if NORMALIZE:
+                    b_dd = b_dd * rf
+            elif HAS_DECAY:  # query i reads boundary b = max(n - d, 0) with g^(i - bC + 1)
                 rf = tl.exp(lam * (o_t - tl.maximum(n - D_OFF, 0) * BT + 1).to(tl.float32))
                 b_dn = b_dn * rf[:, None]
                 if NORMALIZE:
@@ -164,7 +181,11 @@ def chunk_state_bwd_kernel(
         if c >= 0:
             tl.store(p_dh + c * F * DV + o_kv, b_dS.to(dh.dtype.element_ty), mask=m_kv)
             tl.store(p_dzh + c * F + o_k, b_dz, mask=m_z)
-            if HAS_DECAY:  # back to boundary c (key chunk c is full: (c+1)C <= (NT-1-d)C <= L)
+            if HAS_GATE:  # back to boundary c through chunk c (full): its last cumulative gate
+                g_c = tl.exp(tl.load(ld + i_bk64 * T + c * BT + BT - 1))
+                b_dS = b_dS * g_c
+                b_dz = b_dz * g_c
+            elif HAS_DECAY:  # back to boundary c (key chunk c is full: (c+1)C <= (NT-1-d)C <= L)
                 g_c = tl.exp(lam * BT)
                 b_dS = b_dS * g_c
                 b_dz = b_dz * g_c
@@ -214,9 +235,10 @@ def _state_tiles(F: int, DV: int, programs_per_tile: int) -> tuple[int, int]:
     return BK, BV
 
 
-def chunk_state_fwd(fk, v, initial_state, L: int, chunk: int, log_decay=None):
+def chunk_state_fwd(fk, v, initial_state, L: int, chunk: int, log_decay=None, gate_cumsum=None):
     """h (B, Hkv, NS+1, F, Dv), zh (B, Hkv, NS+1, F) and the fp32 state after L keys (ST, zT).
-    log_decay: fp32 contiguous (Hkv,) or None."""
+    log_decay: fp32 contiguous (Hkv,) or None. gate_cumsum: per-token gates as chunk-local cumulative log gates
+    (fp32 (B, Hkv, T), chunk_cumsum), linear attention only (L = T)."""
     B, Hkv, T, F = fk.shape
     DV = v.shape[-1]
     NS = triton.cdiv(L, chunk)
@@ -228,16 +250,17 @@ def chunk_state_fwd(fk, v, initial_state, L: int, chunk: int, log_decay=None):
     S0, z0 = (initial_state[0].float().contiguous(), initial_state[1].float().contiguous()) \
         if initial_state is not None else (h, zh)
     grid = (triton.cdiv(F, BK), triton.cdiv(DV, BV), B * Hkv)
+    factors = gate_cumsum if gate_cumsum is not None else (log_decay if log_decay is not None else zh)
     chunk_state_fwd_kernel[grid](
-        fk, v, S0, z0, h, zh, ST, zT, log_decay if log_decay is not None else zh, T, L, NS, Hkv,
+        fk, v, S0, z0, h, zh, ST, zT, factors, T, L, NS, Hkv,
         F=F, DV=DV, BT=chunk, BK=BK, BV=BV, HAS_S0=initial_state is not None, PREC=_prec(fk.dtype),
-        HAS_DECAY=log_decay is not None, **kernel_config("state_fwd", 4, 2),
+        HAS_DECAY=log_decay is not None, HAS_GATE=gate_cumsum is not None, **kernel_config("state_fwd", 4, 2),
     )
     return h, zh, ST, zT
 
 
 def chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv: int, d: int, chunk: int, normalize: bool, L=None,
-                    log_decay=None):
+                    log_decay=None, gate_cumsum=None):
     """dh, dzh (B, Hkv, NT, F, Dv)/(B, Hkv, NT, F) per key chunk, and the initial-state grads (dS0, dz0).
     With log_decay (fp32 (Hkv,)) L, the number of keys in the state, is needed (T for linear attention)."""
     B, H, T, F = fq.shape
@@ -254,10 +277,29 @@ def chunk_state_bwd(fq, do, rden, dden, beta, dfinal, Hkv: int, d: int, chunk: i
     grid = (triton.cdiv(F, BK), triton.cdiv(DV, BV), B * Hkv)
     chunk_state_bwd_kernel[grid](
         fq, do, rden if normalize else do, dden if normalize else do, beta if beta is not None else do,
-        dST, dzT, dh, dzh, dS0, dz0, log_decay if log_decay is not None else dz0, T, G, H, NT, d,
+        dST, dzT, dh, dzh, dS0, dz0,
+        gate_cumsum if gate_cumsum is not None else (log_decay if log_decay is not None else dz0), T, G, H, NT, d,
         T if L is None else L,
         F=F, DV=DV, BT=chunk, BK=BK, BV=BV, NORMALIZE=normalize, HAS_BETA=beta is not None,
-        HAS_DFINAL=has_df, PREC=_prec(fq.dtype), HAS_DECAY=log_decay is not None,
+        HAS_DFINAL=has_df, PREC=_prec(fq.dtype), HAS_DECAY=log_decay is not None, HAS_GATE=gate_cumsum is not None,
         **kernel_config("state_bwd", 4, 2),
     )
     return dh, dzh, dS0, dz0
+
+
+def chunk_cumsum(log_gate: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Chunk-local inclusive cumulative sums of per-token log gates (B, Hkv, T) -> fp32 (B, Hkv, T): every
+    factor the gated kernels form is exp of a difference of two of them within a chunk (or of one of them),
+    never of sums over the whole sequence, so long sequences lose no precision."""
+    B, Hkv, T = log_gate.shape
+    n = -(-T // chunk)
+    padded = torch.nn.functional.pad(log_gate.float(), (0, n * chunk - T))
+    return padded.view(B, Hkv, n, chunk).cumsum(-1).view(B, Hkv, n * chunk)[..., :T].contiguous()
+
+
+def chunk_cumsum_backward(grad_cumsum: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The gradient of chunk_cumsum: a reverse cumulative sum within each chunk."""
+    B, Hkv, T = grad_cumsum.shape
+    n = -(-T // chunk)
+    padded = torch.nn.functional.pad(grad_cumsum, (0, n * chunk - T)).view(B, Hkv, n, chunk)
+    return padded.flip(-1).cumsum(-1).flip(-1).view(B, Hkv, n * chunk)[..., :T]

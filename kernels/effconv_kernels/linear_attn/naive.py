@@ -108,3 +108,37 @@ def recurrent_linear_attention_ref(fq, fk, v, *, normalize=True, eps=1e-6, initi
                                         log_decay=log_decay)
         outs.append(o_t)
     return torch.stack(outs, 2), (S, z)
+
+
+def naive_gated_linear_attention(fq, fk, v, log_gate, *, normalize=True, eps=1e-6, initial_state=None,
+                                 output_final_state=False):
+    """O(T^2) fp32 oracle of linear attention with per-token gates (log_gate (B, Hkv, T), values <= 0): key j
+    reaches query i >= j with exp(C_i - C_j), C the cumulative log gate; the initial state enters query i with
+    exp(C_i); the final state is exp(C_{T-1}) S0 + sum_j exp(C_{T-1} - C_j) fk_j v_j^T. Differentiable."""
+    B, H, T, F = fq.shape
+    Hkv = fk.shape[1]
+    G = H // Hkv
+    C = log_gate.float().cumsum(-1)  # (B, Hkv, T)
+    Cq = C.repeat_interleave(G, 1)
+    w = torch.exp((Cq[..., :, None] - Cq[..., None, :]).masked_fill(
+        ~torch.ones(T, T, dtype=torch.bool, device=fq.device).tril(), float("-inf")))
+    kk, vv = fk.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
+    A = (fq.float() @ kk.transpose(-1, -2)) * w
+    num, den = A @ vv, A.sum(-1)
+    if initial_state is not None:
+        S0, z0 = (x.float().repeat_interleave(G, 1) for x in initial_state)
+        qf = torch.exp(Cq)[..., None]
+        num = num + (fq.float() @ S0) * qf
+        den = den + (fq.float() @ z0[..., None])[..., 0] * qf[..., 0]
+    o = num / (den + eps)[..., None] if normalize else num
+    final = None
+    if output_final_state:
+        last = torch.exp(C[..., -1:] - C)  # (B, Hkv, T)
+        S = torch.einsum("bhtf,bhtd->bhfd", fk.float() * last[..., None], v.float())
+        z = (fk.float() * last[..., None]).sum(2)
+        if initial_state is not None:
+            gT = torch.exp(C[..., -1])
+            S = S + initial_state[0].float() * gT[..., None, None]
+            z = z + initial_state[1].float() * gT[..., None]
+        final = (S, z)
+    return o.to(v.dtype), final
