@@ -387,11 +387,9 @@ class EffconvAttention(nn.Module):
     def _decode_step(self, q, k, v, cache: LayerCache, feature_q, feature_k, log_gate=None, sink_queries=None):
         """One new token per sequence with a filled cache: O(1) recurrent update of the state (and of the window's
         ring buffer for the hybrid) with the decode-step ops, instead of a chunked pass over the window prefix.
-        A gated layer's step (`log_gate` (B, Hkv, 1)) and a step with sinks run the Triton hybrid step; a gated pure
-        linear layer (window 0) runs the PyTorch step: the linear decode kernel takes no gates."""
+        Gated layers (`log_gate` (B, Hkv, 1)) and layers with sinks run the Triton steps too."""
         gate = None if log_gate is None else log_gate[:, :, 0]
-        triton_step = self._use_kernels(q) and (gate is None or self.window > 0)
-        backend = "triton" if triton_step else "reference"
+        backend = "triton" if self._use_kernels(q) else "reference"
         fm_kernel = None
         if backend == "triton" and hasattr(_kernels, "hedgehog_feature_map"):
             def fm_kernel(x, w, b):

@@ -27,8 +27,8 @@ decode caches hold the same state. Gradients flow to log_decay.
 
 `log_gate`: data-dependent log gates, GLA style: (B, Hkv, T) for `linear_attention` (the Triton chunk kernels and
 the O(T^2) oracle take them; the hybrid's parallel form with gates is attention_ops' `log_gate`), (B, Hkv) for the
-decode steps (the new token's). The hybrid decode kernel takes it (and a cache's attention sinks); the pure linear
-decode step runs it on the PyTorch path ("auto" picks it; "triton" is an error there).
+decode steps (the new token's), which both Triton decode kernels take (the hybrid one a cache's attention sinks
+too).
 """
 from __future__ import annotations
 
@@ -54,22 +54,15 @@ def _check_state(initial_state):
         raise ValueError("initial_state must be a pair (S, z)")
 
 
-def _gate_backend(log_gate, log_decay, batch: int, num_kv_heads: int, backend: str, triton_takes_gates: bool) -> str:
-    """The decode step's backend with a per-token gate (checked): the PyTorch step unless the Triton one takes
-    gates (the hybrid step does; the pure linear step does not)."""
+def _check_gate(log_gate, log_decay, batch: int, num_kv_heads: int) -> None:
+    """A decode step's per-token gate: (B, Hkv), and not beside a decay (both Triton steps take it)."""
     if log_gate is None:
-        return backend
+        return
     if log_decay is not None:
         raise ValueError("pass log_decay or log_gate, not both")
     if not isinstance(log_gate, torch.Tensor) or tuple(log_gate.shape) != (batch, num_kv_heads):
         raise ValueError(f"log_gate must be a tensor of shape ({batch}, {num_kv_heads}), got "
                          f"{tuple(log_gate.shape) if isinstance(log_gate, torch.Tensor) else type(log_gate)}")
-    if triton_takes_gates:
-        return backend
-    if backend == "triton":
-        raise ValueError("the Triton linear decode kernel takes no per-token gates (log_gate); use "
-                         "backend='reference'")
-    return "reference"
 
 
 def _check_decay(log_decay, num_kv_heads: int):
@@ -149,17 +142,19 @@ def hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, eps: fl
 def linear_decode_step(fq_t, fk_t, v_t, state, *, normalize: bool = True, eps: float = 1e-6, log_decay=None,
                        backend: str = "auto", log_gate=None):
     """One decode token: fq_t (B,H,F), fk_t (B,Hkv,F), v_t (B,Hkv,Dv); state (S, z) fp32, updated IN PLACE:
-    S = g S + fk_t v_t^T, z = g z + fk_t (g = exp(log_decay[kv head]), 1 without log_decay).
+    S = g S + fk_t v_t^T, z = g z + fk_t (g = exp(log_decay[kv head]) or exp(log_gate[row, kv head]), 1 without
+    either).
 
     Returns (o_t (B,H,Dv), state) where state is the same tensor pair. Inference only (no autograd).
     """
     _check_decay(log_decay, fk_t.shape[1])
-    backend = _gate_backend(log_gate, log_decay, fk_t.shape[0], fk_t.shape[1], backend, triton_takes_gates=False)
+    _check_gate(log_gate, log_decay, fk_t.shape[0], fk_t.shape[1])
     be = resolve_backend(backend, fq_t, fk_t, v_t, *state)
     if be == "triton":
         _same_dtype(fq_t, fk_t, v_t)
         from .linear_attn.recurrent import triton_linear_decode_step
-        return triton_linear_decode_step(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps, log_decay=log_decay)
+        return triton_linear_decode_step(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps, log_decay=log_decay,
+                                         log_gate=log_gate)
     from .linear_attn.naive import linear_decode_step_ref
     return linear_decode_step_ref(fq_t, fk_t, v_t, state, normalize=normalize, eps=eps, log_decay=log_decay,
                                   log_gate=log_gate)
@@ -183,7 +178,7 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
     if position is not None and position.numel() != 1:
         raise ValueError("position must hold one integer (tokens seen)")
     _check_decay(log_decay, k_t.shape[1])
-    backend = _gate_backend(log_gate, log_decay, k_t.shape[0], k_t.shape[1], backend, triton_takes_gates=True)
+    _check_gate(log_gate, log_decay, k_t.shape[0], k_t.shape[1])
     if log_gate is not None and cache.lg is None:
         raise ValueError("a gated decode step needs a cache that keeps gates (HybridDecodeCache.empty(..., "
                          "gated=True) or from_prefill(..., key_gates=...))")

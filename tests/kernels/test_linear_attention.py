@@ -307,3 +307,25 @@ def test_gated_self_check_runs_and_records(device):
     chunk._self_check_gated(fq, fk, v, True, force=True)
     errs = chunk._CHECKED[("gated", fq.device, fq.dtype, 32, 16, 2, True)]
     assert len(errs) == 5 and max(errs) < 1e-3
+
+
+@pytest.mark.parametrize("dtype,Hkv", [(torch.float32, 2), (torch.bfloat16, 1)])
+def test_gated_decode_kernel_follows_the_chunked_op(dtype, Hkv, device):
+    """The Triton linear decode step with per-token gates (log_gate (B, Hkv)): token by token from the chunked
+    kernel's state after a prefill, its outputs equal the gated chunk kernel's on the whole sequence, and its state
+    after the last token equals the chunked final state."""
+    B, H, T, F, Dv, prefill = 2, 4, 29, 32, 16, 11
+    (fq, fk, v), state = make_inputs(B, H, Hkv, T, F, Dv, dtype, device, init=True, seed=6)
+    lg = (-torch.rand(B, Hkv, T, generator=torch.Generator().manual_seed(3)) * 0.4).to(device)
+    with torch.no_grad():
+        o_par, (S_par, z_par) = ek.linear_attention(fq, fk, v, initial_state=state, output_final_state=True,
+                                                    log_gate=lg, backend="triton")
+        _, (S, z) = ek.linear_attention(fq[:, :, :prefill], fk[:, :, :prefill], v[:, :, :prefill],
+                                        initial_state=state, output_final_state=True, log_gate=lg[..., :prefill],
+                                        backend="triton")
+        S, z = S.float().contiguous(), z.float().contiguous()
+        for t in range(prefill, T):
+            o_t, _ = ek.linear_decode_step(fq[:, :, t], fk[:, :, t], v[:, :, t], (S, z), log_gate=lg[:, :, t],
+                                           backend="triton")
+            assert rel_err(o_t, o_par[:, :, t]) < TOL[dtype][0], t
+        assert rel_err(S, S_par) < 1e-4 and rel_err(z, z_par) < 1e-4
