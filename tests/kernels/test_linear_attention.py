@@ -298,15 +298,22 @@ def test_gated_chunk_kernel_equals_the_model_op(device, attention_ops):
         assert rel_err(torch.cat([o1, o2], 2), o_t) < 2e-5 and rel_err(s2[0], S_t) < 2e-5
 
 
-def test_gated_self_check_runs_and_records(device):
-    """The first gated call on a GPU checks the kernels against the oracle (forced here on any device)."""
+def test_gated_self_check_runs_and_catches_a_wrong_gate_gradient(device, monkeypatch):
+    """The first gated call on a GPU checks the kernels against the oracle (forced here on any device), the
+    gates' gradient included: a kernel whose gate gradient is 10% off is refused."""
     from effconv_kernels.linear_attn import chunk
 
     (fq, fk, v), _ = make_inputs(1, 2, 1, 8, 32, 16, torch.float32, device)
-    chunk._CHECKED.pop(("gated", fq.device, fq.dtype, 32, 16, 2, True), None)
-    chunk._self_check_gated(fq, fk, v, True, force=True)
-    errs = chunk._CHECKED[("gated", fq.device, fq.dtype, 32, 16, 2, True)]
+    key = (fq.device, fq.dtype, 32, 16, 2, True, "gated")
+    monkeypatch.setattr(chunk, "_CHECKED", {})
+    chunk._self_check(fq, fk, v, True, gated=True, force=True)
+    errs = chunk._CHECKED[key]
     assert len(errs) == 5 and max(errs) < 1e-3
+    orig_bwd = chunk.linear_bwd
+    monkeypatch.setattr(chunk, "linear_bwd", lambda *a, **k: (lambda r: r[:5] + (r[5] * 1.1,))(orig_bwd(*a, **k)))
+    monkeypatch.setattr(chunk, "_CHECKED", {})
+    with pytest.raises(RuntimeError, match="gated linear attention disagrees"):
+        chunk._self_check(fq, fk, v, True, gated=True, force=True)
 
 
 @pytest.mark.parametrize("dtype,Hkv", [(torch.float32, 2), (torch.bfloat16, 1)])
