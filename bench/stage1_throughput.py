@@ -266,6 +266,9 @@ def main() -> None:
     parser.add_argument("--transfer-mse", choices=["default", "eager", "compiled"], default="default",
                         help="per-layer loss: the model's transfer_mse, plain F.mse_loss on fp32 casts (before), "
                              "or torch.compile of the latter")
+    parser.add_argument("--mixers", nargs="+", default=["ungated", "default"], choices=["ungated", "default"],
+                        help="ungated: no gate, no sinks (the kernels' path before gates); default: linearize's "
+                             "defaults (data-dependent gate; 4 sinks with a window)")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -290,57 +293,60 @@ def main() -> None:
     results["teacher_forward_tokens_per_s"] = tokens / sec
     print(f"teacher forward: {tokens / sec:,.0f} tokens/s")
 
-    for window in args.windows:
-        for kernel in args.kernels:
-            student = make_student(teacher, LinearizeConfig(window=window, kernel=kernel), device)
-            params = [p for p in student.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-3)
+    mixer_settings = {"ungated": dict(gate=False, sinks=0), "default": {}}
+    for window, kernel, mixer in ((w, k, m) for w in args.windows for k in args.kernels for m in args.mixers):
+        cfg = LinearizeConfig(window=window, kernel=kernel, **mixer_settings[mixer])
+        cfg.validate()
+        student = make_student(teacher, cfg, device)
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
 
-            def step():
-                loss = attention_transfer_loss(student, batch, last_layer=config.num_hidden_layers - 1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        def step():
+            loss = attention_transfer_loss(student, batch, last_layer=config.num_hidden_layers - 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
-            # the reference backend never takes the fused map: one run for it
-            feature_maps = args.feature_maps if kernel == "triton" else ["torch"]
-            for feature_map in feature_maps:
-                ctx = torch_feature_map() if feature_map == "torch" else contextlib.nullcontext()
-                row = {"window": window, "kernel": kernel, "feature_map": feature_map}
-                torch.cuda.reset_peak_memory_stats()
-                with ctx:
-                    try:
-                        sec = timed(step, args.steps, args.warmup, args.repeats)
-                        row.update({"tokens_per_s": tokens / sec, "step_ms": sec * 1e3,
-                                    "peak_gb": torch.cuda.max_memory_allocated() / 1e9})
-                        if args.breakdown and kernel == "triton":
-                            row["profile_top_kernels"], row["profile_ms_by_component"] = profile_step(step)
-                            # below 1: the GPU idles part of the step (host-side launch overhead or syncs)
-                            row["gpu_busy_fraction"] = row["profile_top_kernels"][0]["ms_per_step"] / row["step_ms"]
-                            row["host_ms_per_step"] = host_time_ms(step)
-                        if args.host_profile and kernel == "triton":
-                            row["host_profile_top"] = host_profile(step)
-                            for entry in row["host_profile_top"][:25]:
-                                print(f"    host {entry['self_cpu_ms_per_step']:8.2f} ms  x{entry['calls_per_step']:6.0f}  "
-                                      f"{entry['op'][:80]}")
-                    except torch.cuda.OutOfMemoryError:
-                        row["error"] = "OOM"
-                print({key: val for key, val in row.items() if not key.startswith("profile_")})
-                for entry in row.get("profile_top_kernels", [])[:8]:
-                    print(f"    {entry['ms_per_step']:8.2f} ms  {entry['kernel'][:90]}")
-                if "profile_ms_by_component" in row:
-                    print("    GPU ms per step by component:",
-                          {key: round(val, 2) for key, val in row["profile_ms_by_component"].items()})
-                results["runs"].append(row)
-            if args.breakdown and kernel == "triton":
-                comp = component_times(student, batch, window, config.num_hidden_layers)
-                comp["window"] = window
-                print("components (all layers, ms):", {k: round(v, 2) for k, v in comp["all_layers_ms"].items()})
-                results.setdefault("components", []).append(comp)
-            if args.feature_map_sweep and kernel == "triton" and "feature_map_sweep" not in results:
-                results["feature_map_sweep"] = feature_map_sweep(student, batch)
-            del student, opt, params
-            torch.cuda.empty_cache()
+        # the reference backend never takes the fused map: one run for it
+        feature_maps = args.feature_maps if kernel == "triton" else ["torch"]
+        for feature_map in feature_maps:
+            ctx = torch_feature_map() if feature_map == "torch" else contextlib.nullcontext()
+            row = {"window": window, "kernel": kernel, "feature_map": feature_map, "mixer": mixer,
+                   "gate": bool(cfg.gate), "sinks": cfg.effective_sinks()}
+            torch.cuda.reset_peak_memory_stats()
+            with ctx:
+                try:
+                    sec = timed(step, args.steps, args.warmup, args.repeats)
+                    row.update({"tokens_per_s": tokens / sec, "step_ms": sec * 1e3,
+                                "peak_gb": torch.cuda.max_memory_allocated() / 1e9})
+                    if args.breakdown and kernel == "triton":
+                        row["profile_top_kernels"], row["profile_ms_by_component"] = profile_step(step)
+                        # below 1: the GPU idles part of the step (host-side launch overhead or syncs)
+                        row["gpu_busy_fraction"] = row["profile_top_kernels"][0]["ms_per_step"] / row["step_ms"]
+                        row["host_ms_per_step"] = host_time_ms(step)
+                    if args.host_profile and kernel == "triton":
+                        row["host_profile_top"] = host_profile(step)
+                        for entry in row["host_profile_top"][:25]:
+                            print(f"    host {entry['self_cpu_ms_per_step']:8.2f} ms  x{entry['calls_per_step']:6.0f}  "
+                                  f"{entry['op'][:80]}")
+                except torch.cuda.OutOfMemoryError:
+                    row["error"] = "OOM"
+            print({key: val for key, val in row.items() if not key.startswith("profile_")})
+            for entry in row.get("profile_top_kernels", [])[:8]:
+                print(f"    {entry['ms_per_step']:8.2f} ms  {entry['kernel'][:90]}")
+            if "profile_ms_by_component" in row:
+                print("    GPU ms per step by component:",
+                      {key: round(val, 2) for key, val in row["profile_ms_by_component"].items()})
+            results["runs"].append(row)
+        if args.breakdown and kernel == "triton":
+            comp = component_times(student, batch, window, config.num_hidden_layers)
+            comp["window"] = window
+            print("components (all layers, ms):", {k: round(v, 2) for k, v in comp["all_layers_ms"].items()})
+            results.setdefault("components", []).append(comp)
+        if args.feature_map_sweep and kernel == "triton" and "feature_map_sweep" not in results:
+            results["feature_map_sweep"] = feature_map_sweep(student, batch)
+        del student, opt, params
+        torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
