@@ -178,10 +178,7 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
     if position is not None and position.numel() != 1:
         raise ValueError("position must hold one integer (tokens seen)")
     _check_decay(log_decay, k_t.shape[1])
-    _check_gate(log_gate, log_decay, k_t.shape[0], k_t.shape[1])
-    if log_gate is not None and cache.lg is None:
-        raise ValueError("a gated decode step needs a cache that keeps gates (HybridDecodeCache.empty(..., "
-                         "gated=True) or from_prefill(..., key_gates=...))")
+    _check_gate(log_gate, log_decay, k_t.shape[0], k_t.shape[1])  # the steps check that the cache keeps gates
     if sink_queries is not None and tuple(sink_queries.shape) != tuple(q_t.shape):
         raise ValueError(f"sink_queries must have q_t's shape {tuple(q_t.shape)}, got {tuple(sink_queries.shape)}")
     be = resolve_backend(backend, q_t, k_t, v_t, fq_t, fk_t, cache.S)
