@@ -48,6 +48,12 @@ def fast_generate_mode() -> str:
     return value
 
 
+def static_cache_wanted(model) -> bool:
+    """Whether EFFCONV_FAST_GENERATE asks for the static cache for this model: `on`, or `auto` on CUDA."""
+    mode = fast_generate_mode()
+    return mode == "on" or (mode == "auto" and model.device.type == "cuda")
+
+
 def generate_cache_name() -> str:
     """The keyword under which this transformers' `generate` passes the cache (`cache` from 5.2x on)."""
     try:
@@ -309,9 +315,7 @@ def _loop_plan(model, args: tuple, kwargs: dict) -> _LoopPlan | None:
 
     if generate_loop() == "transformers" or len(args) > 1:
         return None
-    if model.device.type != "cuda" and fast_generate_mode() != "on":
-        return None
-    if fast_generate_mode() == "off" or static_unsupported(model, _kernels()) is not None:
+    if not static_cache_wanted(model) or static_unsupported(model, _kernels()) is not None:
         return None
     kwargs = dict(kwargs)
     input_ids = args[0] if args else kwargs.pop("inputs", None)
@@ -486,20 +490,18 @@ class FastGenerationMixin:
             return result
         from transformers.generation.configuration_utils import GenerationMode
 
-        from .backend import kernels
         from .modeling_effconv import EffconvCache
 
         # a growing cache unless the static one can serve (given here, not made by the forward, so that
         # transformers' prefill chunking finds a cache)
         model_kwargs[name] = EffconvCache(self.config.num_hidden_layers)
-        mode = fast_generate_mode()
-        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+        if not static_cache_wanted(self):
             return result
         if generation_mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
             logger.warning_once(f"effconv: {generation_mode} decodes without the static cache (slower); greedy "
                                 "search and sampling use it")
             return result
-        reason = static_unsupported(self, kernels)
+        reason = static_unsupported(self, _kernels())
         if reason is not None:
             logger.warning_once(f"effconv: generation decodes without the static cache (slower): {reason}")
             return result
