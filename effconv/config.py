@@ -184,6 +184,11 @@ class FinetuneArgs:
     kl_weight: float = option(0.0, "Stage 2: weight of KL to the teacher's logits")
     ce_weight: float = option(1.0, "Stage 2: weight of the next-token loss on the text (0 with --kl-weight > 0: pure "
                                    "distillation)")
+    tbptt_piece: int = option(0, "Truncated backpropagation through time: stage 2 runs each --seq-len block in "
+                                 "pieces of this many tokens, each continuing from the state the previous piece left "
+                                 "(gradient cut between pieces; the teacher reads the whole block), so states are "
+                                 "trained at depths past one piece in one piece's memory; stage 1 trains on the "
+                                 "pieces. 0: off")
 
 
 @dataclass
@@ -345,4 +350,4 @@ def run_identity(cfg: Any, *volatile: str) -> dict:
 #: Settings added after runs existed, with the value those runs had.
 SETTINGS_ADDED_LATER = {"generation_mode": "static", "ce_weight": 1.0, "generation_turns": 1, "packing": "stream",
                         "decay": False, "decay_memory": 1024.0, "generation_new_tokens": 256,
-                        "linear_rope": True, "gate": False}
+                        "linear_rope": True, "gate": False, "tbptt_piece": 0}

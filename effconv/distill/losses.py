@@ -39,17 +39,25 @@ def _chunk_sums(hidden, weight, targets, has_target, teacher_hidden, ce_weight: 
 
 def next_token_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
                             teacher_hidden: torch.Tensor | None = None, *, ce_weight: float = 1.0,
-                            kl_weight: float = 0.0, chunk_size: int = LOSS_CHUNK) -> torch.Tensor:
+                            kl_weight: float = 0.0, chunk_size: int = LOSS_CHUNK,
+                            counts: tuple[int, int] | None = None) -> torch.Tensor:
     """ce_weight x mean next-token cross-entropy of ids (B, T) (over the B (T-1) predicted positions) +
     kl_weight x mean KL(teacher || student) over all B T positions, from final hidden states (B, T, D) and the
-    output head `weight` (V, D), one chunk of positions at a time (module docstring)."""
+    output head `weight` (V, D), one chunk of positions at a time (module docstring).
+
+    ids may also be (B, T + 1): the token after the last position is then known and that position is scored too.
+    `counts` = (cross-entropy positions, KL positions) to average over instead of this call's own (a piece of a
+    longer block: the pieces' losses then add up to the block's)."""
     b, t, d = hidden.shape
     flat = hidden.reshape(b * t, d)
-    targets = torch.cat([ids[:, 1:], ids.new_full((b, 1), -1)], 1).reshape(-1)  # position t predicts token t + 1
+    if ids.shape[1] == t + 1:
+        targets = ids[:, 1:].reshape(-1)
+    else:  # position t predicts token t + 1; the last one has no target
+        targets = torch.cat([ids[:, 1:], ids.new_full((b, 1), -1)], 1).reshape(-1)
     has_target = (targets >= 0).to(torch.float32)
     teacher_flat = None if teacher_hidden is None else teacher_hidden.reshape(b * t, d)
     total = flat.new_zeros((), dtype=torch.float32)
-    ce_count, kl_count = max(b * (t - 1), 1), b * t
+    ce_count, kl_count = counts if counts is not None else (b * t if ids.shape[1] == t + 1 else max(b * (t - 1), 1), b * t)
     for start in range(0, b * t, chunk_size):
         part = slice(start, start + chunk_size)
         args = (flat[part], weight, targets[part], has_target[part],
@@ -60,15 +68,46 @@ def next_token_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, ids: tor
     return total
 
 
+def _teacher_hidden(peft_model, student, batch: torch.Tensor) -> torch.Tensor:
+    """The teacher's final hidden states: the same weights, adapters off, softmax attention."""
+    with torch.no_grad(), peft_model.disable_adapter(), attention_mode(student, "teacher"):
+        return student.model(input_ids=batch, use_cache=False).last_hidden_state
+
+
 def finetune_loss(peft_model, student, batch: torch.Tensor, kl_weight: float, ce_weight: float = 1.0) -> torch.Tensor:
     """Stage 2: ce_weight x next-token loss on the text + kl_weight x KL(teacher || student) on every position's
     next-token distribution (the teacher: the same weights, adapters off, softmax attention). The next-token term
     fits the text, which for teacher-generated text is the teacher's *sampled* distribution; the KL term fits the
     teacher's own distribution. Logits are formed chunk by chunk (next_token_distill_loss)."""
     hidden = student.model(input_ids=batch, use_cache=False).last_hidden_state  # LoRA active through peft_model
-    teacher_hidden = None
-    if kl_weight > 0:
-        with torch.no_grad(), peft_model.disable_adapter(), attention_mode(student, "teacher"):
-            teacher_hidden = student.model(input_ids=batch, use_cache=False).last_hidden_state
+    teacher_hidden = _teacher_hidden(peft_model, student, batch) if kl_weight > 0 else None
     return next_token_distill_loss(hidden, student.lm_head.weight, batch, teacher_hidden, ce_weight=ce_weight,
                                    kl_weight=kl_weight)
+
+
+def tbptt_finetune_loss(peft_model, student, batch: torch.Tensor, kl_weight: float, ce_weight: float,
+                        piece: int) -> torch.Tensor:
+    """Stage 2 by truncated backpropagation through time: the same loss as finetune_loss over the whole (B, T)
+    block, but the student runs the block in pieces of `piece` tokens, each continuing from the previous piece's
+    cache (recurrent state, window, sinks; softmax layers' keys) with the gradient cut between pieces, and each
+    piece's loss is backpropagated at once. Activation memory is one piece's while every position is scored with
+    the state it has at its true depth in the block; the teacher reads the whole block. Leaves the gradients (sum
+    over pieces = this block's loss's, up to the cut) and returns the loss without a graph."""
+    from ..modeling.modeling_effconv import EffconvCache  # the model module loads the kernels: import when needed
+
+    b, t = batch.shape
+    teacher_hidden = _teacher_hidden(peft_model, student, batch) if kl_weight > 0 else None
+    cache = EffconvCache(student.config.num_hidden_layers)
+    counts = (b * (t - 1), b * t)
+    total = torch.zeros((), dtype=torch.float32, device=batch.device)
+    for start in range(0, t, piece):
+        stop = min(start + piece, t)
+        hidden = student.model(input_ids=batch[:, start:stop], cache=cache, use_cache=True).last_hidden_state
+        loss = next_token_distill_loss(
+            hidden, student.lm_head.weight, batch[:, start : stop + 1],
+            None if teacher_hidden is None else teacher_hidden[:, start:stop],
+            ce_weight=ce_weight, kl_weight=kl_weight, counts=counts)
+        loss.backward()
+        total += loss.detach()
+        cache.detach_()  # the next piece starts from this state, as a constant
+    return total

@@ -214,6 +214,10 @@ class EffconvCache(Cache):
                     if getattr(c.ring, name) is not None:
                         setattr(c.ring, name, fn(getattr(c.ring, name)).contiguous())
 
+    def detach_(self) -> None:
+        """Cut the autograd graph at the tokens so far (truncated backpropagation through time)."""
+        self._map(lambda t: t.detach())
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 

@@ -23,7 +23,7 @@ from ..conversion.student import make_student
 from ..data import BlockLoader
 from ..distill import blockwise as blockwise_lib
 from ..distill.lora import attach_lora
-from ..distill.losses import finetune_loss
+from ..distill.losses import finetune_loss, tbptt_finetune_loss
 from ..distill.transfer import attention_mode, attention_transfer_loss, transfer_loss_fn
 from ..errors import EffconvError
 from ..eval.quality import next_token_loss, perplexity
@@ -66,6 +66,7 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
         check_positive(self, "seq_len", "batch_size", "lora_rank", "eval_every", "checkpoint_every", "generation_batch_size")
         check_non_negative(self, "stage1_tokens", "stage2_tokens", "generate_tokens", "attn_ce_weight", "kl_weight",
                            "ce_weight")
+        self._validate_tbptt()
         if self.stage2_tokens > 0 and self.ce_weight == 0 and self.kl_weight == 0:
             raise EffconvError("--ce-weight 0 and --kl-weight 0 leave stage 2 without a loss; set one of them")
         if not 0 < self.val_fraction < 1:
@@ -80,6 +81,17 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
         if self.stage1_max_seconds is not None and self.layers_per_block is not None:
             raise EffconvError("--stage1-max-seconds is not supported with --layers-per-block (block-wise stage 1 "
                                "trains every block for the same steps); size stage 1 by --stage1-tokens")
+
+    def _validate_tbptt(self) -> None:
+        piece = self.tbptt_piece
+        if piece == 0:
+            return
+        if piece < 0 or piece >= self.seq_len or self.seq_len % piece:
+            raise EffconvError(f"--tbptt-piece {piece} must be a divisor of --seq-len {self.seq_len} below it (0: off)")
+        if self.attention == "linear" and self.window + (self.sinks or 0) >= piece:
+            raise EffconvError(f"--window {self.window} + --sinks {self.sinks or 0} covers a whole --tbptt-piece "
+                               f"{piece}: stage 1 trains on the pieces, whose linear part would be empty; use "
+                               "longer pieces")
 
     def _validate_attention(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
@@ -143,6 +155,8 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None,
     bytes) are written beside it, in the export's one atomic write (e.g. hybridize's per-layer scores)."""
     cfg.validate()
     distributed.check_launch(cfg.batch_size, blockwise=cfg.layers_per_block is not None)
+    if cfg.tbptt_piece and distributed.fsdp_requested():
+        raise EffconvError("--tbptt-piece is not supported under FSDP yet; run it on one GPU or with data parallelism")
     out = Path(cfg.out)
     check_output_dir(out, cfg.overwrite)
     run_dir = run_dir_for(out)
@@ -187,6 +201,15 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None,
     def next_batch(step: int) -> torch.Tensor:
         return loader.batch(step).to(device)
 
+    # --tbptt-piece: stage 1 trains on the pieces of the blocks (no state crosses them there), stage 2 on the blocks
+    piece = cfg.tbptt_piece or cfg.seq_len
+    pieces_per_block = cfg.seq_len // piece
+
+    def next_stage1_batch(step: int) -> torch.Tensor:
+        return next_batch(step).view(-1, piece)
+
+    stage1_val_blocks = val_blocks.reshape(-1, piece)
+
     # Stage 1: attention transfer.
     stage1_steps = steps_for(cfg.stage1_tokens, cfg.batch_size, cfg.seq_len)
     stage1 = StageSpec(
@@ -198,8 +221,9 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None,
     train_stage1 = stage1.steps > 0 and any(p.requires_grad for p in student.parameters())
     if train_stage1 and blockwise:
         r1, metrics["stage1_blockwise"] = blockwise_lib.blockwise_attention_transfer(
-            student, stage1, layers_per_block=cfg.layers_per_block, train_batch=loader.batch, val_blocks=val_blocks,
-            batch_size=cfg.batch_size, device=device, run_dir=run_dir, resume=cfg.resume, progress=cfg.progress,
+            student, stage1, layers_per_block=cfg.layers_per_block,
+            train_batch=lambda step: loader.batch(step).view(-1, piece), val_blocks=stage1_val_blocks,
+            batch_size=cfg.batch_size * pieces_per_block, device=device, run_dir=run_dir, resume=cfg.resume, progress=cfg.progress,
             attn_ce_weight=cfg.attn_ce_weight,
         )
     elif train_stage1:
@@ -208,14 +232,15 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None,
 
         @torch.no_grad()
         def val_transfer() -> float:
-            losses = [attention_transfer_loss(student, val_blocks[i : i + cfg.batch_size].to(device), last,
+            size = cfg.batch_size * pieces_per_block
+            losses = [attention_transfer_loss(student, stage1_val_blocks[i : i + size].to(device), last,
                                               cfg.attn_ce_weight).item()
-                      for i in range(0, val_blocks.shape[0], cfg.batch_size)]
+                      for i in range(0, stage1_val_blocks.shape[0], size)]
             return sum(losses) / len(losses)
 
         loss_fn, backward = transfer_loss_fn(student, last, cfg.attn_ce_weight)
         r1 = run_stage(
-            student, stage1, loss_fn=loss_fn, next_batch=next_batch, evaluate=val_transfer,
+            student, stage1, loss_fn=loss_fn, next_batch=next_stage1_batch, evaluate=val_transfer,
             checkpoint_path=stage1_ckpt, resume_state=resume_state, progress=cfg.progress, backward=backward,
         )
     if train_stage1:
@@ -239,9 +264,14 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None,
         peft_model = attach_lora(student, converted, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
         stage2_ckpt = run_dir / "stage2.pt"
         resume_state = load_checkpoint(stage2_ckpt) if cfg.resume and stage2_ckpt.is_file() else None
+        if cfg.tbptt_piece:  # each piece's loss is backpropagated inside the loss function
+            def stage2_loss(b):
+                return tbptt_finetune_loss(peft_model, student, b, cfg.kl_weight, cfg.ce_weight, cfg.tbptt_piece), {}
+        else:
+            def stage2_loss(b):
+                return finetune_loss(peft_model, student, b, cfg.kl_weight, cfg.ce_weight), {}
         r2 = run_stage(
-            peft_model, stage2, loss_fn=lambda b: (finetune_loss(peft_model, student, b, cfg.kl_weight, cfg.ce_weight), {}),
-            next_batch=next_batch,
+            peft_model, stage2, loss_fn=stage2_loss, backward=not cfg.tbptt_piece, next_batch=next_batch,
             evaluate=lambda: next_token_loss(peft_model, val_blocks, batch_size=cfg.batch_size),
             checkpoint_path=stage2_ckpt, resume_state=resume_state, progress=cfg.progress,
         )
