@@ -1,5 +1,6 @@
-"""Truncated backpropagation through time in stage 2 (--tbptt-piece): the pieces carry the state, so the loss is
-the whole block's; one piece is the whole-block gradient; more pieces cut the gradient between them only."""
+"""Truncated backpropagation through time (--tbptt-piece), stage 1 and stage 2: the pieces carry the state (and
+stage 1's softmax targets attend to the earlier pieces), so the loss is the whole block's; one piece is the
+whole-block gradient; more pieces cut the gradient between them only."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from effconv.conversion.student import make_student
 from effconv.distill.lora import attach_lora
 from effconv.distill.losses import finetune_loss, next_token_distill_loss, tbptt_finetune_loss
-from effconv.distill.transfer import attention_mode
+from effconv.distill.transfer import attention_mode, attention_transfer_loss, tbptt_transfer_loss
 from effconv.errors import EffconvError
 from effconv.io.sources import load_teacher
 from effconv.modeling.modeling_effconv import EffconvCache
@@ -113,7 +114,7 @@ def test_linearize_with_tbptt_trains_and_exports(tiny_model_dir, tmp_path):
                                 kl_weight=1.0, ce_weight=0.0))
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert result.metrics["stage2"]["tokens"] == 32 * 4 * 4  # whole blocks counted once
-    assert result.metrics["stage1"]["tokens"] == 32 * 4 * 12  # stage 1 on the pieces: the same tokens
+    assert result.metrics["stage1"]["tokens"] == 32 * 4 * 12
     assert result.metrics["stage2_val_ppl"] > 0
 
 
@@ -121,9 +122,64 @@ def test_linearize_with_tbptt_trains_and_exports(tiny_model_dir, tmp_path):
     (dict(tbptt_piece=12), "must be a divisor of --seq-len 32"),
     (dict(tbptt_piece=32), "must be a divisor of --seq-len 32 below it"),
     (dict(tbptt_piece=-8), "must be a divisor"),
-    (dict(tbptt_piece=8, window=4, sinks=4), "covers a whole --tbptt-piece 8"),
+    (dict(tbptt_piece=8, attention="gqa", kv_heads=1), "applies to layers with a state or a window"),
+    (dict(tbptt_piece=8, attn_ce_weight=0.1), "does not take --attn-ce-weight"),
+    (dict(tbptt_piece=8, layers_per_block=1), "not supported with --layers-per-block"),
 ])
 def test_bad_tbptt_piece_is_one_clear_error(tiny_model_dir, tmp_path, change, message):
     with pytest.raises(EffconvError, match=message):
         linearize(tiny_cfg(tiny_model_dir, tmp_path / "out", **change))
     assert not (tmp_path / "out").exists()
+
+
+def _transfer_grads(student) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad and p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+def test_tbptt_attention_transfer_is_the_whole_blocks_loss_with_the_gradient_cut(tiny_model_dir, tmp_path, mixer):
+    """Stage 1 over pieces: each converted layer continues from its state and its softmax target attends to the
+    earlier pieces, so the loss is attention transfer's over the whole block; the gradient is the first piece's
+    plus the second's from a constant state."""
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "unused", **MIXERS[mixer])
+    cfg.validate()
+    teacher, _, _ = load_teacher(str(tiny_model_dir), dtype=torch.float32, device="cpu")
+    student = make_student(teacher, cfg, torch.device("cpu"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    last = max(i for i, layer in enumerate(student.model.layers) if layer.self_attn.is_converted)
+    batch = torch.randint(0, student.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    whole = attention_transfer_loss(student, batch, last)
+    whole.backward()
+    whole_grads = _transfer_grads(student)
+    assert whole_grads
+
+    one = tbptt_transfer_loss(student, batch, last, piece=24)
+    torch.testing.assert_close(one, whole.detach(), rtol=1e-5, atol=1e-7)
+    for name, g in _transfer_grads(student).items():
+        torch.testing.assert_close(g, whole_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+    for piece in (8, 10):
+        with torch.no_grad():
+            torch.testing.assert_close(tbptt_transfer_loss(student, batch, last, piece=piece, backward=False),
+                                       whole.detach(), rtol=1e-5, atol=1e-7)
+
+    tbptt_transfer_loss(student, batch, last, piece=12)
+    cut_grads = _transfer_grads(student)
+    first = attention_transfer_loss(student, batch[:, :12], last)
+    with torch.no_grad():
+        cache = EffconvCache(student.config.num_hidden_layers)
+        attention_transfer_loss(student, batch[:, :12], last, cache=cache)
+    second = attention_transfer_loss(student, batch[:, 12:], last, cache=cache)
+    ((first + second) / 2).backward()
+    difference = 0.0
+    for name, g in _transfer_grads(student).items():
+        torch.testing.assert_close(cut_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+        difference = max(difference, float((g - whole_grads[name]).abs().max()))
+    assert difference > 1e-6  # the cut is real

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..modeling.modeling_effconv import EffconvCache
 from .transfer import attention_mode
 
 LOSS_CHUNK = 2048  # positions per chunk of logits (x 49152 vocabulary x 4 bytes: 0.4 GB in fp32)
@@ -93,8 +94,6 @@ def tbptt_finetune_loss(peft_model, student, batch: torch.Tensor, kl_weight: flo
     piece's loss is backpropagated at once. Activation memory is one piece's while every position is scored with
     the state it has at its true depth in the block; the teacher reads the whole block. Leaves the gradients (sum
     over pieces = this block's loss's, up to the cut) and returns the loss without a graph."""
-    from ..modeling.modeling_effconv import EffconvCache  # the model module loads the kernels: import when needed
-
     b, t = batch.shape
     teacher_hidden = _teacher_hidden(peft_model, student, batch) if kl_weight > 0 else None
     cache = EffconvCache(student.config.num_hidden_layers)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..modeling.attention_ops import hybrid_attention_weights
+from ..modeling.modeling_effconv import EffconvCache, LayerCache
 
 ATTENTION_MODES = ("student", "teacher", "transfer")
 
@@ -95,9 +96,24 @@ def teacher_forward(attn, hidden_states, position_embeddings, cache=None, key_ma
     return attn.merge_heads(attn.softmax(q, k, v, cache, key_mask))
 
 
+def _softmax_cache(cache):
+    """Transfer over consecutive pieces of a block (tbptt_transfer_loss): the layer's cache holds the converted
+    attention's state, and beside it (an attribute set here, unknown to the model code) the softmax keys and
+    values of the pieces so far, which the softmax target of a later piece attends to."""
+    if cache is None:
+        return None
+    if getattr(cache, "transfer_softmax", None) is None:
+        cache.transfer_softmax = LayerCache()
+    return cache.transfer_softmax
+
+
 def transfer_forward(attn, losses: dict, attn_ce_weight: float, hidden_states, position_embeddings, cache=None,
                      key_mask=None):
-    """Record MSE(converted output, softmax output) in `losses[attn]`; return the softmax output."""
+    """Record MSE(converted output, softmax output) in `losses[attn]`; return the softmax output. With a cache
+    (a later piece of a block), the converted attention continues from its state and the softmax one attends to
+    the earlier pieces' keys."""
+    if cache is not None and (attn.layer_type == "gqa" or attn_ce_weight > 0):
+        raise ValueError("attention transfer over pieces is for recurrent layers without the attention-map loss")
     if attn.layer_type == "gqa":  # the merged K/V projections learn to match the teacher's
         q, k, v = attn.project(hidden_states, position_embeddings)
         with torch.no_grad():
@@ -107,10 +123,10 @@ def transfer_forward(attn, losses: dict, attn_ce_weight: float, hidden_states, p
         return y_true
     with torch.no_grad():
         q, k, v, *unrotated = attn.project(hidden_states, position_embeddings, unrotated=attn.features_unrotated)
-        y_true = attn.merge_heads(attn.softmax(q, k, v, None, key_mask))
+        y_true = attn.merge_heads(attn.softmax(q, k, v, _softmax_cache(cache), key_mask))
     features = tuple(unrotated) or None
     log_gate = attn.log_gate(hidden_states)  # trained: outside no_grad
-    loss = transfer_mse(attn.merge_heads(attn.converted(q, k, v, None, key_mask, features, log_gate)), y_true)
+    loss = transfer_mse(attn.merge_heads(attn.converted(q, k, v, cache, key_mask, features, log_gate)), y_true)
     if attn_ce_weight > 0 and not attn.is_sparse:  # sparse layers have no attention-map parameters
         loss = loss + attn_ce_weight * attention_map_ce(attn, q, k, features, log_gate)
     losses[attn] = loss
@@ -147,20 +163,44 @@ def attention_mode(model, mode: str, **kwargs) -> Iterator[dict]:
         losses.clear()
 
 
-def attention_transfer_loss(student, batch: torch.Tensor, last_layer: int, attn_ce_weight: float = 0.0) -> torch.Tensor:
-    """Mean transfer loss of the converted layers on a batch of token ids (layers past `last_layer` are not run)."""
+def attention_transfer_loss(student, batch: torch.Tensor, last_layer: int, attn_ce_weight: float = 0.0,
+                            cache=None) -> torch.Tensor:
+    """Mean transfer loss of the converted layers on a batch of token ids (layers past `last_layer` are not run);
+    `cache` (an EffconvCache): the batch continues the tokens that cache has seen."""
     with attention_mode(student, "transfer", attn_ce_weight=attn_ce_weight) as losses:
-        student.model(input_ids=batch, use_cache=False, num_layers=last_layer + 1)
+        student.model(input_ids=batch, cache=cache, use_cache=cache is not None, num_layers=last_layer + 1)
         return torch.stack([losses[a] for a in student.converted_attentions()]).mean()
 
 
-def transfer_loss_fn(student, last_layer: int, attn_ce_weight: float = 0.0):
+def tbptt_transfer_loss(student, batch: torch.Tensor, last_layer: int, piece: int, *,
+                        backward: bool = True) -> torch.Tensor:
+    """Attention transfer by truncated backpropagation through time: the (B, T) block in pieces of `piece`
+    tokens, each converted layer continuing from the state the previous piece left (gradient cut between pieces)
+    and its softmax target attending to the whole block so far. The loss is attention_transfer_loss's over the
+    whole block; with `backward` each piece's share is backpropagated at once (activation memory: one piece's).
+    Returns the loss without a graph."""
+    t = batch.shape[1]
+    cache = EffconvCache(student.config.num_hidden_layers)
+    total = torch.zeros((), dtype=torch.float32, device=batch.device)
+    for start in range(0, t, piece):
+        part = batch[:, start : start + piece]
+        loss = attention_transfer_loss(student, part, last_layer, cache=cache) * (part.shape[1] / t)
+        if backward:
+            loss.backward()
+        total += loss.detach().float()
+        cache.detach_()  # the next piece starts from this state, as a constant
+    return total
+
+
+def transfer_loss_fn(student, last_layer: int, attn_ce_weight: float = 0.0, tbptt_piece: int = 0):
     """run_stage's loss function for attention transfer and its `backward` flag: a sharded (FSDP) student
-    streams its layers and leaves the gradients itself (transfer_backward)."""
+    streams its layers and leaves the gradients itself (transfer_backward), as does transfer over pieces."""
     from ..training import fsdp
 
     if fsdp.is_sharded(student):
         return (lambda b: (transfer_backward(student, b, last_layer, attn_ce_weight), {})), False
+    if tbptt_piece:
+        return (lambda b: (tbptt_transfer_loss(student, b, last_layer, tbptt_piece), {})), False
     return (lambda b: (attention_transfer_loss(student, b, last_layer, attn_ce_weight), {})), True
 
 

@@ -24,7 +24,7 @@ from ..data import BlockLoader
 from ..distill import blockwise as blockwise_lib
 from ..distill.lora import attach_lora
 from ..distill.losses import finetune_loss, tbptt_finetune_loss
-from ..distill.transfer import attention_mode, attention_transfer_loss, transfer_loss_fn
+from ..distill.transfer import attention_mode, attention_transfer_loss, tbptt_transfer_loss, transfer_loss_fn
 from ..errors import EffconvError
 from ..eval.quality import next_token_loss, perplexity
 from ..io.export import check_output_dir, export_model
@@ -88,10 +88,15 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
             return
         if piece < 0 or piece >= self.seq_len or self.seq_len % piece:
             raise EffconvError(f"--tbptt-piece {piece} must be a divisor of --seq-len {self.seq_len} below it (0: off)")
-        if self.attention == "linear" and self.window + (self.sinks or 0) >= piece:
-            raise EffconvError(f"--window {self.window} + --sinks {self.sinks or 0} covers a whole --tbptt-piece "
-                               f"{piece}: stage 1 trains on the pieces, whose linear part would be empty; use "
-                               "longer pieces")
+        if self.attention not in ("linear", "sliding", "block_sparse"):
+            raise EffconvError(f"--tbptt-piece applies to layers with a state or a window, not --attention "
+                               f"{self.attention}")
+        if self.attn_ce_weight > 0:
+            raise EffconvError("--tbptt-piece does not take --attn-ce-weight (the attention maps of a piece do not "
+                               "see the pieces before it)")
+        if self.layers_per_block is not None:
+            raise EffconvError("--tbptt-piece is not supported with --layers-per-block (block-wise stage 1 streams "
+                               "whole blocks of teacher states)")
 
     def _validate_attention(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
@@ -201,14 +206,6 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None,
     def next_batch(step: int) -> torch.Tensor:
         return loader.batch(step).to(device)
 
-    # --tbptt-piece: stage 1 trains on the pieces of the blocks (no state crosses them there), stage 2 on the blocks
-    piece = cfg.tbptt_piece or cfg.seq_len
-    pieces_per_block = cfg.seq_len // piece
-
-    def next_stage1_batch(step: int) -> torch.Tensor:
-        return next_batch(step).view(-1, piece)
-
-    stage1_val_blocks = val_blocks.reshape(-1, piece)
 
     # Stage 1: attention transfer.
     stage1_steps = steps_for(cfg.stage1_tokens, cfg.batch_size, cfg.seq_len)
@@ -221,9 +218,8 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None,
     train_stage1 = stage1.steps > 0 and any(p.requires_grad for p in student.parameters())
     if train_stage1 and blockwise:
         r1, metrics["stage1_blockwise"] = blockwise_lib.blockwise_attention_transfer(
-            student, stage1, layers_per_block=cfg.layers_per_block,
-            train_batch=lambda step: loader.batch(step).view(-1, piece), val_blocks=stage1_val_blocks,
-            batch_size=cfg.batch_size * pieces_per_block, device=device, run_dir=run_dir, resume=cfg.resume, progress=cfg.progress,
+            student, stage1, layers_per_block=cfg.layers_per_block, train_batch=loader.batch, val_blocks=val_blocks,
+            batch_size=cfg.batch_size, device=device, run_dir=run_dir, resume=cfg.resume, progress=cfg.progress,
             attn_ce_weight=cfg.attn_ce_weight,
         )
     elif train_stage1:
@@ -232,15 +228,18 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None,
 
         @torch.no_grad()
         def val_transfer() -> float:
-            size = cfg.batch_size * pieces_per_block
-            losses = [attention_transfer_loss(student, stage1_val_blocks[i : i + size].to(device), last,
-                                              cfg.attn_ce_weight).item()
-                      for i in range(0, stage1_val_blocks.shape[0], size)]
+            def loss(blocks):
+                if cfg.tbptt_piece:
+                    return tbptt_transfer_loss(student, blocks, last, cfg.tbptt_piece, backward=False)
+                return attention_transfer_loss(student, blocks, last, cfg.attn_ce_weight)
+
+            losses = [loss(val_blocks[i : i + cfg.batch_size].to(device)).item()
+                      for i in range(0, val_blocks.shape[0], cfg.batch_size)]
             return sum(losses) / len(losses)
 
-        loss_fn, backward = transfer_loss_fn(student, last, cfg.attn_ce_weight)
+        loss_fn, backward = transfer_loss_fn(student, last, cfg.attn_ce_weight, cfg.tbptt_piece)
         r1 = run_stage(
-            student, stage1, loss_fn=loss_fn, next_batch=next_stage1_batch, evaluate=val_transfer,
+            student, stage1, loss_fn=loss_fn, next_batch=next_batch, evaluate=val_transfer,
             checkpoint_path=stage1_ckpt, resume_state=resume_state, progress=cfg.progress, backward=backward,
         )
     if train_stage1:
