@@ -184,11 +184,10 @@ class FinetuneArgs:
     kl_weight: float = option(0.0, "Stage 2: weight of KL to the teacher's logits")
     ce_weight: float = option(1.0, "Stage 2: weight of the next-token loss on the text (0 with --kl-weight > 0: pure "
                                    "distillation)")
-    tbptt_piece: int = option(0, "Truncated backpropagation through time: stage 2 runs each --seq-len block in "
+    tbptt_piece: int = option(0, "Truncated backpropagation through time: both stages run each --seq-len block in "
                                  "pieces of this many tokens, each continuing from the state the previous piece left "
-                                 "(gradient cut between pieces; the teacher reads the whole block), so states are "
-                                 "trained at depths past one piece in one piece's memory; stage 1 trains on the "
-                                 "pieces. 0: off")
+                                 "(gradient cut between pieces; targets see the whole block so far), so states are "
+                                 "trained at depths past one piece in one piece's activation memory. 0: off")
 
 
 @dataclass

@@ -206,7 +206,6 @@ def linearize(cfg: LinearizeConfig, *, metadata: dict | None = None,
     def next_batch(step: int) -> torch.Tensor:
         return loader.batch(step).to(device)
 
-
     # Stage 1: attention transfer.
     stage1_steps = steps_for(cfg.stage1_tokens, cfg.batch_size, cfg.seq_len)
     stage1 = StageSpec(
