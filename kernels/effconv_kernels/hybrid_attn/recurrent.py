@@ -109,15 +109,15 @@ def hybrid_decode_kernel(
             b_qs = tl.load(qs + i_bh64 * D + o_d, mask=m_d, other=0.0).to(tl.float32)
             b_sk = tl.load(skb + (i_bk64 * NS + o_s[:, None]) * D + o_d[None, :], mask=m_s[:, None] & m_d[None, :],
                            other=0.0)
-            s = tl.sum(b_sk.to(tl.float32) * b_qs[None, :], 1) * scale
-            s = tl.where(m_s, s, float("-inf"))
-            b_m = tl.maximum(b_m, tl.max(s, 0))
-            m_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
-            p = tl.exp(s - m_safe)
+            s_sink = tl.sum(b_sk.to(tl.float32) * b_qs[None, :], 1) * scale
+            s_sink = tl.where(m_s, s_sink, float("-inf"))
+            b_m = tl.maximum(b_m, tl.max(s_sink, 0))
+            m_sink = tl.where(b_m == float("-inf"), 0.0, b_m)
+            p_sink = tl.exp(s_sink - m_sink)
             b_sv = tl.load(svb + (i_bk64 * NS + o_s[:, None]) * DV + o_v[None, :], mask=m_s[:, None] & m_v[None, :],
                            other=0.0)
-            b_l = tl.sum(p, 0) + b_l
-            b_acc = tl.sum(p[:, None] * b_sv.to(tl.float32), 0)
+            b_l = tl.sum(p_sink, 0) + b_l
+            b_acc = tl.sum(p_sink[:, None] * b_sv.to(tl.float32), 0)
         for w0 in range(0, W, BW):  # slots >= n_valid are masked (a fixed trip count also serves POS_ON_DEVICE)
             o_w = w0 + tl.arange(0, BW)
             m_w = o_w < n_valid
