@@ -389,3 +389,37 @@ def test_sink_model_decodes_like_its_forward_and_refuses_sinks_without_a_window(
     with pytest.raises(ValueError, match="linear_sinks needs window_size"):
         EffconvConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, window_size=0, linear_sinks=3)
+
+
+@pytest.mark.parametrize("mixer", ["plain", "decay", "gated"])
+@pytest.mark.parametrize("split", [40, 5])
+def test_hybrid_continuation_reads_earlier_keys_without_their_query_rows(mixer, split):
+    """A continuation passes its re-read window as keys that lead the queries (k longer than q): in two calls (the
+    second from the first's final state, with up to `window` earlier keys and only the new queries) the output and
+    the final state equal one run's, with left padding too; more than `window` earlier keys is refused."""
+    torch.manual_seed(1)
+    b, h, hkv, t, d, f, window = 2, 4, 2, 77, 8, 12, 8
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    fq, fk = torch.rand(b, h, t, f), torch.rand(b, hkv, t, f)
+    mix = torch.randn(h)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, :3] = False  # a left-padded row
+    kw = {"decay": dict(log_decay=torch.tensor([-0.2, -0.01])), "plain": {},
+          "gated": dict(log_gate=-torch.rand(b, hkv, t) * 0.5)}[mixer]
+
+    def run(lo, hi, earlier, **extra):
+        args = {key: (x[..., lo - earlier : hi] if key == "log_gate" else x) for key, x in kw.items()}
+        return hybrid_attention(q[:, :, lo:hi], k[:, :, lo - earlier : hi], v[:, :, lo - earlier : hi],
+                                fq[:, :, lo:hi], fk[:, :, lo - earlier : hi], mix, window=window, scale=0.3,
+                                chunk_size=16, key_padding_mask=mask[:, lo - earlier : hi], **args, **extra)
+
+    full, full_state = run(0, t, 0, output_final_state=True)
+    first, state = run(0, split, 0, output_final_state=True)
+    earlier = min(split, window)
+    second, second_state = run(split, t, earlier, initial_state=state if split > window else None,
+                               output_final_state=True)
+    torch.testing.assert_close(torch.cat([first, second], 2), full, rtol=1e-4, atol=1e-5)
+    for got, want in zip(second_state, full_state):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="earlier keys"):
+        run(window + 10, t, window + 1)

@@ -386,51 +386,58 @@ def hybrid_attention(
 ):
     """Sliding-window softmax + linear attention under one normaliser, chunked: O(T * chunk) memory.
 
-    Chunks are at least `window` long, so a query's window lies in its own chunk and the one before, and every
-    chunk two or more back is entirely in its linear part. `key_padding_mask` (B, T), True for real tokens,
-    removes padded keys from both parts. Returns (o, final_state or None); final_state is the linear state of
-    all tokens that have left the window after the last one. `log_decay` (Hkv,): per-head decay of the linear part;
-    `log_gate` (B, Hkv, T): per-token gates (module docstring); at most one of them. `sinks` (`take_sinks`): this
-    call's sink keys leave the window and linear parts, and every query reads the sinks before it by softmax;
-    `sink_queries` (B, H, T, D, default q): the queries that read them (the model's are rotated at positions capped
-    where the teacher's RoPE ends).
+    k, v, fk (and `key_padding_mask`, `log_gate`, `sinks`) may hold P = Tk - Tq more rows than q, fq: the first P
+    keys come before the queries (a continuation's re-read window, P <= window) and get no query rows. Chunks are
+    at least `window` long and the keys are laid out one chunk ahead of the queries (that chunk holds the P earlier
+    keys, masked padding before them), so a query's window lies in its own chunk and the one before, and every chunk
+    two or more back is entirely in its linear part. `key_padding_mask` (B, Tk), True for real tokens, removes
+    padded keys from both parts. Returns (o, final_state or None); final_state is the linear state of all tokens
+    that have left the window after the last key. `log_decay` (Hkv,): per-head decay of the linear part (run as
+    per-token gates of that value); `log_gate` (B, Hkv, Tk): per-token gates (module docstring); at most one of
+    them. `sinks` (`take_sinks` over the Tk keys): its sink keys leave the window and linear parts, and every query
+    reads the sinks before it by softmax; `sink_queries` (B, H, Tq, D, default q): the queries that read them (the
+    model's are rotated at positions capped where the teacher's RoPE ends).
     """
     if log_decay is not None and log_gate is not None:
         raise ValueError("pass log_decay or log_gate, not both")
+    b, h, t, _ = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    earlier = tk - t
+    if not 0 <= earlier <= max(window, 0) or (earlier and window < 1):
+        raise ValueError(f"k has {tk} rows for {t} queries: at most `window` ({window}) earlier keys may lead")
+    if log_decay is not None:  # positions are array indices, padding included: a gate of log g at every key
+        log_gate = log_decay.float().view(1, hkv, 1).expand(b, hkv, tk)
     if sinks is not None:
         local = ~sinks.key_is_sink
         key_padding_mask = local if key_padding_mask is None else key_padding_mask.bool() & local
-    b, h, t, _ = q.shape
-    hkv = k.shape[1]
     g = h // hkv
     out_dtype = v.dtype
-    c = min(max(chunk_size, window), max(t, 1))
+    c = max(chunk_size, window) if earlier else min(max(chunk_size, window), max(t, 1))
+    lead = c - earlier  # masked key slots before the earlier keys: the keys start one chunk before the queries
     q32, k32, v32, fq32, fk32 = (x.float() for x in (q, k, v, fq, fk))
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, :, None].to(torch.float32)
         fk32, v32 = fk32 * keep, v32 * keep
-    q32, k32, v32, fq32, fk32 = (_pad_time(x, c) for x in (q32, k32, v32, fq32, fk32))
+    q32, fq32 = _pad_time(q32, c), _pad_time(fq32, c)
     n = q32.shape[-2] // c
 
-    def chunks_with_previous(x):  # (B, Hkv, T, X) -> (B, Hkv, n, 2C, X): previous chunk then own chunk
-        xc = x.unflatten(2, (n, c))
-        prev = F.pad(xc, (0, 0, 0, 0, 1, 0))[:, :, :n]
-        return torch.cat([prev, xc], dim=3)
+    def key_chunks(x):  # (B, Hkv, Tk, X) -> (B, Hkv, n + 1, C, X): chunk 0 before the queries' chunk 0
+        return _pad_time(F.pad(x, (0, 0, lead, 0)), c)[:, :, : (n + 1) * c].unflatten(2, (n + 1, c))
 
-    k_loc, v_loc, fk_loc = (chunks_with_previous(x) for x in (k32, v32, fk32))
+    def with_previous(xc):  # key chunks -> (B, Hkv, n, 2C, X): each query chunk's previous and own key chunk
+        return torch.cat([xc[:, :, :n], xc[:, :, 1:]], dim=3)
+
+    kc, vc, fkc = (key_chunks(x) for x in (k32, v32, fk32))
+    k_loc, v_loc, fk_loc = (with_previous(x) for x in (kc, vc, fkc))
     qg = _group_queries(q32, hkv).unflatten(3, (n, c))  # (B, Hkv, G, n, C, D)
     fqg = _group_queries(fq32, hkv).unflatten(3, (n, c))
 
     r = torch.arange(c, device=q.device)[:, None]
     jj = torch.arange(2 * c, device=q.device)[None, :]
     dist = c + r - jj  # i - j for query row r of a chunk and local key jj
-    chunk_idx = torch.arange(n, device=q.device)[:, None, None]
-    real_key = (chunk_idx > 0) | (jj >= c)[None]  # the first chunk has no previous chunk
-    if key_padding_mask is not None:
-        kpm = F.pad(key_padding_mask.bool(), (0, n * c - t))
-        kpm_loc = chunks_with_previous(kpm[:, None, :, None].float())[..., 0] > 0  # (B, 1, n, 2C)
-        real_key = real_key[None, None] & kpm_loc[:, :, :, None, :]  # (B, 1, n, C, 2C)
-        real_key = real_key[:, :, None]  # broadcast over G
+    real = torch.ones(1, tk, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask.bool()
+    real_loc = with_previous(key_chunks(real[:, None, :, None].float()))[:, 0, :, :, 0] > 0  # (B|1, n, 2C)
+    real_key = real_loc[:, None, None, :, None, :]  # (B|1, 1, 1, n, 1, 2C)
     in_window = (dist >= 0) & (dist < window) & real_key
     in_linear = (dist >= window) & real_key
 
@@ -440,7 +447,7 @@ def hybrid_attention(
     if sinks is not None:
         qs = qg if sink_queries is None else _group_queries(_pad_time(sink_queries.float(), c), hkv).unflatten(3, (n, c))
         sink_scores = torch.einsum("bkgncd,bksd->bkgncs", qs, sinks.keys.float()) * scale
-        rows = torch.arange(n * c, device=q.device).view(n, c)
+        rows = earlier + torch.arange(n * c, device=q.device).view(n, c)  # the queries' indices among the keys
         visible = sinks.positions[:, None, None, :] <= rows[None, :, :, None]  # (B, n, C, S)
         sink_scores = sink_scores.masked_fill(~visible[:, None, None], float("-inf"))
         row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
@@ -448,47 +455,34 @@ def hybrid_attention(
     win_w = torch.exp(scores - row_max)
     lin_w = torch.einsum("bkgncf,bknjf->bkgncj", fqg, fk_loc) * in_linear
 
-    # Linear state of chunks two or more back.
-    kc, vc = fk32.unflatten(2, (n, c)), v32.unflatten(2, (n, c))
+    # Linear state of key chunks before each query chunk's previous one.
     if log_gate is not None:
         # running log-gate sums over (previous chunk, own chunk): key jj read by row r gets exp(loc_r - loc_jj);
-        # the state read by chunk n enters chunk max(n-1, 0), and the gates since then are loc at row r
-        cum, totals = _chunk_gates(log_gate, c)
-        steps = _pad_time(log_gate.float()[..., None], c)[..., 0].unflatten(2, (n, c))
-        loc = torch.cat([F.pad(steps, (0, 0, 1, 0))[:, :, :n], steps], dim=-1).cumsum(-1)  # (B, Hkv, n, 2C)
-        rows = loc[..., c:]
-        lin_w = lin_w * torch.exp((rows[..., :, None] - loc[..., None, :]).clamp(max=0))[:, :, None]
-        kw = kc * torch.exp(totals[..., None] - cum)[..., None]
+        # query chunk i reads the state entering key chunk i (its previous chunk), gated since then by loc at row r
+        steps = key_chunks(log_gate.float()[..., None])[..., 0]  # (B, Hkv, n + 1, C); slots without a key: 0
+        cum = steps.cumsum(-1)
+        totals = cum[..., -1]
+        loc = with_previous(steps[..., None])[..., 0].cumsum(-1)  # (B, Hkv, n, 2C)
+        rows_gate = loc[..., c:]
+        lin_w = lin_w * torch.exp((rows_gate[..., :, None] - loc[..., None, :]).clamp(max=0))[:, :, None]
+        kw = fkc * torch.exp(totals[..., None] - cum)[..., None]
         prefix_s, prefix_z = _gated_prefix_states(torch.einsum("bkncf,bkncd->bknfd", kw, vc), kw.sum(3), totals,
                                                   initial_state)
-        src = (torch.arange(n, device=q.device) - 1).clamp(min=0)
-        old_s, old_z = prefix_s[:, :, src], prefix_z[:, :, src]
-        qd = torch.exp(rows)[:, :, None]  # (B, Hkv, 1, n, C)
-    elif log_decay is None:
-        chunk_states = torch.einsum("bkncf,bkncd->bknfd", kc, vc)
-        chunk_norms = kc.sum(3)
-        old_s = F.pad(torch.cumsum(chunk_states, 2), (0, 0, 0, 0, 2, 0))[:, :, :n]
-        old_z = F.pad(torch.cumsum(chunk_norms, 2), (0, 0, 2, 0))[:, :, :n]
+        old_s, old_z = prefix_s[:, :, :n], prefix_z[:, :, :n]
+        qd = torch.exp(rows_gate)[:, :, None]  # (B, Hkv, 1, n, C)
+    else:
+        chunk_states = torch.einsum("bkncf,bkncd->bknfd", fkc, vc)[:, :, :n]
+        chunk_norms = fkc.sum(3)[:, :, :n]
+        old_s = torch.cumsum(chunk_states, 2) - chunk_states  # key chunks before chunk i
+        old_z = torch.cumsum(chunk_norms, 2) - chunk_norms
         if initial_state is not None:
             old_s = old_s + initial_state[0].float()[:, :, None]
             old_z = old_z + initial_state[1].float()[:, :, None]
-    else:
-        # linear keys of the two local chunks: g^(i-j); the state read by chunk n is the one entering chunk
-        # b = max(n-1, 0) (position bC-1), so row r is (n-b)C + r + 1 tokens after it
-        lin_w = lin_w * _decay(log_decay, dist, (1, hkv, 1, 1, 1, 1))
-        r = torch.arange(c, device=q.device)
-        kw = kc * _decay(log_decay, (c - 1 - r)[:, None], (1, hkv, 1, 1, 1))
-        prefix_s, prefix_z = _chunk_prefix_states(torch.einsum("bkncf,bkncd->bknfd", kw, vc), kw.sum(3), log_decay,
-                                                  c, initial_state)
-        src = (torch.arange(n, device=q.device) - 1).clamp(min=0)
-        old_s, old_z = prefix_s[:, :, src], prefix_z[:, :, src]
-        lag = (torch.arange(n, device=q.device) - src)[:, None] * c + r[None, :] + 1  # (n, C)
-        qd = _decay(log_decay, lag, (1, hkv, 1, 1, 1))  # (1, Hkv, 1, n, C)
 
     alpha = torch.sigmoid(mix.float()).view(1, hkv, g, 1, 1, 1)
     state_num = torch.einsum("bkgncf,bknfd->bkgncd", fqg, old_s)
     state_den = torch.einsum("bkgncf,bknf->bkgnc", fqg, old_z)
-    if log_decay is not None or log_gate is not None:
+    if log_gate is not None:
         state_num, state_den = state_num * qd[..., None], state_den * qd
     num = alpha * torch.einsum("bkgncj,bknjd->bkgncd", win_w, v_loc) + (1 - alpha) * (
         torch.einsum("bkgncj,bknjd->bkgncd", lin_w, v_loc) + state_num
@@ -503,9 +497,9 @@ def hybrid_attention(
     final_state = None
     if output_final_state:
         if log_gate is not None:
-            final_state = _gated_final_state(fk32, v32, log_gate, max(t - window, 0), initial_state)
+            final_state = _gated_final_state(fk32, v32, log_gate, max(tk - window, 0), initial_state)
         else:
-            final_state = _final_state(fk32, v32, max(t - window, 0), initial_state, log_decay)
+            final_state = _final_state(fk32, v32, max(tk - window, 0), initial_state, None)
     return o, final_state
 
 

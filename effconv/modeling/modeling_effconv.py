@@ -486,12 +486,7 @@ class EffconvAttention(nn.Module):
         if cache is not None and cache.state is not None:
             initial_state = cache.state
             if self.window > 0 and cache.keys is not None:
-                # Earlier tokens still inside the window are prepended; their query rows are computed and dropped.
-                held = cache.keys.shape[2]
-                q = torch.cat([q.new_zeros(*q.shape[:2], held, q.shape[3]), q], dim=2)
-                if sink_queries is not None:
-                    sink_queries = torch.cat([sink_queries.new_zeros(*q.shape[:2], held, q.shape[3]), sink_queries], 2)
-                fq = torch.cat([fq.new_zeros(*fq.shape[:2], held, fq.shape[3]), fq], dim=2)
+                # earlier tokens still inside the window lead the keys (the queries are the new tokens only)
                 k, v, fk = (torch.cat([c, x], dim=2) for c, x in ((cache.keys, k), (cache.values, v), (cache.key_features, fk)))
                 if gated:
                     log_gate = torch.cat([cache.key_gates, log_gate], dim=2)
@@ -505,7 +500,10 @@ class EffconvAttention(nn.Module):
         if self.window > 0:
             mix = self.window_mix
             if self._use_kernels(q) and key_mask is None and not gated and sinks is None:
-                # the kernels take every operand in one dtype and accumulate in fp32 themselves
+                # the kernels take every operand in one dtype and accumulate in fp32 themselves, and one query row
+                # per key: the earlier keys' rows are computed and dropped
+                held = k.shape[2] - t_new
+                q, fq = (F.pad(x, (0, 0, held, 0)) for x in (q, fq))
                 o, state = _kernels.hybrid_attention(
                     q, k, v, fq.to(v.dtype), fk.to(v.dtype), mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
                     initial_state=initial_state, output_final_state=keep_state, log_decay=log_decay, backend="triton",
