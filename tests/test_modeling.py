@@ -423,3 +423,37 @@ def test_hybrid_continuation_reads_earlier_keys_without_their_query_rows(mixer, 
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="earlier keys"):
         run(window + 10, t, window + 1)
+
+
+def test_hybrid_continuation_takes_sinks_after_earlier_keys():
+    """Sinks first taken in a continuation (a row whose first call was all padding) sit among keys that an earlier
+    window leads: each query reads the sinks at or before it, as in one run."""
+    import torch.nn.functional as F
+
+    from effconv.modeling.attention_ops import take_sinks
+
+    torch.manual_seed(2)
+    b, h, hkv, t, d, f, window, split, count = 2, 4, 2, 50, 8, 12, 8, 20, 3
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    fq, fk = torch.rand(b, h, t, f), torch.rand(b, hkv, t, f)
+    mix = torch.randn(h)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, :split + 2] = False  # row 1: nothing real in the first call, its sinks come at split + 2, + 3, + 4
+    opts = dict(window=window, scale=0.3, chunk_size=16)
+
+    whole = take_sinks(k, v, count, key_mask=mask)
+    full, _ = hybrid_attention(q, k, v, fq, fk, mix, key_padding_mask=mask, sinks=whole, **opts)
+
+    first_sinks = take_sinks(k[:, :, :split], v[:, :, :split], count, key_mask=mask[:, :split])
+    first, state = hybrid_attention(q[:, :, :split], k[:, :, :split], v[:, :, :split], fq[:, :, :split],
+                                    fk[:, :, :split], mix, key_padding_mask=mask[:, :split], sinks=first_sinks,
+                                    output_final_state=True, **opts)
+    lo = split - window
+    sinks = take_sinks(k[:, :, lo:], v[:, :, lo:], count, key_mask=F.pad(mask[:, split:], (window, 0), value=False),
+                       earlier=first_sinks)
+    sinks = sinks._replace(key_is_sink=sinks.key_is_sink | F.pad(first_sinks.key_is_sink[:, lo:], (0, t - split)))
+    second, _ = hybrid_attention(q[:, :, split:], k[:, :, lo:], v[:, :, lo:], fq[:, :, split:], fk[:, :, lo:], mix,
+                                 key_padding_mask=mask[:, lo:], sinks=sinks, initial_state=state, **opts)
+    torch.testing.assert_close(torch.cat([first, second], 2)[1, :, split + 2 :], full[1, :, split + 2 :],
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(second[0], full[0, :, split:], rtol=1e-4, atol=1e-5)
