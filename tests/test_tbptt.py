@@ -51,9 +51,10 @@ def _grads(peft_model) -> dict[str, torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize("mixer", list(MIXERS))
+@pytest.mark.parametrize("mixer", [*MIXERS, "sliding window with sinks"])
 def test_tbptt_loss_is_the_whole_blocks_and_only_the_gradient_is_cut(tiny_model_dir, tmp_path, mixer):
-    peft_model, student = _student(tiny_model_dir, tmp_path, **MIXERS[mixer])
+    settings = MIXERS.get(mixer, dict(attention="sliding", window=4, sinks=2))
+    peft_model, student = _student(tiny_model_dir, tmp_path, **settings)
     batch = torch.randint(0, student.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     kl, ce = 1.0, 0.5
 
