@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..modeling.modeling_effconv import EffconvCache
+from .pieces import over_pieces
 from .transfer import attention_mode
 
 LOSS_CHUNK = 2048  # positions per chunk of logits (x 49152 vocabulary x 4 bytes: 0.4 GB in fp32)
@@ -96,17 +96,13 @@ def tbptt_finetune_loss(peft_model, student, batch: torch.Tensor, kl_weight: flo
     over pieces = this block's loss's, up to the cut) and returns the loss without a graph."""
     b, t = batch.shape
     teacher_hidden = _teacher_hidden(peft_model, student, batch) if kl_weight > 0 else None
-    cache = EffconvCache(student.config.num_hidden_layers)
     counts = (b * (t - 1), b * t)
-    total = torch.zeros((), dtype=torch.float32, device=batch.device)
-    for start in range(0, t, piece):
-        stop = min(start + piece, t)
+
+    def piece_loss(start: int, stop: int, cache) -> torch.Tensor:
         hidden = student.model(input_ids=batch[:, start:stop], cache=cache, use_cache=True).last_hidden_state
-        loss = next_token_distill_loss(
+        return next_token_distill_loss(
             hidden, student.lm_head.weight, batch[:, start : stop + 1],
             None if teacher_hidden is None else teacher_hidden[:, start:stop],
             ce_weight=ce_weight, kl_weight=kl_weight, counts=counts)
-        loss.backward()
-        total += loss.detach()
-        cache.detach_()  # the next piece starts from this state, as a constant
-    return total
+
+    return over_pieces(student.config.num_hidden_layers, t, piece, piece_loss, device=batch.device)

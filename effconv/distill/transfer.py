@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..modeling.attention_ops import hybrid_attention_weights
-from ..modeling.modeling_effconv import EffconvCache, LayerCache
+from ..modeling.modeling_effconv import LayerCache
+from .pieces import over_pieces
 
 ATTENTION_MODES = ("student", "teacher", "transfer")
 
@@ -180,16 +181,12 @@ def tbptt_transfer_loss(student, batch: torch.Tensor, last_layer: int, piece: in
     whole block; with `backward` each piece's share is backpropagated at once (activation memory: one piece's).
     Returns the loss without a graph."""
     t = batch.shape[1]
-    cache = EffconvCache(student.config.num_hidden_layers)
-    total = torch.zeros((), dtype=torch.float32, device=batch.device)
-    for start in range(0, t, piece):
-        part = batch[:, start : start + piece]
-        loss = attention_transfer_loss(student, part, last_layer, cache=cache) * (part.shape[1] / t)
-        if backward:
-            loss.backward()
-        total += loss.detach().float()
-        cache.detach_()  # the next piece starts from this state, as a constant
-    return total
+
+    def piece_loss(start: int, stop: int, cache) -> torch.Tensor:
+        return attention_transfer_loss(student, batch[:, start:stop], last_layer, cache=cache) * ((stop - start) / t)
+
+    return over_pieces(student.config.num_hidden_layers, t, piece, piece_loss, device=batch.device,
+                       backward=backward)
 
 
 def transfer_loss_fn(student, last_layer: int, attn_ce_weight: float = 0.0, tbptt_piece: int = 0):
