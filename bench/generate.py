@@ -172,24 +172,32 @@ RANDOM_SHAPES = {
 }
 
 
-def random_shape_models(directory: Path, shape: str) -> tuple[Path, Path]:
-    """A random SmolLM2-135M-shaped teacher and an export with a recipe's attention layout."""
+def random_shape_student(shape: str, num_hidden_layers: int | None = None):
+    """A random SmolLM2-135M-shaped teacher (optionally with fewer layers) and its student with a recipe's
+    attention layout, in memory."""
     import torch
     import transformers
 
     from effconv.conversion.student import build_student, effconv_config_from_teacher
-    from effconv.io.export import export_model
 
     torch.manual_seed(0)
     layout = RANDOM_SHAPES[shape]
-    teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M)).eval()
-    teacher.save_pretrained(directory / "teacher")
+    settings = {**SMOLLM2_135M, **({"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {})}
+    teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
     n = teacher.config.num_hidden_layers
     config = effconv_config_from_teacher(teacher.config, window_size=layout["window_size"], attention_types=[
         "softmax" if i in layout["kept"] else "linear" for i in range(n)])
     config.linear_decay, config.linear_rope = layout["decay"], not layout["decay"]
     config.linear_gate, config.linear_sinks = layout.get("gate", False), layout.get("sinks", 0)
-    student = build_student(teacher, config)
+    return teacher, build_student(teacher, config)
+
+
+def random_shape_models(directory: Path, shape: str) -> tuple[Path, Path]:
+    """A random SmolLM2-135M-shaped teacher and an export with a recipe's attention layout."""
+    from effconv.io.export import export_model
+
+    teacher, student = random_shape_student(shape)
+    teacher.save_pretrained(directory / "teacher")
     export_model(student, None, directory / "export")
     return directory / "export", directory / "teacher"
 

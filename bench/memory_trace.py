@@ -64,20 +64,10 @@ class LiveTensors(TorchDispatchMode):
 
 
 def build(shape: str, layers: int, device: str):
-    import transformers
+    from generate import random_shape_student
 
-    from effconv.conversion.student import build_student, effconv_config_from_teacher
-    from generate import RANDOM_SHAPES, SMOLLM2_135M
-
-    torch.manual_seed(0)
-    teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers}))
-    layout = RANDOM_SHAPES[shape]
-    config = effconv_config_from_teacher(teacher.config, window_size=layout["window_size"], attention_types=[
-        "softmax" if i in layout["kept"] else "linear" for i in range(layers)])
-    config.linear_decay, config.linear_rope = layout["decay"], not layout["decay"]
-    config.linear_gate, config.linear_sinks = layout.get("gate", False), layout.get("sinks", 0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return build_student(teacher.eval(), config).eval().to(device, dtype)
+    return random_shape_student(shape, layers)[1].eval().to(device, dtype)
 
 
 def main() -> None:
