@@ -682,6 +682,7 @@ class EffconvModel(EffconvPreTrainedModel):
         if static_step and not cache.has_room(t):
             thaw(self, cache)
             static_step = False
+        position_ids_given = position_ids is not None
         if position_ids is None:
             if static_step:  # from the device counter: a captured step never sees a host value
                 position_ids = cache.static_context.position.view(1, 1).expand(b, 1)
@@ -697,9 +698,12 @@ class EffconvModel(EffconvPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = RotaryTables(self.rotary_emb(hidden_states, position_ids))
-        if getattr(self.config, "linear_sinks", 0):  # device-side clamp: no host sync (CUDA-graph safe)
+        if getattr(self.config, "linear_sinks", 0):
             cap = self.config.max_position_embeddings - 1
-            position_embeddings.capped = self.rotary_emb(hidden_states, position_ids.clamp(max=cap))
+            if _last_position_bound(past, t, cache, static_step, position_ids, position_ids_given) > cap:
+                # device-side clamp: no host sync (CUDA-graph safe). Below the cap the sinks read the queries as they
+                # are, and the second rotation (some 150 small kernels of a one-token step) is skipped
+                position_embeddings.capped = self.rotary_emb(hidden_states, position_ids.clamp(max=cap))
         layers = self.layers[: num_layers or len(self.layers)]
         for i, layer in enumerate(layers):
             layer_cache = past_key_values.layer_caches[i] if past_key_values is not None else None
@@ -716,6 +720,16 @@ class EffconvModel(EffconvPreTrainedModel):
         if num_layers is None or num_layers >= len(self.layers):
             hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: past_key_values})
+
+
+def _last_position_bound(past: int, t: int, cache, static_step: bool, position_ids, given: bool) -> int:
+    """The largest position a forward call can hold: a static step's is bounded by its cache's length (no host
+    sync), a call without position ids by its token count, caller-given ids are read (one sync, prompt calls)."""
+    if static_step:
+        return cache.max_cache_len - 1
+    if given:
+        return int(position_ids.max()) if position_ids.numel() else -1
+    return past + t - 1
 
 
 # transformers >= 5.2x names the cache `cache` (the old name `past_key_values` still works, with a deprecation
