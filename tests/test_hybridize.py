@@ -318,3 +318,14 @@ def test_recipe_keys(tmp_path):
     recipe.write_text("ratio: a quarter\n")
     with pytest.raises(EffconvError, match="must be"):
         build_config(HybridizeConfig, recipe, {})
+
+
+def test_hybridize_trains_over_tbptt_pieces(six_layer_dir, tiny_model_dir, tmp_path):
+    """--tbptt-piece reaches hybridize's linearize stages: kept softmax layers carry their keys across pieces."""
+    out = tmp_path / "out"
+    result = hybridize(cfg_for(six_layer_dir, tiny_model_dir, out, ratio=0.5, tbptt_piece=16, kl_weight=1.0,
+                               ce_weight=0.0, gate=True, sinks=2))
+    meta = json.loads((out / "effconv.json").read_text())
+    assert meta["config"]["tbptt_piece"] == 16 and len(result.softmax_layers) == 3
+    assert meta["metrics"]["stage1"]["tokens"] == TINY["stage1_tokens"]
+    assert meta["metrics"]["stage2_val_ppl"] > 0
