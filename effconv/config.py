@@ -129,6 +129,10 @@ class AttentionArgs:
                                      "and linear with --window > 0 (training and prompts on the PyTorch path: no "
                                      "chunked Triton kernel reads sinks yet; decoding on the Triton step). Default: "
                                      "4 for the linear hybrid, 0 otherwise")
+    normalizer: str = option("shared", "Hybrid linear layers (--window > 0): shared (one normaliser over the window, "
+                                       "sink and linear terms, LoLCATs) | separate (the softmax and the linear branch "
+                                       "each a weighted mean of its own, then mixed by the learned per-head weight; "
+                                       "prompts, training and decoding on the PyTorch path)")
     block_size: int = option(64, "--attention block_sparse: tokens per block (power of two >= 16)")
     topk: int = option(8, "--attention block_sparse: earlier blocks each query block attends to")
     kv_heads: int | None = option(None, "--attention gqa: key/value heads after merging (1 = MQA)")
@@ -349,4 +353,5 @@ def run_identity(cfg: Any, *volatile: str) -> dict:
 #: Settings added after runs existed, with the value those runs had.
 SETTINGS_ADDED_LATER = {"generation_mode": "static", "ce_weight": 1.0, "generation_turns": 1, "packing": "stream",
                         "decay": False, "decay_memory": 1024.0, "generation_new_tokens": 256,
-                        "linear_rope": True, "gate": False, "tbptt_piece": 0}
+                        "linear_rope": True, "gate": False, "tbptt_piece": 0,
+                        "normalizer": "shared"}

@@ -375,3 +375,18 @@ def test_sinks_train_and_export_and_are_refused_where_they_cannot_work(tiny_mode
         with pytest.raises(EffconvError, match=message):
             linearize(tiny_cfg(tiny_model_dir, tmp_path / "bad", **bad))
         assert not (tmp_path / "bad").exists()
+
+
+def test_separate_normaliser_trains_and_exports(tiny_model_dir, tmp_path):
+    """--normalizer separate end to end: the export keeps it (config.linear_normalizer), loads with plain
+    transformers, decodes like its forward; without a window there is nothing to normalise apart: refused."""
+    from transformers import AutoModelForCausalLM
+
+    linearize(tiny_cfg(tiny_model_dir, tmp_path / "out", normalizer="separate", sinks=2))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.linear_normalizer == "separate" and model.model.layers[0].self_attn.separate
+    assert_cached_decoding_equals_forward(model, torch.randint(0, 400, (1, 24)))
+    with pytest.raises(EffconvError, match="--normalizer separate needs"):
+        linearize(tiny_cfg(tiny_model_dir, tmp_path / "w0", normalizer="separate", window=0))
+    with pytest.raises(EffconvError, match="--normalizer must be"):
+        linearize(tiny_cfg(tiny_model_dir, tmp_path / "bad", normalizer="both"))

@@ -457,3 +457,81 @@ def test_hybrid_continuation_takes_sinks_after_earlier_keys():
     torch.testing.assert_close(torch.cat([first, second], 2)[1, :, split + 2 :], full[1, :, split + 2 :],
                                rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(second[0], full[0, :, split:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,chunk,count", [(8, 16, 0), (8, 16, 3), (16, 32, 2)])
+def test_separate_normalisers_chunked_and_recurrent_equal_the_quadratic_weights(window, chunk, count):
+    """linear_normalizer separate: each branch a weighted mean of its own, mixed by the per-head weight, and the
+    first `window` rows (no linear term yet) the softmax branch alone. The chunked hybrid (plain and gated, with and
+    without sinks), the token-by-token decode steps and a continuation equal the O(T^2) weights, which differ from
+    the shared normaliser's."""
+    from effconv.modeling.attention_ops import take_sinks
+    from effconv_kernels.hybrid_attn.naive import recurrent_hybrid_attention_ref
+
+    torch.manual_seed(window + count)
+    b, h, hkv, t, d, f = 2, 4, 2, 77, 8, 12
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    fq, fk = torch.rand(b, h, t, f), torch.rand(b, hkv, t, f)
+    mix = torch.randn(h)
+    values = v.repeat_interleave(2, 1)
+    for log_gate in (None, -torch.rand(b, hkv, t) * 0.5):
+        sinks = take_sinks(k, v, count) if count else None
+        o, state = hybrid_attention(q, k, v, fq, fk, mix, window=window, scale=0.3, chunk_size=chunk, sinks=sinks,
+                                    log_gate=log_gate, separate=True, output_final_state=count == 0)
+        w = hybrid_attention_weights(q, k, fq, fk, mix, window=window, scale=0.3, sinks=count, log_gate=log_gate,
+                                     separate=True)
+        torch.testing.assert_close(o, w @ values, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)), rtol=1e-4, atol=1e-4)
+        shared = hybrid_attention_weights(q, k, fq, fk, mix, window=window, scale=0.3, sinks=count,
+                                          log_gate=log_gate)
+        assert not torch.allclose(shared @ values, o, atol=1e-3)
+        # before any linear term a row is the softmax branch alone, in both forms
+        torch.testing.assert_close(o[:, :, :window], (shared @ values)[:, :, :window], rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            rec, _ = recurrent_hybrid_attention_ref(q, k, v, fq, fk, mix, window=window, scale=0.3,
+                                                    log_gate=log_gate, sinks=count, separate=True)
+        torch.testing.assert_close(rec, o, rtol=1e-4, atol=1e-5)
+        if count == 0:  # a continuation from the first part's state equals the one run
+            split = 40
+            first, st = hybrid_attention(q[:, :, :split], k[:, :, :split], v[:, :, :split], fq[:, :, :split],
+                                         fk[:, :, :split], mix, window=window, scale=0.3, chunk_size=chunk,
+                                         log_gate=None if log_gate is None else log_gate[..., :split],
+                                         separate=True, output_final_state=True)
+            lo = split - window
+            second, st2 = hybrid_attention(q[:, :, split:], k[:, :, lo:], v[:, :, lo:], fq[:, :, split:],
+                                           fk[:, :, lo:], mix, window=window, scale=0.3, chunk_size=chunk,
+                                           log_gate=None if log_gate is None else log_gate[..., lo:],
+                                           separate=True, initial_state=st, output_final_state=True)
+            torch.testing.assert_close(torch.cat([first, second], 2), o, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(st2[0], state[0], rtol=1e-4, atol=1e-5)
+
+
+def test_separate_normaliser_model_decodes_like_its_forward():
+    """A model with linear_normalizer separate (gated, sinks): prefill, one-token ring steps and multi-token steps
+    equal its forward; it differs from the shared-normaliser model with the same weights; a pure linear model
+    (nothing to normalise apart) and an unknown value are refused."""
+    from effconv.modeling import EffconvConfig, EffconvForCausalLM
+
+    model = random_effconv_model(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, window_size=4, linear_sinks=2,
+                                 linear_gate=True, decay_memory=8.0, linear_normalizer="separate")
+    ids = torch.randint(3, 400, (2, 30))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        shared = EffconvForCausalLM(EffconvConfig(**{**model.config.to_dict(), "linear_normalizer": "shared"})).eval()
+        shared.load_state_dict(model.state_dict())
+        assert not torch.allclose(shared(ids, use_cache=False).logits, full, atol=1e-3)
+        for split in (2, 9):
+            out = model(ids[:, :split], use_cache=True)
+            cache, pieces, t = out.past_key_values, [out.logits], split
+            while t < 30:
+                step = 1 if t % 5 else 3
+                out = model(ids[:, t : t + step], past_key_values=cache, use_cache=True)
+                cache, t = out.past_key_values, t + step
+                pieces.append(out.logits)
+            torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+    for bad in (dict(window_size=0), dict(linear_normalizer="both")):
+        with pytest.raises(ValueError, match="linear_normalizer"):
+            EffconvConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, **{"window_size": 4,
+                                                                           "linear_normalizer": "separate", **bad})

@@ -150,6 +150,7 @@ def make_student(teacher, cfg, device: torch.device):
     config.linear_decay, config.decay_memory = cfg.decay, float(cfg.decay_memory)
     config.linear_gate = cfg.effective_gate()
     config.linear_rope = cfg.linear_rope
+    config.linear_normalizer = cfg.normalizer if cfg.attention == "linear" and cfg.window > 0 else "shared"
     student = build_student(teacher, config).to(device)
     if cfg.attention == "gqa":
         merge_kv_heads(student, sorted(convert), cfg.kv_heads, method=cfg.kv_merge)

@@ -66,7 +66,7 @@ def attention_map_ce(attn, q: torch.Tensor, k: torch.Tensor, features=None, log_
     mix = getattr(attn, "window_mix", torch.zeros(attn.num_heads, device=q.device))
     student = hybrid_attention_weights(
         q, k, attn.feature_map_q(feature_q), attn.feature_map_k(feature_k), mix, window=attn.window, scale=attn.scale,
-        log_decay=attn.log_decay(), log_gate=log_gate, sinks=attn.sinks,
+        log_decay=attn.log_decay(), log_gate=log_gate, sinks=attn.sinks, separate=attn.separate,
     )
     return -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1).mean()
 

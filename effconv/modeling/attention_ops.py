@@ -364,6 +364,19 @@ def take_sinks(k: torch.Tensor, v: torch.Tensor, count: int, *, key_mask: torch.
     return Sinks(key_is_sink, keys, values, torch.where(taken, index, positions))
 
 
+def mix_branches(win_num, win_den, lin_num, lin_den, alpha, eps: float, separate: bool):
+    """The hybrid's output from its softmax branch (window and sinks; weights exp(s - rowmax)) and its linear branch
+    (numerators (..., Dv), denominators (..., 1)). Shared normaliser (LoLCATs): (a Nw + (1-a) Nl) / (a Dw + (1-a)
+    Dl + eps). Separate (each branch a weighted mean on its own, as Liger mixes a window and a gated linear branch):
+    (a Nw/Dw + (1-a) Nl/Dl) over a + (1-a), where a row without any linear term (the first `window` tokens) is
+    the softmax branch alone, as in the shared form."""
+    if not separate:
+        return (alpha * win_num + (1 - alpha) * lin_num) / (alpha * win_den + (1 - alpha) * lin_den + eps)
+    present = (lin_den > 0).to(lin_den.dtype)
+    linear = (1 - alpha) * present
+    return (alpha * win_num / (win_den + eps) + linear * lin_num / (lin_den + eps)) / (alpha + linear)
+
+
 def hybrid_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -383,6 +396,7 @@ def hybrid_attention(
     log_gate: torch.Tensor | None = None,
     sinks: "Sinks | None" = None,
     sink_queries: torch.Tensor | None = None,
+    separate: bool = False,
 ):
     """Sliding-window softmax + linear attention under one normaliser, chunked: O(T * chunk) memory.
 
@@ -396,7 +410,8 @@ def hybrid_attention(
     per-token gates of that value); `log_gate` (B, Hkv, Tk): per-token gates (module docstring); at most one of
     them. `sinks` (`take_sinks` over the Tk keys): its sink keys leave the window and linear parts, and every query
     reads the sinks before it by softmax; `sink_queries` (B, H, Tq, D, default q): the queries that read them (the
-    model's are rotated at positions capped where the teacher's RoPE ends).
+    model's are rotated at positions capped where the teacher's RoPE ends). `separate`: each branch is normalised
+    on its own and the two are mixed (`mix_branches`) instead of sharing one normaliser.
     """
     if log_decay is not None and log_gate is not None:
         raise ValueError("pass log_decay or log_gate, not both")
@@ -484,15 +499,16 @@ def hybrid_attention(
     state_den = torch.einsum("bkgncf,bknf->bkgnc", fqg, old_z)
     if log_gate is not None:
         state_num, state_den = state_num * qd[..., None], state_den * qd
-    num = alpha * torch.einsum("bkgncj,bknjd->bkgncd", win_w, v_loc) + (1 - alpha) * (
-        torch.einsum("bkgncj,bknjd->bkgncd", lin_w, v_loc) + state_num
-    )
-    den = alpha * win_w.sum(-1, keepdim=True) + (1 - alpha) * (lin_w.sum(-1, keepdim=True) + state_den[..., None])
+    win_num = torch.einsum("bkgncj,bknjd->bkgncd", win_w, v_loc)
+    win_den = win_w.sum(-1, keepdim=True)
     if sinks is not None:
         sink_w = torch.exp(sink_scores - row_max)
-        num = num + alpha * torch.einsum("bkgncs,bksd->bkgncd", sink_w, sinks.values.float())
-        den = den + alpha * sink_w.sum(-1, keepdim=True)
-    o = (num / (den + eps)).reshape(b, h, n * c, -1)[:, :, :t].to(out_dtype)
+        win_num = win_num + torch.einsum("bkgncs,bksd->bkgncd", sink_w, sinks.values.float())
+        win_den = win_den + sink_w.sum(-1, keepdim=True)
+    lin_num = torch.einsum("bkgncj,bknjd->bkgncd", lin_w, v_loc) + state_num
+    lin_den = lin_w.sum(-1, keepdim=True) + state_den[..., None]
+    o = mix_branches(win_num, win_den, lin_num, lin_den, alpha, eps, separate)
+    o = o.reshape(b, h, n * c, -1)[:, :, :t].to(out_dtype)
 
     final_state = None
     if output_final_state:
@@ -505,7 +521,7 @@ def hybrid_attention(
 
 def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, eps: float = 1e-6,
                              log_decay: torch.Tensor | None = None, log_gate: torch.Tensor | None = None,
-                             sinks: int = 0):
+                             sinks: int = 0, separate: bool = False):
     """The (B, H, T, T) attention weights of the hybrid (or pure linear when window == 0), O(T^2).
 
     Used for the optional attention-map cross-entropy of attention transfer, on short sequences only, and as the
@@ -531,8 +547,8 @@ def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, ep
     scores = (q.float() @ k_rep.transpose(-1, -2) * scale).masked_fill(~in_window, float("-inf"))
     win_w = torch.exp(scores - scores.amax(-1, keepdim=True))
     alpha = torch.sigmoid(mix.float()).view(1, -1, 1, 1)
-    w = alpha * win_w + (1 - alpha) * lin_w
-    return w / (w.sum(-1, keepdim=True) + eps)
+    # the weights are the numerators of one-hot values
+    return mix_branches(win_w, win_w.sum(-1, keepdim=True), lin_w, lin_w.sum(-1, keepdim=True), alpha, eps, separate)
 
 
 def softmax_attention(

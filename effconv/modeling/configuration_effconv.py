@@ -47,6 +47,7 @@ class EffconvConfig(PretrainedConfig):
         linear_gate: bool = False,
         linear_rope: bool = True,
         linear_sinks: int = 0,
+        linear_normalizer: str = "shared",
         decay_memory: float = 1024.0,
         attention_backend: str = "auto",
         sink_tokens: int = 0,
@@ -98,6 +99,9 @@ class EffconvConfig(PretrainedConfig):
         # hybrid linear layers: the first linear_sinks tokens stay softmax terms of every later query (attention
         # sinks), outside the window and the linear state
         self.linear_sinks = linear_sinks
+        # hybrid linear layers: "shared" (one normaliser over the window, sink and linear terms, LoLCATs) or
+        # "separate" (each branch a weighted mean of its own, then mixed)
+        self.linear_normalizer = linear_normalizer
         self.decay_memory = decay_memory
         self.attention_backend = attention_backend
         self.sink_tokens = sink_tokens  # "sliding" layers
@@ -125,6 +129,9 @@ class EffconvConfig(PretrainedConfig):
         if linear_sinks < 0 or (linear_sinks and window_size < 1):
             raise ValueError(f"linear_sinks needs window_size >= 1 (sinks are softmax terms of the window), got "
                              f"linear_sinks={linear_sinks}, window_size={window_size}")
+        if linear_normalizer not in ("shared", "separate") or (linear_normalizer == "separate" and window_size < 1):
+            raise ValueError(f"linear_normalizer must be shared or separate (separate needs window_size >= 1: two "
+                             f"branches), got {linear_normalizer!r} with window_size={window_size}")
         if "sliding" in self.attention_types and (window_size < 1 or sink_tokens < 0):
             raise ValueError(f"sliding layers need window_size >= 1 and sink_tokens >= 0, got {window_size}, {sink_tokens}")
         if "gqa" in self.attention_types and (not gqa_kv_heads or self.num_key_value_heads % gqa_kv_heads):

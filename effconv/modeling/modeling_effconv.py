@@ -257,6 +257,7 @@ class EffconvAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.window = config.window_size if self.layer_type == "linear" else 0
         self.sinks = getattr(config, "linear_sinks", 0) if self.window > 0 else 0
+        self.separate = self.window > 0 and getattr(config, "linear_normalizer", "shared") == "separate"
         if self.layer_type == "linear":
             fm, fd = config.feature_map, config.feature_dim
             self.feature_map_q = FeatureMap(fm, self.num_heads, self.head_dim, fd)
@@ -422,6 +423,8 @@ class EffconvAttention(nn.Module):
                 extra["first"] = cache.static.first_token
             if sink_queries is not None:
                 extra["sink_queries"] = sink_queries[:, :, 0]
+            if self.separate:
+                extra["separate"], backend = True, "reference"  # the Triton step shares one normaliser
             o = _kernels.hybrid_decode_step(
                 q, k, v, fq, fk, self.window_mix, cache.ring, window=self.window, scale=self.scale, eps=eps,
                 log_decay=self.log_decay(), backend=backend, log_gate=gate, **extra,
@@ -468,6 +471,8 @@ class EffconvAttention(nn.Module):
             _say_uses_pytorch("gated hybrid layers (linear_gate with a window)")
         if self.sinks and self._use_kernels(q):
             _say_uses_pytorch("hybrid layers with attention sinks (linear_sinks)")
+        if self.separate and self._use_kernels(q):
+            _say_uses_pytorch("hybrid layers with separate normalisers (linear_normalizer)")
         if (
             cache is not None and q.shape[2] == 1 and key_mask is None and _kernels is not None
             and (cache.state is not None or cache.ring is not None) and not torch.is_grad_enabled()
@@ -499,7 +504,7 @@ class EffconvAttention(nn.Module):
             fk = fk * (~sinks.key_is_sink)[:, None, :, None].to(fk.dtype)
         if self.window > 0:
             mix = self.window_mix
-            if self._use_kernels(q) and key_mask is None and not gated and sinks is None:
+            if self._use_kernels(q) and key_mask is None and not gated and sinks is None and not self.separate:
                 # the kernels take every operand in one dtype and accumulate in fp32 themselves, and one query row
                 # per key: the earlier keys' rows are computed and dropped
                 held = k.shape[2] - t_new
@@ -513,6 +518,7 @@ class EffconvAttention(nn.Module):
                     q, k, v, fq, fk, mix, window=self.window, scale=self.scale, eps=self.config.linear_eps,
                     initial_state=initial_state, output_final_state=keep_state, key_padding_mask=key_mask,
                     log_decay=log_decay, log_gate=log_gate, sinks=sinks, sink_queries=sink_queries,
+                    separate=self.separate,
                 )
         else:
             if key_mask is not None:

@@ -107,6 +107,11 @@ class LinearizeConfig(RunArgs, LoraArgs, FinetuneArgs, TransferArgs, TrainArgs, 
                 f"--window {self.window} is not smaller than --seq-len {self.seq_len}: every token would be inside "
                 "the softmax window, so the linear part would never be trained or measured; use a smaller --window "
                 "or a longer --seq-len")
+        if self.normalizer not in ("shared", "separate"):
+            raise EffconvError(f"--normalizer must be shared or separate, got {self.normalizer!r}")
+        if self.normalizer == "separate" and not (self.attention == "linear" and self.window > 0):
+            raise EffconvError("--normalizer separate needs --attention linear with --window > 0 (a softmax and a "
+                               "linear branch to normalise apart)")
         if self.sinks is not None and self.sinks < 0:
             raise EffconvError(f"--sinks must be >= 0, got {self.sinks}")
         self.sinks, self.gate = self.effective_sinks(), self.effective_gate()

@@ -163,7 +163,7 @@ def linear_decode_step(fq_t, fk_t, v_t, state, *, normalize: bool = True, eps: f
 @torch.no_grad()
 def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int, scale: float,
                        eps: float = 1e-6, log_decay=None, backend: str = "auto", position: torch.Tensor | None = None,
-                       first: torch.Tensor | None = None, log_gate=None, sink_queries=None):
+                       first: torch.Tensor | None = None, log_gate=None, sink_queries=None, separate: bool = False):
     """Append one token per sequence to `cache` (IN PLACE) and return its hybrid-attention output (B,H,Dv).
 
     Equals `hybrid_attention` (same log_decay) on the whole sequence at that position. Inference only (no autograd).
@@ -174,6 +174,8 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
     `first`: optional (B,) integer tensor, row b's left padding: tokens before index first[b] are left out of its
     window (keep their fk and v zero in the cache, so that evicting them adds nothing to the state).
     `sink_queries` (B, H, D): the query that reads a cache's sinks, when not q_t.
+    `separate`: each branch normalised on its own (PyTorch only: backend "triton" refuses it, "auto" picks the
+    reference).
     """
     if position is not None and position.numel() != 1:
         raise ValueError("position must hold one integer (tokens seen)")
@@ -181,7 +183,9 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
     _check_gate(log_gate, log_decay, k_t.shape[0], k_t.shape[1])  # the steps check that the cache keeps gates
     if sink_queries is not None and tuple(sink_queries.shape) != tuple(q_t.shape):
         raise ValueError(f"sink_queries must have q_t's shape {tuple(q_t.shape)}, got {tuple(sink_queries.shape)}")
-    be = resolve_backend(backend, q_t, k_t, v_t, fq_t, fk_t, cache.S)
+    if separate and backend == "triton":
+        raise ValueError("the Triton decode step shares one normaliser; separate normalisers run backend='reference'")
+    be = "reference" if separate else resolve_backend(backend, q_t, k_t, v_t, fq_t, fk_t, cache.S)
     kw = dict(window=window, scale=scale, eps=eps, log_decay=log_decay, first=first, log_gate=log_gate,
               sink_queries=sink_queries, position=position)
     if be == "triton":
@@ -189,7 +193,7 @@ def hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache,
         from .hybrid_attn.recurrent import triton_hybrid_decode_step
         return triton_hybrid_decode_step(q_t, k_t, v_t, fq_t, fk_t, mix, cache, **kw)
     from .hybrid_attn.naive import hybrid_decode_step_ref
-    return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, **kw)
+    return hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache, separate=separate, **kw)
 
 
 def hedgehog_feature_map(x, weight, bias=None, *, out_dtype=None, backend: str = "auto"):

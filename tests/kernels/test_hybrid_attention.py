@@ -397,3 +397,14 @@ def test_triton_decode_step_with_gates_and_sinks_equals_the_pytorch_step(B, H, H
                 a, b = getattr(cache, name), getattr(ref_cache, name)
                 if b is not None:
                     assert rel_err(a, b, floor=1e-6) < 1e-5, (t, name)
+
+
+def test_decode_step_with_separate_normalisers_refuses_the_triton_backend():
+    cache = ek.HybridDecodeCache.empty(1, 1, 4, 8, 8, 8, dtype=torch.float32, device="cpu")
+    x = torch.randn(1, 1, 8)
+    with pytest.raises(ValueError, match="separate normalisers run backend='reference'"):
+        ek.hybrid_decode_step(x, x, x, x.abs(), x.abs(), torch.zeros(1), cache, window=4, scale=0.3,
+                              backend="triton", separate=True)
+    out = ek.hybrid_decode_step(x, x, x, x.abs(), x.abs(), torch.zeros(1), cache, window=4, scale=0.3,
+                                separate=True)  # auto: the reference step
+    assert out.shape == (1, 1, 8) and torch.isfinite(out).all()

@@ -65,14 +65,16 @@ def naive_hybrid_attention(q, k, v, fq, fk, mix, *, window: int, scale: float, e
 
 def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCache, *, window: int,
                            scale: float, eps=1e-6, log_decay=None, log_gate=None, first=None, position=None,
-                           sink_queries=None):
+                           sink_queries=None, separate: bool = False):
     """Append one token per sequence to `cache` (in place) and return its output (B, H, Dv).
     `first` (B,) int: row b's tokens before index first[b] are left padding, left out of the window (the caller
     keeps their fk and v zero, so their eviction adds nothing to the state). `log_gate` (B, Hkv): the new token's
     log gate (a gated layer; the cache keeps the window's gates in `cache.lg`). `position`: a 1-element device
     tensor holding the token index instead of `cache.seen` (then left alone): no host value is read, so the step
     can be captured in a CUDA graph. A cache with sinks (`cache.sk`) makes token first + s sink s (cache
-    docstring); `sink_queries` (B, H, D, default q_t): the query that reads them."""
+    docstring); `sink_queries` (B, H, D, default q_t): the query that reads them. `separate`: the softmax branch
+    (window and sinks) and the linear branch are each normalised on their own, then mixed; a row whose linear
+    branch is still empty is the softmax branch alone."""
     W = cache.window
     if int(window) != W:
         raise ValueError(f"window={window} but the cache holds {W} slots")
@@ -144,19 +146,26 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
         qd = torch.exp(log_decay.float().view(1, Hkv, 1) * torch.clamp(t + 1, max=W).float())
     if log_gate is not None or log_decay is not None:
         lin_num, lin_den = lin_num * qd[..., None], lin_den * qd
-    num = alpha * torch.einsum("bhgj,bhjd->bhgd", a, cache.v.float()) + beta * lin_num
-    den = alpha[..., 0] * a.sum(-1) + beta[..., 0] * lin_den + eps
+    win_num = torch.einsum("bhgj,bhjd->bhgd", a, cache.v.float())
+    win_den = a.sum(-1, keepdim=True)
     if cache.sk is not None:
         sink_a = torch.exp(sink_s - row_max)
-        num = num + alpha * torch.einsum("bhgs,bhsd->bhgd", sink_a, cache.sv.float())
-        den = den + alpha[..., 0] * sink_a.sum(-1)
-    return (num / den.unsqueeze(-1)).reshape(B, H, -1).to(q_t.dtype)
+        win_num = win_num + torch.einsum("bhgs,bhsd->bhgd", sink_a, cache.sv.float())
+        win_den = win_den + sink_a.sum(-1, keepdim=True)
+    lin_den = lin_den[..., None]
+    if separate:
+        linear = beta * (lin_den > 0).float()
+        o = (alpha * win_num / (win_den + eps) + linear * lin_num / (lin_den + eps)) / (alpha + linear)
+    else:
+        o = (alpha * win_num + beta * lin_num) / (alpha * win_den + beta * lin_den + eps)
+    return o.reshape(B, H, -1).to(q_t.dtype)
 
 
 def recurrent_hybrid_attention_ref(q, k, v, fq, fk, mix, *, window: int, scale: float, eps=1e-6,
-                                   initial_state=None, log_decay=None, log_gate=None, sinks: int = 0):
+                                   initial_state=None, log_decay=None, log_gate=None, sinks: int = 0,
+                                   separate: bool = False):
     """Token-by-token loop over `hybrid_decode_step_ref` (`log_gate` (B, Hkv, T): per-token gates; `sinks`: the
-    first tokens are attention sinks). Returns (o, cache)."""
+    first tokens are attention sinks; `separate`: each branch normalised on its own). Returns (o, cache)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     cache = HybridDecodeCache.empty(B, Hkv, window, D, fk.shape[-1], v.shape[-1], dtype=k.dtype,
@@ -164,5 +173,6 @@ def recurrent_hybrid_attention_ref(q, k, v, fq, fk, mix, *, window: int, scale: 
                                     sinks=sinks)
     outs = [hybrid_decode_step_ref(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], mix, cache,
                                    window=window, scale=scale, eps=eps, log_decay=log_decay,
-                                   log_gate=None if log_gate is None else log_gate[:, :, t]) for t in range(T)]
+                                   log_gate=None if log_gate is None else log_gate[:, :, t], separate=separate)
+            for t in range(T)]
     return torch.stack(outs, 2), cache
