@@ -42,10 +42,9 @@ from .moe import MoeExperts, MoeMLP
 logger = logging.get_logger(__name__)
 
 
-def _say_uses_pytorch(what: str) -> None:
+def _say_uses_pytorch(what: str, decoding: str = "one-token decoding uses the Triton step") -> None:
     logger.warning_once(f"effconv: {what} run their chunked (prompt and training) path on PyTorch: the chunked "
-                        "Triton kernels do not take them yet (slower, same results); one-token decoding uses the "
-                        "Triton step")
+                        f"Triton kernels do not take them yet (slower, same results); {decoding}")
 
 
 def decay_logit_init(num_kv_heads: int, memory: float) -> torch.Tensor:
@@ -472,7 +471,8 @@ class EffconvAttention(nn.Module):
         if self.sinks and self._use_kernels(q):
             _say_uses_pytorch("hybrid layers with attention sinks (linear_sinks)")
         if self.separate and self._use_kernels(q):
-            _say_uses_pytorch("hybrid layers with separate normalisers (linear_normalizer)")
+            _say_uses_pytorch("hybrid layers with separate normalisers (linear_normalizer)",
+                              "one-token decoding too")
         if (
             cache is not None and q.shape[2] == 1 and key_mask is None and _kernels is not None
             and (cache.state is not None or cache.ring is not None) and not torch.is_grad_enabled()
