@@ -153,7 +153,7 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
         win_num = win_num + torch.einsum("bhgs,bhsd->bhgd", sink_a, cache.sv.float())
         win_den = win_den + sink_a.sum(-1, keepdim=True)
     lin_den = lin_den[..., None]
-    if separate:
+    if separate:  # the model's attention_ops.mix_branches, restated here: the kernels do not import effconv
         linear = beta * (lin_den > 0).float()
         o = (alpha * win_num / (win_den + eps) + linear * lin_num / (lin_den + eps)) / (alpha + linear)
     else:
