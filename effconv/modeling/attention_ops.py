@@ -364,16 +364,13 @@ def take_sinks(k: torch.Tensor, v: torch.Tensor, count: int, *, key_mask: torch.
     return Sinks(key_is_sink, keys, values, torch.where(taken, index, positions))
 
 
-def mix_branches(win_num, win_den, lin_num, lin_den, alpha, eps: float, separate: bool):
-    """The hybrid's output from its softmax branch (window and sinks; weights exp(s - rowmax)) and its linear branch
-    (numerators (..., Dv), denominators (..., 1)). Shared normaliser (LoLCATs): (a Nw + (1-a) Nl) / (a Dw + (1-a)
-    Dl + eps). Separate (each branch a weighted mean on its own, as Liger mixes a window and a gated linear branch):
-    (a Nw/Dw + (1-a) Nl/Dl) over a + (1-a), where a row without any linear term (the first `window` tokens) is
-    the softmax branch alone, as in the shared form."""
-    if not separate:
-        return (alpha * win_num + (1 - alpha) * lin_num) / (alpha * win_den + (1 - alpha) * lin_den + eps)
-    present = (lin_den > 0).to(lin_den.dtype)
-    linear = (1 - alpha) * present
+def separate_mix(win_num, win_den, lin_num, lin_den, alpha, eps: float):
+    """The hybrid's output with separate normalisers, from its softmax branch (window and sinks; weights
+    exp(s - rowmax)) and its linear branch (numerators (..., Dv), denominators (..., 1)): each branch a weighted mean
+    of its own (as Liger mixes a window and a gated linear branch), (a Nw/Dw + (1-a) Nl/Dl) / (a + (1-a)), where a
+    row without any linear term (the first `window` tokens) is the softmax branch alone, as with the shared
+    normaliser (LoLCATs: (a Nw + (1-a) Nl) / (a Dw + (1-a) Dl + eps))."""
+    linear = (1 - alpha) * (lin_den > 0).to(lin_den.dtype)
     return (alpha * win_num / (win_den + eps) + linear * lin_num / (lin_den + eps)) / (alpha + linear)
 
 
@@ -411,7 +408,7 @@ def hybrid_attention(
     them. `sinks` (`take_sinks` over the Tk keys): its sink keys leave the window and linear parts, and every query
     reads the sinks before it by softmax; `sink_queries` (B, H, Tq, D, default q): the queries that read them (the
     model's are rotated at positions capped where the teacher's RoPE ends). `separate`: each branch is normalised
-    on its own and the two are mixed (`mix_branches`) instead of sharing one normaliser.
+    on its own and the two are mixed (`separate_mix`) instead of sharing one normaliser.
     """
     if log_decay is not None and log_gate is not None:
         raise ValueError("pass log_decay or log_gate, not both")
@@ -501,13 +498,22 @@ def hybrid_attention(
         state_num, state_den = state_num * qd[..., None], state_den * qd
     win_num = torch.einsum("bkgncj,bknjd->bkgncd", win_w, v_loc)
     win_den = win_w.sum(-1, keepdim=True)
-    if sinks is not None:
-        sink_w = torch.exp(sink_scores - row_max)
-        win_num = win_num + torch.einsum("bkgncs,bksd->bkgncd", sink_w, sinks.values.float())
-        win_den = win_den + sink_w.sum(-1, keepdim=True)
     lin_num = torch.einsum("bkgncj,bknjd->bkgncd", lin_w, v_loc) + state_num
     lin_den = lin_w.sum(-1, keepdim=True) + state_den[..., None]
-    o = mix_branches(win_num, win_den, lin_num, lin_den, alpha, eps, separate)
+    if sinks is not None:
+        sink_w = torch.exp(sink_scores - row_max)
+        sink_num = torch.einsum("bkgncs,bksd->bkgncd", sink_w, sinks.values.float())
+        sink_den = sink_w.sum(-1, keepdim=True)
+    if separate:
+        if sinks is not None:
+            win_num, win_den = win_num + sink_num, win_den + sink_den
+        o = separate_mix(win_num, win_den, lin_num, lin_den, alpha, eps)
+    else:  # one normaliser over the window, linear and sink terms
+        num = alpha * win_num + (1 - alpha) * lin_num
+        den = alpha * win_den + (1 - alpha) * lin_den
+        if sinks is not None:
+            num, den = num + alpha * sink_num, den + alpha * sink_den
+        o = num / (den + eps)
     o = o.reshape(b, h, n * c, -1)[:, :, :t].to(out_dtype)
 
     final_state = None
@@ -547,8 +553,10 @@ def hybrid_attention_weights(q, k, fq, fk, mix, *, window: int, scale: float, ep
     scores = (q.float() @ k_rep.transpose(-1, -2) * scale).masked_fill(~in_window, float("-inf"))
     win_w = torch.exp(scores - scores.amax(-1, keepdim=True))
     alpha = torch.sigmoid(mix.float()).view(1, -1, 1, 1)
-    # the weights are the numerators of one-hot values
-    return mix_branches(win_w, win_w.sum(-1, keepdim=True), lin_w, lin_w.sum(-1, keepdim=True), alpha, eps, separate)
+    if separate:  # the weights are the numerators of one-hot values
+        return separate_mix(win_w, win_w.sum(-1, keepdim=True), lin_w, lin_w.sum(-1, keepdim=True), alpha, eps)
+    w = alpha * win_w + (1 - alpha) * lin_w
+    return w / (w.sum(-1, keepdim=True) + eps)
 
 
 def softmax_attention(

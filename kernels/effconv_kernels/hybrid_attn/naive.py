@@ -148,16 +148,22 @@ def hybrid_decode_step_ref(q_t, k_t, v_t, fq_t, fk_t, mix, cache: HybridDecodeCa
         lin_num, lin_den = lin_num * qd[..., None], lin_den * qd
     win_num = torch.einsum("bhgj,bhjd->bhgd", a, cache.v.float())
     win_den = a.sum(-1, keepdim=True)
+    lin_den = lin_den[..., None]
     if cache.sk is not None:
         sink_a = torch.exp(sink_s - row_max)
-        win_num = win_num + torch.einsum("bhgs,bhsd->bhgd", sink_a, cache.sv.float())
-        win_den = win_den + sink_a.sum(-1, keepdim=True)
-    lin_den = lin_den[..., None]
-    if separate:  # the model's attention_ops.mix_branches, restated here: the kernels do not import effconv
+        sink_num = torch.einsum("bhgs,bhsd->bhgd", sink_a, cache.sv.float())
+        sink_den = sink_a.sum(-1, keepdim=True)
+    if separate:  # the model's attention_ops.separate_mix, restated here: the kernels do not import effconv
+        if cache.sk is not None:
+            win_num, win_den = win_num + sink_num, win_den + sink_den
         linear = beta * (lin_den > 0).float()
         o = (alpha * win_num / (win_den + eps) + linear * lin_num / (lin_den + eps)) / (alpha + linear)
     else:
-        o = (alpha * win_num + beta * lin_num) / (alpha * win_den + beta * lin_den + eps)
+        num = alpha * win_num + beta * lin_num
+        den = alpha * win_den + beta * lin_den + eps
+        if cache.sk is not None:
+            num, den = num + alpha * sink_num, den + alpha * sink_den
+        o = num / den
     return o.reshape(B, H, -1).to(q_t.dtype)
 
 
