@@ -354,6 +354,20 @@ def test_sinks_chunked_and_recurrent_equal_the_quadratic_weights(window, chunk, 
     torch.testing.assert_close(got[1:, :, pad:], alone, rtol=1e-4, atol=1e-5)
 
 
+def assert_mixed_steps_equal_forward(model, ids, full, *, splits):
+    """For each prefill length in `splits`: the prefill, then one-token ring steps and three-token steps (which
+    unroll the ring), give the logits of one forward over `ids` (`full`)."""
+    for split in splits:
+        out = model(ids[:, :split], use_cache=True)
+        cache, pieces, t = out.past_key_values, [out.logits], split
+        while t < ids.shape[1]:
+            step = 1 if t % 5 else 3
+            out = model(ids[:, t : t + step], past_key_values=cache, use_cache=True)
+            cache, t = out.past_key_values, t + step
+            pieces.append(out.logits)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+
+
 def test_sink_model_decodes_like_its_forward_and_refuses_sinks_without_a_window():
     """linear_sinks: prefill, one-token ring steps and multi-token steps (which unroll the ring) continue the
     sinks exactly, whatever the prompt length (shorter than the sinks included), gated or not; past
@@ -377,15 +391,7 @@ def test_sink_model_decodes_like_its_forward_and_refuses_sinks_without_a_window(
             wide = uncapped(ids, use_cache=False).logits
             torch.testing.assert_close(wide[:, :16], full[:, :16])
             assert not torch.allclose(wide[:, 16:], full[:, 16:], atol=1e-3)
-            for split in (1, 2, 9):
-                out = model(ids[:, :split], use_cache=True)
-                cache, pieces, t = out.past_key_values, [out.logits], split
-                while t < 30:
-                    step = 1 if t % 5 else 3
-                    out = model(ids[:, t : t + step], past_key_values=cache, use_cache=True)
-                    cache, t = out.past_key_values, t + step
-                    pieces.append(out.logits)
-                torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+            assert_mixed_steps_equal_forward(model, ids, full, splits=(1, 2, 9))
     with pytest.raises(ValueError, match="linear_sinks needs window_size"):
         EffconvConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, window_size=0, linear_sinks=3)
@@ -521,15 +527,7 @@ def test_separate_normaliser_model_decodes_like_its_forward():
         shared = EffconvForCausalLM(EffconvConfig(**{**model.config.to_dict(), "linear_normalizer": "shared"})).eval()
         shared.load_state_dict(model.state_dict())
         assert not torch.allclose(shared(ids, use_cache=False).logits, full, atol=1e-3)
-        for split in (2, 9):
-            out = model(ids[:, :split], use_cache=True)
-            cache, pieces, t = out.past_key_values, [out.logits], split
-            while t < 30:
-                step = 1 if t % 5 else 3
-                out = model(ids[:, t : t + step], past_key_values=cache, use_cache=True)
-                cache, t = out.past_key_values, t + step
-                pieces.append(out.logits)
-            torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+        assert_mixed_steps_equal_forward(model, ids, full, splits=(2, 9))
     for bad in (dict(window_size=0), dict(linear_normalizer="both")):
         with pytest.raises(ValueError, match="linear_normalizer"):
             EffconvConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
